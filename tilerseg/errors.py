@@ -1,0 +1,37 @@
+"""Exceptions raised by tilerseg.
+
+Every error a user can cause is a :class:`TilersegError`. Subclasses also inherit the
+matching built-in exception (``ValueError``, ``FileNotFoundError``) so that generic
+``except ValueError`` code keeps working. The command-line interface turns any
+``TilersegError`` into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TilersegError",
+    "InvalidImageError",
+    "InvalidArgumentError",
+    "InvalidModelError",
+    "ModelNotFoundError",
+]
+
+
+class TilersegError(Exception):
+    """Base class of every error caused by user input or configuration."""
+
+
+class InvalidImageError(TilersegError, ValueError):
+    """The image has the wrong shape, dtype, channel count or non-finite values."""
+
+
+class InvalidArgumentError(TilersegError, ValueError):
+    """An argument (tile size, device, batch size, normalisation...) is not usable."""
+
+
+class InvalidModelError(TilersegError, ValueError):
+    """A model, model name, model configuration or model file is not usable."""
+
+
+class ModelNotFoundError(InvalidModelError, FileNotFoundError):
+    """A model file does not exist."""

@@ -1,0 +1,140 @@
+"""One-file model checkpoints: architecture name, configuration and weights.
+
+The file is written by ``torch.save`` and read with ``torch.load(weights_only=True)``,
+whose restricted unpickler only rebuilds tensors and plain containers: a file carrying
+any other pickled object is rejected before that object can run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InvalidModelError, ModelNotFoundError
+from .registry import create_model
+
+__all__ = ["save_model", "load_model"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "tilerseg-model"
+FORMAT_VERSION = 1
+
+
+def save_model(
+    model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Save a registered model's architecture, configuration and weights to one file.
+
+    The file is written to a temporary name beside ``path`` and renamed into place, so
+    an existing file is never left half-written.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model built by :func:`tilerseg.create_model` (or a :class:`tilerseg.UNet`).
+    path : str or os.PathLike
+        Destination file (conventionally ``*.pt``).
+    metadata : dict, optional
+        Plain values (str, int, float, bool, lists and dicts of them) stored alongside,
+        e.g. the normalisation or a tuned threshold.
+
+    Returns
+    -------
+    pathlib.Path
+        The written path.
+
+    Examples
+    --------
+    >>> import tempfile, os, tilerseg
+    >>> d = tempfile.mkdtemp()
+    >>> p = tilerseg.save_model(tilerseg.create_model(base_channels=2), os.path.join(d, "m.pt"))
+    >>> tilerseg.load_model(p).config["base_channels"]
+    2
+    """
+    from .. import __version__
+
+    name = getattr(model, "registry_name", None)
+    config = getattr(model, "config", None)
+    if not isinstance(name, str) or not isinstance(config, dict):
+        raise InvalidModelError(
+            f"cannot save {type(model).__name__}: only models built by create_model() "
+            "(with registry_name and config) can be saved"
+        )
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tilerseg_version": __version__,
+        "architecture": name,
+        "config": dict(config),
+        "metadata": dict(metadata or {}),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+    }
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.info("saved %s model to %s", name, path)
+    return path
+
+
+def load_model(path: str | os.PathLike) -> nn.Module:
+    """Load a model saved by :func:`save_model`, on the CPU, in eval mode.
+
+    Never executes code from the file: ``torch.load(weights_only=True)``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A tilerseg model file.
+
+    Returns
+    -------
+    torch.nn.Module
+        The model; ``model.metadata`` holds the saved metadata dict.
+
+    Raises
+    ------
+    ModelNotFoundError
+        The file does not exist.
+    InvalidModelError
+        The file is not a tilerseg model (corrupt, another format, or a pickle payload).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelNotFoundError(f"model file {str(path)!r} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for foreign or corrupt files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidModelError(
+            f"{str(path)!r} is not a tilerseg model file ({reason[:200]})"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise InvalidModelError(f"{str(path)!r} is not a tilerseg model file (no tilerseg header)")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise InvalidModelError(
+            f"{str(path)!r} has model format version {payload.get('format_version')!r}; "
+            f"this tilerseg reads version {FORMAT_VERSION}"
+        )
+    try:
+        model = create_model(payload["architecture"], **payload["config"])
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except (KeyError, TypeError, RuntimeError, InvalidModelError) as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise InvalidModelError(f"{str(path)!r} is a damaged tilerseg model file ({reason[:200]})") from None
+    model.metadata = dict(payload.get("metadata") or {})
+    model.eval()
+    log.info("loaded %s model from %s", payload["architecture"], path)
+    return model

@@ -1,0 +1,238 @@
+"""Derive a model's tiling geometry from the model itself, on the meta device.
+
+The model is run on shape-only ``meta`` tensors of increasing side ``n`` (no memory, no
+arithmetic, the real weights untouched). A forward pre-hook on every downsampling layer
+(strided convolution or pooling) checks arithmetically that it divides its input
+exactly: PyTorch pooling floors odd sizes silently, so a size that runs is not
+necessarily admissible. The first two admissible sides give the pooling step and the
+smallest admissible input; input minus output gives the shrink, hence the halo of a
+valid-convolution model. A same-padded model (no shrink) states its receptive field
+through ``model.halo`` or ``model.valid_equivalent()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..errors import InvalidModelError
+from ..geometry import ModelGeometry
+
+__all__ = ["model_geometry", "eval_mode"]
+
+log = logging.getLogger(__name__)
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, ModelGeometry]" = weakref.WeakKeyDictionary()
+_DOWNSAMPLING = (
+    nn.modules.conv._ConvNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._LPPoolNd,
+)
+_MAX_SIDE = 1 << 15
+
+
+class _Result(NamedTuple):
+    shape: tuple[int, ...]
+    channels: int
+    floored: tuple[bool, ...]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block and restore each module's mode after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _per_axis(value: object, ndim: int) -> tuple[int, ...]:
+    if isinstance(value, str):  # conv padding "valid"/"same"; "same" only exists for stride 1
+        return (0,) * ndim
+    if isinstance(value, int):
+        return (value,) * ndim
+    return tuple(int(v) for v in value)
+
+
+def _spatial_contract(model: nn.Module) -> tuple[int, int]:
+    """(ndim, in_channels) from the model's attributes or its first convolution."""
+    ndim, cin = getattr(model, "ndim", None), getattr(model, "in_channels", None)
+    if isinstance(ndim, int) and isinstance(cin, int):
+        return ndim, cin
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return len(m.kernel_size), m.in_channels
+    raise InvalidModelError(
+        f"cannot derive a geometry for {type(model).__name__}: it has no convolution and "
+        "no ndim / in_channels attributes"
+    )
+
+
+class _Floored(Exception):
+    """Raised by the pooling hook to stop a forward that is already inadmissible."""
+
+
+class _Prober:
+    """Runs one model on meta tensors and records floored downsampling per axis."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.ndim, self.cin = _spatial_contract(model)
+        self.state = {
+            k: torch.empty_like(v, device="meta")
+            for k, v in [*model.named_parameters(), *model.named_buffers()]
+        }
+        self.floored = [False] * self.ndim
+        self.stop_when_floored = False
+        self.runs: dict[int, _Result | None] = {}
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        if getattr(module, "transposed", False):
+            return
+        nd = self.ndim
+        k = _per_axis(module.kernel_size, nd)
+        s = _per_axis(module.stride if module.stride is not None else module.kernel_size, nd)
+        p = _per_axis(getattr(module, "padding", 0), nd)
+        d = _per_axis(getattr(module, "dilation", 1), nd)
+        for a, size in enumerate(args[0].shape[-nd:]):
+            if s[a] > 1 and (size + 2 * p[a] - d[a] * (k[a] - 1) - 1) % s[a]:
+                self.floored[a] = True
+        if self.stop_when_floored and all(self.floored):
+            raise _Floored
+
+    def run(self, n: int, stop_when_floored: bool = False) -> _Result | None:
+        """Output shape, output channels and per-axis flooring for side ``n``.
+
+        Returns None when the model cannot run on side ``n`` (too small for some layer),
+        and, with ``stop_when_floored``, as soon as every axis has been floored.
+        """
+        self.floored = [False] * self.ndim
+        self.stop_when_floored = stop_when_floored
+        handles = [
+            m.register_forward_pre_hook(self._hook)
+            for m in self.model.modules()
+            if isinstance(m, _DOWNSAMPLING)
+        ]
+        x = torch.empty((1, self.cin) + (n,) * self.ndim, device="meta")
+        try:
+            with torch.no_grad(), eval_mode(self.model):
+                y = functional_call(self.model, self.state, (x,))
+        except Exception:  # _Floored, or too small for some layer
+            return None
+        finally:
+            for h in handles:
+                h.remove()
+        if not isinstance(y, torch.Tensor) or y.ndim != self.ndim + 2:
+            raise InvalidModelError(
+                f"{type(self.model).__name__} must return one tensor (N, C, *spatial) "
+                f"with {self.ndim} spatial axes"
+            )
+        return _Result(tuple(y.shape[2:]), int(y.shape[1]), tuple(self.floored))
+
+    def admissible(self, n: int, axis: int) -> _Result | None:
+        """The run at side ``n`` if it is admissible on ``axis``, else None."""
+        if n not in self.runs:  # inputs are isotropic: one run answers for every axis
+            self.runs[n] = self.run(n, stop_when_floored=True)
+        r = self.runs[n]
+        return r if r is not None and not r.floored[axis] and r.shape[axis] >= 1 else None
+
+
+def _probe(model: nn.Module) -> ModelGeometry:
+    prober = _Prober(model)
+    nd = prober.ndim
+    n = 1  # the first power of two that runs to the end, floored or not
+    while n <= _MAX_SIDE and prober.run(n) is None:
+        n *= 2
+    if n > _MAX_SIDE:
+        raise InvalidModelError(
+            f"{type(model).__name__} does not run on any input side up to {_MAX_SIDE}"
+        )
+    step, min_input, shrink, out_channels = [], [], [], 0
+    for a in range(nd):
+        # the next three admissible sides give the step and check it is regular
+        found: list[tuple[int, _Result]] = []
+        side = n
+        while len(found) < 3 and side <= 8 * n:
+            r = prober.admissible(side, a)
+            if r is not None:
+                found.append((side, r))
+            side += 1
+        if len(found) < 3:
+            raise InvalidModelError(
+                f"no admissible input sides found for {type(model).__name__} near {n}"
+            )
+        (n1, r1), (n2, r2), (n3, r3) = found
+        k = n1 - r1.shape[a]
+        if n3 - n2 != n2 - n1 or not k == n2 - r2.shape[a] == n3 - r3.shape[a] or k % 2:
+            raise InvalidModelError(
+                f"{type(model).__name__} has irregular size arithmetic on axis {a}: inputs "
+                f"{n1}, {n2}, {n3} give outputs {r1.shape[a]}, {r2.shape[a]}, {r3.shape[a]}"
+            )
+        s = n2 - n1
+        while n1 - s >= 1 and prober.admissible(n1 - s, a) is not None:
+            n1 -= s  # walk down to the smallest admissible side
+        step.append(s)
+        min_input.append(n1)
+        shrink.append(k)
+        out_channels = r1.channels
+    halo = [k // 2 for k in shrink]
+    if any(k == 0 for k in shrink):
+        halo = _stated_halo(model, nd, halo)
+    return ModelGeometry(nd, prober.cin, out_channels, tuple(step), tuple(min_input),
+                         tuple(shrink), tuple(halo))
+
+
+def _stated_halo(model: nn.Module, nd: int, halo: list[int]) -> list[int]:
+    """Halo of a model whose output is as large as its input (same padding)."""
+    stated = getattr(model, "halo", None)
+    if stated is not None:
+        values = _per_axis(stated, nd)
+        return [max(h, s) for h, s in zip(halo, values)]
+    if hasattr(model, "valid_equivalent"):
+        twin = model_geometry(model.valid_equivalent())
+        return [max(h, t) for h, t in zip(halo, twin.halo)]
+    raise InvalidModelError(
+        f"{type(model).__name__} keeps its input size (same padding), so its receptive "
+        "field cannot be read off its shapes; give it a `halo` attribute (pixels of context "
+        "per side) or a `valid_equivalent()` method"
+    )
+
+
+def model_geometry(model: nn.Module) -> ModelGeometry:
+    """The tiling geometry of a fully convolutional model, derived from the model.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model taking ``(N, C, *spatial)``. Results are cached per model object.
+
+    Returns
+    -------
+    ModelGeometry
+        Pooling step, smallest admissible input, shrink and halo per axis, and the
+        channel counts.
+
+    Examples
+    --------
+    >>> from tilerseg import create_model
+    >>> g = model_geometry(create_model("unet"))
+    >>> g.step, g.halo, g.output_size(572), g.admissible_inputs(3)
+    ((16, 16), (92, 92), 388, [188, 204, 220])
+    """
+    geometry = _CACHE.get(model)
+    if geometry is None:
+        geometry = _probe(model)
+        _CACHE[model] = geometry
+        log.debug("geometry of %s: %s", type(model).__name__, geometry)
+    return geometry

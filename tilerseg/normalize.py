@@ -1,0 +1,128 @@
+"""Global intensity normalisation: one affine map for the whole image, never per tile.
+
+Tiling invariance requires that nothing applied to a tile depends on the tile, so the
+scale is computed once from the image (or a strided sample of it) and every tile is
+mapped by the same ``(x - low) / (high - low)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+
+__all__ = ["Normalization", "NormalizeSpec", "resolve_normalization"]
+
+NormalizeSpec = Union[bool, str, tuple[float, float], None]
+"""What callers may pass as ``normalize=``: see :func:`resolve_normalization`."""
+
+_PERCENTILES = (1.0, 99.8)
+_SAMPLE_PIXELS = 1 << 22  # percentiles are estimated from at most ~4 Mpx
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """The affine map ``(x - low) / (high - low)`` applied to every tile.
+
+    ``low = 0, high = 1`` is the identity (the input is only cast to float32).
+    """
+
+    method: str
+    low: float = 0.0
+    high: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.low) and np.isfinite(self.high)) or self.high <= self.low:
+            raise InvalidArgumentError(
+                f"normalisation range ({self.low}, {self.high}) must be finite with low < high"
+            )
+
+    def __call__(self, tile: np.ndarray) -> np.ndarray:
+        """Return ``tile`` as float32, normalised."""
+        x = np.asarray(tile, dtype=np.float32)
+        if (self.low, self.high) == (0.0, 1.0):
+            return x
+        scale = np.float32(1.0 / (self.high - self.low))
+        return (x - np.float32(self.low)) * scale
+
+    def as_dict(self) -> dict[str, float | str]:
+        """Plain-value description, for metadata."""
+        return {"method": self.method, "low": self.low, "high": self.high}
+
+
+def _dtype_range(dtype: np.dtype) -> tuple[float, float]:
+    if dtype == np.bool_:
+        return 0.0, 1.0
+    info = np.iinfo(dtype)
+    return float(info.min), float(info.max)
+
+
+def _percentiles(image: np.ndarray, spatial_ndim: int) -> tuple[float, float]:
+    stride = max(1, int((image.size / _SAMPLE_PIXELS) ** (1.0 / spatial_ndim)))
+    sample = image[(...,) + (slice(None, None, stride),) * spatial_ndim]
+    low, high = np.percentile(sample, _PERCENTILES)
+    if high <= low:  # a flat image: map it to 0 rather than divide by zero
+        high = low + 1.0
+    return float(low), float(high)
+
+
+def resolve_normalization(
+    normalize: NormalizeSpec, image: np.ndarray, spatial_ndim: int
+) -> Normalization:
+    """Turn a ``normalize=`` argument into one global :class:`Normalization`.
+
+    Parameters
+    ----------
+    normalize : bool, str, (float, float) or None
+        - ``True`` or ``"auto"`` (default): integer and boolean images are scaled from
+          their dtype's range to [0, 1] (uint8 / 255, uint16 / 65535, signed types from
+          their minimum); float images are used unchanged.
+        - ``"range"``: the dtype range, for integer images only.
+        - ``"percentile"``: the 1st and 99.8th percentiles of the image (estimated from
+          a strided sample of at most ~4 Mpx) map to 0 and 1, for any dtype.
+        - ``(low, high)``: an explicit range mapped to [0, 1].
+        - ``False`` or ``None``: values are only cast to float32.
+    image : numpy.ndarray
+        The image, ``(C, *spatial)``.
+    spatial_ndim : int
+        Number of spatial axes of ``image``.
+
+    Returns
+    -------
+    Normalization
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> resolve_normalization("auto", np.zeros((4, 4), np.uint8), 2)
+    Normalization(method='range', low=0.0, high=255.0)
+    >>> resolve_normalization(False, np.zeros((4, 4), np.uint8), 2).method
+    'none'
+    """
+    is_int = image.dtype == np.bool_ or np.issubdtype(image.dtype, np.integer)
+    if normalize is False or normalize is None or normalize == "none":
+        return Normalization("none")
+    if normalize is True or normalize == "auto":
+        return Normalization("range", *_dtype_range(image.dtype)) if is_int else Normalization("none")
+    if normalize == "range":
+        if not is_int:
+            raise InvalidArgumentError(
+                f"normalize='range' needs an integer image, got dtype {image.dtype}; "
+                "use 'percentile' or an explicit (low, high)"
+            )
+        return Normalization("range", *_dtype_range(image.dtype))
+    if normalize == "percentile":
+        return Normalization("percentile", *_percentiles(image, spatial_ndim))
+    if (
+        isinstance(normalize, (tuple, list))
+        and len(normalize) == 2
+        and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in normalize)
+    ):
+        return Normalization("fixed", float(normalize[0]), float(normalize[1]))
+    raise InvalidArgumentError(
+        f"normalize={normalize!r} is not understood; expected True/'auto', 'range', "
+        "'percentile', False/'none' or a (low, high) pair"
+    )
