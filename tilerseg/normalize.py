@@ -45,8 +45,7 @@ class Normalization:
         x = np.asarray(tile, dtype=np.float32)
         if (self.low, self.high) == (0.0, 1.0):
             return x
-        scale = np.float32(1.0 / (self.high - self.low))
-        return (x - np.float32(self.low)) * scale
+        return (x - np.float32(self.low)) / np.float32(self.high - self.low)
 
     def as_dict(self) -> dict[str, float | str]:
         """Plain-value description, for metadata."""

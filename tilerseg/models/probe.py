@@ -6,13 +6,16 @@ arithmetic, the real weights untouched). A forward pre-hook on every downsamplin
 exactly: PyTorch pooling floors odd sizes silently, so a size that runs is not
 necessarily admissible. The first two admissible sides give the pooling step and the
 smallest admissible input; input minus output gives the shrink, hence the halo of a
-valid-convolution model. A same-padded model (no shrink) states its receptive field
-through ``model.halo`` or ``model.valid_equivalent()``.
+valid-convolution model. The halo of a same-padded model (no shrink) is its receptive
+field radius, measured on a positive linear surrogate (see :func:`receptive_field_radius`)
+unless the model states it as ``model.halo``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import logging
 import weakref
 from collections.abc import Iterator
@@ -37,6 +40,7 @@ _DOWNSAMPLING = (
     nn.modules.pooling._LPPoolNd,
 )
 _MAX_SIDE = 1 << 15
+_AVERAGE_POOL = {nn.MaxPool1d: nn.AvgPool1d, nn.MaxPool2d: nn.AvgPool2d, nn.MaxPool3d: nn.AvgPool3d}
 
 
 class _Result(NamedTuple):
@@ -186,27 +190,87 @@ def _probe(model: nn.Module) -> ModelGeometry:
         min_input.append(n1)
         shrink.append(k)
         out_channels = r1.channels
-    halo = [k // 2 for k in shrink]
+    geometry = ModelGeometry(nd, prober.cin, out_channels, tuple(step), tuple(min_input),
+                             tuple(shrink), tuple(k // 2 for k in shrink))
     if any(k == 0 for k in shrink):
-        halo = _stated_halo(model, nd, halo)
-    return ModelGeometry(nd, prober.cin, out_channels, tuple(step), tuple(min_input),
-                         tuple(shrink), tuple(halo))
+        geometry = dataclasses.replace(geometry, halo=tuple(_stated_halo(model, geometry)))
+    return geometry
 
 
-def _stated_halo(model: nn.Module, nd: int, halo: list[int]) -> list[int]:
+def _stated_halo(model: nn.Module, geometry: ModelGeometry) -> list[int]:
     """Halo of a model whose output is as large as its input (same padding)."""
     stated = getattr(model, "halo", None)
     if stated is not None:
-        values = _per_axis(stated, nd)
-        return [max(h, s) for h, s in zip(halo, values)]
-    if hasattr(model, "valid_equivalent"):
-        twin = model_geometry(model.valid_equivalent())
-        return [max(h, t) for h, t in zip(halo, twin.halo)]
-    raise InvalidModelError(
-        f"{type(model).__name__} keeps its input size (same padding), so its receptive "
-        "field cannot be read off its shapes; give it a `halo` attribute (pixels of context "
-        "per side) or a `valid_equivalent()` method"
-    )
+        return [max(h, s) for h, s in zip(geometry.halo, _per_axis(stated, geometry.ndim))]
+    return [max(h, r) for h, r in zip(geometry.halo, receptive_field_radius(model, geometry))]
+
+
+def _positive_surrogate(model: nn.Module) -> nn.Module:
+    """A float64 CPU copy whose dependency support equals the model's receptive field.
+
+    Every weight becomes ``1 / fan_in`` and every bias 0, batch norm becomes the
+    identity and max pooling becomes average pooling. Fed a positive input, every
+    activation is then positive, so ReLU-like layers pass everything, and the gradient
+    of an output is positive exactly where that output depends on the input: no
+    cancellation or dead unit can hide a dependency.
+    """
+    surrogate = copy.deepcopy(model).to(device="cpu", dtype=torch.float64)
+    for module in list(surrogate.modules()):
+        for name, child in module.named_children():
+            if type(child) in _AVERAGE_POOL:
+                pool = _AVERAGE_POOL[type(child)](child.kernel_size, child.stride, child.padding)
+                setattr(module, name, pool)
+    with torch.no_grad():
+        for m in surrogate.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
+                m.reset_running_stats()
+            for name, p in m.named_parameters(recurse=False):
+                if name == "weight" and p.ndim > 1:
+                    p.fill_(1.0 / max(1, p[0].numel()))
+                elif name == "weight":
+                    p.fill_(1.0)
+                else:
+                    p.zero_()
+    return surrogate.eval()
+
+
+def receptive_field_radius(model: nn.Module, geometry: ModelGeometry) -> list[int]:
+    """Measure, per axis, how far an output block's dependencies reach into the input.
+
+    An output block of one pooling step, aligned on the pooling grid, is placed in the
+    middle of an input long enough that its dependencies stay clear of the border; the
+    gradient of its sum in :func:`_positive_surrogate` marks every input pixel it depends
+    on. For a same-padded model the returned radius is the halo: zero padding cannot
+    reach a kept pixel that has this much context.
+    """
+    surrogate = _positive_surrogate(model)
+    nd, radius = geometry.ndim, []
+    for axis in range(nd):
+        side = max(8 * geometry.step[axis], geometry.min_input[axis])
+        while True:
+            side = geometry.admissible_input(side, axis)
+            shape = [geometry.admissible_input(1, a) for a in range(nd)]
+            shape[axis] = side
+            x = torch.ones((1, geometry.in_channels, *shape), dtype=torch.float64,
+                           requires_grad=True)
+            y = surrogate(x)
+            off = geometry.crop_offset(axis) - geometry.halo[axis]  # output index of input 0
+            start = (side // 2 // geometry.step[axis]) * geometry.step[axis]
+            block = [slice(None)] * y.ndim
+            block[2 + axis] = slice(start + off, start + off + geometry.step[axis])
+            (grad,) = torch.autograd.grad(y[tuple(block)].sum(), x)
+            others = tuple(a for a in range(grad.ndim) if a != 2 + axis)
+            support = torch.nonzero(grad.abs().amax(dim=others) > 0).flatten()
+            lo, hi = int(support.min()), int(support.max())
+            if lo > 0 and hi < side - 1:
+                radius.append(max(start - lo, hi - (start + geometry.step[axis] - 1)))
+                break
+            if side > _MAX_SIDE:
+                raise InvalidModelError(
+                    f"the receptive field of {type(model).__name__} exceeds {_MAX_SIDE} px"
+                )
+            side *= 2
+    return radius
 
 
 def model_geometry(model: nn.Module) -> ModelGeometry:

@@ -194,15 +194,6 @@ class UNet(nn.Module):
             x = block(torch.cat([_center_crop(skip, x.shape[2:]), x], dim=1))
         return self.head(x)
 
-    def valid_equivalent(self) -> "UNet":
-        """The valid-padding U-Net with this one's receptive field, on the meta device.
-
-        A same-padded network is free of border effects exactly on the pixels its valid
-        twin computes, so the twin's halo is this network's halo.
-        """
-        with torch.device("meta"):
-            return UNet(**{**self.config, "padding": "valid"})
-
 
 def _check_int(name: str, value: object, low: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:

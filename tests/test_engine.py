@@ -1,0 +1,192 @@
+"""Tiled inference equals the one-shot reference, and bad input is refused clearly."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tilerseg
+from tilerseg import InvalidArgumentError, InvalidImageError, InvalidModelError, TilersegError
+from tests.conftest import one_shot_reference
+
+TOLERANCE = 1e-4
+
+
+@functools.lru_cache(maxsize=None)
+def _model(**config) -> torch.nn.Module:
+    torch.manual_seed(sum(map(ord, repr(sorted(config.items())))))
+    model = tilerseg.create_model(**config).eval()
+    if config.get("batch_norm"):  # non-trivial running statistics
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def model(**config) -> torch.nn.Module:
+    return _model(**{"name": "unet", **config})
+
+
+@st.composite
+def cases_2d(draw: st.DrawFn, padding: str) -> tuple:
+    config = dict(
+        depth=draw(st.integers(2, 4)),
+        base_channels=draw(st.sampled_from([2, 4])),
+        in_channels=draw(st.integers(1, 2)),
+        num_classes=draw(st.integers(1, 3)),
+        up=draw(st.sampled_from(["transpose", "bilinear"])),
+        batch_norm=draw(st.booleans()),
+        padding=padding,
+    )
+    shape = draw(
+        st.one_of(
+            st.tuples(st.just(1), st.integers(1, 90)),  # a 1 x N line
+            st.tuples(st.integers(1, 90), st.just(1)),
+            st.tuples(st.integers(1, 70), st.integers(1, 90)),
+        )
+    )
+    step = 2 ** config["depth"]
+    tile = draw(st.integers(1, 3)) * step  # small tiles: many tiles per image
+    batch = draw(st.integers(1, 3))
+    return config, shape, tile, batch
+
+
+def _check_against_reference(config: dict, shape: tuple, tile, batch: int) -> None:
+    net = model(**config)
+    rng = np.random.default_rng(abs(hash((shape, tile, batch))) % 2**32)
+    image = rng.random((config.get("in_channels", 1),) + shape, dtype=np.float32)
+    tiled = tilerseg.segment(image, net, tile=tile, batch_size=batch, device="cpu",
+                             normalize=False)
+    reference = one_shot_reference(image, net)
+    assert tiled.shape == reference.shape == (config.get("num_classes", 2),) + shape
+    assert np.abs(tiled - reference).max() <= TOLERANCE
+
+
+@settings(max_examples=40)
+@given(cases_2d("valid"))
+def test_tiling_invariance_valid(case: tuple) -> None:
+    _check_against_reference(*case)
+
+
+@settings(max_examples=25)
+@given(cases_2d("same"))
+def test_tiling_invariance_same_padding(case: tuple) -> None:
+    _check_against_reference(*case)
+
+
+@settings(max_examples=10)
+@given(
+    shape=st.tuples(st.integers(1, 12), st.integers(1, 20), st.integers(1, 20)),
+    tile=st.tuples(*[st.sampled_from([4, 8, 16])] * 3),
+    batch=st.integers(1, 2),
+    padding=st.sampled_from(["valid", "same"]),
+)
+def test_tiling_invariance_3d(shape: tuple, tile: tuple, batch: int, padding: str) -> None:
+    config = dict(name="unet3d", depth=2, base_channels=2, padding=padding)
+    _check_against_reference(config, shape, tile, batch)
+
+
+def test_many_tiles_and_large_halo(small_model: torch.nn.Module) -> None:
+    """A 2-channel image much larger than the tile, with odd sizes."""
+    image = np.random.default_rng(3).random((1, 157, 203), dtype=np.float32)
+    reference = one_shot_reference(image, small_model)
+    for tile, batch in [(8, 5), (24, 2), ((16, 64), 1), (1024, 1)]:
+        tiled = tilerseg.segment(image[0], small_model, tile=tile, batch_size=batch,
+                                 device="cpu", normalize=False)
+        assert np.abs(tiled - reference).max() <= TOLERANCE, (tile, batch)
+
+
+def test_default_normalisation_is_global_dtype_range(small_model: torch.nn.Module) -> None:
+    image = np.random.default_rng(4).integers(0, 256, (40, 60), dtype=np.uint8)
+    scaled = image.astype(np.float32) / 255
+    a = tilerseg.segment(image, small_model, tile=16, device="cpu")
+    b = tilerseg.segment(scaled, small_model, tile=16, device="cpu", normalize=False)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    raw = tilerseg.segment(image, small_model, tile=16, device="cpu", normalize=False)
+    assert np.abs(raw - a).max() > 1e-3  # False really feeds 0..255
+
+
+def test_percentile_normalisation_is_global(small_model: torch.nn.Module) -> None:
+    image = np.random.default_rng(5).normal(1000, 300, (50, 70)).astype(np.uint16)
+    low, high = np.percentile(image, (1, 99.8))
+    expected = one_shot_reference(((image - low) / (high - low)).astype(np.float32)[None],
+                                  small_model)
+    tiled = tilerseg.segment(image, small_model, tile=8, device="cpu", normalize="percentile")
+    assert np.abs(tiled - expected).max() <= TOLERANCE
+    fixed = tilerseg.segment(image, small_model, tile=8, device="cpu", normalize=(low, high))
+    assert np.abs(fixed - expected).max() <= TOLERANCE
+
+
+def test_probabilities_and_side_effects(small_model: torch.nn.Module) -> None:
+    small_model.train()
+    calls = []
+    probs = tilerseg.segment(np.zeros((30, 30), np.float32), small_model, tile=16,
+                             device="cpu", progress=lambda done, total: calls.append((done, total)))
+    assert probs.dtype == np.float32 and np.allclose(probs.sum(0), 1, atol=1e-6)
+    assert small_model.training  # mode restored
+    small_model.eval()
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    one_class = model(depth=2, base_channels=2, num_classes=1)
+    p = tilerseg.segment(np.zeros((9, 9)), one_class, device="cpu")
+    assert p.shape == (1, 9, 9) and ((p > 0) & (p < 1)).all()
+
+
+def test_plan_matches_segment_defaults(small_model: torch.nn.Module) -> None:
+    plan = tilerseg.plan((3000, 100), small_model, device="cpu")
+    assert plan.tile == (512, 104) and plan.grid == (6, 1)
+
+
+@pytest.mark.parametrize(
+    ("image", "pattern"),
+    [
+        (np.zeros(10), r"image has 1 dimensions.*\(Y, X\) or \(C, Y, X\)"),
+        (np.zeros((1, 1, 10, 10)), r"image has 4 dimensions"),
+        (np.zeros((3, 10, 10)), r"image has 3 channel\(s\).*takes 1"),
+        (np.zeros((0, 10)), r"image is empty, shape \(0, 10\)"),
+        (np.array([[0.0, np.nan]]), r"NaN or Inf"),
+        (np.array([[0.0, np.inf]], np.float32), r"NaN or Inf"),
+        (np.zeros((4, 4), np.complex64), r"dtype complex64 is not supported"),
+        (np.array([["a", "b"]]), r"dtype <U1 is not supported"),
+    ],
+)
+def test_bad_images(small_model: torch.nn.Module, image: np.ndarray, pattern: str) -> None:
+    with pytest.raises(InvalidImageError, match=pattern):
+        tilerseg.segment(image, small_model, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"tile": 100}, r"tile=100 is not admissible.*multiples of the model's pooling step 8"),
+        ({"tile": -16}, r"tile=-16 is not admissible"),
+        ({"tile": (8, 8, 8)}, r"tile=\(8, 8, 8\) is not usable"),
+        ({"device": "gpu0"}, r"device='gpu0' is not a device"),
+        ({"device": "cuda:7"}, r"device='cuda:7'"),
+        ({"batch_size": 0}, r"batch_size=0 must be a positive integer"),
+        ({"normalize": "zscore"}, r"normalize='zscore' is not understood"),
+        ({"normalize": (1.0, 1.0)}, r"must be finite with low < high"),
+    ],
+)
+def test_bad_arguments(small_model: torch.nn.Module, kwargs: dict, pattern: str) -> None:
+    kwargs = {"device": "cpu", **kwargs}
+    with pytest.raises(InvalidArgumentError, match=pattern):
+        tilerseg.segment(np.zeros((20, 20), np.uint8), small_model, **kwargs)
+
+
+def test_cuda_unavailable_is_a_clear_error(small_model: torch.nn.Module) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(InvalidArgumentError, match="CUDA is not available"):
+        tilerseg.segment(np.zeros((20, 20)), small_model, device="cuda")
+
+
+def test_not_a_model() -> None:
+    with pytest.raises(InvalidModelError, match="must be a torch.nn.Module"):
+        tilerseg.segment(np.zeros((20, 20)), "unet")
+    assert issubclass(InvalidModelError, TilersegError)
