@@ -193,11 +193,11 @@ def _probe(model: nn.Module) -> ModelGeometry:
     geometry = ModelGeometry(nd, prober.cin, out_channels, tuple(step), tuple(min_input),
                              tuple(shrink), tuple(k // 2 for k in shrink))
     if any(k == 0 for k in shrink):
-        geometry = dataclasses.replace(geometry, halo=tuple(_stated_halo(model, geometry)))
+        geometry = dataclasses.replace(geometry, halo=tuple(_same_padding_halo(model, geometry)))
     return geometry
 
 
-def _stated_halo(model: nn.Module, geometry: ModelGeometry) -> list[int]:
+def _same_padding_halo(model: nn.Module, geometry: ModelGeometry) -> list[int]:
     """Halo of a model whose output is as large as its input (same padding)."""
     stated = getattr(model, "halo", None)
     if stated is not None:
