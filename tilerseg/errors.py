@@ -14,6 +14,8 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidModelError",
     "ModelNotFoundError",
+    "ImageNotFoundError",
+    "OutputError",
 ]
 
 
@@ -35,3 +37,11 @@ class InvalidModelError(TilersegError, ValueError):
 
 class ModelNotFoundError(InvalidModelError, FileNotFoundError):
     """A model file does not exist."""
+
+
+class ImageNotFoundError(InvalidImageError, FileNotFoundError):
+    """An image file, folder or glob does not exist or matches nothing."""
+
+
+class OutputError(TilersegError, ValueError):
+    """The output path exists (without overwrite) or cannot be created or written."""
