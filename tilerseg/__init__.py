@@ -17,15 +17,18 @@ import logging
 
 __version__ = "0.1.0"
 
-from .engine import plan, segment
+from .engine import plan, segment, segment_to_zarr
 from .errors import (
     InvalidArgumentError,
     InvalidImageError,
     InvalidModelError,
+    ImageNotFoundError,
     ModelNotFoundError,
+    OutputError,
     TilersegError,
 )
 from .geometry import ModelGeometry, Tile, TilePlan
+from .io import ImageSource, open_image
 from .models import (
     UNet,
     create_model,
@@ -41,6 +44,9 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 __all__ = [
     "__version__",
     "segment",
+    "segment_to_zarr",
+    "open_image",
+    "ImageSource",
     "plan",
     "UNet",
     "create_model",
@@ -57,4 +63,6 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidModelError",
     "ModelNotFoundError",
+    "ImageNotFoundError",
+    "OutputError",
 ]

@@ -8,13 +8,14 @@ mapped by the same ``(x - low) / (high - low)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from collections.abc import Callable
+from typing import Any, Union
 
 import numpy as np
 
 from .errors import InvalidArgumentError
 
-__all__ = ["Normalization", "NormalizeSpec", "resolve_normalization"]
+__all__ = ["Normalization", "NormalizeSpec", "resolve_normalization", "strided_sample"]
 
 NormalizeSpec = Union[bool, str, tuple[float, float], None]
 """What callers may pass as ``normalize=``: see :func:`resolve_normalization`."""
@@ -59,35 +60,57 @@ def _dtype_range(dtype: np.dtype) -> tuple[float, float]:
     return float(info.min), float(info.max)
 
 
-def _percentiles(image: np.ndarray, spatial_ndim: int) -> tuple[float, float]:
-    stride = max(1, int((image.size / _SAMPLE_PIXELS) ** (1.0 / spatial_ndim)))
-    sample = image[(...,) + (slice(None, None, stride),) * spatial_ndim]
+def _percentiles(sample: np.ndarray) -> tuple[float, float]:
     low, high = np.percentile(sample, _PERCENTILES)
     if high <= low:  # a flat image: map it to 0 rather than divide by zero
         high = low + 1.0
     return float(low), float(high)
 
 
+def strided_sample(image: Any, spatial_ndim: int, max_pixels: int = _SAMPLE_PIXELS) -> np.ndarray:
+    """A regular strided subsample of ``image`` with at most about ``max_pixels`` pixels.
+
+    Parameters
+    ----------
+    image : array-like, shape (..., *spatial)
+        Any array supporting strided slicing (numpy, zarr, the engine's views).
+    spatial_ndim : int
+        Number of trailing spatial axes.
+    max_pixels : int
+        Budget of values to read.
+
+    Returns
+    -------
+    numpy.ndarray
+    """
+    size = int(np.prod(image.shape))
+    stride = max(1, int(np.ceil((size / max_pixels) ** (1.0 / spatial_ndim))))
+    lead = (slice(None),) * (len(image.shape) - spatial_ndim)
+    return np.asarray(image[lead + (slice(None, None, stride),) * spatial_ndim])
+
+
 def resolve_normalization(
-    normalize: NormalizeSpec, image: np.ndarray, spatial_ndim: int
+    normalize: NormalizeSpec, dtype: np.dtype, sample: Callable[[], np.ndarray]
 ) -> Normalization:
     """Turn a ``normalize=`` argument into one global :class:`Normalization`.
 
     Parameters
     ----------
     normalize : bool, str, (float, float) or None
-        - ``True`` or ``"auto"`` (default): integer and boolean images are scaled from
-          their dtype's range to [0, 1] (uint8 / 255, uint16 / 65535, signed types from
-          their minimum); float images are used unchanged.
-        - ``"range"``: the dtype range, for integer images only.
-        - ``"percentile"``: the 1st and 99.8th percentiles of the image (estimated from
-          a strided sample of at most ~4 Mpx) map to 0 and 1, for any dtype.
+        - ``True`` or ``"auto"`` (default): 8-bit and boolean images are scaled from
+          their dtype's range to [0, 1]; wider integer images (16-bit X-ray or
+          fluorescence data) by their global percentiles, as ``"percentile"``; float
+          images are used unchanged.
+        - ``"range"``: the dtype range (uint16 / 65535...), for integer images only.
+        - ``"percentile"``: the 1st and 99.8th percentiles of the image, estimated from
+          ``sample()``, map to 0 and 1, for any dtype.
         - ``(low, high)``: an explicit range mapped to [0, 1].
         - ``False`` or ``None``: values are only cast to float32.
-    image : numpy.ndarray
-        The image, ``(C, *spatial)``.
-    spatial_ndim : int
-        Number of spatial axes of ``image``.
+    dtype : numpy.dtype
+        The image's dtype.
+    sample : callable
+        Returns a representative sample of the image (a low-resolution level or a strided
+        subsample); only called for percentiles.
 
     Returns
     -------
@@ -96,25 +119,32 @@ def resolve_normalization(
     Examples
     --------
     >>> import numpy as np
-    >>> resolve_normalization("auto", np.zeros((4, 4), np.uint8), 2)
+    >>> resolve_normalization("auto", np.dtype(np.uint8), lambda: None)
     Normalization(method='range', low=0.0, high=255.0)
-    >>> resolve_normalization(False, np.zeros((4, 4), np.uint8), 2).method
+    >>> resolve_normalization("auto", np.dtype(np.uint16), lambda: np.arange(1001)).method
+    'percentile'
+    >>> resolve_normalization(False, np.dtype(np.uint8), lambda: None).method
     'none'
     """
-    is_int = image.dtype == np.bool_ or np.issubdtype(image.dtype, np.integer)
+    dtype = np.dtype(dtype)
+    is_int = dtype == np.bool_ or np.issubdtype(dtype, np.integer)
     if normalize is False or normalize is None or normalize == "none":
         return Normalization("none")
     if normalize is True or normalize == "auto":
-        return Normalization("range", *_dtype_range(image.dtype)) if is_int else Normalization("none")
+        if not is_int:
+            return Normalization("none")
+        if dtype.itemsize == 1:
+            return Normalization("range", *_dtype_range(dtype))
+        return Normalization("percentile", *_percentiles(sample()))
     if normalize == "range":
         if not is_int:
             raise InvalidArgumentError(
-                f"normalize='range' needs an integer image, got dtype {image.dtype}; "
+                f"normalize='range' needs an integer image, got dtype {dtype}; "
                 "use 'percentile' or an explicit (low, high)"
             )
-        return Normalization("range", *_dtype_range(image.dtype))
+        return Normalization("range", *_dtype_range(dtype))
     if normalize == "percentile":
-        return Normalization("percentile", *_percentiles(image, spatial_ndim))
+        return Normalization("percentile", *_percentiles(sample()))
     if (
         isinstance(normalize, (tuple, list))
         and len(normalize) == 2

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["membrane_image"]
+__all__ = ["membrane_image", "membrane_tile", "write_membrane_tiff"]
 
 
 def membrane_image(
@@ -81,3 +81,123 @@ def membrane_image(
     image = np.clip(image * 255, 0, 255).astype(np.uint8)
     mask = np.where(boundary, 0, 255).astype(np.uint8)
     return image, mask
+
+
+def membrane_tile(
+    origin: Sequence[int],
+    shape: Sequence[int],
+    cell_size: float = 40.0,
+    membrane_width: float = 3.0,
+    noise: float = 0.08,
+    seed: int = 0,
+) -> np.ndarray:
+    """One tile of an unbounded, seamless 2D membrane image (uint8).
+
+    Cell centres sit one per ``cell_size`` block of a global grid, jittered by a random
+    generator seeded with the block's position, so any tile can be made on its own and
+    neighbouring tiles join without seams: the way to make slides larger than memory.
+
+    Parameters
+    ----------
+    origin : (int, int)
+        Row and column of the tile's first pixel in the whole image.
+    shape : (int, int)
+        Tile shape.
+    cell_size, membrane_width, noise, seed
+        As for :func:`membrane_image`.
+
+    Returns
+    -------
+    numpy.ndarray of uint8
+
+    Examples
+    --------
+    Without noise, a tile equals the same region of a larger tile:
+
+    >>> whole = membrane_tile((0, 0), (64, 64), seed=3, noise=0)
+    >>> part = membrane_tile((16, 32), (32, 32), seed=3, noise=0)
+    >>> bool((whole[16:48, 32:64] == part).all())
+    True
+    """
+    (r0, c0), (h, w) = origin, shape
+    rows = np.arange(r0, r0 + h, dtype=np.float32)
+    cols = np.arange(c0, c0 + w, dtype=np.float32)
+    block_r = np.floor(rows / cell_size).astype(np.int64)
+    block_c = np.floor(cols / cell_size).astype(np.int64)
+    b0, b1 = int(block_r[0]) - 2, int(block_c[0]) - 2
+    n0, n1 = int(block_r[-1]) + 3 - b0, int(block_c[-1]) + 3 - b1
+    centres = np.empty((2, n0, n1))
+    for i in range(n0):
+        for j in range(n1):
+            key = [seed, (b0 + i) & 0xFFFFFFFF, (b1 + j) & 0xFFFFFFFF]
+            centres[:, i, j] = (np.array([b0 + i, b1 + j]) + np.random.default_rng(key).random(2))
+    centres *= cell_size
+    centres = centres.astype(np.float32)
+    best = np.full((2, h, w), np.inf, dtype=np.float32)
+    for di in range(-1, 2):  # the nearest centres lie, but for rare corners, in the 3 x 3 blocks
+        for dj in range(-1, 2):
+            ci = (block_r - b0 + di)[:, None]
+            cj = (block_c - b1 + dj)[None, :]
+            d = np.hypot(rows[:, None] - centres[0][ci, cj], cols[None, :] - centres[1][ci, cj])
+            closer = d < best[0]
+            best[1] = np.where(closer, best[0], np.minimum(best[1], d))
+            best[0] = np.where(closer, d, best[0])
+    # distance to the bisector between the two nearest centres ~ (d2 - d1) / 2
+    edge = (best[1] - best[0]) / 2
+    image = 0.2 + 0.5 * np.clip(edge / membrane_width - 0.5, 0, 1)
+    rng = np.random.default_rng([seed, 1 + (r0 & 0xFFFFFFFF), c0 & 0xFFFFFFFF])
+    image = image + rng.normal(0, noise, (h, w))
+    return np.clip(image * 255, 0, 255).astype(np.uint8)
+
+
+def write_membrane_tiff(
+    path: str,
+    shape: Sequence[int] = (4096, 4096),
+    tile: int = 256,
+    pixel_size: float = 0.5,
+    seed: int = 0,
+    **kwargs: float,
+) -> str:
+    """Write a seamless synthetic membrane slide as a tiled BigTIFF, tile by tile.
+
+    Memory stays at one tile whatever ``shape`` is. The pixel size (micrometres) is
+    stored in the resolution tags.
+
+    Parameters
+    ----------
+    path : str
+        Destination ``.tif``.
+    shape : (int, int)
+        Slide shape.
+    tile : int
+        TIFF tile side (a multiple of 16).
+    pixel_size : float
+        Micrometres per pixel.
+    seed : int
+        Random seed.
+    **kwargs
+        Passed to :func:`membrane_tile` (``cell_size``, ``membrane_width``, ``noise``).
+
+    Returns
+    -------
+    str
+        ``path``.
+    """
+    import tifffile
+
+    height, width = (int(n) for n in shape)
+
+    def tiles():
+        for r in range(0, height, tile):
+            for c in range(0, width, tile):
+                block = np.zeros((tile, tile), np.uint8)
+                h, w = min(tile, height - r), min(tile, width - c)
+                block[:h, :w] = membrane_tile((r, c), (h, w), seed=seed, **kwargs)
+                yield block
+
+    tifffile.imwrite(
+        path, tiles(), shape=(height, width), dtype=np.uint8, tile=(tile, tile),
+        bigtiff=True, compression="zlib", resolution=(1e4 / pixel_size, 1e4 / pixel_size),
+        resolutionunit="CENTIMETER",
+    )
+    return path

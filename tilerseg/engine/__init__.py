@@ -1,7 +1,10 @@
 """The engine: where images, geometry and models meet."""
 
 from .device import resolve_device
-from .inference import plan, segment
+from .inference import segment
+from .prepare import plan
+from .to_zarr import default_output_path, segment_to_zarr
 from .windows import read_window
 
-__all__ = ["segment", "plan", "read_window", "resolve_device"]
+__all__ = ["segment", "segment_to_zarr", "default_output_path", "plan", "read_window",
+           "resolve_device"]

@@ -8,16 +8,21 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError, InvalidImageError, InvalidModelError
+from ..errors import InvalidArgumentError, InvalidImageError
 from ..geometry import ModelGeometry, Tile, TilePlan, plan_tiles
-from ..models.probe import eval_mode, model_geometry
-from ..normalize import Normalization, NormalizeSpec, resolve_normalization
-from .device import default_batch_size, default_tile, resolve_device
-from .windows import read_window
+from ..models.probe import eval_mode
+from ..normalize import NormalizeSpec, resolve_normalization, strided_sample
+from .device import resolve_device
+from ..io.source import ImageSource
+from .lazy import lazy_probabilities
+from .prepare import check_batch_size, check_model, is_lazy_input, plan, prepare
+from .runner import TileRunner
+from .view import model_view
 
 __all__ = ["segment", "plan"]
 
@@ -27,15 +32,6 @@ Progress = Callable[[int, int], None]
 """Called as ``progress(tiles_done, tiles_total)`` after every batch."""
 
 _AXES = {2: "(Y, X) or (C, Y, X)", 3: "(Z, Y, X) or (C, Z, Y, X)"}
-
-
-def _check_model(model: Any) -> ModelGeometry:
-    if not isinstance(model, nn.Module):
-        raise InvalidModelError(
-            f"model must be a torch.nn.Module (see tilerseg.create_model / load_model), "
-            f"got {type(model).__name__}"
-        )
-    return model_geometry(model)
 
 
 def _channels_first(image: Any, geometry: ModelGeometry) -> np.ndarray:
@@ -68,64 +64,10 @@ def _channels_first(image: Any, geometry: ModelGeometry) -> np.ndarray:
     return arr
 
 
-def _check_batch_size(batch_size: int | None, device: torch.device) -> int:
-    if batch_size is None:
-        return default_batch_size(device)
-    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
-        raise InvalidArgumentError(f"batch_size={batch_size!r} must be a positive integer")
-    return int(batch_size)
-
-
-def plan(
-    image_shape: Sequence[int],
-    model: nn.Module | ModelGeometry,
-    tile: int | Sequence[int] | None = None,
-    device: str | torch.device = "cpu",
-) -> TilePlan:
-    """Plan the tiles :func:`segment` would use for an image, without running anything.
-
-    Parameters
-    ----------
-    image_shape : sequence of int
-        Spatial shape of the image (no channel axis).
-    model : torch.nn.Module or ModelGeometry
-        The model, or its geometry.
-    tile : int or sequence of int, optional
-        Output tile side; the device's default when None.
-    device : str or torch.device
-        Only used to choose the default tile.
-
-    Returns
-    -------
-    TilePlan
-
-    Examples
-    --------
-    >>> import tilerseg
-    >>> p = tilerseg.plan((3000, 2000), tilerseg.create_model(base_channels=4), tile=1024)
-    >>> p.grid, p.window
-    ((3, 2), (1212, 1212))
-    """
-    geometry = model if isinstance(model, ModelGeometry) else _check_model(model)
-    if tile is None:
-        tile = default_tile(geometry.ndim, resolve_device(device))
-    return plan_tiles(image_shape, geometry, tile)
-
-
 def _batches(tiles: Iterable[Tile], size: int) -> Iterator[list[Tile]]:
     it = iter(tiles)
     while batch := list(islice(it, size)):
         yield batch
-
-
-def _memory_format(ndim: int) -> torch.memory_format:
-    return torch.channels_last if ndim == 2 else torch.channels_last_3d
-
-
-def _activation(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over classes (axis 0), or a sigmoid for a single class."""
-    logits = logits.float()
-    return torch.sigmoid(logits) if logits.shape[0] == 1 else torch.softmax(logits, dim=0)
 
 
 def segment(
@@ -136,7 +78,10 @@ def segment(
     device: str | torch.device = "auto",
     normalize: NormalizeSpec = "auto",
     progress: Progress | None = None,
-) -> np.ndarray:
+    *,
+    level: int = 0,
+    channel: Sequence[int] | None = None,
+) -> np.ndarray | da.Array:
     """Segment an image with the overlap-tile strategy.
 
     The image is cut into output tiles of side ``tile`` on the model's pooling grid;
@@ -188,12 +133,17 @@ def segment(
     >>> bool(np.allclose(probs.sum(axis=0), 1))
     True
     """
-    geometry = _check_model(model)
+    if is_lazy_input(image):
+        p = prepare(image, model, tile, device, normalize, level=level, channel=channel)
+        return lazy_probabilities(p.runner, check_batch_size(batch_size, p.device))
+    geometry = check_model(model)
     img = _channels_first(image, geometry)
+    if channel is not None:
+        img = model_view(ImageSource(img, "C" + "ZYX"[-geometry.ndim:]), geometry.ndim, channel)[:]
     dev = resolve_device(device)
-    batch = _check_batch_size(batch_size, dev)
+    batch = check_batch_size(batch_size, dev)
     tile_plan = plan(img.shape[1:], geometry, tile, dev)
-    norm = resolve_normalization(normalize, img, geometry.ndim)
+    norm = resolve_normalization(normalize, img.dtype, lambda: strided_sample(img, geometry.ndim))
     out = np.empty((geometry.out_channels,) + img.shape[1:], dtype=np.float32)
     log.info(
         "segmenting %s %s with %d tiles of %s (window %s), batch %d on %s, normalisation %s",
@@ -201,7 +151,8 @@ def segment(
         norm.method,
     )
     start = time.perf_counter()
-    _run(model, img, tile_plan, norm, dev, batch, out, progress)
+    with eval_mode(model):
+        _run(TileRunner(model, img, tile_plan, norm, dev), batch, out, progress)
     seconds = time.perf_counter() - start
     log.info("segmented %d px in %.2f s (%.2f Mpx/s)", img[0].size, seconds,
              img[0].size / seconds / 1e6)
@@ -209,29 +160,15 @@ def segment(
 
 
 def _run(
-    model: nn.Module,
-    image: np.ndarray,
-    tile_plan: TilePlan,
-    norm: Normalization,
-    device: torch.device,
+    runner: TileRunner,
     batch_size: int,
     out: np.ndarray,
     progress: Progress | None,
 ) -> None:
-    fmt = _memory_format(tile_plan.geometry.ndim)
-    model.to(device=device, memory_format=fmt)
-    done, total = 0, len(tile_plan)
-    with eval_mode(model), torch.inference_mode():
-        for tiles in _batches(tile_plan, batch_size):
-            x = np.stack([norm(read_window(image, t.read_start, tile_plan.window)) for t in tiles])
-            xt = torch.from_numpy(x)
-            if device.type == "cuda":
-                xt = xt.pin_memory()
-            xt = xt.to(device, non_blocking=True).contiguous(memory_format=fmt)
-            y = model(xt)
-            for i, t in enumerate(tiles):
-                probs = _activation(y[i][(slice(None),) + t.crop])
-                out[(slice(None),) + t.write] = probs.cpu().numpy()
-            done += len(tiles)
-            if progress is not None:
-                progress(done, total)
+    done, total = 0, len(runner.plan)
+    for tiles in _batches(runner.plan, batch_size):
+        for t, probs in zip(tiles, runner(tiles)):
+            out[(slice(None),) + t.write] = probs
+        done += len(tiles)
+        if progress is not None:
+            progress(done, total)

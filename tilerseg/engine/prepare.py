@@ -1,0 +1,151 @@
+"""Normalising the arguments of a lazy run once: image, model, plan, normalisation."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import InvalidArgumentError, InvalidImageError, InvalidModelError
+from ..geometry import ModelGeometry, TilePlan, plan_tiles
+from ..io.source import ImageSource
+from ..models.probe import model_geometry
+from ..normalize import Normalization, NormalizeSpec, resolve_normalization, strided_sample
+from .device import default_batch_size, default_tile, resolve_device
+from .runner import TileRunner
+from .view import ChannelFirstView, model_view
+
+__all__ = ["Prepared", "prepare", "plan", "is_lazy_input", "check_model", "check_batch_size"]
+
+_MIN_STATISTICS_PIXELS = 1 << 16
+
+
+def is_lazy_input(image: Any) -> bool:
+    """True for inputs read lazily: paths, :class:`ImageSource`, Dask and Zarr arrays."""
+    if isinstance(image, (str, os.PathLike, ImageSource)):
+        return True
+    module = type(image).__module__
+    return module.startswith(("dask.", "zarr."))
+
+
+def check_model(model: Any) -> ModelGeometry:
+    """The geometry of ``model``, or a clear error if it is not a model."""
+    if not isinstance(model, nn.Module):
+        raise InvalidModelError(
+            f"model must be a torch.nn.Module (see tilerseg.create_model / load_model), "
+            f"got {type(model).__name__}"
+        )
+    return model_geometry(model)
+
+
+def plan(
+    image_shape: Sequence[int],
+    model: nn.Module | ModelGeometry,
+    tile: int | Sequence[int] | None = None,
+    device: str | torch.device = "cpu",
+) -> TilePlan:
+    """Plan the tiles :func:`segment` would use for an image, without running anything.
+
+    Parameters
+    ----------
+    image_shape : sequence of int
+        Spatial shape of the image (no channel axis).
+    model : torch.nn.Module or ModelGeometry
+        The model, or its geometry.
+    tile : int or sequence of int, optional
+        Output tile side; the device's default when None.
+    device : str or torch.device
+        Only used to choose the default tile.
+
+    Returns
+    -------
+    TilePlan
+
+    Examples
+    --------
+    >>> import tilerseg
+    >>> p = tilerseg.plan((3000, 2000), tilerseg.create_model(base_channels=4), tile=1024)
+    >>> p.grid, p.window
+    ((3, 2), (1212, 1212))
+    """
+    geometry = model if isinstance(model, ModelGeometry) else check_model(model)
+    if tile is None:
+        tile = default_tile(geometry.ndim, resolve_device(device))
+    return plan_tiles(image_shape, geometry, tile)
+
+
+def check_batch_size(batch_size: int | None, device: torch.device) -> int:
+    """A validated batch size, or the device's default."""
+    if batch_size is None:
+        return default_batch_size(device)
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+        raise InvalidArgumentError(f"batch_size={batch_size!r} must be a positive integer")
+    return int(batch_size)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything a lazy run needs, validated."""
+
+    source: ImageSource
+    view: ChannelFirstView
+    geometry: ModelGeometry
+    plan: TilePlan
+    normalization: Normalization
+    device: torch.device
+    runner: TileRunner
+
+
+def _statistics_sample(source: ImageSource, view: ChannelFirstView, ndim: int) -> np.ndarray:
+    """The lowest pyramid level if it is large enough, else a strided sample of the image."""
+    if len(source.level_data) > 1:
+        low = ChannelFirstView(source.level_data[-1], source.axes, view.spatial, view.channels)
+        if int(np.prod(low.shape[1:])) >= _MIN_STATISTICS_PIXELS:
+            return low[:]
+    return strided_sample(view, ndim)
+
+
+def prepare(
+    image: Any,
+    model: nn.Module,
+    tile: int | Sequence[int] | None = None,
+    device: str | torch.device = "auto",
+    normalize: NormalizeSpec = "auto",
+    *,
+    level: int = 0,
+    channel: Sequence[int] | None = None,
+) -> Prepared:
+    """Open ``image`` lazily and validate everything against ``model``.
+
+    The model is put in eval mode (a lazy result may be computed at any later time) and
+    moved to ``device`` in channels-last format.
+    """
+    from ..io.readers import open_image
+
+    geometry = check_model(model)
+    source = image if isinstance(image, ImageSource) else open_image(image, level=level)
+    view = model_view(source, geometry.ndim, channel)
+    if view.dtype != np.bool_ and view.dtype.kind not in "uif":
+        raise InvalidImageError(
+            f"image dtype {view.dtype} is not supported; expected a real numeric or boolean dtype"
+        )
+    if min(view.shape) == 0:
+        raise InvalidImageError(f"image is empty, shape {view.shape}")
+    if view.shape[0] != geometry.in_channels:
+        raise InvalidImageError(
+            f"image has {view.shape[0]} channel(s) (axes {source.axes!r}, shape "
+            f"{source.shape}); the model takes {geometry.in_channels}"
+        )
+    dev = resolve_device(device)
+    tile_plan = plan(view.shape[1:], geometry, tile, dev)
+    norm = resolve_normalization(
+        normalize, view.dtype, lambda: _statistics_sample(source, view, geometry.ndim)
+    )
+    model.eval()
+    runner = TileRunner(model, view, tile_plan, norm, dev, check_finite=view.dtype.kind == "f")
+    return Prepared(source, view, geometry, tile_plan, norm, dev, runner)

@@ -1,0 +1,105 @@
+"""``tilerseg info``: what an image is and what segmenting it would take."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .engine.lazy import default_workers
+from .engine.prepare import prepare
+from .models.probe import eval_mode
+
+__all__ = ["describe", "activation_bytes"]
+
+
+def activation_bytes(model: nn.Module, window: Sequence[int], in_channels: int) -> int:
+    """Bytes of every layer output of one forward pass on one window, in float32.
+
+    Measured on the meta device (no memory used). Tensors are freed as the forward goes,
+    so this is an upper bound on one tile's working memory.
+    """
+    total = 0
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel() * 4
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    state = {k: torch.empty_like(v, device="meta")
+             for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    try:
+        with torch.no_grad(), eval_mode(model):
+            functional_call(model, state, (torch.empty((1, in_channels, *window), device="meta"),))
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def describe(
+    image: Any,
+    model: nn.Module,
+    *,
+    tile: int | None = None,
+    level: int = 0,
+    channel: Sequence[int] | None = None,
+    device: str = "auto",
+) -> str:
+    """A human-readable description of ``image`` and of the run that would segment it.
+
+    Parameters
+    ----------
+    image : path or array
+        Anything :func:`tilerseg.segment_to_zarr` accepts.
+    model : torch.nn.Module
+        The model the plan is for.
+    tile, level, channel, device
+        As for :func:`tilerseg.segment_to_zarr`.
+
+    Returns
+    -------
+    str
+        Several lines: source, shape, axes, dtype, levels, pixel size, tile plan, and
+        estimates of peak memory and output size.
+    """
+    p = prepare(image, model, tile, device, "none", level=level, channel=channel)
+    s, g, plan = p.source, p.geometry, p.plan
+    pixel = ", ".join(f"{a} {v:g} um" for a, v in s.pixel_size.items()) or "unknown"
+    levels = "; ".join(f"{k}: {tuple(shape)}" for k, shape in enumerate(s.levels or [s.shape]))
+    workers = default_workers(p.device)
+    window_in = int(np.prod(plan.window)) * g.in_channels * 4
+    per_tile = activation_bytes(model, plan.window, g.in_channels) + window_in
+    params = sum(t.numel() * t.element_size() for t in model.parameters())
+    pixels = int(np.prod(plan.image_shape))
+    probs = pixels * g.out_channels * 4 / 3  # uint8 probabilities with the pyramid levels
+    lines = [
+        f"source      {s.path or s.format} ({s.format})",
+        f"shape       {s.shape}, axes {s.axes!r}, dtype {s.dtype}",
+        f"levels      {levels} (using {s.level})",
+        f"pixel size  {pixel}",
+        f"model input {p.view.shape} (channels {p.view.channels})",
+        f"geometry    halo {g.halo}, pooling step {g.step}, admissible sides "
+        f"{g.admissible_inputs(3)}...",
+        f"plan        {len(plan)} tiles of {plan.tile} in a {plan.grid} grid, "
+        f"windows {plan.window}",
+        f"memory      at most about {_size(params + workers * per_tile)}: {workers} tiles "
+        f"in flight x {_size(per_tile)} (upper bound per tile) + model {_size(params)}",
+        f"output      {_size(probs)} of uint8 probabilities with pyramid, before compression "
+        f"({_size(pixels * 4 / 3)} more for labels)",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,520 @@
+"""Open an image lazily, whatever its format: :func:`open_image`.
+
+Format readers (:mod:`tilerseg.io.tiff`, :mod:`tilerseg.io.zarr_input` and the small
+ones here) describe what they found as a :class:`RawImage`: lazy arrays of every level
+with one axis name per dimension. :func:`open_image` then turns that into an
+:class:`~tilerseg.io.source.ImageSource` the same way for every format: unknown axes of
+length 1 and a time axis of length 1 are dropped, the others are put in ``"CZYXS"``
+order (lazily: nothing is read), the level is chosen and one pixel is read at each end
+to catch corrupt or truncated files early.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tilerseg.errors import (
+    ImageNotFoundError,
+    InvalidArgumentError,
+    InvalidImageError,
+    TilersegError,
+)
+from tilerseg.io.source import AXES, ImageSource
+
+__all__ = ["LazyView", "RawImage", "open_image", "sample_for_statistics"]
+
+_MAGIC = (
+    (b"II*\0", "tiff"), (b"MM\0*", "tiff"), (b"II+\0", "tiff"), (b"MM\0+", "tiff"),
+    (b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"\x93NUMPY", "npy"),
+)
+_EXTENSIONS = {
+    ".tif": "tiff", ".tiff": "tiff", ".btf": "tiff", ".tf8": "tiff", ".svs": "tiff",
+    ".ndpi": "tiff", ".lsm": "tiff", ".qptiff": "tiff", ".scn": "tiff",
+    ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".npy": "npy",
+}
+TIFF_EXTENSIONS = (".tif", ".tiff")
+_UM_PER_UNIT = {
+    "m": 1e6, "meter": 1e6, "metre": 1e6, "cm": 1e4, "centimeter": 1e4, "centimetre": 1e4,
+    "mm": 1e3, "millimeter": 1e3, "millimetre": 1e3, "µm": 1.0, "μm": 1.0, "um": 1.0,
+    "micron": 1.0, "micrometer": 1.0, "micrometre": 1.0, "nm": 1e-3, "nanometer": 1e-3,
+    "nanometre": 1e-3, "pm": 1e-6, "picometer": 1e-6, "picometre": 1e-6, "å": 1e-4,
+    "angstrom": 1e-4, "in": 25400.0, "inch": 25400.0,
+}
+_STATS_MIN_PLANE = 65536
+
+
+@dataclass
+class RawImage:
+    """What a format reader found, before axes are normalised and a level is chosen.
+
+    ``axes`` holds one name per dimension: a letter of ``"TCZYXS"`` or a descriptive
+    name for anything else (dropped if of length 1, rejected otherwise).
+    ``pixel_size`` is in micrometres at level 0, unless ``level_pixel_sizes`` gives it
+    for every level. ``keep`` is kept alive with the arrays (e.g. an open TiffFile).
+    """
+
+    levels: list[Any]
+    axes: list[str]
+    format: str
+    pixel_size: dict[str, float] = field(default_factory=dict)
+    level_pixel_sizes: list[dict[str, float]] | None = None
+    keep: Any = None
+
+
+def unreadable(label: str, reason: str) -> InvalidImageError:
+    """The one-line error ``"<label> is not a readable image: <reason>"`` (to raise)."""
+    return InvalidImageError(f"{label} is not a readable image: {reason}")
+
+
+def short_reason(exc: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), for errors."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def to_micrometres(value: Any, unit: str | None) -> float | None:
+    """Convert a length to micrometres.
+
+    Parameters
+    ----------
+    value : float or str
+        The length.
+    unit : str or None
+        Its unit: ``"µm"``, ``"um"``, ``"micron"``, ``"micrometer"``, ``"nm"``,
+        ``"nanometer"``, ``"mm"``, ``"cm"``, ``"m"``, ``"Å"``, ``"inch"``... (any case).
+
+    Returns
+    -------
+    float or None
+        The length in micrometres; None if the unit is unknown or missing or the value
+        is not a positive finite number.
+
+    Examples
+    --------
+    >>> to_micrometres(250, "nanometer"), to_micrometres(1, "pixel")
+    (0.25, None)
+    """
+    if unit is None:
+        return None
+    key = str(unit).strip().lower().replace("\\u00b5", "µ").replace("\xb5", "µ")
+    factor = _UM_PER_UNIT.get(key) or _UM_PER_UNIT.get(key.rstrip("s"))
+    try:
+        size = float(value) * factor if factor else None
+    except (TypeError, ValueError):
+        return None
+    return size if size is not None and np.isfinite(size) and size > 0 else None
+
+
+def guess_axes(shape: Sequence[int], label: str) -> str:
+    """Guess the axes of an array that has no axis metadata.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        The array's shape.
+    label : str
+        What to name in the error message.
+
+    Returns
+    -------
+    str
+        ``"YX"``, ``"CYX"``, ``"CZYX"`` or ``"TCZYX"`` for 2 to 5 dimensions, but
+        ``"YXS"`` for a 3-D shape like ``(rows, columns, 3 or 4)`` (RGB(A)).
+
+    Raises
+    ------
+    InvalidImageError
+        Fewer than 2 or more than 5 dimensions.
+    """
+    ndim = len(shape)
+    if ndim == 3 and shape[-1] in (3, 4) and shape[0] > 4 and shape[1] > 4:
+        return "YXS"
+    guesses = {2: "YX", 3: "CYX", 4: "CZYX", 5: "TCZYX"}
+    if ndim not in guesses:
+        raise InvalidImageError(
+            f"{label} has {ndim} dimensions (shape {tuple(shape)}); tilerseg reads 2 to 5 "
+            "(YX, CYX, CZYX or TCZYX with T=1)"
+        )
+    return guesses[ndim]
+
+
+class LazyView:
+    """A lazy view of an array: some axes fixed at an index, the others reordered.
+
+    Slicing it with integers and slices reads only the asked region of the base array
+    and returns numpy.
+    """
+
+    def __init__(self, base: Any, fixed: dict[int, int], order: Sequence[int]) -> None:
+        self.base = base
+        self._fixed = dict(fixed)
+        self._order = tuple(order)
+        self.shape = tuple(int(base.shape[i]) for i in self._order)
+        self.dtype = np.dtype(base.dtype)
+        chunks = getattr(base, "chunks", None)
+        self.chunks = (
+            tuple(int(chunks[i]) for i in self._order)
+            if isinstance(chunks, tuple) and all(isinstance(c, (int, np.integer)) for c in chunks)
+            else None
+        )
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __repr__(self) -> str:
+        return f"LazyView(shape={self.shape}, dtype={self.dtype}, base={type(self.base).__name__})"
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[...]
+        return out if dtype is None else out.astype(dtype)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = _expand_key(key, self.ndim)
+        base_key: list[Any] = [None] * len(self.base.shape)
+        for axis, index in self._fixed.items():
+            base_key[axis] = index
+        for axis, base_axis in enumerate(self._order):
+            base_key[base_axis] = key[axis]
+        out = np.asarray(self.base[tuple(base_key)])
+        kept = [b for b, k in enumerate(base_key) if isinstance(k, slice)]
+        wanted = [self._order[a] for a, k in enumerate(key) if isinstance(k, slice)]
+        perm = [kept.index(b) for b in wanted]
+        return out if perm == sorted(perm) else out.transpose(perm)
+
+
+def _expand_key(key: Any, ndim: int) -> tuple[Any, ...]:
+    key = key if isinstance(key, tuple) else (key,)
+    if any(k is Ellipsis for k in key):
+        at = next(i for i, k in enumerate(key) if k is Ellipsis)
+        key = key[:at] + (slice(None),) * (ndim - len(key) + 1) + key[at + 1:]
+    if len(key) > ndim:
+        raise IndexError(f"too many indices ({len(key)}) for {ndim} dimensions")
+    for k in key:
+        if not isinstance(k, (slice, int, np.integer)) or isinstance(k, bool):
+            raise TypeError(f"only integers, slices and ... can index an image, not {k!r}")
+    return tuple(int(k) if isinstance(k, np.integer) else k for k in key) + (slice(None),) * (
+        ndim - len(key)
+    )
+
+
+def _normalise(raw: RawImage, label: str) -> tuple[str, list[Any]]:
+    """Drop T=1 and unknown length-1 axes, order the rest as CZYXS; lazily."""
+    shape = tuple(int(n) for n in raw.levels[0].shape)
+    if len(raw.axes) != len(shape):
+        raise unreadable(label, f"axes {raw.axes} do not match shape {shape}")
+    fixed: dict[int, int] = {}
+    kept: list[int] = []
+    for i, (name, n) in enumerate(zip(raw.axes, shape)):
+        if name in AXES and name != "T":
+            kept.append(i)
+        elif n == 1:
+            fixed[i] = 0
+        elif name == "T":
+            raise InvalidImageError(
+                f"{label} has a time axis of length {n}; only one time point is supported "
+                "(T must be 1)"
+            )
+        else:
+            raise InvalidImageError(f"{label} has an unsupported axis '{name}' of length {n}")
+    letters = [raw.axes[i] for i in kept]
+    duplicated = sorted({a for a in letters if letters.count(a) > 1})
+    if duplicated:
+        raise InvalidImageError(f"{label} has more than one '{duplicated[0]}' axis")
+    if "Y" not in letters or "X" not in letters:
+        raise InvalidImageError(f"{label} has no Y and X axes (axes {''.join(raw.axes)})")
+    order = sorted(kept, key=lambda i: AXES.index(raw.axes[i]))
+    axes = "".join(raw.axes[i] for i in order)
+    if not fixed and order == kept:
+        return axes, list(raw.levels)
+    views = []
+    for level in raw.levels:
+        if isinstance(level, np.ndarray):
+            index = tuple(fixed.get(i, slice(None)) for i in range(len(shape)))
+            views.append(level[index].transpose([kept.index(i) for i in order]))
+        else:
+            views.append(LazyView(level, fixed, order))
+    return axes, views
+
+
+def _check_dtype(dtype: Any, label: str) -> None:
+    if np.dtype(dtype).kind not in "biuf":
+        raise InvalidImageError(
+            f"{label} has unsupported dtype {np.dtype(dtype)} (need integer, float or bool pixels)"
+        )
+
+
+def _finish(raw: RawImage, label: str, path: str | None, level: Any, probe: bool) -> ImageSource:
+    """Validate a RawImage, choose its level and make the ImageSource."""
+    _check_dtype(raw.levels[0].dtype, label)
+    if len(raw.levels[0].shape) > 6:
+        raise InvalidImageError(f"{label} has {len(raw.levels[0].shape)} dimensions; at most 5")
+    axes, arrays = _normalise(raw, label)
+    shapes = tuple(tuple(int(n) for n in a.shape) for a in arrays)
+    if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or not (
+        0 <= level < len(shapes)
+    ):
+        available = "0" if len(shapes) == 1 else f"0 to {len(shapes) - 1}"
+        raise InvalidArgumentError(
+            f"level {level!r} is not available in {label}: available levels: {available} "
+            f"(shapes {', '.join(str(s) for s in shapes)})"
+        )
+    level = int(level)
+    data = arrays[level]
+    if 0 in shapes[level]:
+        raise InvalidImageError(f"{label} is empty (shape {shapes[level]}, axes {axes})")
+    if raw.level_pixel_sizes is not None:
+        pixel_size = dict(raw.level_pixel_sizes[level])
+    else:
+        pixel_size = {
+            a: size * shapes[0][axes.index(a)] / shapes[level][axes.index(a)]
+            for a, size in raw.pixel_size.items()
+            if a in axes
+        }
+    if probe:
+        try:
+            for corner in (0, -1):
+                np.asarray(data[(corner,) * len(shapes[level])])
+        except TilersegError:
+            raise
+        except Exception as exc:
+            raise unreadable(label, f"cannot read pixel data ({short_reason(exc)})") from None
+    for array in arrays:
+        if raw.keep is not None and not isinstance(array, np.ndarray):
+            try:
+                array._tilerseg_keep = raw.keep
+            except AttributeError:
+                pass
+    return ImageSource(
+        data=data, axes=axes, pixel_size={a: float(pixel_size[a]) for a in "ZYX" if a in pixel_size},
+        levels=shapes, level=level, format=raw.format, path=path, level_data=tuple(arrays),
+    )
+
+
+def _open_array(source: Any, level: Any) -> ImageSource:
+    """An in-memory or lazy array given directly."""
+    module = type(source).__module__.split(".")[0]
+    kind = {"numpy": "array", "dask": "dask", "zarr": "zarr"}.get(module, "array")
+    label = f"the input {'array' if kind == 'array' else kind + ' array'}"
+    _check_dtype(source.dtype, label)
+    axes = list(guess_axes(tuple(int(n) for n in source.shape), label))
+    return _finish(RawImage([source], axes, kind), label, None, level, probe=False)
+
+
+def _open_plain_file(path: str, kind: str) -> RawImage:
+    """npy (memory-mapped), PNG or JPEG."""
+    if kind == "npy":
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as exc:
+            if "Python objects" in str(exc):  # object arrays cannot be memory-mapped
+                raise InvalidImageError(f"{path} has unsupported dtype object") from None
+            raise unreadable(path, short_reason(exc)) from None
+        return RawImage([array], list(guess_axes(array.shape, path)), "npy")
+    try:
+        import imagecodecs
+    except ImportError:
+        raise InvalidImageError(
+            f"{path}: reading {kind.upper()} needs the 'imagecodecs' package "
+            "(pip install imagecodecs)"
+        ) from None
+    decode = imagecodecs.png_decode if kind == "png" else imagecodecs.jpeg_decode
+    try:
+        with open(path, "rb") as f:
+            array = np.asarray(decode(f.read()))
+    except Exception as exc:
+        raise unreadable(path, short_reason(exc)) from None
+    if array.ndim not in (2, 3):
+        raise unreadable(path, f"unexpected decoded shape {array.shape}")
+    return RawImage([array], list("YX" if array.ndim == 2 else "YXS"), kind)
+
+
+def _is_zarr_dir(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, m)) for m in ("zarr.json", ".zarray", ".zgroup"))
+
+
+def _open_folder(path: str) -> RawImage:
+    """A Zarr directory, a folder of TIFF slices or a folder holding one .zarr."""
+    from tilerseg.io import tiff, zarr_input
+
+    if _is_zarr_dir(path):
+        return zarr_input.read_zarr(path)
+    names = sorted(n for n in os.listdir(path) if not n.startswith("."))
+    slices = [
+        os.path.join(path, n) for n in names
+        if n.lower().endswith(TIFF_EXTENSIONS) and os.path.isfile(os.path.join(path, n))
+    ]
+    if slices:
+        return tiff.read_tiff_sequence(slices, path)
+    zarrs = [os.path.join(path, n) for n in names if n.lower().endswith(".zarr")]
+    if len(zarrs) == 1 and os.path.isdir(zarrs[0]):
+        return zarr_input.read_zarr(zarrs[0])
+    raise ImageNotFoundError(f"folder {path} contains no TIFF slices and no single .zarr image")
+
+
+def _open_file(path: str) -> RawImage:
+    """A single file, its format told by its first bytes, else by its extension."""
+    from tilerseg.io import tiff
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise unreadable(path, short_reason(exc)) from None
+    if not head:
+        raise unreadable(path, "empty file (0 bytes)")
+    kind = next((k for magic, k in _MAGIC if head.startswith(magic)), None)
+    if kind is None:
+        lower = path.lower()
+        expected = next((k for ext, k in _EXTENSIONS.items() if lower.endswith(ext)), None)
+        if expected is None:
+            ext = os.path.splitext(path)[1] or "(none)"
+            raise unreadable(path, f"unknown image format (extension {ext})")
+        raise unreadable(path, f"not a {expected.upper()} file (starts with {head[:8]!r})")
+    if kind == "tiff":
+        return tiff.read_tiff(path)
+    return _open_plain_file(path, kind)
+
+
+def open_image(source: Any, level: int = 0) -> ImageSource:
+    """Open an image lazily: nothing but metadata and two pixels is read.
+
+    Parameters
+    ----------
+    source : str, os.PathLike or array
+        A file (TIFF, BigTIFF, OME-TIFF, SVS, ImageJ TIFF, ``.npy``, PNG, JPEG), a Zarr
+        array or OME-Zarr image directory, a folder or glob pattern of 2-D TIFF slices
+        (read as a z-stack in natural name order), or a numpy, dask or zarr array (axes
+        guessed: ``"YX"``, ``"CYX"`` (``"YXS"`` if shaped like RGB), ``"CZYX"``,
+        ``"TCZYX"`` with T=1).
+    level : int
+        Pyramid level to read, 0 for full resolution.
+
+    Returns
+    -------
+    ImageSource
+        ``data`` is lazy (a zarr array, a memory map, a :class:`LazyView`...), with axes
+        among ``"CZYXS"`` in that order; ``pixel_size`` is in micrometres at ``level``.
+
+    Raises
+    ------
+    ImageNotFoundError
+        The file or folder does not exist, or the glob matches nothing.
+    InvalidImageError
+        The file is empty, truncated, corrupt, of unknown format, or has an unsupported
+        dtype, number of dimensions or axis (e.g. more than one time point).
+    InvalidArgumentError
+        ``level`` is not one of the image's levels, or ``source`` is of unknown type.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> image = open_image(np.zeros((2, 64, 48), np.uint8))
+    >>> image.axes, image.shape, image.format
+    ('CYX', (2, 64, 48), 'array')
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        if all(hasattr(source, a) for a in ("shape", "dtype", "__getitem__")):
+            return _open_array(source, level)
+        raise InvalidArgumentError(
+            f"cannot open an image from a {type(source).__name__}: give a path or an array"
+        )
+    path = os.fspath(source)
+    if not os.path.exists(path) and any(c in path for c in "*?["):
+        files = [f for f in glob.glob(path) if os.path.isfile(f) or _is_zarr_dir(f)]
+        if not files:
+            raise ImageNotFoundError(f"glob {path} matches no files")
+        if len(files) == 1:
+            return open_image(files[0], level)
+        from tilerseg.io import tiff
+
+        others = [f for f in files if not f.lower().endswith(TIFF_EXTENSIONS)]
+        if others:
+            raise InvalidImageError(
+                f"glob {path} matches {len(files)} files, not all TIFF slices "
+                f"(e.g. {others[0]}); a glob must select 2-D TIFF slices"
+            )
+        raw = tiff.read_tiff_sequence(files, path)
+    elif os.path.isdir(path):
+        raw = _open_folder(path)
+    elif os.path.isfile(path):
+        raw = _open_file(path)
+    else:
+        raise ImageNotFoundError(f"image {path} does not exist")
+    return _finish(raw, path, path, level, probe=True)
+
+
+def _block_ranges(n: int, fraction: float, block: int) -> list[slice]:
+    """Evenly spread blocks covering about ``fraction`` of ``range(n)``."""
+    block = max(1, min(block, n))
+    count = max(1, min(n // block, int(n * fraction // block)))
+    starts = np.unique(np.linspace(0, n - block, count).round().astype(int))
+    return [slice(int(s), int(s) + block) for s in starts]
+
+
+def sample_for_statistics(image: ImageSource, max_pixels: int = 1 << 22) -> np.ndarray:
+    """A small sample of an image, to estimate global statistics such as percentiles.
+
+    Takes the lowest-resolution pyramid level that still has at least 65536 pixels per
+    plane (the chosen level if none has), reads it whole if it has at most
+    ``max_pixels`` values, otherwise reads an evenly spread grid of blocks (whole chunks
+    where the array is chunked) so that about ``max_pixels`` values are read.
+
+    Parameters
+    ----------
+    image : ImageSource
+        The image, as returned by :func:`open_image`.
+    max_pixels : int
+        About how many values (pixels times channels) to read at most.
+
+    Returns
+    -------
+    numpy.ndarray
+        Same axes as ``image.axes``; spatial axes shortened to the sampled blocks.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> image = open_image(np.arange(1024 * 1024, dtype=np.uint32).reshape(1024, 1024))
+    >>> sample_for_statistics(image, max_pixels=65536).size <= 65536
+    True
+    """
+    axes = image.axes
+    y, x = axes.index("Y"), axes.index("X")
+    arrays = list(image.level_data) or [image.data]
+    big = [a for a in arrays if a.shape[y] * a.shape[x] >= _STATS_MIN_PLANE]
+    array = min(big, key=lambda a: a.shape[y] * a.shape[x]) if big else image.data
+    shape = tuple(int(n) for n in array.shape)
+    if int(np.prod(shape)) <= max_pixels:
+        return np.asarray(array[(slice(None),) * len(shape)])
+    spatial = [i for i, a in enumerate(axes) if a in "ZYX"]
+    per_pixel = int(np.prod([shape[i] for i in range(len(shape)) if i not in spatial]))
+    budget = max(1, max_pixels // per_pixel)
+    fraction = (budget / np.prod([shape[i] for i in spatial])) ** (1 / len(spatial))
+    chunks = getattr(array, "chunks", None)
+    ranges: list[list[slice]] = []
+    for i, n in enumerate(shape):
+        if i not in spatial:
+            ranges.append([slice(0, n)])
+            continue
+        block = 1 if axes[i] == "Z" else 256
+        chunk = chunks[i] if isinstance(chunks, tuple) else None
+        if axes[i] != "Z" and isinstance(chunk, (int, np.integer)) and 16 <= chunk <= 1024:
+            block = int(chunk)
+        ranges.append(_block_ranges(n, fraction, block))
+    out = np.empty([sum(s.stop - s.start for s in r) for r in ranges], dtype=image.dtype)
+    offsets = [np.cumsum([0] + [s.stop - s.start for s in r]) for r in ranges]
+    for combo in itertools.product(*(range(len(r)) for r in ranges)):
+        key = tuple(r[j] for r, j in zip(ranges, combo))
+        target = tuple(slice(o[j], o[j + 1]) for o, j in zip(offsets, combo))
+        out[target] = np.asarray(array[key])
+    return out
+

@@ -1,0 +1,611 @@
+"""OME-Zarr output: class probabilities and/or a label image, OME-NGFF 0.5 on Zarr v3.
+
+Layout
+------
+With probabilities (labels optional)::
+
+    out.zarr/                       root group = the probability image
+        zarr.json                   attributes "ome" (multiscales, axes c[z]yx) and "tilerseg"
+        0/ 1/ ...                   (C, [Z,] Y, X) levels, all classes in one chunk
+        labels/                     only if labels were requested; "ome": {"labels": [...]}
+            segmentation/           label image: multiscales (axes [z]yx) + "image-label"
+                0/ 1/ ...           with "source": {"image": "../../"}
+
+Labels only (no probabilities)::
+
+    out.zarr/                       root group = the label image itself
+        zarr.json                   "ome": multiscales (axes [z]yx) + "image-label" (no
+        0/ 1/ ...                   "source": there is no intensity image), and "tilerseg"
+
+OME-NGFF has no valid group that holds only a ``labels/`` sub-group (``labels`` must sit
+under a multiscale image), so a labels-only output makes the root itself the label
+image. It validates as an ``Image`` and as an ``ImageLabel`` with ``ome-zarr-models``,
+and ``ome-zarr``'s reader (hence ``napari-ome-zarr``) shows it as a labels layer because
+of its ``image-label`` key. :func:`open_output` hides the difference.
+
+Every array has ``dimension_names`` equal to the axis names (``ome-zarr-models``
+requires it). Level ``k`` has scale ``pixel_size * 2**k`` on spatial axes; axes of
+unknown pixel size have scale ``1.0 * 2**k`` and no ``unit``. The mean-downsampled
+probability levels are not shifted by a translation (pixel centres of level ``k`` lie
+``(2**k - 1) / 2`` level-0 pixels further than the scale alone says); label levels,
+subsampled, have no such shift.
+
+Probabilities are stored as ``uint8`` (``round(p * 255)``; ``attrs["tilerseg"]
+["probability_scale"] = 1/255``), ``float16`` or ``float32``. ``attrs["tilerseg"]`` holds
+the run attributes plus ``"complete"``: ``False`` while writing, ``True`` after
+:meth:`OutputWriter.commit`.
+
+Everything is written into a hidden sibling directory ``.NAME.partial-UUID`` and only
+moved to the final path by :meth:`OutputWriter.commit`, so an existing output is never
+touched before the new one is complete.
+
+Examples
+--------
+>>> import numpy as np
+>>> encode_probabilities(np.array([0.0, 0.5, 1.0], np.float32), "uint8")
+array([  0, 128, 255], dtype=uint8)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import zarr
+
+from tilerseg.errors import InvalidArgumentError, OutputError
+from tilerseg.io.pyramid import downsample, level_chunks, level_shapes
+
+__all__ = [
+    "PROBABILITY_DTYPES",
+    "OutputSpec",
+    "OutputWriter",
+    "decode_probabilities",
+    "encode_probabilities",
+    "label_dtype",
+    "labels_from_probabilities",
+    "open_output",
+]
+
+PROBABILITY_DTYPES = ("uint8", "float16", "float32")
+"""Dtypes in which probabilities can be stored."""
+
+LABEL_NAME = "segmentation"
+"""Name of the label image under ``labels/``."""
+
+_PALETTE = [
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+]  # fmt: skip
+
+
+@dataclass
+class OutputSpec:
+    """What to write.
+
+    Attributes
+    ----------
+    spatial_axes : str
+        ``"YX"`` or ``"ZYX"``.
+    shape : tuple of int
+        Spatial shape.
+    chunks : tuple of int
+        Spatial chunk shape (the output tile); clipped to ``shape``.
+    num_classes : int
+        Number of probability channels (1 for a binary sigmoid model).
+    probabilities : str or None
+        Stored dtype of the probabilities (``"uint8"``, ``"float16"``, ``"float32"``),
+        or None to write no probabilities.
+    labels : bool
+        Whether to write a label image.
+    pixel_size : dict of str to float
+        Micrometres per spatial axis letter (``"Z"``, ``"Y"``, ``"X"``); may be partial.
+    attributes : dict
+        Run parameters (JSON-serialisable), stored under ``attrs["tilerseg"]``.
+    """
+
+    spatial_axes: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    num_classes: int
+    probabilities: str | None
+    labels: bool
+    pixel_size: dict[str, float] = field(default_factory=dict)
+    attributes: dict = field(default_factory=dict)
+
+
+def encode_probabilities(probs: np.ndarray, dtype: str) -> np.ndarray:
+    """Convert float probabilities in [0, 1] to their stored dtype.
+
+    Parameters
+    ----------
+    probs : numpy.ndarray
+        Probabilities (any float dtype); values outside [0, 1] are clipped.
+    dtype : {"uint8", "float16", "float32"}
+        Stored dtype. ``uint8`` stores ``round(p * 255)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Array of the same shape in ``dtype``.
+
+    Raises
+    ------
+    InvalidArgumentError
+        If ``dtype`` is not one of :data:`PROBABILITY_DTYPES`.
+    """
+    if dtype not in PROBABILITY_DTYPES:
+        raise InvalidArgumentError(
+            f"probability dtype must be one of {', '.join(PROBABILITY_DTYPES)}, got {dtype!r}"
+        )
+    p = np.clip(np.asarray(probs, dtype=np.float32), 0.0, 1.0)
+    if dtype == "uint8":
+        return np.rint(p * 255.0).astype(np.uint8)
+    return p.astype(dtype)
+
+
+def decode_probabilities(stored: np.ndarray) -> np.ndarray:
+    """Convert stored probabilities back to float32 in [0, 1].
+
+    Parameters
+    ----------
+    stored : numpy.ndarray
+        ``uint8`` (divided by 255), ``float16`` or ``float32`` probabilities.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 array of the same shape.
+    """
+    stored = np.asarray(stored)
+    if stored.dtype == np.uint8:
+        return stored.astype(np.float32) / np.float32(255.0)
+    return stored.astype(np.float32, copy=False)
+
+
+def label_dtype(num_classes: int) -> np.dtype:
+    """Smallest unsigned dtype for labels of ``num_classes`` classes.
+
+    Parameters
+    ----------
+    num_classes : int
+        Number of classes.
+
+    Returns
+    -------
+    numpy.dtype
+        ``uint8`` up to 255 classes, ``uint16`` up to 65535, else ``uint32``.
+    """
+    if num_classes <= 255:
+        return np.dtype(np.uint8)
+    if num_classes <= 65535:
+        return np.dtype(np.uint16)
+    return np.dtype(np.uint32)
+
+
+def labels_from_probabilities(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Label image from (C, *spatial) probabilities.
+
+    Parameters
+    ----------
+    probs : numpy.ndarray
+        Float probabilities, classes on axis 0.
+    threshold : float, default 0.5
+        For a single class: the label is 1 where ``p >= threshold``, else 0.
+
+    Returns
+    -------
+    numpy.ndarray
+        Spatial label image: argmax over classes for more than one class (ties go to
+        the lower class), in :func:`label_dtype` of the class count.
+    """
+    probs = np.asarray(probs)
+    if probs.shape[0] == 1:
+        return (probs[0] >= threshold).astype(np.uint8)
+    return np.argmax(probs, axis=0).astype(label_dtype(probs.shape[0]))
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with numpy scalars/arrays, paths, tuples and sets made JSON types."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted(_jsonable(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise InvalidArgumentError(f"output attribute value {value!r} is not JSON-serialisable")
+
+
+def _check_spec(spec: OutputSpec) -> None:
+    """Raise InvalidArgumentError for an unusable spec."""
+    if spec.spatial_axes not in ("YX", "ZYX"):
+        raise InvalidArgumentError(f"spatial axes must be 'YX' or 'ZYX', got {spec.spatial_axes!r}")
+    nd = len(spec.spatial_axes)
+    if len(spec.shape) != nd or any(int(n) < 1 for n in spec.shape):
+        raise InvalidArgumentError(
+            f"output shape {spec.shape} does not fit axes {spec.spatial_axes}"
+        )
+    if len(spec.chunks) != nd or any(int(c) < 1 for c in spec.chunks):
+        raise InvalidArgumentError(
+            f"output chunks {spec.chunks} do not fit axes {spec.spatial_axes}"
+        )
+    if int(spec.num_classes) < 1:
+        raise InvalidArgumentError(f"number of classes must be >= 1, got {spec.num_classes}")
+    if spec.probabilities is not None and spec.probabilities not in PROBABILITY_DTYPES:
+        raise InvalidArgumentError(
+            f"probability dtype must be one of {', '.join(PROBABILITY_DTYPES)} or None, "
+            f"got {spec.probabilities!r}"
+        )
+    if spec.probabilities is None and not spec.labels:
+        raise InvalidArgumentError("nothing to write: neither probabilities nor labels requested")
+
+
+class OutputWriter:
+    """Write one OME-Zarr segmentation output, atomically.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Final output directory (e.g. ``"cells.ome.zarr"``).
+    spec : OutputSpec
+        What to write.
+    overwrite : bool, default False
+        Replace an existing ``path`` at :meth:`commit` (it is untouched before).
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        Absolute final path.
+    spec : OutputSpec
+        The spec.
+    probabilities : zarr.Array or None
+        Level 0 of the probabilities, shape ``(C, *shape)``, chunks ``(C, *chunks)``,
+        dtype ``spec.probabilities``; write values from :func:`encode_probabilities`.
+    labels : zarr.Array or None
+        Level 0 of the labels, shape ``shape``, chunks ``chunks``, dtype
+        :func:`label_dtype` of ``num_classes``.
+
+    Raises
+    ------
+    OutputError
+        If ``path`` exists and not ``overwrite``, if its parent directory does not exist
+        or is not writable, or if the temporary output cannot be created.
+    InvalidArgumentError
+        If the spec is unusable.
+
+    Notes
+    -----
+    Write whole chunks (output tiles aligned to ``chunks``) from parallel workers
+    without locks. Used as a context manager, the writer aborts when the block raises;
+    it does not commit by itself.
+    """
+
+    def __init__(self, path: str | os.PathLike, spec: OutputSpec, *, overwrite: bool = False):
+        _check_spec(spec)
+        self.spec = spec
+        self.path = Path(os.path.abspath(os.fspath(path)))
+        self.overwrite = overwrite
+        self._attributes = _jsonable(dict(spec.attributes))
+        self._shape = tuple(int(n) for n in spec.shape)
+        self._chunks = level_chunks(spec.chunks, self._shape)
+        self._state = "open"
+        if os.path.lexists(self.path) and not overwrite:
+            raise OutputError(f"output '{os.fspath(path)}' exists; pass --overwrite to replace it")
+        parent = self.path.parent
+        if not parent.is_dir():
+            raise OutputError(f"output directory '{parent}' does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputError(f"output directory '{parent}' is not writable")
+        self._tmp = parent / f".{self.path.name}.partial-{uuid.uuid4().hex}"
+        self.probabilities: zarr.Array | None = None
+        self.labels: zarr.Array | None = None
+        try:
+            self._create()
+        except BaseException as err:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            if isinstance(err, OSError):
+                raise OutputError(f"cannot write output '{self.path}': {err}") from err
+            raise
+
+    # -- layout -------------------------------------------------------------------------
+
+    @property
+    def _labels_group(self) -> str:
+        """Path of the label image inside the output ('' = the root)."""
+        return f"labels/{LABEL_NAME}" if self.spec.probabilities is not None else ""
+
+    def _create_level(self, level: int, shape: tuple[int, ...]) -> None:
+        """Create the arrays of one pyramid level (empty)."""
+        axes = self.spec.spatial_axes.lower()
+        chunks = level_chunks(self._chunks, shape)
+        store = os.fspath(self._tmp)
+        if self.spec.probabilities is not None:
+            c = int(self.spec.num_classes)
+            arr = zarr.create_array(
+                store, name=str(level), shape=(c, *shape), chunks=(c, *chunks),
+                dtype=self.spec.probabilities, dimension_names=("c", *axes), zarr_format=3,
+            )  # fmt: skip
+            if level == 0:
+                self.probabilities = arr
+        if self.spec.labels:
+            name = "/".join(p for p in (self._labels_group, str(level)) if p)
+            arr = zarr.create_array(
+                store, name=name, shape=shape, chunks=chunks,
+                dtype=label_dtype(int(self.spec.num_classes)), dimension_names=tuple(axes),
+                zarr_format=3,
+            )  # fmt: skip
+            if level == 0:
+                self.labels = arr
+
+    def _create(self) -> None:
+        """Create the temporary output with level 0 and provisional metadata."""
+        root = zarr.open_group(os.fspath(self._tmp), mode="w-", zarr_format=3)
+        if self.spec.probabilities is not None and self.spec.labels:
+            root.create_group("labels").create_group(LABEL_NAME)
+        self._create_level(0, self._shape)
+        self._write_metadata(1, complete=False)
+
+    def _multiscale(self, name: str, channel: bool, levels: int, method: str) -> dict:
+        """One OME-NGFF 0.5 ``multiscales`` entry."""
+        axes: list[dict] = [{"name": "c", "type": "channel"}] if channel else []
+        sizes = []
+        for letter in self.spec.spatial_axes:
+            size = self.spec.pixel_size.get(letter, self.spec.pixel_size.get(letter.lower()))
+            axis = {"name": letter.lower(), "type": "space"}
+            if size is not None:
+                axis["unit"] = "micrometer"
+            axes.append(axis)
+            sizes.append(1.0 if size is None else float(size))
+        datasets = [
+            {
+                "path": str(k),
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": [1.0] * channel + [s * 2**k for s in sizes]}
+                ],
+            }
+            for k in range(levels)
+        ]
+        return {"name": name, "axes": axes, "datasets": datasets, "type": method}
+
+    def _image_label(self, source: bool) -> dict:
+        """The ``image-label`` metadata (colours: 0 transparent, classes from a palette)."""
+        values = max(int(self.spec.num_classes), 2)
+        colors = [{"label-value": 0, "rgba": [0, 0, 0, 0]}] + [
+            {"label-value": v, "rgba": [*_PALETTE[(v - 1) % len(_PALETTE)], 255]}
+            for v in range(1, min(values, 256))
+        ]
+        meta: dict[str, Any] = {"version": "0.5", "colors": colors}
+        if source:
+            meta["source"] = {"image": "../../"}
+        return meta
+
+    def _write_metadata(self, levels: int, *, complete: bool) -> None:
+        """Write the ``ome`` and ``tilerseg`` attributes for ``levels`` levels."""
+        root = zarr.open_group(os.fspath(self._tmp), mode="r+", zarr_format=3)
+        info = dict(self._attributes)
+        info["complete"] = complete
+        if self.spec.probabilities == "uint8":
+            info["probability_scale"] = 1.0 / 255.0
+        label_ms = self._multiscale(LABEL_NAME, False, levels, "nearest")
+        if self.spec.probabilities is None:
+            ome = {
+                "version": "0.5",
+                "multiscales": [label_ms],
+                "image-label": self._image_label(False),
+            }
+            root.attrs.update({"ome": ome, "tilerseg": info})
+            return
+        ome = {
+            "version": "0.5",
+            "multiscales": [self._multiscale("probabilities", True, levels, "mean")],
+        }
+        root.attrs.update({"ome": ome, "tilerseg": info})
+        if self.spec.labels:
+            root["labels"].attrs["ome"] = {"version": "0.5", "labels": [LABEL_NAME]}
+            root[f"labels/{LABEL_NAME}"].attrs["ome"] = {
+                "version": "0.5",
+                "multiscales": [label_ms],
+                "image-label": self._image_label(True),
+            }
+
+    # -- writing ------------------------------------------------------------------------
+
+    def write(
+        self, region: tuple[slice, ...], probs: np.ndarray, *, threshold: float = 0.5
+    ) -> None:
+        """Write float probabilities of one spatial region (encoded, and their labels).
+
+        Parameters
+        ----------
+        region : tuple of slice
+            Spatial region, one slice per spatial axis; best aligned to ``chunks``.
+        probs : numpy.ndarray
+            ``(C, *region shape)`` float probabilities in [0, 1].
+        threshold : float, default 0.5
+            Foreground threshold for a single class (see :func:`labels_from_probabilities`).
+        """
+        self._check_open()
+        region = tuple(region)
+        if self.probabilities is not None:
+            self.probabilities[(slice(None), *region)] = encode_probabilities(
+                probs, self.spec.probabilities
+            )
+        if self.labels is not None:
+            self.labels[region] = labels_from_probabilities(probs, threshold)
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise OutputError(f"output '{self.path}' was already {self._state}")
+
+    def _build_pyramid(self, shapes: list[tuple[int, ...]]) -> None:
+        """Create and fill levels 1.. from the level before each."""
+        root = zarr.open_group(os.fspath(self._tmp), mode="r+", zarr_format=3)
+        nd = len(self._shape)
+        for k in range(1, len(shapes)):
+            self._create_level(k, shapes[k])
+            if self.spec.probabilities is not None:
+                encode = partial(encode_probabilities, dtype=self.spec.probabilities)
+                downsample(
+                    root[str(k - 1)], root[str(k)], "mean", spatial_ndim=nd,
+                    decode=decode_probabilities, encode=encode,
+                )  # fmt: skip
+            if self.spec.labels:
+                prefix = f"{self._labels_group}/" if self._labels_group else ""
+                downsample(
+                    root[f"{prefix}{k - 1}"], root[f"{prefix}{k}"], "nearest", spatial_ndim=nd
+                )
+
+    def commit(self) -> Path:
+        """Finish the output and move it into place.
+
+        Builds the lower-resolution levels, writes the final metadata (``complete``
+        true), then renames the temporary directory to ``path``. With ``overwrite``, an
+        existing output is moved aside only now and deleted after the rename (restored
+        if the rename fails).
+
+        Returns
+        -------
+        pathlib.Path
+            The final path. :attr:`probabilities` and :attr:`labels` then refer to the
+            final arrays, opened read-only.
+
+        Raises
+        ------
+        OutputError
+            If the writer was aborted, or ``path`` appeared meanwhile without
+            ``overwrite`` (the finished output is kept in the temporary directory, which
+            the message names), or the move fails.
+        """
+        if self._state == "committed":
+            return self.path
+        self._check_open()
+        try:
+            shapes = level_shapes(self._shape, self._chunks)
+            self._build_pyramid(shapes)
+            self._write_metadata(len(shapes), complete=True)
+        except OSError as err:
+            raise OutputError(f"cannot write output '{self.path}': {err}") from err
+        self._move_into_place()
+        self._state = "committed"
+        self.probabilities = self._reopen("0" if self.spec.probabilities else None)
+        self.labels = self._reopen(
+            "/".join(p for p in (self._labels_group, "0") if p) if self.spec.labels else None
+        )
+        return self.path
+
+    def _move_into_place(self) -> None:
+        """Rename the temporary directory to the final path (see :meth:`commit`)."""
+        old = None
+        if os.path.lexists(self.path):
+            if not self.overwrite:
+                raise OutputError(
+                    f"output '{self.path}' exists; pass --overwrite to replace it "
+                    f"(the new output is in '{self._tmp}')"
+                )
+            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex}"
+            try:
+                os.rename(self.path, old)
+            except OSError as err:
+                raise OutputError(f"cannot replace output '{self.path}': {err}") from err
+        try:
+            os.rename(self._tmp, self.path)
+        except OSError as err:
+            if old is not None:
+                os.rename(old, self.path)
+            raise OutputError(f"cannot move output into '{self.path}': {err}") from err
+        if old is not None:
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
+
+    def _reopen(self, name: str | None) -> zarr.Array | None:
+        """Read-only array ``name`` of the committed output."""
+        if name is None:
+            return None
+        return zarr.open_array(os.fspath(self.path), path=name, mode="r", zarr_format=3)
+
+    def abort(self) -> None:
+        """Delete the temporary output; the final path is untouched.
+
+        Does nothing after :meth:`commit` or a previous :meth:`abort`.
+        """
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        self.probabilities = self.labels = None
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> OutputWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def open_output(path: str | os.PathLike) -> dict[str, Any]:
+    """Open a tilerseg OME-Zarr output for reading.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Output directory.
+
+    Returns
+    -------
+    dict
+        ``"probabilities"``: level 0 of the probabilities (zarr.Array, stored dtype) or
+        None; ``"labels"``: level 0 of the labels or None; ``"attributes"``: the
+        ``tilerseg`` attributes; ``"levels"``: number of pyramid levels.
+
+    Raises
+    ------
+    OutputError
+        If ``path`` is not an OME-Zarr multiscale image.
+    """
+    try:
+        root = zarr.open_group(os.fspath(path), mode="r", zarr_format=3)
+        ome = dict(root.attrs.get("ome", {}))
+        levels = len(ome["multiscales"][0]["datasets"])
+    except (
+        OSError,
+        KeyError,
+        IndexError,
+        TypeError,
+        ValueError,
+    ) as err:  # zarr's not-found errors are both
+        raise OutputError(f"'{path}' is not an OME-Zarr output: {err}") from err
+    probabilities = labels = None
+    if "image-label" in ome:
+        labels = root["0"]
+    else:
+        probabilities = root["0"]
+        if f"labels/{LABEL_NAME}/0" in root:
+            labels = root[f"labels/{LABEL_NAME}/0"]
+    return {
+        "probabilities": probabilities,
+        "labels": labels,
+        "attributes": dict(root.attrs.get("tilerseg", {})),
+        "levels": levels,
+    }
