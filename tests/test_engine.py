@@ -190,3 +190,19 @@ def test_not_a_model() -> None:
     with pytest.raises(InvalidModelError, match="must be a torch.nn.Module"):
         tilerseg.segment(np.zeros((20, 20)), "unet")
     assert issubclass(InvalidModelError, TilersegError)
+
+
+def test_channel_selection_and_sixteen_bit_default(small_model: torch.nn.Module) -> None:
+    rng = np.random.default_rng(6)
+    gray = rng.integers(0, 256, (40, 50), dtype=np.uint8)
+    stacked = np.stack([255 - gray, gray])
+    expected = tilerseg.segment(gray, small_model, tile=16, device="cpu")
+    chosen = tilerseg.segment(stacked, small_model, tile=16, device="cpu", channel=[1])
+    np.testing.assert_array_equal(chosen, expected)
+    with pytest.raises(InvalidArgumentError, match=r"channel=\[2\] is not available"):
+        tilerseg.segment(stacked, small_model, device="cpu", channel=[2])
+    wide = (gray.astype(np.uint16) * 40 + 1000)
+    low, high = np.percentile(wide, (1, 99.8))
+    auto = tilerseg.segment(wide, small_model, tile=16, device="cpu")
+    fixed = tilerseg.segment(wide, small_model, tile=16, device="cpu", normalize=(low, high))
+    np.testing.assert_array_equal(auto, fixed)

@@ -149,14 +149,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_common(p: argparse.ArgumentParser, model_default: str | None = "unet") -> None:
-    p.add_argument("--model", default=model_default,
+    p.add_argument("--model", default=model_default, metavar="NAME|PATH",
                    help="model file (.pt) or registered architecture name (default: %(default)s)")
-    p.add_argument("--tile", type=int, default=None,
+    p.add_argument("--tile", type=int, default=None, metavar="N",
                    help="output tile side in px, a multiple of the pooling step "
                    "(default: 512 on CPU, 1024 on GPU)")
-    p.add_argument("--level", type=int, default=0, help="input pyramid level (default 0)")
-    p.add_argument("--channel", default=None, help="input channels to use, e.g. 0 or 0,2")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--level", type=int, default=0, metavar="N", help="input pyramid level (default 0)")
+    p.add_argument("--channel", default=None, metavar="C[,C...]", help="input channels to use, e.g. 0 or 0,2")
+    p.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,17 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment IMAGE (TIFF/BigTIFF/OME-TIFF/SVS, Zarr/OME-Zarr, a folder or "
         "glob of TIFF slices, .npy, PNG/JPEG) tile by tile into an OME-Zarr (v0.5) store.")
     run.add_argument("image", help="image file, folder or glob")
-    run.add_argument("-o", "--out", dest="output_path", default=None,
+    run.add_argument("-o", "--out", dest="output_path", default=None, metavar="OUT.zarr",
                      help="output .zarr (default: beside the input, NAME.tilerseg.zarr)")
     _add_common(run)
-    run.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass")
+    run.add_argument("--batch-size", type=int, default=None, metavar="N", help="tiles per forward pass")
     run.add_argument("--output", choices=("probabilities", "labels", "both"),
                      default="probabilities", help="what to write (default: %(default)s)")
     run.add_argument("--dtype", choices=("uint8", "float16", "float32"), default="uint8",
                      help="probability storage type; uint8 = round(255 p) (default)")
-    run.add_argument("--threshold", type=float, default=0.5,
+    run.add_argument("--threshold", type=float, default=0.5, metavar="P",
                      help="foreground threshold for one-class labels (default 0.5)")
-    run.add_argument("--workers", type=int, default=None, help="Dask threads (default 2)")
+    run.add_argument("--workers", type=int, default=None, metavar="N", help="Dask threads (default 2)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     run.set_defaults(func=_cmd_run)

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Union
 
 import numpy as np
 
 from .errors import InvalidArgumentError
 
-__all__ = ["Normalization", "NormalizeSpec", "resolve_normalization", "strided_sample"]
+__all__ = ["Normalization", "NormalizeSpec", "resolve_normalization"]
 
 NormalizeSpec = Union[bool, str, tuple[float, float], None]
 """What callers may pass as ``normalize=``: see :func:`resolve_normalization`."""
 
 _PERCENTILES = (1.0, 99.8)
-_SAMPLE_PIXELS = 1 << 22  # percentiles are estimated from at most ~4 Mpx
 
 
 @dataclass(frozen=True)
@@ -65,28 +64,6 @@ def _percentiles(sample: np.ndarray) -> tuple[float, float]:
     if high <= low:  # a flat image: map it to 0 rather than divide by zero
         high = low + 1.0
     return float(low), float(high)
-
-
-def strided_sample(image: Any, spatial_ndim: int, max_pixels: int = _SAMPLE_PIXELS) -> np.ndarray:
-    """A regular strided subsample of ``image`` with at most about ``max_pixels`` pixels.
-
-    Parameters
-    ----------
-    image : array-like, shape (..., *spatial)
-        Any array supporting strided slicing (numpy, zarr, the engine's views).
-    spatial_ndim : int
-        Number of trailing spatial axes.
-    max_pixels : int
-        Budget of values to read.
-
-    Returns
-    -------
-    numpy.ndarray
-    """
-    size = int(np.prod(image.shape))
-    stride = max(1, int(np.ceil((size / max_pixels) ** (1.0 / spatial_ndim))))
-    lead = (slice(None),) * (len(image.shape) - spatial_ndim)
-    return np.asarray(image[lead + (slice(None, None, stride),) * spatial_ndim])
 
 
 def resolve_normalization(

@@ -16,11 +16,11 @@ from torch import nn
 from ..errors import InvalidArgumentError, InvalidImageError
 from ..geometry import ModelGeometry, Tile, TilePlan, plan_tiles
 from ..models.probe import eval_mode
-from ..normalize import NormalizeSpec, resolve_normalization, strided_sample
+from ..normalize import NormalizeSpec, resolve_normalization
 from .device import resolve_device
 from ..io.source import ImageSource
 from .lazy import lazy_probabilities
-from .prepare import check_batch_size, check_model, is_lazy_input, plan, prepare
+from .prepare import check_batch_size, check_model, is_lazy_input, plan, prepare, statistics_sample
 from .runner import TileRunner
 from .view import model_view
 
@@ -34,8 +34,10 @@ Progress = Callable[[int, int], None]
 _AXES = {2: "(Y, X) or (C, Y, X)", 3: "(Z, Y, X) or (C, Z, Y, X)"}
 
 
-def _channels_first(image: Any, geometry: ModelGeometry) -> np.ndarray:
-    """Validate ``image`` and return it as ``(C, *spatial)`` without copying."""
+def _channels_first(
+    image: Any, geometry: ModelGeometry, channel: Sequence[int] | None = None
+) -> np.ndarray:
+    """Validate ``image`` and return it as ``(C, *spatial)``, selecting ``channel``."""
     try:
         arr = np.asarray(image)
     except Exception as exc:
@@ -54,6 +56,8 @@ def _channels_first(image: Any, geometry: ModelGeometry) -> np.ndarray:
         raise InvalidImageError(f"image is empty, shape {arr.shape}")
     if arr.ndim == nd:
         arr = arr[None]
+    if channel is not None:
+        arr = model_view(ImageSource(arr, "C" + "ZYX"[-nd:]), nd, channel)[:]
     if arr.shape[0] != geometry.in_channels:
         raise InvalidImageError(
             f"image has {arr.shape[0]} channel(s), shape {arr.shape}; the model takes "
@@ -89,14 +93,22 @@ def segment(
     image border. The result equals running the model once on the whole image padded by
     reflection (up to float round-off), whatever the tile size.
 
+    A numpy image is segmented now; a path, :class:`~tilerseg.ImageSource`, Dask or
+    Zarr array is opened lazily and the result is a Dask array whose chunks are the
+    output tiles: nothing is read or computed until it is (use
+    :func:`tilerseg.segment_to_zarr` to write a large result with bounded memory).
+
     The model is moved to ``device`` and converted to channels-last memory format in
     place (as ``nn.Module.to`` does), and run in eval mode under
-    ``torch.inference_mode``; each module's training flag is restored afterwards.
+    ``torch.inference_mode``; for a numpy image each module's training flag is restored
+    afterwards, for a lazy one the model stays in eval mode.
 
     Parameters
     ----------
-    image : numpy.ndarray, shape (Y, X) or (C, Y, X); (Z, Y, X) or (C, Z, Y, X) for 3D
-        The image; channels first. Integer, boolean or float dtype.
+    image : numpy.ndarray, path, ImageSource, dask or zarr array
+        A numpy image is ``(Y, X)`` or ``(C, Y, X)`` (``(Z, Y, X)`` or ``(C, Z, Y, X)``
+        for a 3D model), channels first; integer, boolean or float dtype. Paths and
+        other arrays are opened by :func:`tilerseg.open_image`.
     model : torch.nn.Module
         A fully convolutional model, e.g. from :func:`tilerseg.create_model` or
         :func:`tilerseg.load_model`.
@@ -114,11 +126,15 @@ def segment(
         by default integer images are scaled from their dtype range to [0, 1] and float
         images are used unchanged; ``False`` feeds values unchanged.
     progress : callable, optional
-        Called as ``progress(tiles_done, tiles_total)`` after every batch.
+        Called as ``progress(tiles_done, tiles_total)`` after every batch (numpy input).
+    level : int
+        Pyramid level to segment (lazy input).
+    channel : sequence of int, optional
+        Input channels to feed the model, in order; all by default.
 
     Returns
     -------
-    numpy.ndarray of float32, shape (num_classes, *spatial)
+    numpy.ndarray or dask.array.Array of float32, shape (num_classes, *spatial)
         Class probabilities: softmax over classes, or a sigmoid when the model has one
         output channel.
 
@@ -137,13 +153,14 @@ def segment(
         p = prepare(image, model, tile, device, normalize, level=level, channel=channel)
         return lazy_probabilities(p.runner, check_batch_size(batch_size, p.device))
     geometry = check_model(model)
-    img = _channels_first(image, geometry)
-    if channel is not None:
-        img = model_view(ImageSource(img, "C" + "ZYX"[-geometry.ndim:]), geometry.ndim, channel)[:]
+    img = _channels_first(image, geometry, channel)
     dev = resolve_device(device)
     batch = check_batch_size(batch_size, dev)
     tile_plan = plan(img.shape[1:], geometry, tile, dev)
-    norm = resolve_normalization(normalize, img.dtype, lambda: strided_sample(img, geometry.ndim))
+    source = ImageSource(img, "C" + "ZYX"[-geometry.ndim:])
+    norm = resolve_normalization(
+        normalize, img.dtype, lambda: statistics_sample(source, model_view(source, geometry.ndim))
+    )
     out = np.empty((geometry.out_channels,) + img.shape[1:], dtype=np.float32)
     log.info(
         "segmenting %s %s with %d tiles of %s (window %s), batch %d on %s, normalisation %s",

@@ -13,17 +13,15 @@ from torch import nn
 
 from ..errors import InvalidArgumentError, InvalidImageError, InvalidModelError
 from ..geometry import ModelGeometry, TilePlan, plan_tiles
+from ..io.readers import open_image, sample_for_statistics
 from ..io.source import ImageSource
 from ..models.probe import model_geometry
-from ..normalize import Normalization, NormalizeSpec, resolve_normalization, strided_sample
+from ..normalize import Normalization, NormalizeSpec, resolve_normalization
 from .device import default_batch_size, default_tile, resolve_device
 from .runner import TileRunner
 from .view import ChannelFirstView, model_view
 
 __all__ = ["Prepared", "prepare", "plan", "is_lazy_input", "check_model", "check_batch_size"]
-
-_MIN_STATISTICS_PIXELS = 1 << 16
-
 
 def is_lazy_input(image: Any) -> bool:
     """True for inputs read lazily: paths, :class:`ImageSource`, Dask and Zarr arrays."""
@@ -101,13 +99,14 @@ class Prepared:
     runner: TileRunner
 
 
-def _statistics_sample(source: ImageSource, view: ChannelFirstView, ndim: int) -> np.ndarray:
-    """The lowest pyramid level if it is large enough, else a strided sample of the image."""
-    if len(source.level_data) > 1:
-        low = ChannelFirstView(source.level_data[-1], source.axes, view.spatial, view.channels)
-        if int(np.prod(low.shape[1:])) >= _MIN_STATISTICS_PIXELS:
-            return low[:]
-    return strided_sample(view, ndim)
+def statistics_sample(source: ImageSource, view: ChannelFirstView) -> np.ndarray:
+    """A small sample of the model's channels, for global percentiles.
+
+    From the lowest pyramid level with at least 65,536 pixels, read whole if small, else
+    as an evenly spread grid of chunk-sized blocks (see :func:`sample_for_statistics`).
+    """
+    sample = sample_for_statistics(source)
+    return ChannelFirstView(sample, source.axes, view.spatial, view.channels)[:]
 
 
 def prepare(
@@ -125,8 +124,6 @@ def prepare(
     The model is put in eval mode (a lazy result may be computed at any later time) and
     moved to ``device`` in channels-last format.
     """
-    from ..io.readers import open_image
-
     geometry = check_model(model)
     source = image if isinstance(image, ImageSource) else open_image(image, level=level)
     view = model_view(source, geometry.ndim, channel)
@@ -144,7 +141,7 @@ def prepare(
     dev = resolve_device(device)
     tile_plan = plan(view.shape[1:], geometry, tile, dev)
     norm = resolve_normalization(
-        normalize, view.dtype, lambda: _statistics_sample(source, view, geometry.ndim)
+        normalize, view.dtype, lambda: statistics_sample(source, view)
     )
     model.eval()
     runner = TileRunner(model, view, tile_plan, norm, dev, check_finite=view.dtype.kind == "f")

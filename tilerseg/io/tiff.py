@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import re
-from xml.etree import ElementTree
 from collections.abc import Sequence
 from typing import Any
+from xml.etree import ElementTree
 
 import tifffile
 import zarr
