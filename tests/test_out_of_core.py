@@ -117,6 +117,10 @@ def test_segment_to_zarr_matches_in_memory(
     group = zarr.open_group(out, mode="r")
     scale = group.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
     assert scale[0]["scale"][1:] == pytest.approx([0.5, 0.5])  # pixel size carried over
+    from ome_zarr_models.v05.image import Image  # an independent OME-NGFF 0.5 validator
+
+    validated = Image.from_zarr(group)
+    assert validated.labels is not None and validated.labels.label_paths == ["segmentation"]
 
 
 def test_sixteen_bit_images_use_global_percentiles(tmp_path: Path,
