@@ -176,3 +176,22 @@ def test_local_compute_restores_torch_threads(image: np.ndarray,
     tilerseg.segment_to_zarr(image, small_model, tmp_path / "o.zarr", tile=64, device="cpu",
                              workers=2)
     assert torch.get_num_threads() == threads
+
+
+def test_two_d_model_segments_a_z_stack_plane_by_plane(
+    tmp_path: Path, small_model: torch.nn.Module
+) -> None:
+    planes = [membrane_image((90, 70), cell_size=20, seed=s)[0] for s in range(3)]
+    folder = tmp_path / "stack"
+    folder.mkdir()
+    for z, plane in enumerate(planes):
+        tifffile.imwrite(folder / f"slice_{z:02d}.tif", plane)
+    out = tilerseg.segment_to_zarr(folder, small_model, tile=32, device="cpu", dtype="float32",
+                                   output="both")
+    assert out == tmp_path / "stack.tilerseg.zarr"
+    result = open_output(out)
+    assert result["probabilities"].shape == (2, 3, 90, 70)
+    assert result["probabilities"].chunks == (2, 1, 32, 32)
+    for z, plane in enumerate(planes):
+        expected = tilerseg.segment(plane, small_model, tile=32, device="cpu")
+        assert np.abs(result["probabilities"][:, z] - expected).max() <= TOLERANCE

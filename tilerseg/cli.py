@@ -25,7 +25,8 @@ examples:
   tilerseg demo                          write a synthetic 4096 x 4096 slide and segment it
   tilerseg run slide.tif                 -> slide.tilerseg.zarr (probabilities, uint8)
   tilerseg run slide.ome.tif --level 1 --output both -o out.zarr --overwrite
-  tilerseg run stack/ --model model3d.pt --tile 64
+  tilerseg run sections/ --model em.pt    a folder of 2D slices, segmented plane by plane
+  tilerseg run stack.tif --model model3d.pt --tile 64
   tilerseg info slide.svs --tile 1024    shape, axes, levels, pixel size, plan, memory
 """
 

@@ -135,6 +135,23 @@ class ModelGeometry:
         """Index in the model output of the first kept pixel (0 for valid models)."""
         return self.halo[axis] - self.shrink[axis] // 2
 
+    def per_plane(self) -> "ModelGeometry":
+        """This geometry with a leading pass-through axis: a 2D model run plane by plane.
+
+        The new axis has step 1, no halo and no shrink, so a z-stack is cut into single
+        planes that the model sees one at a time.
+
+        Examples
+        --------
+        >>> g = ModelGeometry(2, 1, 2, (16, 16), (188, 188), (184, 184), (92, 92))
+        >>> g.per_plane().halo, g.per_plane().step
+        ((0, 92, 92), (1, 16, 16))
+        """
+        return ModelGeometry(
+            self.ndim + 1, self.in_channels, self.out_channels, (1, *self.step),
+            (1, *self.min_input), (0, *self.shrink), (0, *self.halo),
+        )
+
     @property
     def is_valid(self) -> bool:
         """True for valid-convolution models (the output is smaller than the input)."""

@@ -122,11 +122,13 @@ def prepare(
     """Open ``image`` lazily and validate everything against ``model``.
 
     The model is put in eval mode (a lazy result may be computed at any later time) and
-    moved to ``device`` in channels-last format.
+    moved to ``device`` in channels-last format. A 2D model given a z-stack segments it
+    plane by plane (the plan then has a leading Z axis of single-plane tiles).
     """
     geometry = check_model(model)
     source = image if isinstance(image, ImageSource) else open_image(image, level=level)
-    view = model_view(source, geometry.ndim, channel)
+    planes = geometry.ndim == 2 and dict(zip(source.axes, source.shape)).get("Z", 1) > 1
+    view = model_view(source, 3 if planes else geometry.ndim, channel)
     if view.dtype != np.bool_ and view.dtype.kind not in "uif":
         raise InvalidImageError(
             f"image dtype {view.dtype} is not supported; expected a real numeric or boolean dtype"
@@ -139,10 +141,16 @@ def prepare(
             f"{source.shape}); the model takes {geometry.in_channels}"
         )
     dev = resolve_device(device)
-    tile_plan = plan(view.shape[1:], geometry, tile, dev)
+    if planes:  # a 2D model on a z-stack: plane by plane
+        flat = plan(view.shape[2:], geometry, tile, dev)
+        geometry = geometry.per_plane()
+        tile_plan = TilePlan(view.shape[1:], (1, *flat.tile), geometry)
+    else:
+        tile_plan = plan(view.shape[1:], geometry, tile, dev)
     norm = resolve_normalization(
         normalize, view.dtype, lambda: statistics_sample(source, view)
     )
     model.eval()
-    runner = TileRunner(model, view, tile_plan, norm, dev, check_finite=view.dtype.kind == "f")
+    runner = TileRunner(model, view, tile_plan, norm, dev, check_finite=view.dtype.kind == "f",
+                        per_plane=planes)
     return Prepared(source, view, geometry, tile_plan, norm, dev, runner)

@@ -49,6 +49,9 @@ class TileRunner:
     check_finite : bool
         Refuse windows with NaN or Inf (for lazily read float images, which are not
         scanned up front).
+    per_plane : bool
+        The plan has a leading axis of single planes (a 2D model on a z-stack, see
+        :meth:`ModelGeometry.per_plane`): each window is fed as a 2D image.
     """
 
     def __init__(
@@ -59,10 +62,12 @@ class TileRunner:
         norm: Normalization,
         device: torch.device,
         check_finite: bool = False,
+        per_plane: bool = False,
     ) -> None:
         self.model, self.image, self.plan, self.norm = model, image, tile_plan, norm
         self.device, self.check_finite = device, check_finite
-        self.fmt = _memory_format(tile_plan.geometry.ndim)
+        self.per_plane = per_plane
+        self.fmt = _memory_format(2 if self.per_plane else tile_plan.geometry.ndim)
         model.to(device=device, memory_format=self.fmt)
 
     def window(self, tile: Tile) -> np.ndarray:
@@ -79,8 +84,12 @@ class TileRunner:
         if self.device.type == "cuda":
             x = x.pin_memory()
         with torch.inference_mode():
-            x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.fmt)
-            y = self.model(x)
+            x = x.to(self.device, non_blocking=True)
+            if self.per_plane:
+                x = x[:, :, 0]
+            y = self.model(x.contiguous(memory_format=self.fmt))
+            if self.per_plane:
+                y = y[:, :, None]
             return [
                 _activation(y[i][(slice(None),) + t.crop]).cpu().numpy()
                 for i, t in enumerate(tiles)
