@@ -43,6 +43,18 @@ def activation_bytes(model: nn.Module, window: Sequence[int], in_channels: int) 
     return total
 
 
+def _resident_bytes() -> int:
+    """Peak resident memory of this process so far (libraries and model loaded)."""
+    import sys
+
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB else
+
+
 def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -85,6 +97,7 @@ def describe(
     window_in = int(np.prod(plan.window)) * g.in_channels * 4
     per_tile = activation_bytes(model, plan.window, g.in_channels) + window_in
     params = sum(t.numel() * t.element_size() for t in model.parameters())
+    baseline = _resident_bytes()
     pixels = int(np.prod(plan.image_shape))
     probs = pixels * g.out_channels * 4 / 3  # uint8 probabilities with the pyramid levels
     lines = [
@@ -97,8 +110,9 @@ def describe(
         f"{g.admissible_inputs(3)}...",
         f"plan        {len(plan)} tiles of {plan.tile} in a {plan.grid} grid, "
         f"windows {plan.window}",
-        f"memory      at most about {_size(params + workers * per_tile)}: {workers} tiles "
-        f"in flight x {_size(per_tile)} (upper bound per tile) + model {_size(params)}",
+        f"memory      at most about {_size(baseline + workers * per_tile)} peak: this process "
+        f"now {_size(baseline)} (libraries, model {_size(params)}) + {workers} tiles in "
+        f"flight x {_size(per_tile)} (upper bound per tile)",
         f"output      {_size(probs)} of uint8 probabilities with pyramid, before compression "
         f"({_size(pixels * 4 / 3)} more for labels)",
     ]
