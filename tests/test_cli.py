@@ -167,3 +167,20 @@ def test_synthetic_membranes_are_reproducible() -> None:
     assert 0.5 < (mask == 255).mean() < 0.95
     volume, vmask = membrane_image((8, 30, 30), cell_size=12, seed=1)
     assert volume.shape == vmask.shape == (8, 30, 30)
+
+
+def test_progress_bar_draws_tiles_rate_and_eta() -> None:
+    import io
+
+    from tilerseg.cli import ProgressBar
+
+    stream = io.StringIO()
+    bar = ProgressBar(stream, enabled=True)
+    bar(1, 4)
+    bar(4, 4)
+    text = stream.getvalue()
+    assert "1/4 tiles" in text and "4/4 tiles" in text and "tiles/s" in text and "ETA" in text
+    assert text.endswith("\n")
+    quiet = io.StringIO()
+    ProgressBar(quiet, enabled=False)(1, 4)
+    assert quiet.getvalue() == ""
