@@ -60,18 +60,45 @@ def _channels(text: str | None) -> list[int] | None:
         raise InvalidArgumentError(f"--channel {text!r} must be comma-separated integers") from None
 
 
-def _model(spec: str, warn: Callable[[str], None]) -> Any:
-    """Load a model file, or build a registered architecture (untrained)."""
+def _model(spec: str | None, warn: Callable[[str], None]) -> Any:
+    """The bundled default model, a model file or bundled name, or an untrained architecture."""
     import torch
 
     from .models import create_model, list_models, load_model
+    from .models.checkpoint import DEFAULT_MODEL, bundled_models
 
+    if spec is None:
+        if DEFAULT_MODEL in bundled_models():
+            return load_model()
+        spec = "unet"
     if spec in list_models() and not os.path.exists(spec):
         torch.manual_seed(0)
         warn(f"model {spec!r} is an untrained architecture (random weights, seed 0); "
              "pass --model FILE.pt for meaningful results")
         return create_model(spec)
     return load_model(spec)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .models import create_model, list_models, load_model, model_geometry
+    from .models.checkpoint import DEFAULT_MODEL, bundled_models
+
+    print("bundled models (tilerseg run --model NAME; * = default):")
+    for name, path in bundled_models().items():
+        model = load_model(path)
+        g, meta = model_geometry(model), model.metadata
+        scores = meta.get("validation", {})
+        figures = ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
+        print(f"{'*' if name == DEFAULT_MODEL else ' '} {name:<20} {model.config} halo {g.halo[0]}, "
+              f"step {g.step[0]}, threshold {meta.get('threshold')}; {figures}")
+    if not bundled_models():
+        print("  (none installed)")
+    print("registered architectures (untrained; tilerseg.create_model(NAME)):")
+    for name in list_models():
+        g = model_geometry(create_model(name, base_channels=1))
+        print(f"  {name:<20} {g.ndim}D, default depth 4: halo {g.halo[0]}, pooling step "
+              f"{g.step[0]}, admissible inputs {g.admissible_inputs(3)}...")
+    return 0
 
 
 def _warn(message: str) -> None:
@@ -149,9 +176,66 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_common(p: argparse.ArgumentParser, model_default: str | None = "unet") -> None:
-    p.add_argument("--model", default=model_default, metavar="NAME|PATH",
-                   help="model file (.pt) or registered architecture name (default: %(default)s)")
+def _indices(text: str | None, what: str) -> list[int] | None:
+    """``"20-24"`` or ``"0,3,5-7"`` -> a list of indices."""
+    if text is None:
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise InvalidArgumentError(f"{what} {text!r} must look like 20-24 or 0,3,5-7") from None
+    return out
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, load_pairs, train
+
+    config = TrainConfig(
+        model={"name": "unet", "depth": args.depth, "base_channels": args.base_channels,
+               "dropout": args.dropout, "batch_norm": args.batch_norm},
+        epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch_size,
+        window=args.window, optimizer=args.optimizer, lr=args.lr,
+        weight_map=not args.no_weight_map, elastic=not args.no_elastic,
+        flips=not args.no_flips, grey=not args.no_grey, seed=args.seed,
+    )
+    held_out = _indices(args.validation, "--validation") or []
+    everything = load_pairs(args.images, args.masks, select=None, min_size=1)
+    train_idx = [k for k in range(len(everything)) if k not in held_out]
+    if any(not 0 <= k < len(everything) for k in held_out) or not train_idx:
+        raise InvalidArgumentError(
+            f"--validation {args.validation} must name some, not all, of the "
+            f"{len(everything)} pairs (0..{len(everything) - 1})")
+    val_pairs = [everything[k] for k in held_out]
+    if args.val_images or args.val_masks:
+        if not (args.val_images and args.val_masks):
+            raise InvalidArgumentError("--val-images and --val-masks go together")
+        val_pairs += load_pairs(args.val_images, args.val_masks)
+    train_pairs = [everything[k] for k in train_idx]
+
+    def progress(epoch: int, step: int, steps: int, loss: float) -> None:
+        if sys.stderr.isatty() and not args.quiet:
+            sys.stderr.write(f"\repoch {epoch}/{args.epochs}  step {step}/{steps}  "
+                             f"loss {loss:.4f} ")
+            if step == steps:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    result = train(train_pairs, args.out, config, val_pairs=val_pairs, resume=args.resume,
+                   progress=progress)
+    for record in result["history"][-1:]:
+        print("last epoch: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in record.items()))
+    print(f"best model: {Path(args.out) / 'best.pt'}")
+    return 0
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="NAME|PATH",
+                   help="model file (.pt), bundled model or architecture name (default: the "
+                   "bundled ISBI 2012 EM model)")
     p.add_argument("--tile", type=int, default=None, metavar="N",
                    help="output tile side in px, a multiple of the pooling step "
                    "(default: 512 on CPU, 1024 on GPU)")
@@ -187,8 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                      default="probabilities", help="what to write (default: %(default)s)")
     run.add_argument("--dtype", choices=("uint8", "float16", "float32"), default="uint8",
                      help="probability storage type; uint8 = round(255 p) (default)")
-    run.add_argument("--threshold", type=float, default=0.5, metavar="P",
-                     help="foreground threshold for one-class labels (default 0.5)")
+    run.add_argument("--threshold", type=float, default=None, metavar="P",
+                     help="foreground probability threshold for labels (default: the "
+                     "model's tuned threshold, else argmax / 0.5)")
     run.add_argument("--workers", type=int, default=None, metavar="N", help="Dask threads (default 2)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
@@ -200,6 +285,44 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("image", help="image file, folder or glob")
     _add_common(info)
     info.set_defaults(func=_cmd_info)
+
+    tr = sub.add_parser("train", help="train a U-Net on image/mask pairs",
+                        description="Train a U-Net with the paper's recipe (weight map, elastic "
+                        "deformation, flips/rotations, grey values) on tiles cut with the "
+                        "engine's geometry. Checkpoints best.pt / last.pt go to --out.")
+    tr.add_argument("--images", required=True, help="folder of training images")
+    tr.add_argument("--masks", required=True,
+                    help="folder of masks (class maps, or 0/255), same names as the images")
+    tr.add_argument("-o", "--out", required=True, help="checkpoint folder")
+    tr.add_argument("--validation", default=None, metavar="I-J",
+                    help="indices of pairs held out for validation, e.g. 20-24")
+    tr.add_argument("--val-images", default=None, help="folder of validation images")
+    tr.add_argument("--val-masks", default=None, help="folder of validation masks")
+    tr.add_argument("--epochs", type=int, default=40)
+    tr.add_argument("--steps", type=int, default=100, help="optimiser steps per epoch (100)")
+    tr.add_argument("--batch-size", type=int, default=2)
+    tr.add_argument("--window", type=int, default=None,
+                    help="training input side, rounded up to admissible (default 380)")
+    tr.add_argument("--depth", type=int, default=4)
+    tr.add_argument("--base-channels", type=int, default=16)
+    tr.add_argument("--dropout", type=float, default=0.0)
+    tr.add_argument("--batch-norm", action="store_true")
+    tr.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    tr.add_argument("--lr", type=float, default=None)
+    tr.add_argument("--no-weight-map", action="store_true")
+    tr.add_argument("--no-elastic", action="store_true")
+    tr.add_argument("--no-flips", action="store_true")
+    tr.add_argument("--no-grey", action="store_true")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--resume", action="store_true", help="continue from --out/last.pt")
+    tr.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    tr.set_defaults(func=_cmd_train)
+
+    models = sub.add_parser("models", help="list bundled models and architectures",
+                            description="List the bundled (trained) models with their "
+                            "geometry and validation figures, and the registered "
+                            "architectures.")
+    models.set_defaults(func=_cmd_models)
 
     demo = sub.add_parser("demo", help="write a synthetic slide and segment it",
                           description="Write a synthetic EM-like membrane slide as a tiled "
@@ -219,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    for name in ("size", "batch_size", "workers", "base_channels"):
+    for name in ("size", "batch_size", "workers", "base_channels", "epochs", "steps", "depth"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise InvalidArgumentError(f"--{name.replace('_', '-')} {value} must be positive")

@@ -70,7 +70,7 @@ def _run_attributes(p: Prepared, model: nn.Module, output: str, dtype: str,
         "normalization": p.normalization.as_dict(),
         "output": output,
         "dtype": dtype if output != "labels" else None,
-        "threshold": threshold if p.geometry.out_channels == 1 else None,
+        "threshold": threshold,
         "device": str(p.device),
     }
 
@@ -86,7 +86,7 @@ def segment_to_zarr(
     normalize: NormalizeSpec = "auto",
     output: str = "probabilities",
     dtype: str = "uint8",
-    threshold: float = 0.5,
+    threshold: float | None = None,
     level: int = 0,
     channel: Sequence[int] | None = None,
     overwrite: bool = False,
@@ -116,8 +116,12 @@ def segment_to_zarr(
         ``p >= threshold`` for a one-class model) under ``labels/segmentation``, or both.
     dtype : {"uint8", "float16", "float32"}
         Storage type of the probabilities; uint8 stores ``round(255 p)``.
-    threshold : float
-        Foreground threshold of a one-class model's labels.
+    threshold : float, optional
+        Foreground threshold for the labels: a one-class model labels ``p >= threshold``,
+        a two-class model labels its foreground class (``model.metadata
+        ["foreground_class"]``, default 1) where its probability is ``>= threshold``.
+        Default: the threshold tuned when the model was trained (``model.metadata
+        ["threshold"]``), else 0.5 for one class and argmax for more.
     level : int
         Pyramid level of the input to segment.
     channel : sequence of int, optional
@@ -140,8 +144,12 @@ def segment_to_zarr(
         raise InvalidArgumentError(f"output={output!r} must be one of {', '.join(OUTPUTS)}")
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"dtype={dtype!r} must be one of {', '.join(DTYPES)}")
-    if not 0.0 <= float(threshold) <= 1.0:
+    metadata = getattr(model, "metadata", None) or {}
+    if threshold is None:
+        threshold = metadata.get("threshold")
+    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
         raise InvalidArgumentError(f"threshold={threshold!r} must be within [0, 1]")
+    foreground = int(metadata.get("foreground_class", 1))
     if out is None:
         if not isinstance(image, (str, os.PathLike)):
             raise InvalidArgumentError("out is required when the image is not a path")
@@ -165,8 +173,8 @@ def segment_to_zarr(
             sources.append(probs.map_blocks(encode_probabilities, dtype, dtype=np.dtype(dtype)))
             targets.append(writer.probabilities)
         if writer.labels is not None:
-            labels = probs.map_blocks(_labels, threshold, writer.labels.dtype, drop_axis=0,
-                                      dtype=writer.labels.dtype)
+            labels = probs.map_blocks(_labels, threshold, foreground, writer.labels.dtype,
+                                      drop_axis=0, dtype=writer.labels.dtype)
             sources.append(labels)
             targets.append(writer.labels)
         log.info("segmenting %s into %s: %d tiles of %s", p.source.path or p.source.format,
@@ -184,5 +192,9 @@ def segment_to_zarr(
     return path
 
 
-def _labels(probs: np.ndarray, threshold: float, dtype: np.dtype) -> np.ndarray:
-    return labels_from_probabilities(probs, threshold).astype(dtype, copy=False)
+def _labels(probs: np.ndarray, threshold: float | None, foreground: int,
+            dtype: np.dtype) -> np.ndarray:
+    if threshold is not None and probs.shape[0] == 2:
+        return np.where(probs[foreground] >= threshold, foreground, 1 - foreground).astype(dtype)
+    return labels_from_probabilities(probs, 0.5 if threshold is None else threshold).astype(
+        dtype, copy=False)

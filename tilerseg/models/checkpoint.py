@@ -19,16 +19,28 @@ from torch import nn
 from ..errors import InvalidModelError, ModelNotFoundError
 from .registry import create_model
 
-__all__ = ["save_model", "load_model"]
+__all__ = ["save_model", "load_model", "bundled_models", "DEFAULT_MODEL"]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "tilerseg-model"
 FORMAT_VERSION = 1
+BUNDLED = Path(__file__).parent / "bundled"
+DEFAULT_MODEL = "isbi2012-unet"
+"""Name of the bundled model that ``load_model()`` and ``tilerseg run`` use by default."""
+
+
+def bundled_models() -> dict[str, Path]:
+    """Names and files of the models shipped inside the package."""
+    return {p.stem: p for p in sorted(BUNDLED.glob("*.pt"))}
 
 
 def save_model(
-    model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, Any] | None = None
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    metadata: dict[str, Any] | None = None,
+    half: bool = False,
 ) -> Path:
     """Save a registered model's architecture, configuration and weights to one file.
 
@@ -44,6 +56,9 @@ def save_model(
     metadata : dict, optional
         Plain values (str, int, float, bool, lists and dicts of them) stored alongside,
         e.g. the normalisation or a tuned threshold.
+    half : bool
+        Store floating-point weights as float16 (half the file size); they are cast back
+        to the model's dtype on loading.
 
     Returns
     -------
@@ -74,7 +89,11 @@ def save_model(
         "architecture": name,
         "config": dict(config),
         "metadata": dict(metadata or {}),
-        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "state_dict": {
+            k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu())
+            .contiguous()
+            for k, v in model.state_dict().items()
+        },
     }
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -89,15 +108,17 @@ def save_model(
     return path
 
 
-def load_model(path: str | os.PathLike) -> nn.Module:
+def load_model(path: str | os.PathLike | None = None) -> nn.Module:
     """Load a model saved by :func:`save_model`, on the CPU, in eval mode.
 
     Never executes code from the file: ``torch.load(weights_only=True)``.
 
     Parameters
     ----------
-    path : str or os.PathLike
-        A tilerseg model file.
+    path : str or os.PathLike, optional
+        A tilerseg model file, or the name of a bundled model (see
+        :func:`bundled_models`). Default: the bundled default model, a U-Net trained on
+        the ISBI 2012 EM data (class 0 membrane, class 1 cell interior).
 
     Returns
     -------
@@ -111,6 +132,12 @@ def load_model(path: str | os.PathLike) -> nn.Module:
     InvalidModelError
         The file is not a tilerseg model (corrupt, another format, or a pickle payload).
     """
+    bundled = bundled_models()
+    if path is None or (str(path) in bundled and not Path(path).exists()):
+        name = DEFAULT_MODEL if path is None else str(path)
+        if name not in bundled:
+            raise ModelNotFoundError(f"the bundled model {name!r} is not installed")
+        path = bundled[name]
     path = Path(path)
     if not path.is_file():
         raise ModelNotFoundError(f"model file {str(path)!r} does not exist")

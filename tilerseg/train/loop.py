@@ -1,0 +1,289 @@
+"""Training with the U-Net paper's recipe, on tiles cut with the engine's geometry."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..engine.windows import read_window
+from ..errors import InvalidArgumentError
+from ..models import create_model, load_model, model_geometry, save_model
+from ..normalize import resolve_normalization
+from .augment import augment
+from .data import Pair
+from .weights import class_weights, weight_map
+
+__all__ = ["TrainConfig", "PatchSampler", "train"]
+
+log = logging.getLogger(__name__)
+
+TrainProgress = Callable[[int, int, int, float], None]
+"""``progress(epoch, step, steps_per_epoch, running_loss)``."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored with the checkpoints).
+
+    Attributes
+    ----------
+    model : dict
+        ``create_model`` arguments, e.g. ``{"name": "unet", "base_channels": 16}``.
+    epochs, steps_per_epoch, batch_size : int
+        Length of the run; one step is one optimiser update on ``batch_size`` tiles.
+    window : int or None
+        Training input side (rounded up to an admissible size); default: the smallest
+        admissible side of at least 380 px (output 196 px for a depth-4 valid U-Net).
+    optimizer : {"adam", "sgd"}
+        Adam, or SGD with the paper's momentum 0.99.
+    lr : float or None
+        Learning rate; default 1e-3 for Adam, 1e-2 for SGD. Decays by cosine to 5% of it.
+    weight_map, w0, sigma : bool, float, float
+        The paper's weight map (class balance + border term) and its parameters.
+    elastic, flips, grey : bool
+        Augmentations: elastic deformation (3 x 3 grid, 10 px), flips and 90-degree
+        rotations, grey-value changes.
+    seed : int
+        Seed of numpy and torch: the same config gives the same run.
+    """
+
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "unet", "base_channels": 16})
+    epochs: int = 40
+    steps_per_epoch: int = 100
+    batch_size: int = 2
+    window: int | None = None
+    optimizer: str = "adam"
+    lr: float | None = None
+    momentum: float = 0.99
+    weight_map: bool = True
+    w0: float = 10.0
+    sigma: float = 5.0
+    elastic: bool = True
+    flips: bool = True
+    grey: bool = True
+    seed: int = 0
+    foreground_class: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "steps_per_epoch", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidArgumentError(f"{name}={value!r} must be a positive integer")
+        if self.optimizer not in ("adam", "sgd"):
+            raise InvalidArgumentError(f"optimizer={self.optimizer!r} must be 'adam' or 'sgd'")
+        if self.lr is not None and not self.lr > 0:
+            raise InvalidArgumentError(f"lr={self.lr!r} must be positive")
+
+
+class PatchSampler:
+    """Random training tiles with the engine's geometry and mirror padding.
+
+    A tile is an admissible input window at a random position of a random image, read
+    with :func:`tilerseg.engine.read_window` (so image borders are mirrored exactly as
+    at inference), augmented together with its mask and weight map, and paired with the
+    label crop the model predicts for it.
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[Pair],
+        weights: Sequence[np.ndarray] | None,
+        model: nn.Module,
+        window: int,
+        config: TrainConfig,
+        rng: np.random.Generator,
+    ) -> None:
+        g = model_geometry(model)
+        self.pairs, self.weights, self.config, self.rng = pairs, weights, config, rng
+        self.window = g.admissible_input(window)
+        self.halo = g.halo[0]
+        self.crop = g.crop_offset(0)  # first kept index of the model output
+        self.out = self.window - 2 * self.halo  # kept output side
+        self.norms = [resolve_normalization("auto", p.image.dtype, lambda p=p: p.image)
+                      for p in pairs]
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One tile: input ``(C, n, n)`` float32, labels and weights ``(s, s)``."""
+        k = int(self.rng.integers(len(self.pairs)))
+        pair = self.pairs[k]
+        rows, cols = pair.mask.shape
+        oy = int(self.rng.integers(0, max(1, rows - self.out + 1)))
+        ox = int(self.rng.integers(0, max(1, cols - self.out + 1)))
+        start, size = (oy - self.halo, ox - self.halo), (self.window, self.window)
+        image = self.norms[k](read_window(pair.image, start, size))
+        mask = read_window(pair.mask[None], start, size)[0]
+        weights = None if self.weights is None else read_window(self.weights[k][None], start, size)[0]
+        c = self.config
+        image, mask, weights = augment(image, mask, weights, self.rng, elastic=c.elastic,
+                                       flips=c.flips, grey=c.grey)
+        keep = (slice(self.halo, self.halo + self.out),) * 2
+        w = np.ones(size, np.float32) if weights is None else weights
+        return (np.ascontiguousarray(image, dtype=np.float32),
+                np.ascontiguousarray(mask[keep], dtype=np.int64),
+                np.ascontiguousarray(w[keep], dtype=np.float32))
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``size`` tiles as tensors ``(B, C, n, n)``, ``(B, s, s)``, ``(B, s, s)``."""
+        tiles = [self.sample() for _ in range(size)]
+        return tuple(torch.from_numpy(np.stack(parts)) for parts in zip(*tiles))
+
+
+def weighted_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Pixel-weighted cross-entropy (softmax), or binary cross-entropy for one class."""
+    if logits.shape[1] == 1:
+        per_pixel = F.binary_cross_entropy_with_logits(logits[:, 0], target.float(),
+                                                       reduction="none")
+    else:
+        per_pixel = F.cross_entropy(logits, target, reduction="none")
+    return (per_pixel * weights).sum() / weights.numel()
+
+
+def _validate(model: nn.Module, pairs: Sequence[Pair], foreground: int) -> dict[str, float]:
+    from ..engine.inference import segment
+    from ..metrics import isbi_scores
+
+    probs = [segment(p.image, model, tile=256, device="cpu")[foreground] for p in pairs]
+    truth = [(p.mask == foreground).astype(np.uint8) for p in pairs]
+    scores = isbi_scores(np.stack(probs), np.stack(truth))
+    return {k: float(scores[k]) for k in ("pixel_error", "pixel_threshold", "rand_error",
+                                          "rand_threshold")}
+
+
+def _save_state(out: Path, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
+               out / "optimizer.pt")
+    (out / "state.json").write_text(json.dumps(state, indent=1))
+
+
+def train(
+    train_pairs: Sequence[Pair],
+    out_dir: str | os.PathLike,
+    config: TrainConfig | None = None,
+    *,
+    val_pairs: Sequence[Pair] = (),
+    resume: bool = False,
+    progress: TrainProgress | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train a model with the U-Net paper's recipe; checkpoints go to ``out_dir``.
+
+    Writes ``last.pt`` (after every epoch), ``best.pt`` (lowest validation pixel error,
+    or the last if there is no validation set), ``optimizer.pt`` and ``state.json``
+    (epoch, history, random state) so that ``resume=True`` continues exactly.
+
+    Parameters
+    ----------
+    train_pairs : sequence of Pair
+        Training images and class maps (see :func:`tilerseg.train.load_pairs`).
+    out_dir : path
+        Checkpoint folder (created).
+    config : TrainConfig
+        The run's settings.
+    val_pairs : sequence of Pair
+        Held-out images, scored after every epoch (ISBI-style pixel and Rand error, best
+        over thresholds); the tuned threshold is stored with the model.
+    resume : bool
+        Continue from ``out_dir``'s last checkpoint.
+    progress : callable, optional
+        ``progress(epoch, step, steps_per_epoch, running_loss)`` after every step.
+    metadata : dict, optional
+        Extra plain values stored with the model files.
+
+    Returns
+    -------
+    dict
+        ``{"history": [...per epoch...], "best": {...}}``.
+    """
+    config = config or TrainConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    if resume:
+        model = load_model(out / "last.pt")
+        model.train()
+        state = json.loads((out / "state.json").read_text())
+    else:
+        model = create_model(**{"name": "unet", **config.model})
+        state = {"epoch": 0, "history": [], "best": None, "config": dataclasses.asdict(config)}
+    num_classes = model_geometry(model).out_channels
+    classes = max(2, num_classes)
+    weights = None
+    if config.weight_map:
+        cw = class_weights([p.mask for p in train_pairs], classes)
+        weights = [weight_map(p.mask, cw, config.foreground_class, config.w0, config.sigma)
+                   for p in train_pairs]
+    window = config.window or 380
+    sampler = PatchSampler(train_pairs, weights, model, window, config, rng)
+    lr = config.lr or (1e-3 if config.optimizer == "adam" else 1e-2)
+    if config.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum)
+    total_steps = config.epochs * config.steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
+    )
+    if resume:
+        saved = torch.load(out / "optimizer.pt", weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["torch_rng"])
+        rng.bit_generator.state = state["numpy_rng"]
+        for _ in range(state["epoch"] * config.steps_per_epoch):
+            schedule.step()
+    fmt = torch.channels_last if model_geometry(model).ndim == 2 else torch.channels_last_3d
+    model.to(memory_format=fmt)
+    info = {"window": sampler.window, "output": sampler.out, "train_images": len(train_pairs),
+            "val_images": len(val_pairs)}
+    log.info("training %s on %d tiles of %d px per step: %s", config.model, config.batch_size,
+             sampler.window, info)
+    for epoch in range(state["epoch"], config.epochs):
+        model.train()
+        start, running = time.perf_counter(), None
+        for step in range(config.steps_per_epoch):
+            x, y, w = sampler.batch(config.batch_size)
+            logits = model(x.contiguous(memory_format=fmt))
+            loss = weighted_loss(logits, y, w)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+            if progress is not None:
+                progress(epoch + 1, step + 1, config.steps_per_epoch, running)
+        record = {"epoch": epoch + 1, "loss": running, "seconds": time.perf_counter() - start,
+                  "lr": schedule.get_last_lr()[0]}
+        if val_pairs:
+            model.eval()
+            record.update(_validate(model, val_pairs, config.foreground_class))
+        state["history"].append(record)
+        state["epoch"] = epoch + 1
+        state["numpy_rng"] = rng.bit_generator.state
+        meta = {**(metadata or {}), "normalize": "auto", "foreground_class": config.foreground_class,
+                "training": {**info, "epochs": epoch + 1, "config": dataclasses.asdict(config)}}
+        if "pixel_threshold" in record:
+            meta["threshold"] = record["pixel_threshold"]
+            meta["validation"] = {k: record[k] for k in ("pixel_error", "pixel_threshold",
+                                                         "rand_error", "rand_threshold")}
+        save_model(model, out / "last.pt", metadata=meta)
+        better = state["best"] is None or ("pixel_error" in record
+                                           and record["pixel_error"] < state["best"]["pixel_error"])
+        if better or not val_pairs:
+            state["best"] = record
+            save_model(model, out / "best.pt", metadata=meta)
+        _save_state(out, optimizer, state)
+        log.info("epoch %d: %s", epoch + 1, record)
+    return {"history": state["history"], "best": state["best"]}
