@@ -21,7 +21,14 @@ from scipy import ndimage
 
 from ..errors import InvalidArgumentError
 
-__all__ = ["elastic_deform", "flip_rotate", "grey_values", "augment", "displacement_field"]
+__all__ = [
+    "augment",
+    "displacement_field",
+    "elastic_deform",
+    "flip_rotate",
+    "grey_values",
+    "warp",
+]
 
 # scipy.ndimage's name for numpy's "reflect" (edge pixel not repeated).
 _MIRROR = "mirror"
@@ -97,10 +104,10 @@ def elastic_deform(
 ) -> list[np.ndarray]:
     """Deform several aligned arrays with one smooth random displacement field.
 
-    The field comes from :func:`displacement_field`; output pixel ``p`` takes the value
-    of the input at ``p + field(p)``, resampled by :func:`scipy.ndimage.map_coordinates`
-    with each array's own spline order and ``mode="mirror"`` (numpy's ``"reflect"``,
-    see the module docstring) past the borders.
+    The field comes from :func:`displacement_field` and is applied by :func:`warp`:
+    output pixel ``p`` takes the value of the input at ``p + field(p)``, resampled by
+    :func:`scipy.ndimage.map_coordinates` with each array's own spline order and
+    ``mode="mirror"`` (numpy's ``"reflect"``, see the module docstring) past the borders.
 
     Parameters
     ----------
@@ -127,6 +134,44 @@ def elastic_deform(
     [((2, 32, 32), 'float32'), ((32, 32), 'uint8')]
     """
     arrays = [np.asarray(a) for a in arrays]
+    if not arrays:
+        return []
+    field = displacement_field(_trailing_shape(arrays), rng, grid, sigma)
+    return warp(arrays, orders, field)
+
+
+def warp(
+    arrays: Sequence[np.ndarray], orders: Sequence[int], field: np.ndarray
+) -> list[np.ndarray]:
+    """Resample aligned arrays with one displacement field.
+
+    Output pixel ``p`` takes the input's value at ``p + field[:, p]``, interpolated by
+    :func:`scipy.ndimage.map_coordinates` with each array's spline order; positions
+    past the borders are mirrored as numpy's ``mode="reflect"`` does (scipy's
+    ``mode="mirror"``).
+
+    Parameters
+    ----------
+    arrays : sequence of numpy.ndarray
+        ``(Y, X)`` or ``(C, Y, X)`` arrays with the same last two axes.
+    orders : sequence of int
+        Spline order (0 to 5) per array.
+    field : numpy.ndarray
+        ``(2, Y, X)`` row and column displacements in pixels.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        Same shapes; float32 for ``order > 0``, the input dtype for ``order == 0``.
+
+    Examples
+    --------
+    >>> a = np.arange(5.0)[:, None] * np.ones((1, 2))
+    >>> shift = np.stack([np.full((5, 2), -2.0), np.zeros((5, 2))])
+    >>> warp([a], [0], shift)[0][:, 0].tolist()  # numpy "reflect" past row 0
+    [2.0, 1.0, 0.0, 1.0, 2.0]
+    """
+    arrays = [np.asarray(a) for a in arrays]
     orders = [int(o) for o in orders]
     if len(orders) != len(arrays):
         raise InvalidArgumentError(f"{len(arrays)} arrays but {len(orders)} orders")
@@ -135,7 +180,9 @@ def elastic_deform(
     if not arrays:
         return []
     shape = _trailing_shape(arrays)
-    field = displacement_field(shape, rng, grid, sigma)
+    field = np.asarray(field, dtype=np.float64)
+    if field.shape != (2,) + shape:
+        raise InvalidArgumentError(f"field must have shape {(2,) + shape}, got {field.shape}")
     coords = np.indices(shape, dtype=np.float64) + field
     out = []
     for array, order in zip(arrays, orders):

@@ -33,7 +33,7 @@ from scipy import ndimage
 
 from ..errors import InvalidArgumentError
 
-__all__ = ["class_weights", "border_weights", "weight_map", "border_cutoff_distance"]
+__all__ = ["border_cutoff_distance", "border_weights", "class_weights", "weight_map"]
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def border_weights(
         return out
 
     reach = border_cutoff_distance(sigma, cutoff)
-    margin = None if math.isinf(reach) else int(math.ceil(reach))
+    margin = None if math.isinf(reach) else math.ceil(reach)
     d1 = np.full(mask.shape, np.inf)
     d2 = np.full(mask.shape, np.inf)
     full = tuple(slice(0, n) for n in mask.shape)
