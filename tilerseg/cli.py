@@ -318,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     tr.set_defaults(func=_cmd_train)
 
+    from .evaluate import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
+
     models = sub.add_parser("models", help="list bundled models and architectures",
                             description="List the bundled (trained) models with their "
                             "geometry and validation figures, and the registered "

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.windows import read_window
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, InvalidImageError
 from ..models import create_model, load_model, model_geometry, save_model
 from ..normalize import resolve_normalization
 from .augment import augment
@@ -162,9 +162,10 @@ def _validate(model: nn.Module, pairs: Sequence[Pair], foreground: int) -> dict[
                                           "rand_threshold")}
 
 
-def _save_state(out: Path, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
-               out / "optimizer.pt")
+def _save_state(out: Path, optimizer: torch.optim.Optimizer, schedule: Any,
+                state: dict[str, Any]) -> None:
+    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "torch_rng": torch.get_rng_state()}, out / "optimizer.pt")
     (out / "state.json").write_text(json.dumps(state, indent=1))
 
 
@@ -228,6 +229,13 @@ def train(
                    for p in train_pairs]
     window = config.window or 380
     sampler = PatchSampler(train_pairs, weights, model, window, config, rng)
+    for pair in [*train_pairs, *val_pairs]:
+        if min(pair.mask.shape) < sampler.out:
+            raise InvalidImageError(
+                f"image {pair.name} is {pair.mask.shape}, smaller than one training tile "
+                f"({sampler.out} px output from {sampler.window} px windows); use a smaller "
+                "--window"
+            )
     lr = config.lr or (1e-3 if config.optimizer == "adam" else 1e-2)
     if config.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -241,9 +249,8 @@ def train(
         saved = torch.load(out / "optimizer.pt", weights_only=True)
         optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["torch_rng"])
+        schedule.load_state_dict(saved["schedule"])
         rng.bit_generator.state = state["numpy_rng"]
-        for _ in range(state["epoch"] * config.steps_per_epoch):
-            schedule.step()
     fmt = torch.channels_last if model_geometry(model).ndim == 2 else torch.channels_last_3d
     model.to(memory_format=fmt)
     info = {"window": sampler.window, "output": sampler.out, "train_images": len(train_pairs),
@@ -284,6 +291,6 @@ def train(
         if better or not val_pairs:
             state["best"] = record
             save_model(model, out / "best.pt", metadata=meta)
-        _save_state(out, optimizer, state)
+        _save_state(out, optimizer, schedule, state)
         log.info("epoch %d: %s", epoch + 1, record)
     return {"history": state["history"], "best": state["best"]}
