@@ -23,6 +23,9 @@ __all__ = ["main", "build_parser"]
 EPILOG = """\
 examples:
   tilerseg demo                          write a synthetic 4096 x 4096 slide and segment it
+  tilerseg train --images img/ --masks lbl/ --validation 20-24 -o run/
+  tilerseg eval img/ lbl/ --model run/best.pt --json scores.json
+  tilerseg models                        bundled models and architectures
   tilerseg run slide.tif                 -> slide.tilerseg.zarr (probabilities, uint8)
   tilerseg run slide.ome.tif --level 1 --output both -o out.zarr --overwrite
   tilerseg run sections/ --model em.pt    a folder of 2D slices, segmented plane by plane
@@ -138,9 +141,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from . import create_model, segment
+    from . import create_model, load_model, segment
     from .engine.to_zarr import segment_to_zarr
     from .io.writers import open_output
+    from .models.checkpoint import DEFAULT_MODEL, bundled_models
     from .synthetic import write_membrane_tiff
 
     folder = Path(args.directory)
@@ -150,17 +154,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     write_membrane_tiff(str(slide), (args.size, args.size), seed=args.seed)
     print(f"wrote synthetic slide {slide} ({args.size} x {args.size} uint8, tiled BigTIFF) "
           f"in {time.perf_counter() - start:.1f} s")
-    torch.manual_seed(args.seed)
-    model = create_model("unet", base_channels=args.base_channels)
+    if args.model is None and DEFAULT_MODEL in bundled_models():
+        model, described = load_model(), f"the bundled model {DEFAULT_MODEL!r}"
+    elif args.model is not None:
+        model, described = _model(args.model, _warn), args.model
+    else:
+        torch.manual_seed(args.seed)
+        model = create_model("unet", base_channels=args.base_channels)
+        described = "an untrained U-Net (the pipeline, not a trained model)"
     bar = ProgressBar(sys.stderr, sys.stderr.isatty() and not args.quiet)
     start = time.perf_counter()
     out = segment_to_zarr(slide, model, folder / "demo-slide.tilerseg.zarr", tile=args.tile,
                           device=args.device, output="both", overwrite=True, progress=bar,
-                          dtype="float32" if args.check else "uint8",
-                          model_source=f"untrained unet, base {args.base_channels}")
+                          dtype="float32" if args.check else "uint8", model_source=described)
     seconds = time.perf_counter() - start
     print(f"segmented it into {out} in {seconds:.1f} s ({args.size**2 / seconds / 1e6:.2f} Mpx/s) "
-          "with an untrained U-Net (the pipeline, not a trained model)")
+          f"with {described}")
     if args.check:
         import tifffile
 
@@ -330,13 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="write a synthetic slide and segment it",
                           description="Write a synthetic EM-like membrane slide as a tiled "
-                          "BigTIFF and segment it into OME-Zarr with an untrained U-Net.")
+                          "BigTIFF and segment it into OME-Zarr with the bundled model.")
     demo.add_argument("--size", type=int, default=4096, help="slide side in px (4096)")
     demo.add_argument("--directory", default="tilerseg-demo",
                       help="where to write the slide and the output (./tilerseg-demo)")
     demo.add_argument("--tile", type=int, default=None, help="output tile side")
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    demo.add_argument("--base-channels", type=int, default=8, help="U-Net width (8)")
+    demo.add_argument("--model", default=None, metavar="NAME|PATH",
+                      help="model (default: the bundled ISBI 2012 model)")
+    demo.add_argument("--base-channels", type=int, default=8,
+                      help="width of the untrained U-Net used when no model is bundled (8)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (0)")
     demo.add_argument("--check", action="store_true",
                       help="also segment in memory with other tiles and report the deviation")

@@ -392,6 +392,7 @@ def evaluate(
     foreground_class: int = 1,
     thresholds: Sequence[float] | np.ndarray = DEFAULT_THRESHOLDS,
     expand_distance: int = 32,
+    tta: bool = False,
 ) -> dict[str, Any]:
     """Score segmentations against ground-truth masks.
 
@@ -426,6 +427,8 @@ def evaluate(
         Thresholds of the ISBI figures (see :func:`tilerseg.metrics.isbi_scores`).
     expand_distance : int
         How far predicted cells grow over the predicted membrane before the Rand error.
+    tta : bool
+        Test-time augmentation when segmenting (see :func:`tilerseg.segment`).
 
     Returns
     -------
@@ -482,7 +485,7 @@ def evaluate(
         raise InvalidArgumentError(
             f"{len(given)} {what} but {len(mask_items)} masks; they are paired in order"
         )
-    kwargs = {"tile": tile, "device": device}
+    kwargs = {"tile": tile, "device": device, "tta": tta}
     geometry = None
     if model is not None:
         from .models import model_geometry
@@ -689,6 +692,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(f"--expand-distance {args.expand_distance} must be >= 0")
     result = evaluate(
         images, masks, model, args.probabilities, tile=args.tile, device=args.device,
+        tta=args.tta,
         foreground_class=args.foreground_class, thresholds=_thresholds(args.thresholds),
         expand_distance=args.expand_distance,
     )
@@ -751,6 +755,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="cell-interior class (default 1)")
     p.add_argument("--thresholds", default=None, metavar="T[,T...]",
                    help="foreground thresholds to try (default 0.05,0.10,...,0.95)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average the 8 flips/rotations (8x the work)")
     p.add_argument("--expand-distance", type=float, default=32, metavar="PX",
                    help="growth of predicted cells over the predicted membrane (default 32)")
     p.add_argument("--json", default=None, metavar="FILE|-",

@@ -85,6 +85,7 @@ def segment(
     *,
     level: int = 0,
     channel: Sequence[int] | None = None,
+    tta: bool = False,
 ) -> np.ndarray | da.Array:
     """Segment an image with the overlap-tile strategy.
 
@@ -131,6 +132,10 @@ def segment(
         Pyramid level to segment (lazy input).
     channel : sequence of int, optional
         Input channels to feed the model, in order; all by default.
+    tta : bool
+        Test-time augmentation (numpy input, 2D): average the probabilities of the 8
+        flips and 90-degree rotations of the whole image. Each is tiled exactly, so the
+        result equals one-shot inference with the same averaging. 8 times the work.
 
     Returns
     -------
@@ -149,6 +154,11 @@ def segment(
     >>> bool(np.allclose(probs.sum(axis=0), 1))
     True
     """
+    if tta:
+        if is_lazy_input(image):
+            raise InvalidArgumentError("tta=True needs an in-memory numpy image")
+        return _dihedral_mean(lambda x: segment(x, model, tile, batch_size, device, normalize,
+                                                progress, channel=channel), np.asarray(image))
     if is_lazy_input(image):
         p = prepare(image, model, tile, device, normalize, level=level, channel=channel)
         return lazy_probabilities(p.runner, check_batch_size(batch_size, p.device))
@@ -189,3 +199,17 @@ def _run(
         done += len(tiles)
         if progress is not None:
             progress(done, total)
+
+
+def _dihedral_mean(run: Callable[[np.ndarray], np.ndarray], image: np.ndarray) -> np.ndarray:
+    """Mean of ``run`` over the 8 flips/rotations of the last two axes, each undone."""
+    total = None
+    for k in range(4):
+        for flip in (False, True):
+            x = np.rot90(image, k, axes=(-2, -1))
+            x = x[..., ::-1] if flip else x
+            y = run(np.ascontiguousarray(x))
+            y = y[..., ::-1] if flip else y
+            y = np.rot90(y, -k, axes=(-2, -1))
+            total = y.copy() if total is None else total + y
+    return total / np.float32(8)
