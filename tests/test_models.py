@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import pickle
 from pathlib import Path
 
@@ -128,6 +129,9 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private mode
 
 
 def test_load_rejects_missing_and_foreign_files(tmp_path: Path) -> None:
