@@ -56,6 +56,16 @@ def test_info_describes_image_and_plan(files: dict, capsys: pytest.CaptureFixtur
     assert "memory" in out and "output" in out
 
 
+def test_info_on_a_stack_of_sections(tmp_path: Path, files: dict,
+                                     capsys: pytest.CaptureFixture) -> None:
+    for z in range(3):
+        tifffile.imwrite(tmp_path / f"s{z}.tif", membrane_image((70, 90), seed=z)[0])
+    status, out, err = _run(["info", str(tmp_path), "--model", str(files["model"]),
+                             "--tile", "64", "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert "axes 'ZYX'" in out and "12 tiles of (1, 64, 64) in a (3, 2, 2) grid" in out
+
+
 def test_demo_segments_a_synthetic_slide_exactly(tmp_path: Path,
                                                  capsys: pytest.CaptureFixture) -> None:
     status, out, err = _run(["demo", "--size", "300", "--tile", "64", "--base-channels", "2",

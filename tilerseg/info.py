@@ -95,7 +95,8 @@ def describe(
     levels = "; ".join(f"{k}: {tuple(shape)}" for k, shape in enumerate(s.levels or [s.shape]))
     workers = default_workers(p.device)
     window_in = int(np.prod(plan.window)) * g.in_channels * 4
-    per_tile = activation_bytes(model, plan.window, g.in_channels) + window_in
+    model_window = plan.window[1:] if p.runner.per_plane else plan.window  # 2D model, z-stack
+    per_tile = activation_bytes(model, model_window, g.in_channels) + window_in
     params = sum(t.numel() * t.element_size() for t in model.parameters())
     baseline = _resident_bytes()
     pixels = int(np.prod(plan.image_shape))
@@ -107,7 +108,7 @@ def describe(
         f"pixel size  {pixel}",
         f"model input {p.view.shape} (channels {p.view.channels})",
         f"geometry    halo {g.halo}, pooling step {g.step}, admissible sides "
-        f"{g.admissible_inputs(3)}...",
+        f"{g.admissible_inputs(3, axis=g.ndim - 1)}...",
         f"plan        {len(plan)} tiles of {plan.tile} in a {plan.grid} grid, "
         f"windows {plan.window}",
         f"memory      at most about {_size(baseline + workers * per_tile)} peak: this process "
