@@ -119,7 +119,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     path = segment_to_zarr(
         image, model, args.output_path or default_output_path(args.image), tile=args.tile,
         device=args.device,
-        output=args.output, dtype=args.dtype, threshold=args.threshold, level=args.level,
+        output=args.output, dtype=args.dtype, threshold=args.threshold,
         channel=_channels(args.channel), overwrite=args.overwrite, progress=bar,
         workers=args.workers, model_source=args.model, batch_size=args.batch_size,
     )

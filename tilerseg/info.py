@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from .engine.lazy import default_workers
 from .engine.prepare import prepare
-from .models.probe import eval_mode
+from .models.probe import eval_mode, meta_state
 
 __all__ = ["describe", "activation_bytes"]
 
@@ -32,8 +32,7 @@ def activation_bytes(model: nn.Module, window: Sequence[int], in_channels: int) 
 
     leaves = [m for m in model.modules() if not list(m.children())]
     handles = [m.register_forward_hook(hook) for m in leaves]
-    state = {k: torch.empty_like(v, device="meta")
-             for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    state = meta_state(model)
     try:
         with torch.no_grad(), eval_mode(model):
             functional_call(model, state, (torch.empty((1, in_channels, *window), device="meta"),))

@@ -28,7 +28,7 @@ from torch.func import functional_call
 from ..errors import InvalidModelError
 from ..geometry import ModelGeometry
 
-__all__ = ["model_geometry", "eval_mode"]
+__all__ = ["model_geometry", "eval_mode", "meta_state"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,12 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Shape-only copies of the model's parameters and buffers, for ``functional_call``."""
+    return {k: torch.empty_like(v, device="meta")
+            for k, v in [*model.named_parameters(), *model.named_buffers()]}
 
 
 def _per_axis(value: object, ndim: int) -> tuple[int, ...]:
@@ -93,10 +99,7 @@ class _Prober:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.ndim, self.cin = _spatial_contract(model)
-        self.state = {
-            k: torch.empty_like(v, device="meta")
-            for k, v in [*model.named_parameters(), *model.named_buffers()]
-        }
+        self.state = meta_state(model)
         self.floored = [False] * self.ndim
         self.stop_when_floored = False
         self.runs: dict[int, _Result | None] = {}
