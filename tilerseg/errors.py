@@ -16,6 +16,7 @@ __all__ = [
     "ModelNotFoundError",
     "ImageNotFoundError",
     "OutputError",
+    "NumericalError",
 ]
 
 
@@ -45,3 +46,7 @@ class ImageNotFoundError(InvalidImageError, FileNotFoundError):
 
 class OutputError(TilersegError, ValueError):
     """The output path exists (without overwrite) or cannot be created or written."""
+
+
+class NumericalError(TilersegError, ArithmeticError):
+    """The model's output is not finite (NaN or Inf), e.g. fp16 activations overflowing."""

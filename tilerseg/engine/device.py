@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..errors import InvalidArgumentError
 
-__all__ = ["resolve_device", "default_batch_size", "default_tile"]
+__all__ = ["resolve_device", "resolve_devices", "default_batch_size", "default_tile"]
 
 _EXPECTED = "expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 
@@ -72,3 +74,41 @@ def default_tile(ndim: int, device: torch.device) -> int:
     """
     side = 512 if ndim == 2 else 64
     return side if device.type == "cpu" else 2 * side
+
+
+def resolve_devices(device: str | torch.device | Sequence[str | torch.device] = "auto"
+                    ) -> list[torch.device]:
+    """The devices of one run: ``"cuda"`` means every visible GPU.
+
+    Parameters
+    ----------
+    device : str, torch.device or sequence of them
+        As for :func:`resolve_device`, plus ``"cuda"`` (all visible GPUs, one model
+        replica each), a comma-separated list (``"cuda:0,cuda:2"``) or a sequence.
+        ``"auto"`` picks all GPUs when there are any.
+
+    Returns
+    -------
+    list of torch.device
+        Without duplicates, in the order given.
+
+    Examples
+    --------
+    >>> resolve_devices("cpu")
+    [device(type='cpu')]
+    """
+    if isinstance(device, str) and "," in device:
+        device = [d for d in device.split(",") if d.strip()]
+    if isinstance(device, (list, tuple)):
+        if not device:
+            raise InvalidArgumentError("device list is empty")
+        devices = [resolve_device(d) for d in device]
+        devices = [torch.device("cuda", torch.cuda.current_device())
+                   if d.type == "cuda" and d.index is None else d for d in devices]
+        if len({d.type for d in devices}) > 1:
+            raise InvalidArgumentError(f"device={device!r} mixes device types; use one type")
+        return list(dict.fromkeys(devices))
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        return [torch.device("cuda", k) for k in range(torch.cuda.device_count())]
+    return [dev]

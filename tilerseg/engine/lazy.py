@@ -25,7 +25,7 @@ from dask.callbacks import Callback
 from ..geometry import Tile, TilePlan
 from .runner import TileRunner
 
-__all__ = ["lazy_probabilities", "local_compute", "TileProgress"]
+__all__ = ["lazy_probabilities", "local_compute", "TileProgress", "cpu_budget", "torch_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,47 @@ class TileProgress(Callback):
 
 
 def default_workers(device: torch.device) -> int:
-    """Dask threads for a local run: two (one can read while the other computes)."""
+    """Concurrent model workers: two where there are 2+ cores (one per GPU elsewhere).
+
+    On the project's 2-core reference machine, two forward passes with one torch
+    thread each ran 8-20% faster than one pass with two threads
+    (``benchmarks/bench_threads.py``).
+    """
     return 2 if device.type != "cpu" else max(1, min(2, os.cpu_count() or 1))
+
+
+def cpu_budget(workers: int | None = None, threads: int | None = None) -> tuple[int, int]:
+    """Split the cores between concurrent forward passes: ``(workers, torch threads each)``.
+
+    Defaults: :func:`default_workers` workers, ``cores // workers`` threads each, so
+    ``workers * threads <= cores`` (no oversubscription). Explicit values are kept; an
+    oversubscribed choice is logged.
+
+    Examples
+    --------
+    >>> w, t = cpu_budget(1, 3)
+    >>> (w, t)
+    (1, 3)
+    """
+    cores = os.cpu_count() or 1
+    workers = workers or default_workers(torch.device("cpu"))
+    threads = threads or max(1, cores // workers)
+    if workers * threads > cores:
+        log.warning("%d workers x %d torch threads oversubscribe %d cores", workers, threads,
+                    cores)
+    return workers, threads
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Set torch's intra-op thread count for a block (None: leave it), then restore it."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager
@@ -94,8 +133,8 @@ def local_compute(device: torch.device, workers: int | None = None) -> Iterator[
     """Threaded Dask scheduler with torch threads sized so the cores are not oversubscribed.
 
     On the CPU, ``workers`` Dask threads each run torch with ``cores // workers``
-    intra-op threads (2 x 1 measured fastest on 2 cores). The previous torch thread count
-    is restored afterwards.
+    intra-op threads (see :func:`cpu_budget`). The previous torch thread count is
+    restored afterwards.
 
     Yields
     ------
@@ -103,12 +142,9 @@ def local_compute(device: torch.device, workers: int | None = None) -> Iterator[
         The number of Dask worker threads.
     """
     workers = workers or default_workers(device)
-    previous = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    log.info("local run: %d dask threads x %d torch threads", workers, torch.get_num_threads())
-    try:
+    threads = cpu_budget(workers)[1] if device.type == "cpu" else None
+    with torch_threads(threads):
+        log.info("local run: %d dask threads x %d torch threads", workers,
+                 torch.get_num_threads())
         with dask.config.set(scheduler="threads", num_workers=workers):
             yield workers
-    finally:
-        torch.set_num_threads(previous)

@@ -17,7 +17,7 @@ from ..io.readers import open_image, sample_for_statistics
 from ..io.source import ImageSource
 from ..models.probe import model_geometry
 from ..normalize import Normalization, NormalizeSpec, resolve_normalization
-from .device import default_batch_size, default_tile, resolve_device
+from .device import default_batch_size, default_tile, resolve_device, resolve_devices
 from .runner import TileRunner
 from .view import ChannelFirstView, model_view
 
@@ -118,11 +118,12 @@ def prepare(
     *,
     level: int = 0,
     channel: Sequence[int] | None = None,
+    precision: str = "fp32",
 ) -> Prepared:
     """Open ``image`` lazily and validate everything against ``model``.
 
     The model is put in eval mode (a lazy result may be computed at any later time) and
-    moved to ``device`` in channels-last format. A 2D model given a z-stack segments it
+    moved to ``device`` (the first, for a list) in channels-last format. A 2D model given a z-stack segments it
     plane by plane (the plan then has a leading Z axis of single-plane tiles).
     """
     geometry = check_model(model)
@@ -140,7 +141,7 @@ def prepare(
             f"image has {view.shape[0]} channel(s) (axes {source.axes!r}, shape "
             f"{source.shape}); the model takes {geometry.in_channels}"
         )
-    dev = resolve_device(device)
+    dev = resolve_devices(device)[0]
     if planes:  # a 2D model on a z-stack: plane by plane
         flat = plan(view.shape[2:], geometry, tile, dev)
         geometry = geometry.per_plane()
@@ -152,5 +153,5 @@ def prepare(
     )
     model.eval()
     runner = TileRunner(model, view, tile_plan, norm, dev, check_finite=view.dtype.kind == "f",
-                        per_plane=planes)
+                        per_plane=planes, precision=precision)
     return Prepared(source, view, geometry, tile_plan, norm, dev, runner)

@@ -12,19 +12,10 @@ from torch import nn
 from ..errors import InvalidImageError
 from ..geometry import Tile, TilePlan
 from ..normalize import Normalization
+from .compute import Replica
 from .windows import read_window
 
 __all__ = ["TileRunner"]
-
-
-def _memory_format(ndim: int) -> torch.memory_format:
-    return torch.channels_last if ndim == 2 else torch.channels_last_3d
-
-
-def _activation(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over classes (axis 0), or a sigmoid for a single class."""
-    logits = logits.float()
-    return torch.sigmoid(logits) if logits.shape[0] == 1 else torch.softmax(logits, dim=0)
 
 
 class TileRunner:
@@ -52,6 +43,8 @@ class TileRunner:
     per_plane : bool
         The plan has a leading axis of single planes (a 2D model on a z-stack, see
         :meth:`ModelGeometry.per_plane`): each window is fed as a 2D image.
+    precision : {"fp32", "bf16", "fp16"}
+        Autocast precision of the forward pass.
     """
 
     def __init__(
@@ -63,12 +56,12 @@ class TileRunner:
         device: torch.device,
         check_finite: bool = False,
         per_plane: bool = False,
+        precision: str = "fp32",
     ) -> None:
         self.model, self.image, self.plan, self.norm = model, image, tile_plan, norm
         self.device, self.check_finite = device, check_finite
         self.per_plane = per_plane
-        self.fmt = _memory_format(2 if self.per_plane else tile_plan.geometry.ndim)
-        model.to(device=device, memory_format=self.fmt)
+        self.replica = Replica(model, device, tile_plan.geometry.ndim, precision, per_plane)
 
     def window(self, tile: Tile) -> np.ndarray:
         """The normalised float32 input window of ``tile``."""
@@ -78,19 +71,15 @@ class TileRunner:
             raise InvalidImageError(f"image contains NaN or Inf values (near [{region}])")
         return self.norm(window)
 
+    def load(self, tiles: Sequence[Tile]) -> torch.Tensor:
+        """The stacked normalised windows of ``tiles``, ``(B, C, *window)`` float32.
+
+        In pinned (page-locked) memory when the model runs on CUDA, so the upload can be
+        asynchronous.
+        """
+        x = torch.from_numpy(np.stack([self.window(t) for t in tiles]))
+        return x.pin_memory() if self.device.type == "cuda" else x
+
     def __call__(self, tiles: Sequence[Tile]) -> list[np.ndarray]:
         """Probabilities ``(num_classes, *write_shape)`` of each tile, as float32 numpy."""
-        x = torch.from_numpy(np.stack([self.window(t) for t in tiles]))
-        if self.device.type == "cuda":
-            x = x.pin_memory()
-        with torch.inference_mode():
-            x = x.to(self.device, non_blocking=True)
-            if self.per_plane:
-                x = x[:, :, 0]
-            y = self.model(x.contiguous(memory_format=self.fmt))
-            if self.per_plane:
-                y = y[:, :, None]
-            return [
-                _activation(y[i][(slice(None),) + t.crop]).cpu().numpy()
-                for i, t in enumerate(tiles)
-            ]
+        return self.replica(self.load(tiles), tiles)

@@ -16,10 +16,16 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError
+from ..geometry import Tile, TilePlan
 from ..io.writers import OutputSpec, OutputWriter, encode_probabilities, labels_from_probabilities
 from ..normalize import NormalizeSpec
-from .lazy import TileProgress, lazy_probabilities, local_compute
+from .background import find_background
+from .compute import replicate
+from .device import resolve_devices
+from .lazy import TileProgress, cpu_budget, lazy_probabilities, local_compute, torch_threads
+from .pipeline import Direct, StageTimes, run_pipeline
 from .prepare import Prepared, check_batch_size, prepare
+from .runner import TileRunner
 
 __all__ = ["segment_to_zarr", "default_output_path"]
 
@@ -27,6 +33,7 @@ log = logging.getLogger(__name__)
 
 OUTPUTS = ("probabilities", "labels", "both")
 DTYPES = ("uint8", "float16", "float32")
+EXECUTORS = ("pipeline", "dask")
 _SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".btf", ".svs", ".zarr",
              ".npy", ".png", ".jpg", ".jpeg")
 
@@ -82,7 +89,7 @@ def segment_to_zarr(
     *,
     tile: int | Sequence[int] | None = None,
     batch_size: int | None = None,
-    device: str | torch.device = "auto",
+    device: str | torch.device | Sequence[str | torch.device] = "auto",
     normalize: NormalizeSpec = "auto",
     output: str = "probabilities",
     dtype: str = "uint8",
@@ -92,14 +99,23 @@ def segment_to_zarr(
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
     workers: int | None = None,
+    threads: int | None = None,
+    precision: str = "fp32",
+    compile: bool = False,
+    skip_background: bool = False,
+    background_tolerance: float = 0.05,
+    background_value: float | None = None,
+    executor: str = "pipeline",
     model_source: str | None = None,
 ) -> Path:
     """Segment ``image`` tile by tile into an OME-Zarr (v0.5, Zarr v3) store.
 
-    The image is read lazily, one mirror-filled window per output tile; every Dask task
-    writes whole output chunks (chunk = tile), so memory is bounded by the tiles in
-    flight, not by the image. The store is built under a temporary name and moved into
-    place only when complete: a failed or refused run never touches an existing output.
+    The image is read lazily, one mirror-filled window per output tile, and every output
+    tile is one chunk of the store, so memory is bounded by the tiles in flight, not by
+    the image. By default a pipelined executor overlaps reading, the model and writing
+    through bounded queues (:mod:`tilerseg.engine.pipeline`). The store is built under a
+    temporary name and moved into place only when complete: a failed or refused run
+    never touches an existing output.
 
     Parameters
     ----------
@@ -109,8 +125,11 @@ def segment_to_zarr(
         The model.
     out : path, optional
         Output store; default beside a path input, ``slide.tif`` -> ``slide.tilerseg.zarr``.
-    tile, batch_size, device, normalize
+    tile, batch_size, normalize
         As for :func:`tilerseg.segment`.
+    device : str, torch.device or sequence
+        ``"auto"``, ``"cpu"``, ``"cuda"`` (every visible GPU, one model replica each),
+        ``"cuda:N"``, ``"cuda:0,cuda:1"`` or a sequence, ``"mps"``.
     output : {"probabilities", "labels", "both"}
         What to write: class probabilities (root image), a label image (argmax, or
         ``p >= threshold`` for a one-class model) under ``labels/segmentation``, or both.
@@ -131,19 +150,47 @@ def segment_to_zarr(
     progress : callable, optional
         ``progress(tiles_done, tiles_total)``.
     workers : int, optional
-        Dask threads (default 2 on 2+ cores; torch gets the remaining cores' share).
+        Concurrent forward passes on the CPU (default 2 where there are 2+ cores:
+        measured faster than one pass with all cores on a 2-core machine). On GPUs there
+        is one per device. With ``executor="dask"``: the Dask threads.
+    threads : int, optional
+        Torch intra-op threads per CPU worker (default: cores // workers, so the cores
+        are not oversubscribed).
+    precision : {"fp32", "bf16", "fp16"}
+        Autocast precision of the forward pass; a device that cannot compute in it is
+        refused with an error, and a non-finite output (fp16 overflow) stops the run.
+    compile : bool
+        Compile the model with :func:`torch.compile` (checked against eager execution
+        on a random batch first; falls back to eager execution with a warning).
+    skip_background : bool
+        Write tiles whose whole input window is flat background with the model's output
+        on a constant background window, without running the model (see
+        :func:`~tilerseg.engine.background.find_background`). Recorded in the metadata.
+    background_tolerance, background_value : float
+        The background test (model input units); the value defaults to the most common
+        value of a low-resolution level.
+    executor : {"pipeline", "dask"}
+        The pipelined executor, or one Dask task per tile (or batch) through the local
+        threaded scheduler.
     model_source : str, optional
         Where the model came from (a file or a registry name), recorded in the metadata.
 
     Returns
     -------
     pathlib.Path
-        The written store.
+        The written store. Timings of the run are stored under ``tilerseg/profile`` in
+        its metadata.
     """
     if output not in OUTPUTS:
         raise InvalidArgumentError(f"output={output!r} must be one of {', '.join(OUTPUTS)}")
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"dtype={dtype!r} must be one of {', '.join(DTYPES)}")
+    if executor not in EXECUTORS:
+        raise InvalidArgumentError(f"executor={executor!r} must be one of {', '.join(EXECUTORS)}")
+    for name, value in (("workers", workers), ("threads", threads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise InvalidArgumentError(f"{name}={value!r} must be a positive integer")
     metadata = getattr(model, "metadata", None) or {}
     if threshold is None:
         threshold = metadata.get("threshold")
@@ -154,7 +201,15 @@ def segment_to_zarr(
         if not isinstance(image, (str, os.PathLike)):
             raise InvalidArgumentError("out is required when the image is not a path")
         out = default_output_path(image)
-    p = prepare(image, model, tile, device, normalize, level=level, channel=channel)
+    devices = resolve_devices(device)
+    if executor == "dask" and (len(devices) > 1 or compile):
+        raise InvalidArgumentError("several devices and compile need executor='pipeline'")
+    p = prepare(image, model, tile, devices, normalize, level=level, channel=channel,
+                precision=precision)
+    batch = check_batch_size(batch_size, p.device)
+    attributes = _run_attributes(p, model, output, dtype, threshold, model_source)
+    attributes.update(precision=precision, devices=[str(d) for d in devices],
+                      executor=executor)
     spec = OutputSpec(
         spatial_axes=p.view.spatial,
         shape=p.plan.image_shape,
@@ -163,33 +218,138 @@ def segment_to_zarr(
         probabilities=dtype if output in ("probabilities", "both") else None,
         labels=output in ("labels", "both"),
         pixel_size=dict(p.source.pixel_size),
-        attributes=_run_attributes(p, model, output, dtype, threshold, model_source),
+        attributes=attributes,
     )
     start = time.perf_counter()
     with OutputWriter(out, spec, overwrite=overwrite) as writer:
-        probs = lazy_probabilities(p.runner, check_batch_size(batch_size, p.device))
-        sources, targets = [], []
-        if writer.probabilities is not None:
-            sources.append(probs.map_blocks(encode_probabilities, dtype, dtype=np.dtype(dtype)))
-            targets.append(writer.probabilities)
-        if writer.labels is not None:
-            labels = probs.map_blocks(_labels, threshold, foreground, writer.labels.dtype,
-                                      drop_axis=0, dtype=writer.labels.dtype)
-            sources.append(labels)
-            targets.append(writer.labels)
         log.info("segmenting %s into %s: %d tiles of %s", p.source.path or p.source.format,
                  out, len(p.plan), p.plan.tile)
-        with local_compute(p.device, workers):
-            if progress is not None:
-                with TileProgress(probs, progress):
-                    da.store(sources, targets, lock=False)
-            else:
-                da.store(sources, targets, lock=False)
+        encode = _Encoder(writer, dtype, threshold, foreground)
+        if executor == "dask":
+            times = _run_dask(p, writer, encode, batch, workers, progress)
+            extra: dict[str, Any] = {}
+        else:
+            times, extra = _run_pipeline(
+                p, writer, encode, batch, devices, workers, threads, compile,
+                progress, skip_background, background_tolerance, background_value)
+        setup = time.perf_counter() - start - times.wall
+        profile = {**times.as_dict(), "setup": round(setup, 3)}
+        writer.update_attributes(profile=profile, **extra)
+        finishing = time.perf_counter()
         path = writer.commit()
     seconds = time.perf_counter() - start
     pixels = int(np.prod(p.plan.image_shape))
-    log.info("wrote %s in %.1f s (%.2f Mpx/s)", path, seconds, pixels / seconds / 1e6)
+    log.info("wrote %s in %.1f s (%.2f Mpx/s; set-up %.1f s, tiles %.1f s, pyramid and "
+             "metadata %.1f s)", path, seconds, pixels / seconds / 1e6, setup, times.wall,
+             time.perf_counter() - finishing)
     return path
+
+
+class _Encoder:
+    """Encodes and writes one output tile (probabilities and/or labels)."""
+
+    def __init__(self, writer: OutputWriter, dtype: str, threshold: float | None,
+                 foreground: int) -> None:
+        self.writer, self.dtype = writer, dtype
+        self.threshold, self.foreground = threshold, foreground
+
+    def probabilities(self, probs: np.ndarray) -> np.ndarray:
+        return encode_probabilities(probs, self.dtype)
+
+    def labels(self, probs: np.ndarray) -> np.ndarray:
+        assert self.writer.labels is not None
+        return _labels(probs, self.threshold, self.foreground, self.writer.labels.dtype)
+
+    def __call__(self, tile: Tile, probs: np.ndarray) -> None:
+        if self.writer.probabilities is not None:
+            self.writer.probabilities[(slice(None), *tile.write)] = self.probabilities(probs)
+        if self.writer.labels is not None:
+            self.writer.labels[tile.write] = self.labels(probs)
+
+
+def _run_dask(p: Prepared, writer: OutputWriter, encode: _Encoder, batch: int,
+              workers: int | None, progress: Callable[[int, int], None] | None) -> StageTimes:
+    """One Dask task per tile (or batch of tiles), written with ``da.store``."""
+    probs = lazy_probabilities(p.runner, batch)
+    sources, targets = [], []
+    if writer.probabilities is not None:
+        sources.append(probs.map_blocks(encode.probabilities, dtype=writer.probabilities.dtype))
+        targets.append(writer.probabilities)
+    if writer.labels is not None:
+        sources.append(probs.map_blocks(encode.labels, drop_axis=0, dtype=writer.labels.dtype))
+        targets.append(writer.labels)
+    start = time.perf_counter()
+    with local_compute(p.device, workers) as n:
+        if progress is not None:
+            with TileProgress(probs, progress):
+                da.store(sources, targets, lock=False)
+        else:
+            da.store(sources, targets, lock=False)
+    return StageTimes(wall=time.perf_counter() - start, tiles=len(p.plan), compute_workers=n)
+
+
+def _run_pipeline(
+    p: Prepared, writer: OutputWriter, encode: _Encoder, batch: int,
+    devices: list[torch.device], workers: int | None, threads: int | None, compile: bool,
+    progress: Callable[[int, int], None] | None, skip_background: bool,
+    tolerance: float, value: float | None,
+) -> tuple[StageTimes, dict[str, Any]]:
+    """Read, compute and write overlapped through bounded queues (see run_pipeline)."""
+    runner = p.runner
+    cpu = p.device.type == "cpu"
+    if cpu:
+        workers, threads = cpu_budget(workers, threads)
+        replicas = [runner.replica] * workers
+    else:
+        replicas = [runner.replica] + replicate(
+            runner.model, devices[1:], p.geometry.ndim, runner.replica.precision,
+            runner.per_plane)
+    for r in replicas:
+        r.compile_requested = compile
+    extra: dict[str, Any] = {}
+    skip = np.zeros(p.plan.grid, dtype=bool)
+    fill = None
+    if skip_background:
+        found = find_background(p.source, p.view, p.normalization, p.plan, tolerance, value)
+        skip = found.skip
+        extra["background"] = found.as_dict()
+        if skip.any():
+            fill = _fill(runner, p.plan, found.value)
+    tiles = list(p.plan)
+    run = [t for t in tiles if not skip[t.index]]
+    jobs = [run[k:k + batch] for k in range(0, len(run), batch)]
+    jobs += [[t] for t in tiles if skip[t.index]]
+
+    def load(batch_tiles: Sequence[Tile]) -> Any:
+        if skip[batch_tiles[0].index]:
+            assert fill is not None
+            return Direct([fill[(slice(None),) + tuple(slice(0, s.stop - s.start)
+                                                       for s in t.write)]
+                           for t in batch_tiles])
+        return runner.load(batch_tiles)
+
+    total = len(tiles)
+    report = None if progress is None else (lambda done: progress(done, total))
+    many = os.cpu_count() or 1
+    readers = 1 if cpu else max(2, min(8, many // (2 * len(replicas))))
+    with torch_threads(threads if cpu else None):
+        window = (p.plan.window[1:] if runner.per_plane else p.plan.window)
+        for r in replicas[: 1 if cpu else None]:
+            r.warm_up(window, p.geometry.in_channels, batch)
+        log.info("pipeline: %d reader(s), %d compute worker(s) on %s%s, %d writer(s)",
+                 readers, len(replicas), ", ".join(str(d) for d in devices),
+                 f" x {torch.get_num_threads()} torch thread(s)" if cpu else "", readers)
+        times = run_pipeline(jobs, load, replicas, encode, readers=readers, writers=readers,
+                             progress=report)
+    return times, extra
+
+
+def _fill(runner: TileRunner, plan: TilePlan, value: list[float]) -> np.ndarray:
+    """The model's probabilities for a full tile on a constant window of ``value``."""
+    window = np.empty((plan.geometry.in_channels, *plan.window), np.float32)
+    window[...] = np.asarray(value, np.float32).reshape(-1, *(1,) * len(plan.window))
+    first = next(iter(plan))
+    return runner.replica(torch.from_numpy(window[None]), [first])[0]
 
 
 def _labels(probs: np.ndarray, threshold: float | None, foreground: int,

@@ -448,6 +448,11 @@ class OutputWriter:
         if self.labels is not None:
             self.labels[region] = labels_from_probabilities(probs, threshold)
 
+    def update_attributes(self, **values: Any) -> None:
+        """Add run information (JSON-serialisable) to ``attrs["tilerseg"]`` before commit."""
+        self._check_open()
+        self._attributes.update(_jsonable(values))
+
     def _check_open(self) -> None:
         if self._state != "open":
             raise OutputError(f"output '{self.path}' was already {self._state}")
