@@ -121,11 +121,45 @@ def _cmd_run(args: argparse.Namespace) -> int:
         device=args.device,
         output=args.output, dtype=args.dtype, threshold=args.threshold,
         channel=_channels(args.channel), overwrite=args.overwrite, progress=bar,
-        workers=args.workers, model_source=args.model, batch_size=args.batch_size,
+        workers=args.workers, threads=args.threads, model_source=args.model,
+        batch_size=args.batch_size, precision=args.precision, compile=args.compile,
+        skip_background=args.skip_background, background_tolerance=args.background_tolerance,
+        background_value=args.background_value,
     )
+    seconds = time.perf_counter() - start
     if not args.quiet:
-        print(f"wrote {path} in {time.perf_counter() - start:.1f} s")
+        print(f"wrote {path} in {seconds:.1f} s")
+    if args.profile:
+        print(_profile_report(path, seconds))
     return 0
+
+
+def _profile_report(path: Path, seconds: float) -> str:
+    """Where the time of a finished run went, from its metadata."""
+    import zarr
+
+    attrs = zarr.open_group(os.fspath(path), mode="r").attrs["tilerseg"]
+    t = attrs["profile"]
+    tail = seconds - t["setup"] - t["wall"]
+    lines = [
+        f"profile ({t['tiles']} tiles, {t['compute_workers']} model worker(s), "
+        f"{attrs.get('executor', 'pipeline')} executor):",
+        f"  set-up (open, plan, statistics)  {t['setup']:8.2f} s",
+        f"  tiles (read -> model -> write)    {t['wall']:8.2f} s",
+        f"    reading + normalising           {t['read']:8.2f} s busy",
+        f"    model                           {t['compute']:8.2f} s busy "
+        f"({100 * t['model_share']:.0f}% of the tiles' wall time x workers)",
+        f"    writing (encode + compress)     {t['write']:8.2f} s busy",
+        f"    model waited for input          {t['starved']:8.2f} s",
+        f"    model waited for the writers    {t['blocked']:8.2f} s",
+        f"  pyramid levels and metadata       {tail:8.2f} s",
+        f"  total                             {seconds:8.2f} s",
+    ]
+    background = attrs.get("background")
+    if background:
+        lines.append(f"  background: {background['skipped_chunks']} of {background['chunks']} "
+                     f"tiles skipped ({background['method']})")
+    return "\n".join(lines)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -250,7 +284,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    "(default: 512 on CPU, 1024 on GPU)")
     p.add_argument("--level", type=int, default=0, metavar="N", help="input pyramid level (default 0)")
     p.add_argument("--channel", default=None, metavar="C[,C...]", help="input channels to use, e.g. 0 or 0,2")
-    p.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--device", default="auto", metavar="DEVICE",
+                   help="auto, cpu, cuda (all visible GPUs), cuda:N, cuda:0,cuda:1 or mps")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,7 +318,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threshold", type=float, default=None, metavar="P",
                      help="foreground probability threshold for labels (default: the "
                      "model's tuned threshold, else argmax / 0.5)")
-    run.add_argument("--workers", type=int, default=None, metavar="N", help="Dask threads (default 2)")
+    run.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                     help="forward-pass precision (autocast); refused where the device "
+                     "cannot compute in it (default: %(default)s)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the model (checked against eager first; falls back "
+                     "to eager with a warning)")
+    run.add_argument("--skip-background", action="store_true",
+                     help="fill tiles whose whole input window is flat background with the "
+                     "model's output on background, without running the model")
+    run.add_argument("--background-tolerance", type=float, default=0.05, metavar="T",
+                     help="largest deviation from the background value, in normalised "
+                     "input units (default: %(default)s)")
+    run.add_argument("--background-value", type=float, default=None, metavar="V",
+                     help="background value in normalised input units (default: the most "
+                     "common value of a low-resolution level)")
+    run.add_argument("--workers", type=int, default=None, metavar="N",
+                     help="concurrent forward passes on the CPU (default 2)")
+    run.add_argument("--threads", type=int, default=None, metavar="N",
+                     help="torch threads per CPU worker (default: cores / workers)")
+    run.add_argument("--profile", action="store_true",
+                     help="report the time spent reading, in the model and writing")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     run.set_defaults(func=_cmd_run)
@@ -358,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    for name in ("size", "batch_size", "workers", "base_channels", "epochs", "steps", "depth"):
+    for name in ("size", "batch_size", "workers", "threads", "base_channels", "epochs", "steps",
+                 "depth"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise InvalidArgumentError(f"--{name.replace('_', '-')} {value} must be positive")
