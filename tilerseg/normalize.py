@@ -40,12 +40,15 @@ class Normalization:
                 f"normalisation range ({self.low}, {self.high}) must be finite with low < high"
             )
 
-    def __call__(self, tile: np.ndarray) -> np.ndarray:
-        """Return ``tile`` as float32, normalised."""
-        x = np.asarray(tile, dtype=np.float32)
-        if (self.low, self.high) == (0.0, 1.0):
-            return x
-        return (x - np.float32(self.low)) / np.float32(self.high - self.low)
+    def __call__(self, tile: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Return ``tile`` as float32, normalised (into ``out``, float32, if given)."""
+        if out is None:
+            out = np.empty(np.shape(tile), np.float32)
+        out[...] = tile
+        if (self.low, self.high) != (0.0, 1.0):
+            out -= np.float32(self.low)
+            out /= np.float32(self.high - self.low)
+        return out
 
     def as_dict(self) -> dict[str, float | str]:
         """Plain-value description, for metadata."""

@@ -192,7 +192,8 @@ class Replica:
         """Start inferring the host batch ``x`` (``(B, C, *window)`` float32) of ``tiles``."""
         with torch.inference_mode():
             if self.device.type == "cuda":
-                return self._submit_cuda(x, tiles)
+                with torch.cuda.device(self.device):
+                    return self._submit_cuda(x, tiles)
             x = x.to(self.device)
             y = self._forward(x)
             results = [_activation(y[i][(slice(None),) + t.crop]) for i, t in enumerate(tiles)]

@@ -63,13 +63,13 @@ class TileRunner:
         self.per_plane = per_plane
         self.replica = Replica(model, device, tile_plan.geometry.ndim, precision, per_plane)
 
-    def window(self, tile: Tile) -> np.ndarray:
-        """The normalised float32 input window of ``tile``."""
+    def window(self, tile: Tile, out: np.ndarray | None = None) -> np.ndarray:
+        """The normalised float32 input window of ``tile`` (written into ``out`` if given)."""
         window = read_window(self.image, tile.read_start, self.plan.window)
         if self.check_finite and window.dtype.kind == "f" and not np.isfinite(window).all():
             region = ", ".join(f"{s.start}:{s.stop}" for s in tile.write)
             raise InvalidImageError(f"image contains NaN or Inf values (near [{region}])")
-        return self.norm(window)
+        return self.norm(window, out=out)
 
     def load(self, tiles: Sequence[Tile]) -> torch.Tensor:
         """The stacked normalised windows of ``tiles``, ``(B, C, *window)`` float32.
@@ -77,8 +77,12 @@ class TileRunner:
         In pinned (page-locked) memory when the model runs on CUDA, so the upload can be
         asynchronous.
         """
-        x = torch.from_numpy(np.stack([self.window(t) for t in tiles]))
-        return x.pin_memory() if self.device.type == "cuda" else x
+        shape = (len(tiles), self.image.shape[0], *self.plan.window)
+        x = torch.empty(shape, dtype=torch.float32, pin_memory=self.device.type == "cuda")
+        batch = x.numpy()
+        for i, t in enumerate(tiles):
+            self.window(t, out=batch[i])
+        return x
 
     def __call__(self, tiles: Sequence[Tile]) -> list[np.ndarray]:
         """Probabilities ``(num_classes, *write_shape)`` of each tile, as float32 numpy."""
