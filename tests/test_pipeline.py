@@ -447,6 +447,16 @@ def test_cli_profile_and_options(tmp_path, capsys):
     assert code == 2 and "tilerseg: error:" in capsys.readouterr().err
 
 
+def test_no_pyramid(tmp_path, small_model, capsys):
+    np.save(tmp_path / "img.npy", island())
+    out = tmp_path / "o.zarr"
+    assert main(["run", str(tmp_path / "img.npy"), "--model", "unet", "--tile", "64", "-o",
+                 str(out), "--no-pyramid", "-q"]) == 0
+    root = zarr.open_group(out, mode="r")
+    assert [d["path"] for d in root.attrs["ome"]["multiscales"][0]["datasets"]] == ["0"]
+    assert sorted(root.array_keys()) == ["0"]
+
+
 def test_output_error_types_unchanged(tmp_path, image, small_model):
     out = tilerseg.segment_to_zarr(image, small_model, tmp_path / "o.zarr", tile=64)
     with pytest.raises(OutputError, match="exists"):

@@ -124,7 +124,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         workers=args.workers, threads=args.threads, model_source=args.model,
         batch_size=args.batch_size, precision=args.precision, compile=args.compile,
         skip_background=args.skip_background, background_tolerance=args.background_tolerance,
-        background_value=args.background_value,
+        background_value=args.background_value, pyramid=not args.no_pyramid,
     )
     seconds = time.perf_counter() - start
     if not args.quiet:
@@ -144,7 +144,7 @@ def _profile_report(path: Path, seconds: float) -> str:
     lines = [
         f"profile ({t['tiles']} tiles, {t['compute_workers']} model worker(s), "
         f"{attrs.get('executor', 'pipeline')} executor):",
-        f"  set-up (open, plan, statistics)  {t['setup']:8.2f} s",
+        f"  set-up (open, probe, statistics)  {t['setup']:8.2f} s",
         f"  tiles (read -> model -> write)    {t['wall']:8.2f} s",
         f"    reading + normalising           {t['read']:8.2f} s busy",
         f"    model                           {t['compute']:8.2f} s busy "
@@ -337,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="concurrent forward passes on the CPU (default 2)")
     run.add_argument("--threads", type=int, default=None, metavar="N",
                      help="torch threads per CPU worker (default: cores / workers)")
+    run.add_argument("--no-pyramid", action="store_true",
+                     help="write full resolution only, no lower-resolution levels")
     run.add_argument("--profile", action="store_true",
                      help="report the time spent reading, in the model and writing")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output")

@@ -106,6 +106,7 @@ def segment_to_zarr(
     background_tolerance: float = 0.05,
     background_value: float | None = None,
     executor: str = "pipeline",
+    pyramid: bool = True,
     model_source: str | None = None,
 ) -> Path:
     """Segment ``image`` tile by tile into an OME-Zarr (v0.5, Zarr v3) store.
@@ -172,6 +173,8 @@ def segment_to_zarr(
     executor : {"pipeline", "dask"}
         The pipelined executor, or one Dask task per tile (or batch) through the local
         threaded scheduler.
+    pyramid : bool
+        Add lower-resolution levels (2x each, built from the finished level 0).
     model_source : str, optional
         Where the model came from (a file or a registry name), recorded in the metadata.
 
@@ -181,6 +184,7 @@ def segment_to_zarr(
         The written store. Timings of the run are stored under ``tilerseg/profile`` in
         its metadata.
     """
+    start = time.perf_counter()
     if output not in OUTPUTS:
         raise InvalidArgumentError(f"output={output!r} must be one of {', '.join(OUTPUTS)}")
     if dtype not in DTYPES:
@@ -219,8 +223,8 @@ def segment_to_zarr(
         labels=output in ("labels", "both"),
         pixel_size=dict(p.source.pixel_size),
         attributes=attributes,
+        pyramid=pyramid,
     )
-    start = time.perf_counter()
     with OutputWriter(out, spec, overwrite=overwrite) as writer:
         log.info("segmenting %s into %s: %d tiles of %s", p.source.path or p.source.format,
                  out, len(p.plan), p.plan.tile)
@@ -331,7 +335,8 @@ def _run_pipeline(
     total = len(tiles)
     report = None if progress is None else (lambda done: progress(done, total))
     many = os.cpu_count() or 1
-    readers = 1 if cpu else max(2, min(8, many // (2 * len(replicas))))
+    # I/O threads mostly wait on the queues; decoding and compressing release the GIL
+    readers = min(2, many) if cpu else max(2, min(8, many // (2 * len(replicas))))
     with torch_threads(threads if cpu else None):
         window = (p.plan.window[1:] if runner.per_plane else p.plan.window)
         for r in replicas[: 1 if cpu else None]:

@@ -109,6 +109,9 @@ class OutputSpec:
         Micrometres per spatial axis letter (``"Z"``, ``"Y"``, ``"X"``); may be partial.
     attributes : dict
         Run parameters (JSON-serialisable), stored under ``attrs["tilerseg"]``.
+    pyramid : bool
+        Build the lower-resolution levels at :meth:`OutputWriter.commit` (2x per level,
+        until the image fits one chunk); False writes level 0 only.
     """
 
     spatial_axes: str
@@ -119,6 +122,7 @@ class OutputSpec:
     labels: bool
     pixel_size: dict[str, float] = field(default_factory=dict)
     attributes: dict = field(default_factory=dict)
+    pyramid: bool = True
 
 
 def encode_probabilities(probs: np.ndarray, dtype: str) -> np.ndarray:
@@ -501,6 +505,8 @@ class OutputWriter:
         self._check_open()
         try:
             shapes = level_shapes(self._shape, self._chunks)
+            if not self.spec.pyramid:
+                shapes = shapes[:1]
             self._build_pyramid(shapes)
             self._write_metadata(len(shapes), complete=True)
         except OSError as err:

@@ -1,0 +1,572 @@
+"""Side-by-side benchmark: tilerseg against what users would otherwise pick.
+
+What it measures
+----------------
+One synthetic EM-like image, ``--size`` x ``--size`` uint8 (default 4096), made with
+:func:`tilerseg.synthetic.membrane_image` (seed 0), is segmented by:
+
+``tilerseg``
+    ``tilerseg.segment_to_zarr(slide.tif, valid_model, out, tile=1024, dtype="float32",
+    overwrite=True)`` with its default pipelined executor, on the image written once as a
+    tiled (256 px), zlib-compressed BigTIFF. The whole call is timed: reading and
+    decoding the TIFF, normalisation, the model, writing the OME-Zarr store, its pyramid
+    and metadata (the end-to-end product).
+``monai`` and ``monai-cl``
+    ``monai.inferers.sliding_window_inference`` with roi 512 x 512, overlap 0.25,
+    ``mode="gaussian"``, ``sw_batch_size=4``, on the image scaled to [0, 1] float32
+    (shape 1 x 1 x H x W), with a *same*-padded U-Net of the same architecture carrying
+    the same weights (the two share parameter shapes), then a softmax over the class
+    axis of the blended logits (as a MONAI user does). ``monai`` leaves the model in the
+    default memory format; ``monai-cl`` puts the model and the input in
+    ``torch.channels_last``. torch's default thread count.
+``dask``
+    A hand-rolled ``dask.array.map_overlap`` over the [0, 1] float32 image: chunks of
+    ``--tile`` (1024), ``depth=halo`` (92 for the depth-4 U-Net),
+    ``boundary="reflect"``, ``trim=False``; each overlapped block goes through the valid
+    model (channels_last, softmax) and yields an output chunk of the chunk's size.
+    Computed with the threaded scheduler, 2 workers x 1 torch thread. Two details a
+    user has to get right: a block of 1024 + 2 x 92 = 1208 px is *not* an admissible
+    input side of a depth-4 valid U-Net (sides are 124 + 16 k), so torch's pooling
+    silently floors and the output would be 1012 px; each block is therefore extended
+    by reflection on its far sides to the next admissible side (1212) and the output
+    cropped to the chunk, which keeps every pooling grid on the one of the reference.
+    And dask's ``"reflect"`` is numpy's ``"symmetric"`` (edge pixel repeated), not
+    numpy's ``"reflect"``: the output deviates from the reference near the image
+    border, and only there (see the interior column below).
+
+The wall time of each method is that of the inference alone, from the uint8 image in
+memory (or the TIFF file, for tilerseg) to float32 probabilities of all classes (in
+memory, or in the store for tilerseg), scaling to [0, 1] included; creating the image,
+writing the TIFF, loading the model and the checks below are not. Throughput is image
+pixels / wall time. Each method runs in a fresh child process (this script re-invoked
+with a hidden ``--method``), without warm-up, as a user would run it once on one image;
+its peak RSS is the child's ``ru_maxrss`` read right after the inference (imports, the
+model and the input included; reading back and saving the output for the checks
+excluded). With ``--repeats N`` every method runs N times, in an order rotated from
+repeat to repeat, and the table shows medians.
+
+Exactness: every child saves its class-1 (foreground) probability as float32 ``.npy``
+in the work directory, and the parent compares it with a one-shot reference, the
+whole-image forward of the corresponding model computed once in a child of its own
+(float32, channels_last, ``torch.inference_mode()``, softmax): the valid model on the
+image padded by ``halo`` with numpy ``mode="reflect"`` (extended by reflection on the
+far sides to an admissible side, then cropped to H x W) for tilerseg and dask; the
+same-padded model on the image itself for MONAI. The table gives the maximum absolute
+difference over the whole image and over the interior, the pixels at least
+``halo + step`` px (108) from the border: the receptive field of a valid U-Net output
+pixel reaches ``halo`` px to each side plus up to ``step - 1`` px more on one side,
+depending on its position in the pooling grid, so only pixels inside that band can see
+how the image was extended. tilerseg should agree with its reference to float32 rounding (~1e-6); the
+one-shot references at 4096^2 need several GiB of RAM and tens of seconds.
+
+Model: the bundled depth-4, 16-channel valid U-Net trained on ISBI 2012 EM
+(:func:`tilerseg.load_model`), else ``torch.manual_seed(0); create_model("unet",
+base_channels=16)``; float32, eval mode.
+
+MONAI is a benchmark-only dependency, not one of tilerseg's. Install it without letting
+it pull another torch::
+
+    pip install monai --no-deps
+
+Without it, the MONAI rows are skipped with the reason printed.
+
+Usage, from the repository root with the virtualenv active::
+
+    python benchmarks/bench_peers.py                              # 4096^2, 1 repeat
+    python benchmarks/bench_peers.py --repeats 3 --json peers.json
+    python benchmarks/bench_peers.py --size 1024 --methods tilerseg dask
+
+Options: ``--size`` (multiple of 16), ``--repeats``, ``--methods``, ``--tile``
+(tilerseg tile and dask chunk, 1024), ``--roi`` (MONAI window, 512), ``--workdir``
+(scratch directory; default a fresh temporary one, removed at the end unless ``--keep``;
+an image of the right size already there is reused), ``--keep``, ``--json FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MIB = 1024**2
+GIB = 1024**3
+SEED = 0
+TIFF_TILE = 256
+STEP = 16  # pooling step of the depth-4 U-Net: image sides must be multiples of it
+MONAI_OVERLAP = 0.25
+MONAI_BATCH = 4
+DASK_WORKERS = 2
+
+METHODS = ("tilerseg", "monai", "monai-cl", "dask")
+REFERENCES = ("oneshot-valid", "oneshot-same")
+REFERENCE_OF = {"tilerseg": "oneshot-valid", "dask": "oneshot-valid",
+                "monai": "oneshot-same", "monai-cl": "oneshot-same"}
+DESCRIPTION = {
+    "tilerseg": "segment_to_zarr, pipeline, TIFF -> zarr",
+    "monai": "sliding_window_inference, default layout",
+    "monai-cl": "sliding_window_inference, channels_last",
+    "dask": f"map_overlap, {DASK_WORKERS} workers x 1 thread",
+    "oneshot-valid": "valid model, whole image",
+    "oneshot-same": "same-padded model, whole image",
+}
+
+
+# -- shared helpers ------------------------------------------------------------------------
+
+
+def image_paths(workdir: Path, size: int) -> tuple[Path, Path]:
+    stem = workdir / f"membrane-{size}-seed{SEED}"
+    return stem.with_suffix(".npy"), stem.with_suffix(".tif")
+
+
+def prob_path(workdir: Path, name: str) -> Path:
+    return workdir / f"prob1-{name}.npy"
+
+
+def result_path(workdir: Path, name: str) -> Path:
+    return workdir / f"result-{name}.json"
+
+
+def load_models() -> tuple[Any, Any, str]:
+    """(valid model, same-padded model with the same weights, description), float32 eval."""
+    import torch
+
+    import tilerseg
+
+    try:
+        valid = tilerseg.load_model()
+        source = "bundled ISBI 2012 U-Net"
+    except (tilerseg.TilersegError, OSError) as exc:
+        torch.manual_seed(0)
+        valid = tilerseg.create_model("unet", base_channels=16)
+        source = f"random weights, seed 0 (bundled model unavailable: {exc})"
+    valid = valid.float().eval()
+    same = tilerseg.create_model("unet", **{**valid.config, "padding": "same"})
+    same.load_state_dict(valid.state_dict())
+    same = same.float().eval()
+    return valid, same, source
+
+
+def scaled(image: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 in [0, 1], exactly as tilerseg's automatic normalisation."""
+    return image.astype(np.float32) / np.float32(255.0)
+
+
+def monai_status() -> str | None:
+    """None when MONAI's sliding-window inferer imports, else the reason it does not."""
+    try:
+        from monai.inferers import sliding_window_inference  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 (ImportError, or anything MONAI raises)
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+# -- the methods, each run in a child process ---------------------------------------------
+
+
+def run_tilerseg(args: argparse.Namespace, workdir: Path) -> tuple[float, Any]:
+    import tilerseg
+    from tilerseg.io.writers import open_output
+
+    valid, _, _ = load_models()
+    _, tif = image_paths(workdir, args.size)
+    out = workdir / "out-tilerseg.zarr"
+    start = time.perf_counter()
+    tilerseg.segment_to_zarr(str(tif), valid, out, tile=args.tile, dtype="float32",
+                             overwrite=True)
+    wall = time.perf_counter() - start
+
+    def foreground() -> np.ndarray:
+        return np.asarray(open_output(out)["probabilities"][1], dtype=np.float32)
+
+    return wall, foreground
+
+
+def run_monai(args: argparse.Namespace, workdir: Path, channels_last: bool) -> tuple[float, Any]:
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    _, same, _ = load_models()
+    npy, _ = image_paths(workdir, args.size)
+    image = np.load(npy)
+    if channels_last:
+        same = same.to(memory_format=torch.channels_last)
+    start = time.perf_counter()
+    x = torch.from_numpy(scaled(image))[None, None]
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        logits = sliding_window_inference(x, (args.roi, args.roi), MONAI_BATCH, same,
+                                          overlap=MONAI_OVERLAP, mode="gaussian")
+        probs = torch.softmax(logits, dim=1)
+    wall = time.perf_counter() - start
+    return wall, lambda: probs[0, 1].numpy()
+
+
+def run_dask(args: argparse.Namespace, workdir: Path) -> tuple[float, Any]:
+    import dask.array as da
+    import torch
+
+    import tilerseg
+
+    valid, _, _ = load_models()
+    valid = valid.to(memory_format=torch.channels_last)
+    g = tilerseg.model_geometry(valid)
+    halo = g.halo[0]
+    npy, _ = image_paths(workdir, args.size)
+    image = np.load(npy)
+    torch.set_num_threads(1)
+
+    def block_probs(block: np.ndarray) -> np.ndarray:
+        # dask hands over the chunk plus `halo` on every side; extend the far sides to an
+        # admissible input side (pooling would floor otherwise) and crop the extra output.
+        out_shape = tuple(n - 2 * halo for n in block.shape)
+        pads = [(0, g.admissible_input(n, a) - n) for a, n in enumerate(block.shape)]
+        if any(p for _, p in pads):
+            block = np.pad(block, pads, mode="reflect")
+        x = torch.from_numpy(np.ascontiguousarray(block))[None, None]
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            logits = valid(x)[0, :, : out_shape[0], : out_shape[1]]
+            return torch.softmax(logits, dim=0).numpy()
+
+    start = time.perf_counter()
+    x = da.from_array(scaled(image), chunks=args.tile)
+    probs = da.map_overlap(
+        block_probs, x, depth=halo, boundary="reflect", trim=False, new_axis=0,
+        chunks=((g.out_channels,), *x.chunks), dtype=np.float32,
+    )
+    result = probs.compute(scheduler="threads", num_workers=DASK_WORKERS)
+    wall = time.perf_counter() - start
+    return wall, lambda: result[1]
+
+
+def run_oneshot(args: argparse.Namespace, workdir: Path, valid_model: bool) -> tuple[float, Any]:
+    import torch
+
+    import tilerseg
+
+    valid, same, _ = load_models()
+    model = (valid if valid_model else same).to(memory_format=torch.channels_last)
+    npy, _ = image_paths(workdir, args.size)
+    image = scaled(np.load(npy))
+    start = time.perf_counter()
+    if valid_model:
+        g = tilerseg.model_geometry(valid)
+        h = g.halo[0]
+        pads = [(h, g.admissible_input(n + 2 * h, a) - n - h) for a, n in enumerate(image.shape)]
+        image = np.pad(image, pads, mode="reflect")
+    x = torch.from_numpy(image)[None, None].contiguous(memory_format=torch.channels_last)
+    del image
+    with torch.inference_mode():
+        logits = model(x)[0, :, : args.size, : args.size]
+        del x
+        probs = torch.softmax(logits, dim=0)
+    wall = time.perf_counter() - start
+    return wall, lambda: probs[1].numpy()
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one method, write its result JSON and its class-1 probabilities."""
+    workdir = Path(args.workdir)
+    name = args.method
+    runners = {
+        "tilerseg": lambda: run_tilerseg(args, workdir),
+        "monai": lambda: run_monai(args, workdir, channels_last=False),
+        "monai-cl": lambda: run_monai(args, workdir, channels_last=True),
+        "dask": lambda: run_dask(args, workdir),
+        "oneshot-valid": lambda: run_oneshot(args, workdir, valid_model=True),
+        "oneshot-same": lambda: run_oneshot(args, workdir, valid_model=False),
+    }
+    wall, foreground = runners[name]()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    p1 = np.ascontiguousarray(foreground(), dtype=np.float32)
+    if p1.shape != (args.size, args.size):
+        raise SystemExit(f"{name}: output shape {p1.shape}, expected {(args.size,) * 2}")
+    np.save(prob_path(workdir, name), p1)
+    result_path(workdir, name).write_text(json.dumps(
+        {"method": name, "wall_s": wall, "peak_rss_bytes": peak}))
+
+
+# -- the parent ------------------------------------------------------------------------------
+
+
+@dataclass
+class Runs:
+    name: str
+    wall_s: list[float] = field(default_factory=list)
+    peak_rss_bytes: list[int] = field(default_factory=list)
+    child_peak_rss_bytes: list[int] = field(default_factory=list)
+    max_dev: list[float] = field(default_factory=list)
+    max_dev_interior: list[float] = field(default_factory=list)
+
+    @property
+    def wall(self) -> float:
+        return statistics.median(self.wall_s)
+
+    @property
+    def peak(self) -> float:
+        return statistics.median(self.peak_rss_bytes)
+
+
+def make_image(workdir: Path, size: int) -> tuple[Path, Path]:
+    """Write (or reuse) the uint8 image as .npy and as a tiled zlib BigTIFF."""
+    import tifffile
+
+    npy, tif = image_paths(workdir, size)
+    if npy.exists() and tif.exists():
+        try:
+            with tifffile.TiffFile(tif) as f:
+                ok = f.pages[0].shape == (size, size)
+            ok = ok and np.load(npy, mmap_mode="r").shape == (size, size)
+        except (OSError, ValueError):
+            ok = False
+        if ok:
+            print(f"reusing {npy.name} and {tif.name} in {workdir}", flush=True)
+            return npy, tif
+    from tilerseg.synthetic import membrane_image
+
+    start = time.perf_counter()
+    image, _ = membrane_image((size, size), seed=SEED)
+    np.save(npy, image)
+    tifffile.imwrite(tif, image, tile=(TIFF_TILE, TIFF_TILE), compression="zlib",
+                     bigtiff=True)
+    print(f"wrote {npy.name} and {tif.name} ({size} x {size} uint8, TIFF "
+          f"{tif.stat().st_size / MIB:.1f} MiB) in {time.perf_counter() - start:.1f} s",
+          flush=True)
+    return npy, tif
+
+
+def run_child(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Run ``name`` in a fresh interpreter; its result, plus the whole child's peak RSS."""
+    import tilerseg
+
+    command = [sys.executable, os.path.abspath(__file__), "--method", name,
+               "--workdir", str(workdir), "--size", str(args.size), "--tile", str(args.tile),
+               "--roi", str(args.roi)]
+    env = dict(os.environ)
+    root = str(Path(tilerseg.__file__).resolve().parent.parent)  # import the same tilerseg
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    result_path(workdir, name).unlink(missing_ok=True)
+    process = subprocess.Popen(command, env=env)
+    _, status, usage = os.wait4(process.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{name} failed with status {code}: {' '.join(command)}")
+    result = json.loads(result_path(workdir, name).read_text())
+    result["child_peak_rss_bytes"] = usage.ru_maxrss * 1024
+    return result
+
+
+def deviations(workdir: Path, name: str, reference: str, border: int) -> tuple[float, float]:
+    """Max |p1 - p1_ref| over the image and over pixels >= ``border`` px from its edge."""
+    p = np.load(prob_path(workdir, name))
+    ref = np.load(prob_path(workdir, reference))
+    diff = np.abs(p.astype(np.float64) - ref)
+    inner = diff[border:-border, border:-border] if 2 * border < min(diff.shape) else diff[:0]
+    return float(diff.max()), float(inner.max()) if inner.size else float("nan")
+
+
+def print_table(runs: dict[str, Runs], refs: dict[str, dict[str, Any]], pixels: int,
+                border: int) -> None:
+    header = (f"{'method':<13} {'what':<42} {'wall s':>8} {'Mpx/s':>7} {'peak RSS MiB':>13} "
+              f"{'max|dp1|':>10} {f'>={border}px in':>11}  reference")
+    print(header)
+    print("-" * len(header))
+    for name, r in runs.items():
+        print(f"{name:<13} {DESCRIPTION[name]:<42} {r.wall:>8.2f} {pixels / r.wall / 1e6:>7.3f} "
+              f"{r.peak / MIB:>13.0f} {max(r.max_dev):>10.2e} {max(r.max_dev_interior):>11.2e}"
+              f"  {REFERENCE_OF[name]}")
+    for name, ref in refs.items():
+        print(f"{name:<13} {DESCRIPTION[name]:<42} {ref['wall_s']:>8.2f} "
+              f"{pixels / ref['wall_s'] / 1e6:>7.3f} {ref['peak_rss_bytes'] / MIB:>13.0f} "
+              f"{'-':>10} {'-':>11}  (reference, run once)")
+
+
+def ratios(runs: dict[str, Runs]) -> dict[str, dict[str, float]]:
+    """tilerseg's median throughput and peak RSS, each divided by every other method's."""
+    if "tilerseg" not in runs:
+        return {}
+    t = runs["tilerseg"]
+    return {name: {"throughput_tilerseg_over_other": r.wall / t.wall,
+                   "peak_rss_tilerseg_over_other": t.peak / r.peak}
+            for name, r in runs.items() if name != "tilerseg"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=4096,
+                        help=f"image side in px, a multiple of {STEP} (default 4096)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each method, each in a fresh process (default 1)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help=f"methods to run (default: all of {', '.join(METHODS)})")
+    parser.add_argument("--tile", type=int, default=1024,
+                        help="tilerseg output tile and dask chunk side (default 1024)")
+    parser.add_argument("--roi", type=int, default=512, help="MONAI window side (default 512)")
+    parser.add_argument("--workdir", default=None,
+                        help="scratch directory (default: a fresh temporary directory)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the scratch directory (always kept when --workdir is given)")
+    parser.add_argument("--json", metavar="FILE", default=None,
+                        help="also write the results as JSON to FILE")
+    parser.add_argument("--method", choices=METHODS + REFERENCES, default=None,
+                        help=argparse.SUPPRESS)  # internal: run one method in this process
+    args = parser.parse_args(argv)
+    if args.size < 256 or args.size % STEP:
+        parser.error(f"--size must be a multiple of {STEP} and at least 256")
+    if args.tile < STEP or args.tile % STEP:
+        parser.error(f"--tile must be a positive multiple of {STEP}")
+    if args.roi < STEP or args.roi % STEP:
+        parser.error(f"--roi must be a positive multiple of {STEP}")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.method is not None and args.workdir is None:
+        parser.error("--method needs --workdir")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.method is not None:
+        child(args)
+        return 0
+
+    import torch
+
+    import tilerseg
+
+    methods = [m for m in METHODS if m in args.methods]
+    skipped: dict[str, str] = {}
+    reason = monai_status()
+    if reason is not None:
+        for m in ("monai", "monai-cl"):
+            if m in methods:
+                methods.remove(m)
+                skipped[m] = f"MONAI unavailable ({reason}); install with pip install monai --no-deps"
+    for m, why in skipped.items():
+        print(f"skipping {m}: {why}")
+    if not methods:
+        print("nothing to run")
+        return 1
+
+    if args.workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="tilerseg-bench-peers-"))
+        remove = not args.keep
+    else:
+        workdir = Path(args.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        remove = False
+    try:
+        valid, _, source = load_models()
+        geometry = tilerseg.model_geometry(valid)
+        halo = geometry.halo[0]
+        # pixels nearer the border than this may see the padding: the halo, plus up to
+        # step - 1 px more on one side where the pooling phase widens the receptive field
+        band = halo + geometry.step[0]
+        pixels = args.size * args.size
+        monai_version = None
+        if reason is None:
+            import monai
+
+            monai_version = monai.__version__
+        print(f"python {platform.python_version()}, torch {torch.__version__} "
+              f"({torch.get_num_threads()} threads by default), {os.cpu_count()} CPUs, "
+              f"MONAI {monai_version or 'not available'}")
+        print(f"model: {source}; config {valid.config}; halo {halo}")
+        print(f"image: {args.size} x {args.size} uint8 membrane_image(seed={SEED}); "
+              f"tile/chunk {args.tile}, MONAI roi {args.roi}, overlap {MONAI_OVERLAP}, "
+              f"gaussian, sw_batch_size {MONAI_BATCH}; workdir {workdir} "
+              f"(free {shutil.disk_usage(workdir).free / GIB:.1f} GiB)", flush=True)
+        make_image(workdir, args.size)
+
+        refs: dict[str, dict[str, Any]] = {}
+        for ref in sorted({REFERENCE_OF[m] for m in methods}):
+            print(f"reference {ref} ...", flush=True)
+            refs[ref] = run_child(ref, args, workdir)
+            print(f"  {refs[ref]['wall_s']:.2f} s, peak RSS "
+                  f"{refs[ref]['peak_rss_bytes'] / MIB:.0f} MiB", flush=True)
+
+        runs = {m: Runs(m) for m in methods}
+        for r in range(args.repeats):
+            k = r % len(methods)  # rotate the order so no method always runs first
+            for name in methods[k:] + methods[:k]:
+                res = run_child(name, args, workdir)
+                dev, dev_in = deviations(workdir, name, REFERENCE_OF[name], band)
+                run = runs[name]
+                run.wall_s.append(res["wall_s"])
+                run.peak_rss_bytes.append(res["peak_rss_bytes"])
+                run.child_peak_rss_bytes.append(res["child_peak_rss_bytes"])
+                run.max_dev.append(dev)
+                run.max_dev_interior.append(dev_in)
+                print(f"repeat {r + 1}/{args.repeats} {name}: {res['wall_s']:.2f} s, "
+                      f"{pixels / res['wall_s'] / 1e6:.3f} Mpx/s, peak RSS "
+                      f"{res['peak_rss_bytes'] / MIB:.0f} MiB, max|dp1| {dev:.2e}", flush=True)
+
+        print()
+        print(f"{args.size} x {args.size} = {pixels / 1e6:.2f} Mpx; medians of {args.repeats} "
+              f"run(s) in fresh processes; max|dp1| = max |foreground probability - "
+              f"reference| (worst run), also over pixels >= {band} px from the border")
+        print_table(runs, refs, pixels, band)
+        rat = ratios(runs)
+        if rat:
+            print()
+            print("tilerseg / other (median throughput, median peak RSS):")
+            for name, q in rat.items():
+                print(f"  vs {name:<9} throughput x{q['throughput_tilerseg_over_other']:.2f}, "
+                      f"peak RSS x{q['peak_rss_tilerseg_over_other']:.2f}")
+        for m, why in skipped.items():
+            print(f"({m} skipped: {why})")
+
+        if args.json:
+            report = {
+                "benchmark": "bench_peers",
+                "environment": {"python": platform.python_version(),
+                                "torch": torch.__version__,
+                                "torch_threads_default": torch.get_num_threads(),
+                                "cpus": os.cpu_count(), "monai": monai_version,
+                                "tilerseg": tilerseg.__version__},
+                "config": {"size": args.size, "pixels": pixels, "repeats": args.repeats,
+                           "tile": args.tile, "roi": args.roi, "overlap": MONAI_OVERLAP,
+                           "sw_batch_size": MONAI_BATCH, "dask_workers": DASK_WORKERS,
+                           "tiff_tile": TIFF_TILE, "seed": SEED, "model": source,
+                           "model_config": valid.config, "halo": halo,
+                           "interior_band_px": band},
+                "methods": {
+                    name: {"description": DESCRIPTION[name], "reference": REFERENCE_OF[name],
+                           "wall_s": r.wall_s, "wall_s_median": r.wall,
+                           "mpx_per_s_median": pixels / r.wall / 1e6,
+                           "peak_rss_bytes": r.peak_rss_bytes,
+                           "peak_rss_bytes_median": r.peak,
+                           "child_peak_rss_bytes": r.child_peak_rss_bytes,
+                           "max_abs_dev_p1": max(r.max_dev),
+                           "max_abs_dev_p1_interior": max(r.max_dev_interior)}
+                    for name, r in runs.items()},
+                "references": {name: {"description": DESCRIPTION[name], **ref}
+                               for name, ref in refs.items()},
+                "tilerseg_ratios": rat,
+                "skipped": skipped,
+            }
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+            print(f"wrote {args.json}")
+        return 0
+    finally:
+        if remove:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
