@@ -17,10 +17,10 @@ path goes first:
     overwrite=True)`` with ``conv = torch.nn.Conv2d(1, 1, 1)`` (``torch.manual_seed(0)``;
     halo 0, step 1, so the input windows are the 1024^2 output tiles; one class, so a
     sigmoid). Defaults otherwise: the pipelined executor, 2 model workers x 1 torch
-    thread on 2 cores, one reader and one writer thread. Two times are reported: the
+    thread on 2 cores, two reader and two writer threads. Two times are reported: the
     **total** (the whole call, which also builds the pyramid levels and writes the
-    metadata; tilerseg has no option to skip the pyramid) and the **tile pipeline**
-    alone (``profile["wall"]`` of the output).
+    metadata; ``--no-pyramid`` writes level 0 only, like the copy) and the **tile
+    pipeline** alone (``profile["wall"]`` of the output).
 (b) **copy**: the image copied into a Zarr v3 array with the same chunks (1024^2), dtype
     and codecs as tilerseg's output arrays (``zarr.create_array(..., zarr_format=3)``
     with its default codecs: bytes + zstd), reading the TIFF through tifffile's Zarr
@@ -102,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", default="/tmp/tilerseg-bench",
                         help="directory for the cached slide and the outputs "
                         "(default /tmp/tilerseg-bench)")
+    parser.add_argument("--no-pyramid", action="store_true",
+                        help="tilerseg writes level 0 only (segment_to_zarr(pyramid=False)), "
+                        "like the copy")
     parser.add_argument("--json", metavar="FILE", default=None,
                         help="also write the figures to FILE as JSON")
     return parser.parse_args(argv)
@@ -116,7 +119,8 @@ def trivial_model() -> nn.Module:
 # -- the two paths ------------------------------------------------------------------------
 
 
-def time_tilerseg(image: Any, model: nn.Module, out: Path, tile: int) -> dict[str, Any]:
+def time_tilerseg(image: Any, model: nn.Module, out: Path, tile: int,
+                  pyramid: bool = True) -> dict[str, Any]:
     """One ``segment_to_zarr`` call into a fresh ``out``.
 
     Returns
@@ -129,7 +133,8 @@ def time_tilerseg(image: Any, model: nn.Module, out: Path, tile: int) -> dict[st
     timer = CommitTimer()
     with timer.active():
         start = time.perf_counter()
-        tilerseg.segment_to_zarr(image, model, out, tile=tile, dtype="uint8", overwrite=True)
+        tilerseg.segment_to_zarr(image, model, out, tile=tile, dtype="uint8", overwrite=True,
+                                 pyramid=pyramid)
         total = time.perf_counter() - start
     profile = dict(zarr.open_group(os.fspath(out), mode="r").attrs["tilerseg"]["profile"])
     return {"total_s": total, "commit_s": sum(timer.seconds), "profile": profile}
@@ -209,13 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.repeats):
         copies: dict[str, float] = {}
         if r % 2 == 0:  # alternate the order so that neither path always runs second
-            run = time_tilerseg(slide, model, out, args.tile)
+            run = time_tilerseg(slide, model, out, args.tile, not args.no_pyramid)
             for m in methods:
                 copies[m] = time_copy(m, slide, copy_out, args.tile)
         else:
             for m in methods:
                 copies[m] = time_copy(m, slide, copy_out, args.tile)
-            run = time_tilerseg(slide, model, out, args.tile)
+            run = time_tilerseg(slide, model, out, args.tile, not args.no_pyramid)
         ceiling = min(copies.values())
         wall = run["profile"]["wall"]
         run.update(copy_s=copies, ceiling_s=ceiling, ceiling_method=min(copies, key=copies.get),

@@ -422,6 +422,9 @@ def test_skip_background_argument_errors(tmp_path, small_model, capsys):
     with pytest.raises(InvalidArgumentError, match="tolerance"):
         tilerseg.segment_to_zarr(img, small_model, tmp_path / "o.zarr", tile=64,
                                  skip_background=True, background_tolerance=-1)
+    with pytest.raises(InvalidArgumentError, match="need executor='pipeline'"):
+        tilerseg.segment_to_zarr(img, small_model, tmp_path / "o.zarr", tile=64,
+                                 skip_background=True, executor="dask")
     np.save(tmp_path / "img.npy", img)
     code = main(["run", str(tmp_path / "img.npy"), "--model", "unet", "--tile", "64",
                  "--skip-background", "--background-tolerance", "nan", "-q"])
@@ -445,6 +448,27 @@ def test_cli_profile_and_options(tmp_path, capsys):
     assert code == 2 and "--threads 0 must be positive" in capsys.readouterr().err
     code = main(["run", str(tmp_path / "img.npy"), "--model", "unet", "--device", "cpu,cuda"])
     assert code == 2 and "tilerseg: error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+def test_pyramid_levels_written_with_the_tiles(tmp_path, small_model, dtype):
+    """Levels 1-2 come from the tiles in the pipeline; they match the commit-time build."""
+    img = membrane_image((1100, 1000), cell_size=24, seed=4)[0]
+    kwargs = dict(tile=512, dtype=dtype, output="both")
+    piped = tilerseg.segment_to_zarr(img, small_model, tmp_path / "p.zarr", **kwargs)
+    simple = tilerseg.segment_to_zarr(img, small_model, tmp_path / "d.zarr", executor="dask",
+                                      **kwargs)
+    a, b = zarr.open_group(piped, mode="r"), zarr.open_group(simple, mode="r")
+    assert sorted(a.array_keys()) == sorted(b.array_keys()) == ["0", "1", "2"]
+    assert a["1"].chunks == (2, 256, 256) and a["2"].chunks == (2, 128, 128)
+    assert b["1"].chunks == (2, 512, 500)
+    tolerance = 0 if dtype == "float32" else 1  # uint8: from floats vs from stored values
+    for k in ("1", "2"):
+        diff = np.abs(a[k][:].astype(np.float64) - b[k][:].astype(np.float64)).max()
+        assert diff <= tolerance
+        np.testing.assert_array_equal(a[f"labels/segmentation/{k}"][:],
+                                      b[f"labels/segmentation/{k}"][:])
+    assert a.attrs["ome"]["multiscales"] == b.attrs["ome"]["multiscales"]
 
 
 def test_no_pyramid(tmp_path, small_model, capsys):

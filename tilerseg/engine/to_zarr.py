@@ -206,8 +206,9 @@ def segment_to_zarr(
             raise InvalidArgumentError("out is required when the image is not a path")
         out = default_output_path(image)
     devices = resolve_devices(device)
-    if executor == "dask" and (len(devices) > 1 or compile):
-        raise InvalidArgumentError("several devices and compile need executor='pipeline'")
+    if executor == "dask" and (len(devices) > 1 or compile or skip_background):
+        raise InvalidArgumentError(
+            "several devices, compile and skip_background need executor='pipeline'")
     p = prepare(image, model, tile, devices, normalize, level=level, channel=channel,
                 precision=precision)
     batch = check_batch_size(batch_size, p.device)
@@ -224,6 +225,7 @@ def segment_to_zarr(
         pixel_size=dict(p.source.pixel_size),
         attributes=attributes,
         pyramid=pyramid,
+        eager_levels=2 if executor == "pipeline" else 0,
     )
     with OutputWriter(out, spec, overwrite=overwrite) as writer:
         log.info("segmenting %s into %s: %d tiles of %s", p.source.path or p.source.format,
@@ -265,10 +267,14 @@ class _Encoder:
         return _labels(probs, self.threshold, self.foreground, self.writer.labels.dtype)
 
     def __call__(self, tile: Tile, probs: np.ndarray) -> None:
+        labels = None
         if self.writer.probabilities is not None:
             self.writer.probabilities[(slice(None), *tile.write)] = self.probabilities(probs)
         if self.writer.labels is not None:
-            self.writer.labels[tile.write] = self.labels(probs)
+            labels = self.labels(probs)
+            self.writer.labels[tile.write] = labels
+        if self.writer.eager:
+            self.writer.write_levels(tile.write, probs, labels)
 
 
 def _run_dask(p: Prepared, writer: OutputWriter, encode: _Encoder, batch: int,

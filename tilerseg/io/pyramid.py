@@ -26,7 +26,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-__all__ = ["downsample", "level_chunks", "level_shapes"]
+__all__ = ["downsample", "level_chunks", "level_shapes", "mean2"]
 
 
 def level_shapes(shape: Sequence[int], chunks: Sequence[int]) -> list[tuple[int, ...]]:
@@ -79,14 +79,17 @@ def level_chunks(chunks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]
     return tuple(max(1, min(int(c), int(n))) for c, n in zip(chunks, shape, strict=True))
 
 
-def _mean2(
+def mean2(
     block: np.ndarray,
     spatial_ndim: int,
     decode: Callable[[np.ndarray], np.ndarray] | None,
     encode: Callable[[np.ndarray], np.ndarray] | None,
     dtype: np.dtype,
 ) -> np.ndarray:
-    """2x mean reduction of one block (see the module docstring)."""
+    """2x mean reduction of one block (see the module docstring).
+
+    ``decode`` / ``encode`` (optional) convert stored values to float32 and back.
+    """
     x = decode(block) if decode is not None else block.astype(np.float32, copy=False)
     lead = x.ndim - spatial_ndim
     pad = [(0, 0)] * lead + [(0, n % 2) for n in x.shape[lead:]]
@@ -154,7 +157,7 @@ def downsample(
     meta = np.empty((0,) * dst.ndim, dtype=dst.dtype)
     if method == "mean":
         y = x.map_blocks(
-            _mean2,
+            mean2,
             spatial_ndim,
             decode,
             encode,

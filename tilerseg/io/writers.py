@@ -51,6 +51,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -61,7 +62,7 @@ import numpy as np
 import zarr
 
 from tilerseg.errors import InvalidArgumentError, OutputError
-from tilerseg.io.pyramid import downsample, level_chunks, level_shapes
+from tilerseg.io.pyramid import downsample, level_chunks, level_shapes, mean2
 
 __all__ = [
     "PROBABILITY_DTYPES",
@@ -112,6 +113,13 @@ class OutputSpec:
     pyramid : bool
         Build the lower-resolution levels at :meth:`OutputWriter.commit` (2x per level,
         until the image fits one chunk); False writes level 0 only.
+    eager_levels : int
+        Up to this many levels after level 0 are written tile by tile, from the float
+        probabilities, by :meth:`OutputWriter.write_levels` (the caller's promise: every
+        level-0 chunk is written through it). Each such level ``k`` is chunked
+        ``chunks / 2**k``, so one tile is exactly one chunk of it; only levels whose
+        chunks stay whole and at least 128 px are done this way
+        (see :func:`eager_level_count`). The rest are built at commit, as usual.
     """
 
     spatial_axes: str
@@ -123,6 +131,7 @@ class OutputSpec:
     pixel_size: dict[str, float] = field(default_factory=dict)
     attributes: dict = field(default_factory=dict)
     pyramid: bool = True
+    eager_levels: int = 0
 
 
 def encode_probabilities(probs: np.ndarray, dtype: str) -> np.ndarray:
@@ -235,6 +244,31 @@ def _jsonable(value: Any) -> Any:
     raise InvalidArgumentError(f"output attribute value {value!r} is not JSON-serialisable")
 
 
+def eager_level_count(shape: Sequence[int], chunks: Sequence[int], spec: OutputSpec) -> int:
+    """How many pyramid levels after level 0 can be written tile by tile.
+
+    Level ``k`` qualifies while it exists, every chunk side divides by ``2**k`` and the
+    halved chunks stay at least 128 px (or the whole level) on every axis.
+
+    Examples
+    --------
+    >>> spec = OutputSpec("YX", (5000, 5000), (1024, 1024), 2, "uint8", False, eager_levels=2)
+    >>> eager_level_count((5000, 5000), (1024, 1024), spec)
+    2
+    >>> eager_level_count((5000, 5000), (100, 100), spec)
+    0
+    """
+    shapes = level_shapes(shape, chunks)
+    count = 0
+    for k in range(1, min(int(spec.eager_levels), len(shapes) - 1) + 1):
+        ok = all(c % (1 << k) == 0 and (c >> k >= 128 or c >> k >= n)
+                 for c, n in zip(chunks, shapes[k]))
+        if not ok:
+            break
+        count = k
+    return count
+
+
 def _check_spec(spec: OutputSpec) -> None:
     """Raise InvalidArgumentError for an unusable spec."""
     if spec.spatial_axes not in ("YX", "ZYX"):
@@ -307,6 +341,7 @@ class OutputWriter:
         self._attributes = _jsonable(dict(spec.attributes))
         self._shape = tuple(int(n) for n in spec.shape)
         self._chunks = level_chunks(spec.chunks, self._shape)
+        self.eager = eager_level_count(self._shape, self._chunks, spec) if spec.pyramid else 0
         self._state = "open"
         if os.path.lexists(self.path) and not overwrite:
             raise OutputError(f"output '{os.fspath(path)}' exists; pass --overwrite to replace it")
@@ -333,17 +368,23 @@ class OutputWriter:
         """Path of the label image inside the output ('' = the root)."""
         return f"labels/{LABEL_NAME}" if self.spec.probabilities is not None else ""
 
-    def _create_level(self, level: int, shape: tuple[int, ...]) -> None:
-        """Create the arrays of one pyramid level (empty)."""
+    def _create_level(self, level: int, shape: tuple[int, ...]
+                      ) -> tuple[zarr.Array | None, zarr.Array | None]:
+        """Create the arrays of one pyramid level (empty): (probabilities, labels)."""
         axes = self.spec.spatial_axes.lower()
-        chunks = level_chunks(self._chunks, shape)
+        nominal = self._chunks
+        if 0 < level <= self.eager:
+            nominal = tuple(c >> level for c in self._chunks)
+        chunks = level_chunks(nominal, shape)
         store = os.fspath(self._tmp)
+        probs = labels = None
         if self.spec.probabilities is not None:
             c = int(self.spec.num_classes)
             arr = zarr.create_array(
                 store, name=str(level), shape=(c, *shape), chunks=(c, *chunks),
                 dtype=self.spec.probabilities, dimension_names=("c", *axes), zarr_format=3,
             )  # fmt: skip
+            probs = arr
             if level == 0:
                 self.probabilities = arr
         if self.spec.labels:
@@ -353,8 +394,10 @@ class OutputWriter:
                 dtype=label_dtype(int(self.spec.num_classes)), dimension_names=tuple(axes),
                 zarr_format=3,
             )  # fmt: skip
+            labels = arr
             if level == 0:
                 self.labels = arr
+        return probs, labels
 
     def _create(self) -> None:
         """Create the temporary output with level 0 and provisional metadata."""
@@ -362,6 +405,8 @@ class OutputWriter:
         if self.spec.probabilities is not None and self.spec.labels:
             root.create_group("labels").create_group(LABEL_NAME)
         self._create_level(0, self._shape)
+        shapes = level_shapes(self._shape, self._chunks)
+        self._eager_arrays = {k: self._create_level(k, shapes[k]) for k in range(1, self.eager + 1)}
         self._write_metadata(1, complete=False)
 
     def _multiscale(self, name: str, channel: bool, levels: int, method: str) -> dict:
@@ -452,6 +497,38 @@ class OutputWriter:
         if self.labels is not None:
             self.labels[region] = labels_from_probabilities(probs, threshold)
 
+    def write_levels(self, region: tuple[slice, ...], probs: np.ndarray | None,
+                     labels: np.ndarray | None) -> None:
+        """Write the eager pyramid levels (``spec.eager_levels``) of one level-0 chunk.
+
+        Parameters
+        ----------
+        region : tuple of slice
+            The level-0 chunk (spatial), aligned to ``chunks``.
+        probs : numpy.ndarray or None
+            Its float probabilities ``(C, *region shape)`` (None without probabilities).
+        labels : numpy.ndarray or None
+            Its level-0 labels (None without labels).
+
+        Notes
+        -----
+        Probability levels are 2x means of the float probabilities (the same reduction
+        as at commit, which starts from the stored values instead), label levels take
+        every other pixel. Each call writes whole chunks: no locks are needed.
+        """
+        self._check_open()
+        nd = len(self._shape)
+        for k in range(1, self.eager + 1):
+            level = tuple(slice(s.start >> k, -(-s.stop >> k)) for s in region)
+            prob_array, label_array = self._eager_arrays[k]
+            if probs is not None and prob_array is not None:
+                probs = mean2(probs, nd, None, None, np.dtype(np.float32))
+                prob_array[(slice(None), *level)] = encode_probabilities(
+                    probs, self.spec.probabilities)
+            if labels is not None and label_array is not None:
+                labels = labels[(slice(None, None, 2),) * nd]
+                label_array[level] = labels
+
     def update_attributes(self, **values: Any) -> None:
         """Add run information (JSON-serialisable) to ``attrs["tilerseg"]`` before commit."""
         self._check_open()
@@ -466,6 +543,8 @@ class OutputWriter:
         root = zarr.open_group(os.fspath(self._tmp), mode="r+", zarr_format=3)
         nd = len(self._shape)
         for k in range(1, len(shapes)):
+            if k <= self.eager:  # written tile by tile (write_levels)
+                continue
             self._create_level(k, shapes[k])
             if self.spec.probabilities is not None:
                 encode = partial(encode_probabilities, dtype=self.spec.probabilities)
