@@ -43,9 +43,9 @@ memory, or in the store for tilerseg), scaling to [0, 1] included; creating the 
 writing the TIFF, loading the model and the checks below are not. Throughput is image
 pixels / wall time. Each method runs in a fresh child process (this script re-invoked
 with a hidden ``--method``), without warm-up, as a user would run it once on one image;
-its peak RSS is the child's ``ru_maxrss`` read right after the inference (imports, the
-model and the input included; reading back and saving the output for the checks
-excluded). With ``--repeats N`` every method runs N times, in an order rotated from
+its peak RSS is the child's ``VmHWM`` (see :func:`peak_rss_bytes`) read right after the
+inference (imports, the model and the input included; reading back and saving the output
+for the checks excluded). With ``--repeats N`` every method runs N times, in an order rotated from
 repeat to repeat, and the table shows medians.
 
 Exactness: every child saves its class-1 (foreground) probability as float32 ``.npy``
@@ -285,6 +285,24 @@ def run_oneshot(args: argparse.Namespace, workdir: Path, valid_model: bool) -> t
     return wall, lambda: probs[1].numpy()
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started (exec).
+
+    Read from ``VmHWM`` in ``/proc/self/status``, the high-water mark of this process's
+    own address space. ``getrusage(RUSAGE_SELF).ru_maxrss`` is not used: Linux carries it
+    over from the forked parent across ``execve``, so every child would report at least
+    the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: KiB
+
+
 def child(args: argparse.Namespace) -> None:
     """Run one method, write its result JSON and its class-1 probabilities."""
     workdir = Path(args.workdir)
@@ -299,7 +317,7 @@ def child(args: argparse.Namespace) -> None:
         "oneshot-same": lambda: run_oneshot(args, workdir, valid_model=False),
     }
     wall, foreground = runners[name]()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    peak = peak_rss_bytes()
     p1 = np.ascontiguousarray(foreground(), dtype=np.float32)
     if p1.shape != (args.size, args.size):
         raise SystemExit(f"{name}: output shape {p1.shape}, expected {(args.size,) * 2}")

@@ -196,8 +196,9 @@ class Replica:
                     return self._submit_cuda(x, tiles)
             x = x.to(self.device)
             y = self._forward(x)
-            results = [_activation(y[i][(slice(None),) + t.crop]) for i, t in enumerate(tiles)]
-            finite = None if self.autocast_dtype is None else torch.isfinite(y).all()
+            results = [_activation(y[i][(slice(None),) + t.crop]).cpu()  # no-op on the CPU
+                       for i, t in enumerate(tiles)]
+            finite = None if self.autocast_dtype is None else torch.isfinite(y).all().cpu()
             return _Pending(tiles, results, finite=finite)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

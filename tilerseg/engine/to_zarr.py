@@ -174,7 +174,9 @@ def segment_to_zarr(
         The pipelined executor, or one Dask task per tile (or batch) through the local
         threaded scheduler.
     pyramid : bool
-        Add lower-resolution levels (2x each, built from the finished level 0).
+        Add lower-resolution levels, 2x each. The pipelined executor computes levels 1-2
+        from each tile as it is written (their chunks are halved per level, so each tile
+        is one chunk); deeper levels are built at the end from the level before.
     model_source : str, optional
         Where the model came from (a file or a registry name), recorded in the metadata.
 

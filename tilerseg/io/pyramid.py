@@ -18,6 +18,7 @@ whole (no locks needed, no read-modify-write of a chunk).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -95,11 +96,17 @@ def mean2(
     pad = [(0, 0)] * lead + [(0, n % 2) for n in x.shape[lead:]]
     if any(after for _, after in pad):
         x = np.pad(x, pad, mode="edge")
-    split = list(x.shape[:lead])
-    for n in x.shape[lead:]:
-        split += [n // 2, 2]
-    axes = tuple(lead + 2 * i + 1 for i in range(spatial_ndim))
-    mean = x.reshape(split).mean(axis=axes, dtype=np.float32)
+    # sum of the 2**d strided sub-grids, then one scaling: several times faster than
+    # reshape(...).mean(axes) on large tiles
+    mean = None
+    for offsets in itertools.product((0, 1), repeat=spatial_ndim):
+        part = x[(slice(None),) * lead + tuple(slice(o, None, 2) for o in offsets)]
+        if mean is None:
+            mean = part.astype(np.float32, copy=True)
+        else:
+            mean += part
+    assert mean is not None
+    mean *= np.float32(1.0 / 2**spatial_ndim)
     return encode(mean) if encode is not None else mean.astype(dtype)
 
 

@@ -158,9 +158,12 @@ def encode_probabilities(probs: np.ndarray, dtype: str) -> np.ndarray:
         raise InvalidArgumentError(
             f"probability dtype must be one of {', '.join(PROBABILITY_DTYPES)}, got {dtype!r}"
         )
+    if dtype == "uint8":  # round(255 p), in place in one float32 scratch array
+        scaled = np.multiply(probs, np.float32(255.0), dtype=np.float32)
+        np.clip(scaled, 0.0, 255.0, out=scaled)
+        np.rint(scaled, out=scaled)
+        return scaled.astype(np.uint8)
     p = np.clip(np.asarray(probs, dtype=np.float32), 0.0, 1.0)
-    if dtype == "uint8":
-        return np.rint(p * 255.0).astype(np.uint8)
     return p.astype(dtype)
 
 
