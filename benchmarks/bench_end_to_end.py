@@ -35,12 +35,12 @@ machine, and each pair ran under the same load. Before the rounds, both paths ar
 up once on one tile (a 1024^2 crop of the slide in memory) so one-time costs (oneDNN
 kernel selection for the window shape, lazy imports) fall outside the timings.
 
-The time after the tiles is split from the profile: ``setup`` (output creation and the
-model workers' set-up, measured by ``segment_to_zarr``), ``wall`` (the tile pipeline),
-``commit`` (pyramid levels, final metadata and the move into place, timed by wrapping
-``OutputWriter.commit``) and the rest (opening the image, the geometry probe and
-normalisation set-up, which ``segment_to_zarr`` does before its own clock starts). The
-line ``after tiles`` is ``total - wall - setup`` (= commit + rest).
+The time after the tiles is split from the profile: ``setup`` (everything before the
+first tile: opening the image, the geometry probe, normalisation, creating the output and
+the model workers, measured by ``segment_to_zarr``), ``wall`` (the tile pipeline) and
+``commit`` (the remaining pyramid levels, final metadata and the move into place, timed
+by wrapping ``OutputWriter.commit``). The line ``after tiles`` is
+``total - wall - setup`` (= commit, plus anything left).
 
 Memory: the pre-built windows take ``tiles x window^2 x 4`` bytes (64 x 1212^2 x 4 =
 376 MB at 8192^2; 1.5 GB at 16384^2) plus the slide itself.
