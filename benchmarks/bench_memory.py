@@ -5,15 +5,17 @@ What it measures
 For each slide size N (default 4096 and 16384), a seamless synthetic membrane slide of
 N x N uint8 pixels is written as a tiled (512 px), zlib-compressed BigTIFF with
 :func:`tilerseg.synthetic.write_membrane_tiff`, and the command line is run on it in a
-fresh child process::
+fresh child process (through a three-line wrapper that also reports the peak)::
 
     python -m tilerseg run slide-N.tif -o out-N.zarr --model model.pt --tile 1024 --overwrite -q
 
 with a small model: ``create_model("unet", depth=4, base_channels=4)`` under
 ``torch.manual_seed(0)``, saved once with :func:`tilerseg.save_model`. The child's peak
-resident set size is the kernel's high-water mark for exactly that child, read from
-``os.wait4`` (``ru_maxrss``), so it is exact (no polling can miss a short peak) and
-isolated per run (unlike ``RUSAGE_CHILDREN``, a maximum over all children so far). Wall
+resident set size is the kernel's high-water mark of that child's own address space,
+``VmHWM`` from ``/proc/self/status``, which the child prints as it exits, so it is exact
+(no polling can miss a short peak) and isolated per run. (``ru_maxrss`` from ``os.wait4``
+is not used: Linux carries it over from the forked parent across ``execve``, so it is
+at least the parent's peak; it is kept as a fallback where ``/proc`` does not exist.) Wall
 time and Mpx/s (input pixels / wall time, model loading and start-up included) are
 recorded too.
 
@@ -120,22 +122,43 @@ def make_slide(workdir: Path, size: int) -> Path:
     return path
 
 
+# runs the command line, then reports the peak RSS of this process alone on stderr
+_WRAPPER = (
+    "import sys\n"
+    "from tilerseg.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "try:\n"
+    "    for line in open('/proc/self/status'):\n"
+    "        if line.startswith('VmHWM:'):\n"
+    "            sys.stderr.write('tilerseg-bench VmHWM ' + line.split()[1] + '\\n')\n"
+    "except OSError:\n"
+    "    pass\n"
+    "sys.exit(code)\n"
+)
+
+
 def run_command(slide: Path, out: Path, model: Path, tile: int) -> list[str]:
-    return [sys.executable, "-m", "tilerseg", "run", str(slide), "-o", str(out),
+    return [sys.executable, "-c", _WRAPPER, "run", str(slide), "-o", str(out),
             "--model", str(model), "--tile", str(tile), "--overwrite", "-q"]
 
 
 def measure(command: list[str]) -> tuple[float, int]:
     """Run ``command``; return (wall seconds, peak RSS bytes of exactly that child)."""
     start = time.perf_counter()
-    process = subprocess.Popen(command)
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    stderr = process.stderr.read()
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
+        sys.stderr.write(stderr)
         raise SystemExit(f"command failed with status {process.returncode}: "
                          f"{' '.join(command)}")
-    return wall, usage.ru_maxrss * 1024  # Linux reports kilobytes
+    for line in stderr.splitlines():
+        if line.startswith("tilerseg-bench VmHWM "):
+            return wall, int(line.split()[-1]) * 1024  # kB
+    return wall, usage.ru_maxrss * 1024  # no /proc: Linux-style kilobytes, an upper bound
 
 
 def verdicts(result: Result, reference: Result | None) -> tuple[str, str, str]:
