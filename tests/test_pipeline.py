@@ -399,6 +399,18 @@ def test_skip_background_from_a_pyramid_level(tmp_path, small_model):
     assert not mask[0, 0] and not mask[1, 1] and mask[-1, -1]
 
 
+def test_all_background_runs_no_tile(tmp_path, small_model):
+    img = np.full((300, 260), 17, np.uint8)
+    full = tilerseg.segment_to_zarr(img, small_model, tmp_path / "f.zarr", tile=64,
+                                    dtype="float32")
+    out = tilerseg.segment_to_zarr(img, small_model, tmp_path / "s.zarr", tile=64,
+                                   dtype="float32", skip_background=True)
+    attrs = zarr.open_group(out, mode="r").attrs["tilerseg"]
+    assert attrs["background"]["skipped_chunks"] == attrs["background"]["chunks"]
+    assert attrs["profile"]["tiles"] == 0
+    np.testing.assert_array_equal(probabilities(out), probabilities(full))
+
+
 def test_noisy_background_within_tolerance_is_skipped(tmp_path, small_model):
     rng = np.random.default_rng(0)
     img = (island(value=200).astype(np.int16) + np.where(island(value=200) == 200,

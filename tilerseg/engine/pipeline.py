@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["StageTimes", "run_pipeline"]
+__all__ = ["Direct", "StageTimes", "run_pipeline"]
 
 log = logging.getLogger(__name__)
 
