@@ -143,6 +143,16 @@ def test_pipeline_failure_stops_every_stage(stage):
     assert calls["write"] < 100  # stopped promptly, not after the whole stream
 
 
+def test_pipeline_interrupt_is_re_raised():
+    """Ctrl-C (or any BaseException) in a stage stops the run and reaches the caller."""
+    def write(item, result):
+        if item == 3:
+            raise KeyboardInterrupt
+    outcome = finishes(lambda: run_pipeline([[k] for k in range(1000)], list, [Doubler()],
+                                            write))
+    assert isinstance(outcome["error"], KeyboardInterrupt)
+
+
 # --- segment_to_zarr: same output, every path ------------------------------------------
 
 
