@@ -76,13 +76,14 @@ import numpy as np
 import torch
 from torch import nn
 
+# the cached slides are those of bench_memory.py (this directory is on sys.path)
+from bench_memory import make_slide
+
 import tilerseg
 from tilerseg.engine import read_window
 from tilerseg.io.writers import OutputWriter
 
 TARGET = 0.85
-TIFF_TILE = 512
-SLIDE_SEED = 0
 MODEL_SEED = 0
 DEPTH = 4
 MIB = 1024**2
@@ -107,44 +108,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -- inputs -------------------------------------------------------------------------------
 
 
-def make_slide(workdir: Path, size: int) -> Path:
-    """Write (or reuse) an N x N synthetic membrane BigTIFF; prints what it did.
-
-    Parameters
-    ----------
-    workdir : pathlib.Path
-        Directory of the cached slides (``membrane-N.tif``, shared with the other
-        benchmarks).
-    size : int
-        Slide side in pixels.
-
-    Returns
-    -------
-    pathlib.Path
-        The slide.
-    """
-    import tifffile
-
-    from tilerseg.synthetic import write_membrane_tiff
-
-    path = workdir / f"membrane-{size}.tif"
-    if path.exists():
-        try:
-            with tifffile.TiffFile(path) as tif:
-                shape = tif.pages[0].shape
-        except (OSError, ValueError):  # unreadable (tifffile.TiffFileError is a ValueError)
-            shape = None
-        if shape == (size, size):
-            print(f"reusing {path} ({path.stat().st_size / MIB:.0f} MiB)", flush=True)
-            return path
-        path.unlink()
-    start = time.perf_counter()
-    partial = path.with_suffix(".partial.tif")
-    write_membrane_tiff(str(partial), (size, size), tile=TIFF_TILE, seed=SLIDE_SEED)
-    partial.rename(path)
-    print(f"wrote {path} ({size} x {size} uint8, {path.stat().st_size / MIB:.0f} MiB) "
-          f"in {time.perf_counter() - start:.1f} s", flush=True)
-    return path
+def open_workdir(path: str) -> Path:
+    """Create the scratch directory (if needed) and print it with the free disk space."""
+    workdir = Path(path)
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"workdir {workdir}; free disk {shutil.disk_usage(workdir).free / 1024**3:.1f} GiB",
+          flush=True)
+    return workdir
 
 
 def build_windows(image: np.ndarray, plan: tilerseg.TilePlan) -> list[torch.Tensor]:
@@ -308,10 +278,7 @@ def environment() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    print(f"workdir {workdir}; free disk {shutil.disk_usage(workdir).free / 1024**3:.1f} GiB",
-          flush=True)
+    workdir = open_workdir(args.workdir)
     slide = make_slide(workdir, args.size)
     out = workdir / f"end-to-end-{args.size}.zarr"
     pixels = args.size * args.size

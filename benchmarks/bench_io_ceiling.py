@@ -78,7 +78,8 @@ import torch
 import zarr
 
 # helpers shared with benchmark 1 (this directory is on sys.path when a script in it runs)
-from bench_end_to_end import CommitTimer, environment, make_slide, profile_line
+from bench_end_to_end import CommitTimer, environment, open_workdir, profile_line
+from bench_memory import make_slide
 from torch import nn
 
 import tilerseg
@@ -185,10 +186,7 @@ def time_copy(method: str, slide: Path, out: Path, chunk: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    print(f"workdir {workdir}; free disk {shutil.disk_usage(workdir).free / 1024**3:.1f} GiB",
-          flush=True)
+    workdir = open_workdir(args.workdir)
     slide = make_slide(workdir, args.size)
     out = workdir / f"io-ceiling-tilerseg-{args.size}.zarr"
     copy_out = workdir / f"io-ceiling-copy-{args.size}.zarr"

@@ -334,7 +334,6 @@ class Runs:
     name: str
     wall_s: list[float] = field(default_factory=list)
     peak_rss_bytes: list[int] = field(default_factory=list)
-    child_peak_rss_bytes: list[int] = field(default_factory=list)
     max_dev: list[float] = field(default_factory=list)
     max_dev_interior: list[float] = field(default_factory=list)
 
@@ -387,12 +386,10 @@ def run_child(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, A
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     result_path(workdir, name).unlink(missing_ok=True)
     process = subprocess.Popen(command, env=env)
-    _, status, usage = os.wait4(process.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
+    code = process.wait()
     if code != 0:
         raise SystemExit(f"{name} failed with status {code}: {' '.join(command)}")
     result = json.loads(result_path(workdir, name).read_text())
-    result["child_peak_rss_bytes"] = usage.ru_maxrss * 1024
     return result
 
 
@@ -535,7 +532,6 @@ def main(argv: list[str] | None = None) -> int:
                 run = runs[name]
                 run.wall_s.append(res["wall_s"])
                 run.peak_rss_bytes.append(res["peak_rss_bytes"])
-                run.child_peak_rss_bytes.append(res["child_peak_rss_bytes"])
                 run.max_dev.append(dev)
                 run.max_dev_interior.append(dev_in)
                 print(f"repeat {r + 1}/{args.repeats} {name}: {res['wall_s']:.2f} s, "
@@ -577,7 +573,6 @@ def main(argv: list[str] | None = None) -> int:
                            "mpx_per_s_median": pixels / r.wall / 1e6,
                            "peak_rss_bytes": r.peak_rss_bytes,
                            "peak_rss_bytes_median": r.peak,
-                           "child_peak_rss_bytes": r.child_peak_rss_bytes,
                            "max_abs_dev_p1": max(r.max_dev),
                            "max_abs_dev_p1_interior": max(r.max_dev_interior)}
                     for name, r in runs.items()},

@@ -54,7 +54,8 @@ import torch
 import zarr
 
 # helpers shared with benchmark 1 (this directory is on sys.path when a script in it runs)
-from bench_end_to_end import environment, make_slide, profile_line
+from bench_end_to_end import environment, open_workdir, profile_line
+from bench_memory import make_slide
 from torch import nn
 
 import tilerseg
@@ -123,10 +124,7 @@ def time_run(image: Any, model: nn.Module, out: Path, tile: int) -> dict[str, An
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    print(f"workdir {workdir}; free disk {shutil.disk_usage(workdir).free / 1024**3:.1f} GiB",
-          flush=True)
+    workdir = open_workdir(args.workdir)
     slides = {n: make_slide(workdir, n) for n in args.sizes}
 
     torch.manual_seed(MODEL_SEED)

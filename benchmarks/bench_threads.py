@@ -56,7 +56,8 @@ import torch
 import zarr
 
 # helpers shared with benchmark 1 (this directory is on sys.path when a script in it runs)
-from bench_end_to_end import environment, make_slide, time_bare
+from bench_end_to_end import environment, time_bare
+from bench_memory import make_slide
 from torch import nn
 
 import tilerseg

@@ -260,9 +260,9 @@ def test_model_failure_stops_the_run(existing, image, small_model):
 
 def test_disk_full_stops_the_run(existing, image, small_model, monkeypatch, capsys, tmp_path):
     out, before = existing
-    import tilerseg.engine.to_zarr as to_zarr
+    import tilerseg.io.writers as writers
 
-    real, calls = to_zarr.encode_probabilities, {"n": 0}
+    real, calls = writers.encode_probabilities, {"n": 0}
 
     def full(probs, dtype):
         calls["n"] += 1
@@ -270,7 +270,7 @@ def test_disk_full_stops_the_run(existing, image, small_model, monkeypatch, caps
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(probs, dtype)
 
-    monkeypatch.setattr(to_zarr, "encode_probabilities", full)
+    monkeypatch.setattr(writers, "encode_probabilities", full)
     outcome = finishes(lambda: tilerseg.segment_to_zarr(image, small_model, out, tile=64,
                                                        overwrite=True))
     assert isinstance(outcome["error"], OSError) and "No space" in str(outcome["error"])

@@ -177,12 +177,7 @@ class Replica:
     def _probabilities(self, model: Any, x: torch.Tensor) -> torch.Tensor:
         """Activated whole outputs of a host batch (for the compile check)."""
         with torch.inference_mode():
-            x = x.to(self.device)
-            if self.per_plane:
-                x = x[:, :, 0]
-            with self._autocast():
-                y = model(x.contiguous(memory_format=self.fmt))
-            y = y.float()
+            y = self._forward(x.to(self.device), model).float()
             y = torch.sigmoid(y) if y.shape[1] == 1 else torch.softmax(y, dim=1)
             return y.cpu()
 
@@ -201,11 +196,12 @@ class Replica:
             finite = None if self.autocast_dtype is None else torch.isfinite(y).all().cpu()
             return _Pending(tiles, results, finite=finite)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, model: Any = None) -> torch.Tensor:
+        """Logits of a device batch through ``model`` (default: the one in use)."""
         if self.per_plane:
             x = x[:, :, 0]
         with self._autocast():
-            y = self.forward_model(x.contiguous(memory_format=self.fmt))
+            y = (model or self.forward_model)(x.contiguous(memory_format=self.fmt))
         return y[:, :, None] if self.per_plane else y
 
     def _submit_cuda(self, x: torch.Tensor, tiles: Sequence[Tile]) -> _Pending:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError, InvalidImageError
-from ..geometry import ModelGeometry, Tile, TilePlan, plan_tiles
+from ..geometry import ModelGeometry, Tile
 from ..models.probe import eval_mode
 from ..normalize import NormalizeSpec, resolve_normalization
 from .device import resolve_device

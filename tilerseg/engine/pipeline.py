@@ -76,12 +76,11 @@ class _Stop(Exception):
 
 
 class _Pipeline:
-    def __init__(self, depth: int) -> None:
+    def __init__(self) -> None:
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.lock = threading.Lock()
         self.times = StageTimes()
-        self.depth = depth
 
     def fail(self, err: BaseException) -> None:
         with self.lock:
@@ -165,7 +164,7 @@ def run_pipeline(
     n = len(workers)
     if n < 1 or readers < 1 or writers < 1 or depth < 1:
         raise ValueError("run_pipeline needs at least one thread per stage and depth >= 1")
-    p = _Pipeline(depth)
+    p = _Pipeline()
     p.times.compute_workers = n
     inbox: queue.Queue = queue.Queue(maxsize=depth * n)
     outbox: queue.Queue = queue.Queue(maxsize=depth * n)

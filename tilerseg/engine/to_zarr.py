@@ -269,14 +269,8 @@ class _Encoder:
         return _labels(probs, self.threshold, self.foreground, self.writer.labels.dtype)
 
     def __call__(self, tile: Tile, probs: np.ndarray) -> None:
-        labels = None
-        if self.writer.probabilities is not None:
-            self.writer.probabilities[(slice(None), *tile.write)] = self.probabilities(probs)
-        if self.writer.labels is not None:
-            labels = self.labels(probs)
-            self.writer.labels[tile.write] = labels
-        if self.writer.eager:
-            self.writer.write_levels(tile.write, probs, labels)
+        labels = self.labels(probs) if self.writer.labels is not None else None
+        self.writer.write(tile.write, probs, labels=labels)
 
 
 def _run_dask(p: Prepared, writer: OutputWriter, encode: _Encoder, batch: int,

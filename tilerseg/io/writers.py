@@ -115,9 +115,9 @@ class OutputSpec:
         until the image fits one chunk); False writes level 0 only.
     eager_levels : int
         Up to this many levels after level 0 are written tile by tile, from the float
-        probabilities, by :meth:`OutputWriter.write_levels` (the caller's promise: every
-        level-0 chunk is written through it). Each such level ``k`` is chunked
-        ``chunks / 2**k``, so one tile is exactly one chunk of it; only levels whose
+        probabilities, by :meth:`OutputWriter.write` (so every level-0 chunk must be
+        written through it, not into the array directly). Each such level ``k`` is
+        chunked ``chunks / 2**k``, so one tile is exactly one chunk of it; only levels whose
         chunks stay whole and at least 128 px are done this way
         (see :func:`eager_level_count`). The rest are built at commit, as usual.
     """
@@ -478,9 +478,13 @@ class OutputWriter:
     # -- writing ------------------------------------------------------------------------
 
     def write(
-        self, region: tuple[slice, ...], probs: np.ndarray, *, threshold: float = 0.5
+        self, region: tuple[slice, ...], probs: np.ndarray, *, threshold: float = 0.5,
+        labels: np.ndarray | None = None,
     ) -> None:
         """Write float probabilities of one spatial region (encoded, and their labels).
+
+        Also writes the region's eager pyramid levels (``spec.eager_levels``), so with
+        eager levels every level-0 chunk must be written through this method.
 
         Parameters
         ----------
@@ -490,6 +494,9 @@ class OutputWriter:
             ``(C, *region shape)`` float probabilities in [0, 1].
         threshold : float, default 0.5
             Foreground threshold for a single class (see :func:`labels_from_probabilities`).
+        labels : numpy.ndarray, optional
+            The region's labels, when the caller derives them otherwise (default:
+            :func:`labels_from_probabilities` with ``threshold``).
         """
         self._check_open()
         region = tuple(region)
@@ -498,7 +505,11 @@ class OutputWriter:
                 probs, self.spec.probabilities
             )
         if self.labels is not None:
-            self.labels[region] = labels_from_probabilities(probs, threshold)
+            if labels is None:
+                labels = labels_from_probabilities(probs, threshold)
+            self.labels[region] = labels
+        if self.eager:
+            self.write_levels(region, probs, labels)
 
     def write_levels(self, region: tuple[slice, ...], probs: np.ndarray | None,
                      labels: np.ndarray | None) -> None:
