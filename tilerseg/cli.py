@@ -11,9 +11,9 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from . import __version__
 from .errors import InvalidArgumentError, TilersegError
@@ -63,25 +63,6 @@ def _channels(text: str | None) -> list[int] | None:
         raise InvalidArgumentError(f"--channel {text!r} must be comma-separated integers") from None
 
 
-def _model(spec: str | None, warn: Callable[[str], None]) -> Any:
-    """The bundled default model, a model file or bundled name, or an untrained architecture."""
-    import torch
-
-    from .models import create_model, list_models, load_model
-    from .models.checkpoint import DEFAULT_MODEL, bundled_models
-
-    if spec is None:
-        if DEFAULT_MODEL in bundled_models():
-            return load_model()
-        spec = "unet"
-    if spec in list_models() and not os.path.exists(spec):
-        torch.manual_seed(0)
-        warn(f"model {spec!r} is an untrained architecture (random weights, seed 0); "
-             "pass --model FILE.pt for meaningful results")
-        return create_model(spec)
-    return load_model(spec)
-
-
 def _cmd_models(args: argparse.Namespace) -> int:
     from .models import create_model, list_models, load_model, model_geometry
     from .models.checkpoint import DEFAULT_MODEL, bundled_models
@@ -104,16 +85,13 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn(message: str) -> None:
-    print(f"tilerseg: warning: {message}", file=sys.stderr)
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     from .engine.to_zarr import default_output_path, segment_to_zarr
     from .io import open_image
+    from .models.checkpoint import model_from_spec
 
     image = open_image(args.image, level=args.level)  # input errors come first
-    model = _model(args.model, _warn)
+    model = model_from_spec(args.model)
     bar = ProgressBar(sys.stderr, sys.stderr.isatty() and not args.quiet)
     start = time.perf_counter()
     path = segment_to_zarr(
@@ -164,8 +142,9 @@ def _profile_report(path: Path, seconds: float) -> str:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from .info import describe
+    from .models.checkpoint import model_from_spec
 
-    model = _model(args.model, lambda message: None)
+    model = model_from_spec(args.model)
     print(describe(args.image, model, tile=args.tile, level=args.level,
                    channel=_channels(args.channel), device=args.device))
     return 0
@@ -178,7 +157,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from . import create_model, load_model, segment
     from .engine.to_zarr import segment_to_zarr
     from .io.writers import open_output
-    from .models.checkpoint import DEFAULT_MODEL, bundled_models
+    from .models.checkpoint import DEFAULT_MODEL, bundled_models, model_from_spec
     from .synthetic import write_membrane_tiff
 
     folder = Path(args.directory)
@@ -191,7 +170,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.model is None and DEFAULT_MODEL in bundled_models():
         model, described = load_model(), f"the bundled model {DEFAULT_MODEL!r}"
     elif args.model is not None:
-        model, described = _model(args.model, _warn), args.model
+        model, described = model_from_spec(args.model), args.model
     else:
         torch.manual_seed(args.seed)
         model = create_model("unet", base_channels=args.base_channels)
@@ -424,12 +403,47 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise InvalidArgumentError(f"--level {args.level} must be >= 0")
 
 
+class _Formatter(logging.Formatter):
+    """``tilerseg: warning: ...`` by default; logger names and levels with ``-v``."""
+
+    def __init__(self, verbose: int) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s" if verbose else None)
+        self.verbose = verbose
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.verbose:
+            return super().format(record)
+        return f"tilerseg: {record.levelname.lower()}: {record.getMessage()}"
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record is emitted."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
+def _configure_logging(verbose: int) -> None:
+    """Log to stderr: warnings by default, progress with -v, details with -vv."""
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if isinstance(h, _Stderr)), None)
+    if handler is None:
+        handler = _Stderr()
+        root.addHandler(handler)
+    handler.setFormatter(_Formatter(verbose))
+    root.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging(args.verbose)
     if args.command is None:
         parser.print_help()
         return 2

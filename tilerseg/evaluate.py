@@ -19,11 +19,9 @@ IoU and Dice; averaged over every slice for the Rand error).
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,11 +29,12 @@ from typing import Any
 import numpy as np
 
 from .errors import (
-    ImageNotFoundError,
     InvalidArgumentError,
     InvalidImageError,
     OutputError,
 )
+from .io.formats import image_paths
+from .labels import LabelPolicy
 from .metrics import (
     DEFAULT_THRESHOLDS,
     _class_scores,
@@ -51,7 +50,6 @@ from .metrics import (
 
 __all__ = ["add_parser", "evaluate", "format_table", "to_json"]
 
-_FILE_EXTENSIONS = (".tif", ".tiff", ".btf", ".png", ".jpg", ".jpeg", ".npy")
 _GUESSED_FORMATS = ("array", "dask", "npy", "zarr")
 
 
@@ -67,49 +65,13 @@ class _Item:
     is_path: bool
 
 
-def _natural_key(text: str) -> list[Any]:
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
-
-
-def _is_zarr_dir(path: str) -> bool:
-    return any(os.path.exists(os.path.join(path, m)) for m in ("zarr.json", ".zarray", ".zgroup"))
-
-
-def _folder_items(path: str, what: str) -> list[str]:
-    names = sorted((n for n in os.listdir(path) if not n.startswith(".")), key=_natural_key)
-    found = [
-        os.path.join(path, n) for n in names
-        if (n.lower().endswith(_FILE_EXTENSIONS) and os.path.isfile(os.path.join(path, n)))
-        or (n.lower().endswith(".zarr") and os.path.isdir(os.path.join(path, n)))
-    ]
-    if not found:
-        raise ImageNotFoundError(
-            f"folder {path} holds no {what} files (TIFF, PNG, JPEG, .npy or .zarr)"
-        )
-    return found
-
-
-def _paths(path: str, what: str) -> list[str]:
-    """A file or Zarr store, the files of a folder, or the files a glob matches."""
-    if os.path.isdir(path):
-        return [path] if _is_zarr_dir(path) else _folder_items(path, what)
-    if os.path.isfile(path):
-        return [path]
-    if any(c in path for c in "*?["):
-        matches = sorted(glob.glob(path), key=_natural_key)
-        if not matches:
-            raise ImageNotFoundError(f"{what} glob {path} matches no files")
-        return matches
-    raise ImageNotFoundError(f"{what} {path} does not exist")
-
-
 def _items(spec: Any, what: str) -> list[_Item]:
     """Expand a path, folder, glob, array or list of them into inputs, in order."""
     if spec is None:
         raise InvalidArgumentError(f"no {what}s given")
     if isinstance(spec, (str, os.PathLike)):
         return [_Item(os.path.basename(os.path.normpath(p)), p, True)
-                for p in _paths(os.fspath(spec), what)]
+                for p in image_paths(os.fspath(spec), what)]
     if isinstance(spec, (list, tuple)):
         if not spec:
             raise InvalidArgumentError(f"the list of {what}s is empty")
@@ -155,7 +117,7 @@ def _to_czyx(arr: np.ndarray, axes: str, label: str) -> np.ndarray:
 def _open(item: _Item, label: str) -> tuple[Any, str, str]:
     """Data, axes and format of an image or mask input (lazily for paths)."""
     from .io import open_image
-    from .io.readers import guess_axes
+    from .io.raw import guess_axes
     from .io.source import ImageSource
 
     if item.is_path:
@@ -358,17 +320,13 @@ def _score(
     thresholds: np.ndarray,
     distance: float,
 ) -> _Tally:
-    from .io.writers import labels_from_probabilities
-
+    policy = LabelPolicy(probs.shape[0], None, foreground_class)
     num_classes = max(probs.shape[0], 2)
     tally = _Tally(num_classes, thresholds)
-    predicted = labels_from_probabilities(probs)
+    predicted = policy(probs)
     tally.confusion += _confusion(predicted, classes, num_classes)
     tally.pixels += classes.size
-    if probs.shape[0] == 1:
-        foreground = probs[0] if foreground_class == 1 else 1 - probs[0]
-    else:
-        foreground = probs[foreground_class]
+    foreground = policy.foreground_probability(probs)
     true_interior = classes == foreground_class
     predicted_interior = predicted == foreground_class
     for z in range(classes.shape[0]):
@@ -685,9 +643,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             )
         images, masks = paths
         _items(images, "image"), _items(masks, "mask")  # input errors before loading a model
-        from .cli import _model, _warn
+        from .models.checkpoint import model_from_spec
 
-        model = _model(args.model, _warn)
+        model = model_from_spec(args.model)
     if args.expand_distance < 0:
         raise InvalidArgumentError(f"--expand-distance {args.expand_distance} must be >= 0")
     result = evaluate(

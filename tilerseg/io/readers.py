@@ -15,7 +15,6 @@ import glob
 import itertools
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,9 @@ from tilerseg.errors import (
     InvalidImageError,
     TilersegError,
 )
+from tilerseg.io import tiff, zarr_input
+from tilerseg.io.formats import FORMAT_BY_EXTENSION, SLICE_EXTENSIONS, is_zarr_dir
+from tilerseg.io.raw import RawImage, guess_axes, short_reason, unreadable
 from tilerseg.io.source import AXES, ImageSource
 
 __all__ = ["LazyView", "RawImage", "open_image", "sample_for_statistics"]
@@ -34,116 +36,7 @@ _MAGIC = (
     (b"II*\0", "tiff"), (b"MM\0*", "tiff"), (b"II+\0", "tiff"), (b"MM\0+", "tiff"),
     (b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"\x93NUMPY", "npy"),
 )
-_EXTENSIONS = {
-    ".tif": "tiff", ".tiff": "tiff", ".btf": "tiff", ".tf8": "tiff", ".svs": "tiff",
-    ".ndpi": "tiff", ".lsm": "tiff", ".qptiff": "tiff", ".scn": "tiff",
-    ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".npy": "npy",
-}
-TIFF_EXTENSIONS = (".tif", ".tiff")
-_UM_PER_UNIT = {
-    "m": 1e6, "meter": 1e6, "metre": 1e6, "cm": 1e4, "centimeter": 1e4, "centimetre": 1e4,
-    "mm": 1e3, "millimeter": 1e3, "millimetre": 1e3, "µm": 1.0, "μm": 1.0, "um": 1.0,
-    "micron": 1.0, "micrometer": 1.0, "micrometre": 1.0, "nm": 1e-3, "nanometer": 1e-3,
-    "nanometre": 1e-3, "pm": 1e-6, "picometer": 1e-6, "picometre": 1e-6, "å": 1e-4,
-    "angstrom": 1e-4, "in": 25400.0, "inch": 25400.0,
-}
 _STATS_MIN_PLANE = 65536
-
-
-@dataclass
-class RawImage:
-    """What a format reader found, before axes are normalised and a level is chosen.
-
-    ``axes`` holds one name per dimension: a letter of ``"TCZYXS"`` or a descriptive
-    name for anything else (dropped if of length 1, rejected otherwise).
-    ``pixel_size`` is in micrometres at level 0, unless ``level_pixel_sizes`` gives it
-    for every level. ``keep`` is kept alive with the arrays (e.g. an open TiffFile).
-    """
-
-    levels: list[Any]
-    axes: list[str]
-    format: str
-    pixel_size: dict[str, float] = field(default_factory=dict)
-    level_pixel_sizes: list[dict[str, float]] | None = None
-    keep: Any = None
-
-
-def unreadable(label: str, reason: str) -> InvalidImageError:
-    """The one-line error ``"<label> is not a readable image: <reason>"`` (to raise)."""
-    return InvalidImageError(f"{label} is not a readable image: {reason}")
-
-
-def short_reason(exc: BaseException) -> str:
-    """The first line of an exception's message (at most 200 characters), for errors."""
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-def to_micrometres(value: Any, unit: str | None) -> float | None:
-    """Convert a length to micrometres.
-
-    Parameters
-    ----------
-    value : float or str
-        The length.
-    unit : str or None
-        Its unit: ``"µm"``, ``"um"``, ``"micron"``, ``"micrometer"``, ``"nm"``,
-        ``"nanometer"``, ``"mm"``, ``"cm"``, ``"m"``, ``"Å"``, ``"inch"``... (any case).
-
-    Returns
-    -------
-    float or None
-        The length in micrometres; None if the unit is unknown or missing or the value
-        is not a positive finite number.
-
-    Examples
-    --------
-    >>> to_micrometres(250, "nanometer"), to_micrometres(1, "pixel")
-    (0.25, None)
-    """
-    if unit is None:
-        return None
-    key = str(unit).strip().lower().replace("\\u00b5", "µ").replace("\xb5", "µ")
-    factor = _UM_PER_UNIT.get(key) or _UM_PER_UNIT.get(key.rstrip("s"))
-    try:
-        size = float(value) * factor if factor else None
-    except (TypeError, ValueError):
-        return None
-    return size if size is not None and np.isfinite(size) and size > 0 else None
-
-
-def guess_axes(shape: Sequence[int], label: str) -> str:
-    """Guess the axes of an array that has no axis metadata.
-
-    Parameters
-    ----------
-    shape : sequence of int
-        The array's shape.
-    label : str
-        What to name in the error message.
-
-    Returns
-    -------
-    str
-        ``"YX"``, ``"CYX"``, ``"CZYX"`` or ``"TCZYX"`` for 2 to 5 dimensions, but
-        ``"YXS"`` for a 3-D shape like ``(rows, columns, 3 or 4)`` (RGB(A)).
-
-    Raises
-    ------
-    InvalidImageError
-        Fewer than 2 or more than 5 dimensions.
-    """
-    ndim = len(shape)
-    if ndim == 3 and shape[-1] in (3, 4) and shape[0] > 4 and shape[1] > 4:
-        return "YXS"
-    guesses = {2: "YX", 3: "CYX", 4: "CZYX", 5: "TCZYX"}
-    if ndim not in guesses:
-        raise InvalidImageError(
-            f"{label} has {ndim} dimensions (shape {tuple(shape)}); tilerseg reads 2 to 5 "
-            "(YX, CYX, CZYX or TCZYX with T=1)"
-        )
-    return guesses[ndim]
 
 
 class LazyView:
@@ -337,20 +230,14 @@ def _open_plain_file(path: str, kind: str) -> RawImage:
     return RawImage([array], list("YX" if array.ndim == 2 else "YXS"), kind)
 
 
-def _is_zarr_dir(path: str) -> bool:
-    return any(os.path.exists(os.path.join(path, m)) for m in ("zarr.json", ".zarray", ".zgroup"))
-
-
 def _open_folder(path: str) -> RawImage:
     """A Zarr directory, a folder of TIFF slices or a folder holding one .zarr."""
-    from tilerseg.io import tiff, zarr_input
-
-    if _is_zarr_dir(path):
+    if is_zarr_dir(path):
         return zarr_input.read_zarr(path)
     names = sorted(n for n in os.listdir(path) if not n.startswith("."))
     slices = [
         os.path.join(path, n) for n in names
-        if n.lower().endswith(TIFF_EXTENSIONS) and os.path.isfile(os.path.join(path, n))
+        if n.lower().endswith(SLICE_EXTENSIONS) and os.path.isfile(os.path.join(path, n))
     ]
     if slices:
         return tiff.read_tiff_sequence(slices, path)
@@ -362,8 +249,6 @@ def _open_folder(path: str) -> RawImage:
 
 def _open_file(path: str) -> RawImage:
     """A single file, its format told by its first bytes, else by its extension."""
-    from tilerseg.io import tiff
-
     try:
         with open(path, "rb") as f:
             head = f.read(16)
@@ -374,7 +259,7 @@ def _open_file(path: str) -> RawImage:
     kind = next((k for magic, k in _MAGIC if head.startswith(magic)), None)
     if kind is None:
         lower = path.lower()
-        expected = next((k for ext, k in _EXTENSIONS.items() if lower.endswith(ext)), None)
+        expected = next((k for ext, k in FORMAT_BY_EXTENSION.items() if lower.endswith(ext)), None)
         if expected is None:
             ext = os.path.splitext(path)[1] or "(none)"
             raise unreadable(path, f"unknown image format (extension {ext})")
@@ -429,14 +314,12 @@ def open_image(source: Any, level: int = 0) -> ImageSource:
         )
     path = os.fspath(source)
     if not os.path.exists(path) and any(c in path for c in "*?["):
-        files = [f for f in glob.glob(path) if os.path.isfile(f) or _is_zarr_dir(f)]
+        files = [f for f in glob.glob(path) if os.path.isfile(f) or is_zarr_dir(f)]
         if not files:
             raise ImageNotFoundError(f"glob {path} matches no files")
         if len(files) == 1:
             return open_image(files[0], level)
-        from tilerseg.io import tiff
-
-        others = [f for f in files if not f.lower().endswith(TIFF_EXTENSIONS)]
+        others = [f for f in files if not f.lower().endswith(SLICE_EXTENSIONS)]
         if others:
             raise InvalidImageError(
                 f"glob {path} matches {len(files)} files, not all TIFF slices "

@@ -17,7 +17,7 @@ import tifffile
 import zarr
 
 from tilerseg.errors import InvalidImageError, TilersegError
-from tilerseg.io.readers import RawImage, short_reason, to_micrometres, unreadable
+from tilerseg.io.raw import RawImage, short_reason, to_micrometres, unreadable
 
 __all__ = ["read_tiff", "read_tiff_sequence"]
 

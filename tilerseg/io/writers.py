@@ -63,6 +63,7 @@ import zarr
 
 from tilerseg.errors import InvalidArgumentError, OutputError
 from tilerseg.io.pyramid import downsample, level_chunks, level_shapes, mean2
+from tilerseg.labels import label_dtype, labels_from_probabilities
 
 __all__ = [
     "PROBABILITY_DTYPES",
@@ -184,48 +185,6 @@ def decode_probabilities(stored: np.ndarray) -> np.ndarray:
     if stored.dtype == np.uint8:
         return stored.astype(np.float32) / np.float32(255.0)
     return stored.astype(np.float32, copy=False)
-
-
-def label_dtype(num_classes: int) -> np.dtype:
-    """Smallest unsigned dtype for labels of ``num_classes`` classes.
-
-    Parameters
-    ----------
-    num_classes : int
-        Number of classes.
-
-    Returns
-    -------
-    numpy.dtype
-        ``uint8`` up to 255 classes, ``uint16`` up to 65535, else ``uint32``.
-    """
-    if num_classes <= 255:
-        return np.dtype(np.uint8)
-    if num_classes <= 65535:
-        return np.dtype(np.uint16)
-    return np.dtype(np.uint32)
-
-
-def labels_from_probabilities(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Label image from (C, *spatial) probabilities.
-
-    Parameters
-    ----------
-    probs : numpy.ndarray
-        Float probabilities, classes on axis 0.
-    threshold : float, default 0.5
-        For a single class: the label is 1 where ``p >= threshold``, else 0.
-
-    Returns
-    -------
-    numpy.ndarray
-        Spatial label image: argmax over classes for more than one class (ties go to
-        the lower class), in :func:`label_dtype` of the class count.
-    """
-    probs = np.asarray(probs)
-    if probs.shape[0] == 1:
-        return (probs[0] >= threshold).astype(np.uint8)
-    return np.argmax(probs, axis=0).astype(label_dtype(probs.shape[0]))
 
 
 def _jsonable(value: Any) -> Any:

@@ -8,7 +8,7 @@ from typing import Any
 import zarr
 
 from tilerseg.errors import InvalidImageError, TilersegError
-from tilerseg.io.readers import RawImage, guess_axes, short_reason, to_micrometres, unreadable
+from tilerseg.io.raw import RawImage, guess_axes, short_reason, to_micrometres, unreadable
 
 __all__ = ["read_zarr"]
 

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from ..errors import InvalidModelError, ModelNotFoundError
-from .registry import create_model
+from .registry import create_model, list_models
 
-__all__ = ["save_model", "load_model", "bundled_models", "DEFAULT_MODEL"]
+__all__ = ["save_model", "load_model", "model_from_spec", "bundled_models", "DEFAULT_MODEL"]
 
 log = logging.getLogger(__name__)
 
@@ -168,3 +168,29 @@ def load_model(path: str | os.PathLike | None = None) -> nn.Module:
     model.eval()
     log.info("loaded %s model from %s", payload["architecture"], path)
     return model
+
+
+def model_from_spec(spec: str | os.PathLike | None = None) -> nn.Module:
+    """The model a command line names: a model file, a bundled model or an architecture.
+
+    Parameters
+    ----------
+    spec : str or os.PathLike, optional
+        A tilerseg model file, the name of a bundled model, or a registered architecture
+        name (an untrained model with random weights from seed 0, logged as a warning).
+        Default: the bundled default model (an untrained U-Net if none is installed).
+
+    Returns
+    -------
+    torch.nn.Module
+    """
+    if spec is None:
+        if DEFAULT_MODEL in bundled_models():
+            return load_model()
+        spec = "unet"
+    if str(spec) in list_models() and not os.path.exists(spec):
+        torch.manual_seed(0)
+        log.warning("model %r is an untrained architecture (random weights, seed 0); pass "
+                    "--model FILE.pt for meaningful results", str(spec))
+        return create_model(str(spec))
+    return load_model(spec)

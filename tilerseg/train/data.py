@@ -12,14 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ImageNotFoundError, InvalidImageError
+from ..io.formats import is_image_file
 from ..io.readers import open_image
 
 __all__ = ["Pair", "load_pairs", "mask_to_classes"]
 
 log = logging.getLogger(__name__)
-
-_IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".npy")
-
 
 @dataclass(frozen=True)
 class Pair:
@@ -38,7 +36,7 @@ def _files(folder: str | os.PathLike, what: str) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageNotFoundError(f"{what} folder {str(folder)!r} does not exist")
-    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES),
+    files = sorted((p for p in folder.iterdir() if is_image_file(p.name)),
                    key=_natural_key)
     if not files:
         raise ImageNotFoundError(f"{what} folder {str(folder)!r} holds no PNG, TIFF or .npy images")
