@@ -250,7 +250,7 @@ def time_bare(model: nn.Module, windows: list[torch.Tensor], workers: int,
 
 def thread_configs() -> list[tuple[int, int]]:
     """(Python threads, torch threads each): the pipeline's default split, then 1 x cores."""
-    from tilerseg.engine.lazy import cpu_budget
+    from tilerseg.engine.device import cpu_budget
 
     cores = os.cpu_count() or 1
     configs = [cpu_budget(None, None), (1, cores)]

@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cores = os.cpu_count() or 1
     configs = list(dict.fromkeys(args.configs)) if args.configs else default_configs(cores)
-    from tilerseg.engine.lazy import cpu_budget
+    from tilerseg.engine.device import cpu_budget
 
     torch.manual_seed(MODEL_SEED)
     model = tilerseg.create_model("unet", depth=DEPTH, base_channels=args.base_channels)

@@ -19,9 +19,10 @@ from tilerseg.engine.background import decode_skipped
 from tilerseg.engine.compute import Replica, replicate, resolve_precision
 from tilerseg.engine.device import resolve_devices
 from tilerseg.engine.pipeline import Direct, run_pipeline
+from tilerseg.engine.options import RunOptions
 from tilerseg.engine.prepare import prepare
 from tilerseg.errors import InvalidArgumentError, NumericalError, OutputError
-from tilerseg.io.writers import open_output
+from tilerseg.io.writers import OutputSpec, OutputWriter, open_output
 from tilerseg.synthetic import membrane_image
 
 from .test_io_readers import write_ome_pyramid
@@ -186,7 +187,7 @@ def test_cpu_budget_does_not_change_the_output(tmp_path, image, small_model, wor
 
 def test_separate_replicas_give_the_same_output(image, small_model):
     """The multi-device path (one model copy per device), exercised with CPU copies."""
-    p = prepare(image, small_model, tile=64, device="cpu")
+    p = prepare(image, small_model, RunOptions(tile=64, device="cpu"))
     replicas = replicate(small_model, [torch.device("cpu")] * 3, 2)
     assert len({id(r.model) for r in replicas}) == 3
     out = {}
@@ -212,6 +213,9 @@ class FailingRead:
             raise OSError("TIFF tile 17 is corrupt")
         return self.data[key]
 
+    def __dask_tokenize__(self):  # its identity is its data's (a file that reads again)
+        return tilerseg.engine.jobs.input_identity(self.data)["sha256"]
+
 
 def digest(path) -> dict:
     return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*"))
@@ -224,15 +228,31 @@ def existing(tmp_path, image, small_model):
     return out, digest(out)
 
 
-def test_reader_failure_stops_the_run(existing, image, small_model):
+def test_reader_failure_stops_the_run_and_keeps_it_resumable(existing, image, small_model):
     out, before = existing
     source = tilerseg.open_image(image)
-    broken = type(source)(**{**source.__dict__, "data": FailingRead(image, after=10)})
+    failing = FailingRead(image, after=10)
+    broken = type(source)(**{**source.__dict__, "data": failing})
     outcome = finishes(lambda: tilerseg.segment_to_zarr(
         broken, small_model, out, tile=64, overwrite=True, normalize=(0, 255)))
     assert "TIFF tile 17 is corrupt" in str(outcome["error"])
     assert digest(out) == before
+    state = tilerseg.status(out)
+    assert not state["complete"] and 0 < state["done"] < state["tasks"]
+    failing.after = 10**9  # the file reads again: the run resumes and replaces the output
+    tilerseg.segment_to_zarr(broken, small_model, out, tile=64, overwrite=True, resume=True,
+                             normalize=(0, 255))
+    np.testing.assert_array_equal(probabilities(out), np.asarray(
+        zarr.open_array(_copy_of(before, out.parent / "before.zarr"), path="0", mode="r")))
     assert not [p for p in out.parent.iterdir() if ".partial" in p.name]
+
+
+def _copy_of(files: dict, path):
+    """Write a digest's files back out as a directory (to read the old output again)."""
+    for name, data in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_bytes(data)
+    return path
 
 
 class Exploding(torch.nn.Module):
@@ -377,12 +397,14 @@ def island(shape=(640, 576), value=0) -> np.ndarray:
     return img
 
 
-def test_skip_background_equals_full_run_on_flat_background(tmp_path, small_model):
+@pytest.mark.parametrize("executor", ["pipeline", "dask"])
+def test_skip_background_equals_full_run_on_flat_background(tmp_path, small_model, executor):
     img = island()
     full = tilerseg.segment_to_zarr(img, small_model, tmp_path / "full.zarr", tile=64,
                                     dtype="float32", output="both")
     skipped = tilerseg.segment_to_zarr(img, small_model, tmp_path / "skip.zarr", tile=64,
-                                       dtype="float32", output="both", skip_background=True)
+                                       dtype="float32", output="both", skip_background=True,
+                                       executor=executor)
     np.testing.assert_array_equal(probabilities(skipped), probabilities(full))
     np.testing.assert_array_equal(open_output(skipped)["labels"][:],
                                   open_output(full)["labels"][:])
@@ -444,9 +466,6 @@ def test_skip_background_argument_errors(tmp_path, small_model, capsys):
     with pytest.raises(InvalidArgumentError, match="tolerance"):
         tilerseg.segment_to_zarr(img, small_model, tmp_path / "o.zarr", tile=64,
                                  skip_background=True, background_tolerance=-1)
-    with pytest.raises(InvalidArgumentError, match="need executor='pipeline'"):
-        tilerseg.segment_to_zarr(img, small_model, tmp_path / "o.zarr", tile=64,
-                                 skip_background=True, executor="dask")
     np.save(tmp_path / "img.npy", img)
     code = main(["run", str(tmp_path / "img.npy"), "--model", "unet", "--tile", "64",
                  "--skip-background", "--background-tolerance", "nan", "-q"])
@@ -474,23 +493,32 @@ def test_cli_profile_and_options(tmp_path, capsys):
 
 @pytest.mark.parametrize("dtype", ["float32", "uint8"])
 def test_pyramid_levels_written_with_the_tiles(tmp_path, small_model, dtype):
-    """Levels 1-2 come from the tiles in the pipeline; they match the commit-time build."""
+    """Levels 1-2 come from the tiles as they are written; they match a commit-time build
+    from the stored level 0, and every executor writes the same bytes."""
     img = membrane_image((1100, 1000), cell_size=24, seed=4)[0]
     kwargs = dict(tile=512, dtype=dtype, output="both")
     piped = tilerseg.segment_to_zarr(img, small_model, tmp_path / "p.zarr", **kwargs)
-    simple = tilerseg.segment_to_zarr(img, small_model, tmp_path / "d.zarr", executor="dask",
+    tasked = tilerseg.segment_to_zarr(img, small_model, tmp_path / "d.zarr", executor="dask",
                                       **kwargs)
-    a, b = zarr.open_group(piped, mode="r"), zarr.open_group(simple, mode="r")
+    a, b = zarr.open_group(piped, mode="r"), zarr.open_group(tasked, mode="r")
     assert sorted(a.array_keys()) == sorted(b.array_keys()) == ["0", "1", "2"]
     assert a["1"].chunks == (2, 256, 256) and a["2"].chunks == (2, 128, 128)
-    assert b["1"].chunks == (2, 512, 500)
+    for k in ("0", "1", "2", "labels/segmentation/0", "labels/segmentation/2"):
+        np.testing.assert_array_equal(a[k][:], b[k][:])
+    # the same level 0 through a writer that builds every level at commit
+    spec = OutputSpec("YX", img.shape, (512, 512), 2, dtype, True, eager_levels=0)
+    with OutputWriter(tmp_path / "c.zarr", spec) as w:
+        w.probabilities[:] = a["0"][:]
+        w.labels[:] = a["labels/segmentation/0"][:]
+        c = zarr.open_group(w.commit(), mode="r")
+    assert c["1"].chunks == (2, 512, 500)
     tolerance = 0 if dtype == "float32" else 1  # uint8: from floats vs from stored values
     for k in ("1", "2"):
-        diff = np.abs(a[k][:].astype(np.float64) - b[k][:].astype(np.float64)).max()
+        diff = np.abs(a[k][:].astype(np.float64) - c[k][:].astype(np.float64)).max()
         assert diff <= tolerance
         np.testing.assert_array_equal(a[f"labels/segmentation/{k}"][:],
-                                      b[f"labels/segmentation/{k}"][:])
-    assert a.attrs["ome"]["multiscales"] == b.attrs["ome"]["multiscales"]
+                                      c[f"labels/segmentation/{k}"][:])
+    assert a.attrs["ome"]["multiscales"] == c.attrs["ome"]["multiscales"]
 
 
 def test_no_pyramid(tmp_path, small_model, capsys):

@@ -17,7 +17,7 @@ import logging
 
 __version__ = "0.1.0"
 
-from .engine import plan, segment, segment_to_zarr
+from .engine import RunOptions, finalize, plan, segment, segment_to_zarr, status
 from .errors import (
     InvalidArgumentError,
     InvalidImageError,
@@ -45,6 +45,9 @@ __all__ = [
     "__version__",
     "segment",
     "segment_to_zarr",
+    "RunOptions",
+    "status",
+    "finalize",
     "open_image",
     "ImageSource",
     "plan",

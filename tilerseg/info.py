@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .engine.lazy import default_workers
+from .engine.device import default_workers
+from .engine.options import run_options
 from .engine.prepare import prepare
 from .models.probe import eval_mode, meta_state
 
@@ -88,13 +89,14 @@ def describe(
         Several lines: source, shape, axes, dtype, levels, pixel size, tile plan, and
         estimates of peak memory and output size.
     """
-    p = prepare(image, model, tile, device, "none", level=level, channel=channel)
+    p = prepare(image, model, run_options(tile=tile, device=device, normalize="none",
+                                          level=level, channel=channel))
     s, g, plan = p.source, p.geometry, p.plan
     pixel = ", ".join(f"{a} {v:g} um" for a, v in s.pixel_size.items()) or "unknown"
     levels = "; ".join(f"{k}: {tuple(shape)}" for k, shape in enumerate(s.levels or [s.shape]))
     workers = default_workers(p.device)
     window_in = int(np.prod(plan.window)) * g.in_channels * 4
-    model_window = plan.window[1:] if p.runner.per_plane else plan.window  # 2D model, z-stack
+    model_window = p.runner.model_window  # without the plane axis of a z-stack
     per_tile = activation_bytes(model, model_window, g.in_channels) + window_in
     params = sum(t.numel() * t.element_size() for t in model.parameters())
     baseline = _resident_bytes()

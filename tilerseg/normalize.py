@@ -86,6 +86,7 @@ def resolve_normalization(
           ``sample()``, map to 0 and 1, for any dtype.
         - ``(low, high)``: an explicit range mapped to [0, 1].
         - ``False`` or ``None``: values are only cast to float32.
+        - a :class:`Normalization`: used as it is.
     dtype : numpy.dtype
         The image's dtype.
     sample : callable
@@ -106,6 +107,8 @@ def resolve_normalization(
     >>> resolve_normalization(False, np.dtype(np.uint8), lambda: None).method
     'none'
     """
+    if isinstance(normalize, Normalization):  # already resolved (e.g. recorded by a run)
+        return normalize
     dtype = np.dtype(dtype)
     is_int = dtype == np.bool_ or np.issubdtype(dtype, np.integer)
     if normalize is False or normalize is None or normalize == "none":

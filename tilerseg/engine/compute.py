@@ -102,12 +102,11 @@ class Replica:
     device : torch.device
         Where it runs.
     ndim : int
-        Spatial dimensions of the model (2 or 3).
+        Spatial dimensions of the model (2 or 3). A batch with one more axis is a 2D
+        model's batch of single planes of a z-stack: the singleton Z axis is dropped
+        before the model and restored after.
     precision : {"fp32", "bf16", "fp16"}
         Autocast precision of the forward pass.
-    per_plane : bool
-        Batches carry a singleton Z axis to drop before the model and restore after
-        (a 2D model on a z-stack).
     compile : bool
         Wrap the model in :func:`torch.compile`; call :meth:`warm_up` to compile before
         the run (failures fall back to eager execution, logged).
@@ -124,12 +123,11 @@ class Replica:
         device: torch.device,
         ndim: int,
         precision: str = "fp32",
-        per_plane: bool = False,
         compile: bool = False,
     ) -> None:
-        self.device, self.per_plane, self.precision = device, per_plane, precision
+        self.device, self.ndim, self.precision = device, ndim, precision
         self.autocast_dtype = resolve_precision(precision, device)
-        self.fmt = memory_format(2 if per_plane else ndim)
+        self.fmt = memory_format(ndim)
         self.model = model.to(device=device, memory_format=self.fmt)
         self.forward_model: Any = self.model
         self.compile_requested = compile
@@ -198,11 +196,12 @@ class Replica:
 
     def _forward(self, x: torch.Tensor, model: Any = None) -> torch.Tensor:
         """Logits of a device batch through ``model`` (default: the one in use)."""
-        if self.per_plane:
+        planes = x.dim() == self.ndim + 3  # (B, C, 1, Y, X): single planes of a z-stack
+        if planes:
             x = x[:, :, 0]
         with self._autocast():
             y = (model or self.forward_model)(x.contiguous(memory_format=self.fmt))
-        return y[:, :, None] if self.per_plane else y
+        return y[:, :, None] if planes else y
 
     def _submit_cuda(self, x: torch.Tensor, tiles: Sequence[Tile]) -> _Pending:
         assert self.copy_stream is not None and self.compute_stream is not None
@@ -252,12 +251,11 @@ def replicate(
     devices: Sequence[torch.device],
     ndim: int,
     precision: str = "fp32",
-    per_plane: bool = False,
     compile: bool = False,
 ) -> list[Replica]:
     """One :class:`Replica` per device; the first uses ``model`` itself, others copies."""
     replicas = []
     for k, dev in enumerate(devices):
         m = model if k == 0 else copy.deepcopy(model)
-        replicas.append(Replica(m, dev, ndim, precision, per_plane, compile))
+        replicas.append(Replica(m, dev, ndim, precision, compile))
     return replicas

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from ..errors import InvalidArgumentError
 
-__all__ = ["resolve_device", "resolve_devices", "default_batch_size", "default_tile"]
+__all__ = ["resolve_device", "resolve_devices", "default_batch_size", "default_tile",
+           "default_workers", "cpu_budget", "torch_threads"]
+
+log = logging.getLogger(__name__)
 
 _EXPECTED = "expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 
@@ -112,3 +118,47 @@ def resolve_devices(device: str | torch.device | Sequence[str | torch.device] = 
     if dev.type == "cuda" and dev.index is None:
         return [torch.device("cuda", k) for k in range(torch.cuda.device_count())]
     return [dev]
+
+
+def default_workers(device: torch.device) -> int:
+    """Concurrent model workers: two where there are 2+ cores (one per GPU elsewhere).
+
+    On the project's 2-core reference machine, two forward passes with one torch
+    thread each ran 8-20% faster than one pass with two threads
+    (``benchmarks/bench_threads.py``).
+    """
+    return 2 if device.type != "cpu" else max(1, min(2, os.cpu_count() or 1))
+
+
+def cpu_budget(workers: int | None = None, threads: int | None = None) -> tuple[int, int]:
+    """Split the cores between concurrent forward passes: ``(workers, torch threads each)``.
+
+    Defaults: :func:`default_workers` workers, ``cores // workers`` threads each, so
+    ``workers * threads <= cores`` (no oversubscription). Explicit values are kept; an
+    oversubscribed choice is logged.
+
+    Examples
+    --------
+    >>> w, t = cpu_budget(1, 3)
+    >>> (w, t)
+    (1, 3)
+    """
+    cores = os.cpu_count() or 1
+    workers = workers or default_workers(torch.device("cpu"))
+    threads = threads or max(1, cores // workers)
+    if workers * threads > cores:
+        log.warning("%d workers x %d torch threads oversubscribe %d cores", workers, threads,
+                    cores)
+    return workers, threads
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Set torch's intra-op thread count for a block (None: leave it), then restore it."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

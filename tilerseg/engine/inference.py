@@ -6,23 +6,20 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
-from typing import Any
 
 import dask.array as da
 import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError, InvalidImageError
-from ..geometry import ModelGeometry, Tile
+from ..errors import InvalidArgumentError
+from ..geometry import Tile
 from ..models.probe import eval_mode
-from ..normalize import NormalizeSpec, resolve_normalization
-from .device import resolve_device
-from ..io.source import ImageSource
+from ..normalize import NormalizeSpec
 from .lazy import lazy_probabilities
-from .prepare import check_batch_size, check_model, is_lazy_input, plan, prepare, statistics_sample
+from .options import run_options
+from .prepare import check_model, is_lazy_input, plan, prepare
 from .runner import TileRunner
-from .view import model_view
 
 __all__ = ["segment", "plan"]
 
@@ -30,43 +27,6 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 """Called as ``progress(tiles_done, tiles_total)`` after every batch."""
-
-_AXES = {2: "(Y, X) or (C, Y, X)", 3: "(Z, Y, X) or (C, Z, Y, X)"}
-
-
-def _channels_first(
-    image: Any, geometry: ModelGeometry, channel: Sequence[int] | None = None
-) -> np.ndarray:
-    """Validate ``image`` and return it as ``(C, *spatial)``, selecting ``channel``."""
-    try:
-        arr = np.asarray(image)
-    except Exception as exc:
-        raise InvalidImageError(f"image of type {type(image).__name__} is not an array: {exc}") from None
-    nd = geometry.ndim
-    if arr.dtype != np.bool_ and arr.dtype.kind not in "uif":
-        raise InvalidImageError(
-            f"image dtype {arr.dtype} is not supported; expected a real numeric or boolean dtype"
-        )
-    if arr.ndim not in (nd, nd + 1):
-        raise InvalidImageError(
-            f"image has {arr.ndim} dimensions, shape {arr.shape}; a {nd}D model expects "
-            f"{_AXES.get(nd, f'{nd} or {nd + 1} dimensions')}"
-        )
-    if arr.size == 0:
-        raise InvalidImageError(f"image is empty, shape {arr.shape}")
-    if arr.ndim == nd:
-        arr = arr[None]
-    if channel is not None:
-        arr = model_view(ImageSource(arr, "C" + "ZYX"[-nd:]), nd, channel)[:]
-    if arr.shape[0] != geometry.in_channels:
-        raise InvalidImageError(
-            f"image has {arr.shape[0]} channel(s), shape {arr.shape}; the model takes "
-            f"{geometry.in_channels} (channels come first)"
-        )
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise InvalidImageError("image contains NaN or Inf values")
-    return arr
-
 
 def _batches(tiles: Iterable[Tile], size: int) -> Iterator[list[Tile]]:
     it = iter(tiles)
@@ -159,30 +119,25 @@ def segment(
             raise InvalidArgumentError("tta=True needs an in-memory numpy image")
         return _dihedral_mean(lambda x: segment(x, model, tile, batch_size, device, normalize,
                                                 progress, channel=channel), np.asarray(image))
+    options = run_options(tile=tile, batch_size=batch_size, device=device, normalize=normalize,
+                          level=level, channel=channel)
     if is_lazy_input(image):
-        p = prepare(image, model, tile, device, normalize, level=level, channel=channel)
-        return lazy_probabilities(p.runner, check_batch_size(batch_size, p.device))
+        p = prepare(image, model, options)
+        return lazy_probabilities(p.runner, p.batch_size)
     geometry = check_model(model)
-    img = _channels_first(image, geometry, channel)
-    dev = resolve_device(device)
-    batch = check_batch_size(batch_size, dev)
-    tile_plan = plan(img.shape[1:], geometry, tile, dev)
-    source = ImageSource(img, "C" + "ZYX"[-geometry.ndim:])
-    norm = resolve_normalization(
-        normalize, img.dtype, lambda: statistics_sample(source, model_view(source, geometry.ndim))
-    )
-    out = np.empty((geometry.out_channels,) + img.shape[1:], dtype=np.float32)
-    log.info(
-        "segmenting %s %s with %d tiles of %s (window %s), batch %d on %s, normalisation %s",
-        img.shape, img.dtype, len(tile_plan), tile_plan.tile, tile_plan.window, batch, dev,
-        norm.method,
-    )
-    start = time.perf_counter()
     with eval_mode(model):
-        _run(TileRunner(model, img, tile_plan, norm, dev), batch, out, progress)
+        p = prepare(image, model, options, geometry=geometry)
+        out = np.empty((p.geometry.out_channels, *p.plan.image_shape), dtype=np.float32)
+        log.info(
+            "segmenting %s %s with %d tiles of %s (window %s), batch %d on %s, normalisation %s",
+            p.view.shape, p.view.dtype, len(p.plan), p.plan.tile, p.plan.window, p.batch_size,
+            p.device, p.normalization.method,
+        )
+        start = time.perf_counter()
+        _run(p.runner, p.batch_size, out, progress)
     seconds = time.perf_counter() - start
-    log.info("segmented %d px in %.2f s (%.2f Mpx/s)", img[0].size, seconds,
-             img[0].size / seconds / 1e6)
+    pixels = int(np.prod(p.plan.image_shape))
+    log.info("segmented %d px in %.2f s (%.2f Mpx/s)", pixels, seconds, pixels / seconds / 1e6)
     return out
 
 

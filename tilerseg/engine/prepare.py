@@ -1,4 +1,10 @@
-"""Normalising the arguments of a lazy run once: image, model, plan, normalisation."""
+"""The one path from arguments to a run: image, model, plan and normalisation, validated.
+
+Every way of segmenting (in memory, lazily, into Zarr, on a cluster worker) calls
+:func:`prepare` with validated :class:`~tilerseg.engine.options.RunOptions`; it opens the
+image (a numpy array is taken as it is), checks it against the model, plans the tiles
+and resolves the global normalisation once.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +17,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError, InvalidImageError, InvalidModelError
+from ..errors import InvalidImageError, InvalidModelError
 from ..geometry import ModelGeometry, TilePlan, plan_tiles
 from ..io.readers import open_image, sample_for_statistics
 from ..io.source import ImageSource
+from ..labels import LabelPolicy
 from ..models.probe import model_geometry
-from ..normalize import Normalization, NormalizeSpec, resolve_normalization
+from ..normalize import Normalization, resolve_normalization
+from .compute import resolve_precision
 from .device import default_batch_size, default_tile, resolve_device, resolve_devices
+from .options import RunOptions, run_options
 from .runner import TileRunner
 from .view import ChannelFirstView, model_view
 
-__all__ = ["Prepared", "prepare", "plan", "is_lazy_input", "check_model", "check_batch_size"]
+__all__ = ["Prepared", "prepare", "plan", "is_lazy_input", "check_model", "statistics_sample"]
+
+_AXES = {2: "(Y, X) or (C, Y, X)", 3: "(Z, Y, X) or (C, Z, Y, X)"}
+
 
 def is_lazy_input(image: Any) -> bool:
     """True for inputs read lazily: paths, :class:`ImageSource`, Dask and Zarr arrays."""
@@ -33,12 +45,16 @@ def is_lazy_input(image: Any) -> bool:
 
 def check_model(model: Any) -> ModelGeometry:
     """The geometry of ``model``, or a clear error if it is not a model."""
+    _check_module(model)
+    return model_geometry(model)
+
+
+def _check_module(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise InvalidModelError(
             f"model must be a torch.nn.Module (see tilerseg.create_model / load_model), "
             f"got {type(model).__name__}"
         )
-    return model_geometry(model)
 
 
 def plan(
@@ -77,26 +93,30 @@ def plan(
     return plan_tiles(image_shape, geometry, tile)
 
 
-def check_batch_size(batch_size: int | None, device: torch.device) -> int:
-    """A validated batch size, or the device's default."""
-    if batch_size is None:
-        return default_batch_size(device)
-    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
-        raise InvalidArgumentError(f"batch_size={batch_size!r} must be a positive integer")
-    return int(batch_size)
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """Everything a lazy run needs, validated."""
-
-    source: ImageSource
-    view: ChannelFirstView
-    geometry: ModelGeometry
-    plan: TilePlan
-    normalization: Normalization
-    device: torch.device
-    runner: TileRunner
+def _array_source(image: Any, geometry: ModelGeometry) -> ImageSource:
+    """An in-memory image ``(*spatial)`` or ``(C, *spatial)`` as a channel-first source."""
+    try:
+        arr = np.asarray(image)
+    except Exception as exc:
+        raise InvalidImageError(
+            f"image of type {type(image).__name__} is not an array: {exc}") from None
+    nd = geometry.ndim
+    if arr.dtype != np.bool_ and arr.dtype.kind not in "uif":
+        raise InvalidImageError(
+            f"image dtype {arr.dtype} is not supported; expected a real numeric or boolean dtype"
+        )
+    if arr.ndim not in (nd, nd + 1):
+        raise InvalidImageError(
+            f"image has {arr.ndim} dimensions, shape {arr.shape}; a {nd}D model expects "
+            f"{_AXES.get(nd, f'{nd} or {nd + 1} dimensions')}"
+        )
+    if arr.size == 0:
+        raise InvalidImageError(f"image is empty, shape {arr.shape}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InvalidImageError("image contains NaN or Inf values")
+    if arr.ndim == nd:
+        arr = arr[None]
+    return ImageSource(arr, "C" + "ZYX"[-nd:])
 
 
 def statistics_sample(source: ImageSource, view: ChannelFirstView) -> np.ndarray:
@@ -109,27 +129,104 @@ def statistics_sample(source: ImageSource, view: ChannelFirstView) -> np.ndarray
     return ChannelFirstView(sample, source.axes, view.spatial, view.channels)[:]
 
 
-def prepare(
-    image: Any,
-    model: nn.Module,
-    tile: int | Sequence[int] | None = None,
-    device: str | torch.device = "auto",
-    normalize: NormalizeSpec = "auto",
-    *,
-    level: int = 0,
-    channel: Sequence[int] | None = None,
-    precision: str = "fp32",
-) -> Prepared:
-    """Open ``image`` lazily and validate everything against ``model``.
+@dataclass(frozen=True)
+class Prepared:
+    """Everything a run needs, validated.
 
-    The model is put in eval mode (a lazy result may be computed at any later time) and
-    moved to ``device`` (the first, for a list) in channels-last format. A 2D model given a z-stack segments it
-    plane by plane (the plan then has a leading Z axis of single-plane tiles).
+    Attributes
+    ----------
+    source : ImageSource
+        The opened image.
+    view : ChannelFirstView
+        The model's ``(C, *spatial)`` view of it.
+    geometry : ModelGeometry
+        The run's geometry: the model's, with a leading pass-through axis when a 2D
+        model segments a z-stack plane by plane.
+    model_geometry : ModelGeometry
+        The model's own geometry.
+    plan : TilePlan
+        The tiles.
+    normalization : Normalization
+        The global intensity map.
+    devices : tuple of torch.device
+        Where the model runs (one replica per device).
+    options : RunOptions
+        The options, as given.
+    labels : LabelPolicy
+        How probabilities become labels.
+    runner : TileRunner
+        Reads and normalises windows; runs them on the first device.
     """
-    geometry = check_model(model)
-    source = image if isinstance(image, ImageSource) else open_image(image, level=level)
+
+    source: ImageSource
+    view: ChannelFirstView
+    geometry: ModelGeometry
+    model_geometry: ModelGeometry
+    plan: TilePlan
+    normalization: Normalization
+    devices: tuple[torch.device, ...]
+    options: RunOptions
+    labels: LabelPolicy
+    runner: TileRunner
+
+    @property
+    def device(self) -> torch.device:
+        """The first device."""
+        return self.devices[0]
+
+    @property
+    def model(self) -> nn.Module:
+        return self.runner.model
+
+    @property
+    def per_plane(self) -> bool:
+        """A 2D model segments a z-stack plane by plane."""
+        return self.runner.per_plane
+
+    @property
+    def batch_size(self) -> int:
+        """Tiles per forward pass: the option, or the device's default."""
+        return self.options.batch_size or default_batch_size(self.device)
+
+    @property
+    def flat_tile(self) -> tuple[int, ...]:
+        """The tile in the model's own axes (without the plane axis of a z-stack)."""
+        return self.plan.tile[-self.model_geometry.ndim:]
+
+
+def prepare(image: Any, model: nn.Module, options: RunOptions | None = None, *,
+            geometry: ModelGeometry | None = None) -> Prepared:
+    """Open ``image`` lazily (a numpy image as it is) and validate it against ``model``.
+
+    Parameters
+    ----------
+    image : path, ImageSource, numpy, Dask or Zarr array
+        The image; numpy arrays are ``(*spatial)`` or ``(C, *spatial)`` for the model's
+        spatial dimensions, other inputs are opened by :func:`tilerseg.open_image`.
+    model : torch.nn.Module
+        The model; put in eval mode (a lazy result may be computed at any later time).
+        It is moved to the first device (channels-last) when it first runs.
+    options : RunOptions, optional
+        The run's options (defaults otherwise).
+    geometry : ModelGeometry, optional
+        The model's geometry when already known (recorded by the run being resumed):
+        the model is then not probed.
+
+    Returns
+    -------
+    Prepared
+    """
+    options = run_options(options)
+    if geometry is None:
+        geometry = check_model(model)
+    else:
+        _check_module(model)
+    if is_lazy_input(image):
+        source = image if isinstance(image, ImageSource) else open_image(image, options.level)
+    else:
+        source = _array_source(image, geometry)
     planes = geometry.ndim == 2 and dict(zip(source.axes, source.shape)).get("Z", 1) > 1
-    view = model_view(source, 3 if planes else geometry.ndim, channel)
+    view = model_view(source, 3 if planes else geometry.ndim, options.channel)
     if view.dtype != np.bool_ and view.dtype.kind not in "uif":
         raise InvalidImageError(
             f"image dtype {view.dtype} is not supported; expected a real numeric or boolean dtype"
@@ -141,17 +238,23 @@ def prepare(
             f"image has {view.shape[0]} channel(s) (axes {source.axes!r}, shape "
             f"{source.shape}); the model takes {geometry.in_channels}"
         )
-    dev = resolve_devices(device)[0]
+    devices = tuple(resolve_devices(options.device))
+    dev = devices[0]
     if planes:  # a 2D model on a z-stack: plane by plane
-        flat = plan(view.shape[2:], geometry, tile, dev)
-        geometry = geometry.per_plane()
-        tile_plan = TilePlan(view.shape[1:], (1, *flat.tile), geometry)
+        flat = plan(view.shape[2:], geometry, options.tile, dev)
+        run_geometry = geometry.per_plane()
+        tile_plan = TilePlan(view.shape[1:], (1, *flat.tile), run_geometry)
     else:
-        tile_plan = plan(view.shape[1:], geometry, tile, dev)
+        run_geometry = geometry
+        tile_plan = plan(view.shape[1:], geometry, options.tile, dev)
     norm = resolve_normalization(
-        normalize, view.dtype, lambda: statistics_sample(source, view)
+        options.normalize, view.dtype, lambda: statistics_sample(source, view)
     )
+    labels = LabelPolicy.for_model(geometry.out_channels, getattr(model, "metadata", None),
+                                   options.threshold)
     model.eval()
     runner = TileRunner(model, view, tile_plan, norm, dev, check_finite=view.dtype.kind == "f",
-                        per_plane=planes, precision=precision)
-    return Prepared(source, view, geometry, tile_plan, norm, dev, runner)
+                        model_ndim=geometry.ndim, precision=options.precision)
+    resolve_precision(options.precision, dev)  # refuse one the device lacks, before any work
+    return Prepared(source, view, run_geometry, geometry, tile_plan, norm, devices, options,
+                    labels, runner)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +22,9 @@ __all__ = ["TileRunner"]
 class TileRunner:
     """Computes the probabilities of tiles of one image with one model.
 
-    Moves the model to ``device`` and channels-last format on construction (in place).
+    Reading and normalising windows (:meth:`load`) needs no model; :meth:`__call__`
+    runs them through a :class:`~tilerseg.engine.compute.Replica` of the model, made on
+    first use (which moves the model to ``device`` in channels-last format, in place).
     Calls are thread-safe as long as the model is in eval mode, which the caller
     arranges: each call runs under its own ``torch.inference_mode()``.
 
@@ -40,9 +43,10 @@ class TileRunner:
     check_finite : bool
         Refuse windows with NaN or Inf (for lazily read float images, which are not
         scanned up front).
-    per_plane : bool
-        The plan has a leading axis of single planes (a 2D model on a z-stack, see
-        :meth:`ModelGeometry.per_plane`): each window is fed as a 2D image.
+    model_ndim : int, optional
+        Spatial dimensions of the model, when it is less than the plan's: a 2D model on
+        a z-stack, whose plan has a leading axis of single planes (see
+        :meth:`ModelGeometry.per_plane`).
     precision : {"fp32", "bf16", "fp16"}
         Autocast precision of the forward pass.
     """
@@ -55,13 +59,32 @@ class TileRunner:
         norm: Normalization,
         device: torch.device,
         check_finite: bool = False,
-        per_plane: bool = False,
+        model_ndim: int | None = None,
         precision: str = "fp32",
     ) -> None:
         self.model, self.image, self.plan, self.norm = model, image, tile_plan, norm
-        self.device, self.check_finite = device, check_finite
-        self.per_plane = per_plane
-        self.replica = Replica(model, device, tile_plan.geometry.ndim, precision, per_plane)
+        self.device, self.check_finite, self.precision = device, check_finite, precision
+        self.model_ndim = model_ndim or tile_plan.geometry.ndim
+        self._replica: Replica | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def per_plane(self) -> bool:
+        """Whether a 2D model runs plane by plane over a z-stack."""
+        return self.model_ndim < self.plan.geometry.ndim
+
+    @property
+    def model_window(self) -> tuple[int, ...]:
+        """The input window the model sees (without the plane axis of a z-stack)."""
+        return self.plan.window[-self.model_ndim:]
+
+    @property
+    def replica(self) -> Replica:
+        """The model on ``device``, made on first use."""
+        with self._lock:
+            if self._replica is None:
+                self._replica = Replica(self.model, self.device, self.model_ndim, self.precision)
+            return self._replica
 
     def window(self, tile: Tile, out: np.ndarray | None = None) -> np.ndarray:
         """The normalised float32 input window of ``tile`` (written into ``out`` if given)."""

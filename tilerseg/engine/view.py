@@ -31,6 +31,11 @@ class ChannelFirstView:
         The model's spatial axes, ``"YX"`` or ``"ZYX"``.
     channels : sequence of int, optional
         Channels (C or S axis) to keep, in order; all by default.
+
+    Attributes
+    ----------
+    available : int
+        How many channels the image has.
     """
 
     def __init__(
@@ -55,6 +60,7 @@ class ChannelFirstView:
             raise InvalidImageError(f"image axes {axes!r} have both C and S channels")
         self.channel_axis = max(channel_axes, key=lambda a: shape[a]) if channel_axes else None
         count = shape[self.channel_axis] if self.channel_axis else 1
+        self.available = count
         if channels is None:
             self.channels = list(range(count))
         else:

@@ -48,6 +48,7 @@ array([  0, 128, 255], dtype=uint8)
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import uuid
@@ -74,6 +75,8 @@ __all__ = [
     "label_dtype",
     "labels_from_probabilities",
     "open_output",
+    "spec_from_dict",
+    "spec_to_dict",
 ]
 
 PROBABILITY_DTYPES = ("uint8", "float16", "float32")
@@ -133,6 +136,19 @@ class OutputSpec:
     attributes: dict = field(default_factory=dict)
     pyramid: bool = True
     eager_levels: int = 0
+
+
+def spec_to_dict(spec: OutputSpec) -> dict[str, Any]:
+    """The spec as plain JSON values (see :func:`spec_from_dict`)."""
+    return _jsonable(dataclasses.asdict(spec))
+
+
+def spec_from_dict(data: dict[str, Any]) -> OutputSpec:
+    """The :class:`OutputSpec` of :func:`spec_to_dict`."""
+    values = dict(data)
+    values["shape"] = tuple(values["shape"])
+    values["chunks"] = tuple(values["chunks"])
+    return OutputSpec(**values)
 
 
 def encode_probabilities(probs: np.ndarray, dtype: str) -> np.ndarray:
@@ -280,11 +296,19 @@ class OutputWriter:
         Level 0 of the labels, shape ``shape``, chunks ``chunks``, dtype
         :func:`label_dtype` of ``num_classes``.
 
+    staging : str or os.PathLike, optional
+        Where the output is built before :meth:`commit` moves it to ``path``; by default
+        a new hidden sibling ``.NAME.partial-UUID``.
+    existing : bool
+        Open the unfinished output already at ``staging`` (written with the same spec,
+        e.g. by another process) instead of creating it.
+
     Raises
     ------
     OutputError
         If ``path`` exists and not ``overwrite``, if its parent directory does not exist
-        or is not writable, or if the temporary output cannot be created.
+        or is not writable, if the temporary output cannot be created, or (``existing``)
+        if it cannot be opened.
     InvalidArgumentError
         If the spec is unusable.
 
@@ -295,7 +319,8 @@ class OutputWriter:
     it does not commit by itself.
     """
 
-    def __init__(self, path: str | os.PathLike, spec: OutputSpec, *, overwrite: bool = False):
+    def __init__(self, path: str | os.PathLike, spec: OutputSpec, *, overwrite: bool = False,
+                 staging: str | os.PathLike | None = None, existing: bool = False):
         _check_spec(spec)
         self.spec = spec
         self.path = Path(os.path.abspath(os.fspath(path)))
@@ -305,20 +330,28 @@ class OutputWriter:
         self._chunks = level_chunks(spec.chunks, self._shape)
         self.eager = eager_level_count(self._shape, self._chunks, spec) if spec.pyramid else 0
         self._state = "open"
+        parent = self.path.parent
+        self.staging = (Path(os.path.abspath(os.fspath(staging))) if staging is not None
+                        else parent / f".{self.path.name}.partial-{uuid.uuid4().hex}")
+        self.probabilities: zarr.Array | None = None
+        self.labels: zarr.Array | None = None
+        if existing:
+            try:
+                self._open_existing()
+            except (OSError, KeyError, ValueError) as err:
+                raise OutputError(
+                    f"cannot open the unfinished output '{self.staging}': {err}") from err
+            return
         if os.path.lexists(self.path) and not overwrite:
             raise OutputError(f"output '{os.fspath(path)}' exists; pass --overwrite to replace it")
-        parent = self.path.parent
         if not parent.is_dir():
             raise OutputError(f"output directory '{parent}' does not exist")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise OutputError(f"output directory '{parent}' is not writable")
-        self._tmp = parent / f".{self.path.name}.partial-{uuid.uuid4().hex}"
-        self.probabilities: zarr.Array | None = None
-        self.labels: zarr.Array | None = None
         try:
             self._create()
         except BaseException as err:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            shutil.rmtree(self.staging, ignore_errors=True)
             if isinstance(err, OSError):
                 raise OutputError(f"cannot write output '{self.path}': {err}") from err
             raise
@@ -338,13 +371,14 @@ class OutputWriter:
         if 0 < level <= self.eager:
             nominal = tuple(c >> level for c in self._chunks)
         chunks = level_chunks(nominal, shape)
-        store = os.fspath(self._tmp)
+        store = os.fspath(self.staging)
         probs = labels = None
         if self.spec.probabilities is not None:
             c = int(self.spec.num_classes)
             arr = zarr.create_array(
                 store, name=str(level), shape=(c, *shape), chunks=(c, *chunks),
                 dtype=self.spec.probabilities, dimension_names=("c", *axes), zarr_format=3,
+                overwrite=level > self.eager,  # a commit-time level may be redone
             )  # fmt: skip
             probs = arr
             if level == 0:
@@ -354,7 +388,7 @@ class OutputWriter:
             arr = zarr.create_array(
                 store, name=name, shape=shape, chunks=chunks,
                 dtype=label_dtype(int(self.spec.num_classes)), dimension_names=tuple(axes),
-                zarr_format=3,
+                zarr_format=3, overwrite=level > self.eager,
             )  # fmt: skip
             labels = arr
             if level == 0:
@@ -363,13 +397,31 @@ class OutputWriter:
 
     def _create(self) -> None:
         """Create the temporary output with level 0 and provisional metadata."""
-        root = zarr.open_group(os.fspath(self._tmp), mode="w-", zarr_format=3)
+        root = zarr.open_group(os.fspath(self.staging), mode="w-", zarr_format=3)
         if self.spec.probabilities is not None and self.spec.labels:
             root.create_group("labels").create_group(LABEL_NAME)
         self._create_level(0, self._shape)
         shapes = level_shapes(self._shape, self._chunks)
         self._eager_arrays = {k: self._create_level(k, shapes[k]) for k in range(1, self.eager + 1)}
         self._write_metadata(1, complete=False)
+
+    def _open_level(self, level: int) -> tuple[zarr.Array | None, zarr.Array | None]:
+        """Open the arrays of one existing level for writing: (probabilities, labels)."""
+        store = os.fspath(self.staging)
+        probs = labels = None
+        if self.spec.probabilities is not None:
+            probs = zarr.open_array(store, path=str(level), mode="r+", zarr_format=3)
+        if self.spec.labels:
+            name = "/".join(p for p in (self._labels_group, str(level)) if p)
+            labels = zarr.open_array(store, path=name, mode="r+", zarr_format=3)
+        return probs, labels
+
+    def _open_existing(self) -> None:
+        """Open level 0 and the eager levels of an unfinished output made by this spec."""
+        if not (self.staging / "zarr.json").is_file():
+            raise OSError(f"no Zarr group at '{self.staging}'")
+        self.probabilities, self.labels = self._open_level(0)
+        self._eager_arrays = {k: self._open_level(k) for k in range(1, self.eager + 1)}
 
     def _multiscale(self, name: str, channel: bool, levels: int, method: str) -> dict:
         """One OME-NGFF 0.5 ``multiscales`` entry."""
@@ -407,7 +459,7 @@ class OutputWriter:
 
     def _write_metadata(self, levels: int, *, complete: bool) -> None:
         """Write the ``ome`` and ``tilerseg`` attributes for ``levels`` levels."""
-        root = zarr.open_group(os.fspath(self._tmp), mode="r+", zarr_format=3)
+        root = zarr.open_group(os.fspath(self.staging), mode="r+", zarr_format=3)
         info = dict(self._attributes)
         info["complete"] = complete
         if self.spec.probabilities == "uint8":
@@ -513,7 +565,7 @@ class OutputWriter:
 
     def _build_pyramid(self, shapes: list[tuple[int, ...]]) -> None:
         """Create and fill levels 1.. from the level before each."""
-        root = zarr.open_group(os.fspath(self._tmp), mode="r+", zarr_format=3)
+        root = zarr.open_group(os.fspath(self.staging), mode="r+", zarr_format=3)
         nd = len(self._shape)
         for k in range(1, len(shapes)):
             if k <= self.eager:  # written tile by tile (write_levels)
@@ -578,7 +630,7 @@ class OutputWriter:
             if not self.overwrite:
                 raise OutputError(
                     f"output '{self.path}' exists; pass --overwrite to replace it "
-                    f"(the new output is in '{self._tmp}')"
+                    f"(the new output is in '{self.staging}')"
                 )
             old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex}"
             try:
@@ -586,7 +638,7 @@ class OutputWriter:
             except OSError as err:
                 raise OutputError(f"cannot replace output '{self.path}': {err}") from err
         try:
-            os.rename(self._tmp, self.path)
+            os.rename(self.staging, self.path)
         except OSError as err:
             if old is not None:
                 os.rename(old, self.path)
@@ -612,7 +664,7 @@ class OutputWriter:
             return
         self._state = "aborted"
         self.probabilities = self.labels = None
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        shutil.rmtree(self.staging, ignore_errors=True)
 
     def __enter__(self) -> OutputWriter:
         return self

@@ -7,6 +7,9 @@ any other pickled object is rejected before that object can run.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
 import os
 import tempfile
@@ -19,7 +22,8 @@ from torch import nn
 from ..errors import InvalidModelError, ModelNotFoundError
 from .registry import create_model, list_models
 
-__all__ = ["save_model", "load_model", "model_from_spec", "bundled_models", "DEFAULT_MODEL"]
+__all__ = ["save_model", "load_model", "model_from_spec", "model_to_bytes", "model_from_bytes",
+           "weights_digest", "bundled_models", "DEFAULT_MODEL"]
 
 log = logging.getLogger(__name__)
 
@@ -73,28 +77,7 @@ def save_model(
     >>> tilerseg.load_model(p).config["base_channels"]
     2
     """
-    from .. import __version__
-
-    name = getattr(model, "registry_name", None)
-    config = getattr(model, "config", None)
-    if not isinstance(name, str) or not isinstance(config, dict):
-        raise InvalidModelError(
-            f"cannot save {type(model).__name__}: only models built by create_model() "
-            "(with registry_name and config) can be saved"
-        )
-    payload = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "tilerseg_version": __version__,
-        "architecture": name,
-        "config": dict(config),
-        "metadata": dict(metadata or {}),
-        "state_dict": {
-            k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu())
-            .contiguous()
-            for k, v in model.state_dict().items()
-        },
-    }
+    payload = _payload(model, metadata, half)
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -107,7 +90,7 @@ def save_model(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    log.info("saved %s model to %s", name, path)
+    log.info("saved %s model to %s", payload["architecture"], path)
     return path
 
 
@@ -151,21 +134,7 @@ def load_model(path: str | os.PathLike | None = None) -> nn.Module:
         raise InvalidModelError(
             f"{str(path)!r} is not a tilerseg model file ({reason[:200]})"
         ) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise InvalidModelError(f"{str(path)!r} is not a tilerseg model file (no tilerseg header)")
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise InvalidModelError(
-            f"{str(path)!r} has model format version {payload.get('format_version')!r}; "
-            f"this tilerseg reads version {FORMAT_VERSION}"
-        )
-    try:
-        model = create_model(payload["architecture"], **payload["config"])
-        model.load_state_dict(payload["state_dict"], strict=True)
-    except (KeyError, TypeError, RuntimeError, InvalidModelError) as exc:
-        reason = str(exc).strip().splitlines()[0]
-        raise InvalidModelError(f"{str(path)!r} is a damaged tilerseg model file ({reason[:200]})") from None
-    model.metadata = dict(payload.get("metadata") or {})
-    model.eval()
+    model = _from_payload(payload, repr(str(path)))
     log.info("loaded %s model from %s", payload["architecture"], path)
     return model
 
@@ -194,3 +163,107 @@ def model_from_spec(spec: str | os.PathLike | None = None) -> nn.Module:
                     "--model FILE.pt for meaningful results", str(spec))
         return create_model(str(spec))
     return load_model(spec)
+
+
+def _payload(model: nn.Module, metadata: dict[str, Any] | None, half: bool) -> dict[str, Any]:
+    """What a model file holds: format header, architecture, config, metadata, weights."""
+    from .. import __version__
+
+    name = getattr(model, "registry_name", None)
+    config = getattr(model, "config", None)
+    if not isinstance(name, str) or not isinstance(config, dict):
+        raise InvalidModelError(
+            f"cannot save {type(model).__name__}: only models built by create_model() "
+            "(with registry_name and config) can be saved"
+        )
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tilerseg_version": __version__,
+        "architecture": name,
+        "config": dict(config),
+        "metadata": dict(metadata or {}),
+        "state_dict": {
+            k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu())
+            .contiguous()
+            for k, v in model.state_dict().items()
+        },
+    }
+
+
+def _from_payload(payload: Any, label: str) -> nn.Module:
+    """The model of a loaded payload, in eval mode, or a clear error naming ``label``."""
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise InvalidModelError(f"{label} is not a tilerseg model file (no tilerseg header)")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise InvalidModelError(
+            f"{label} has model format version {payload.get('format_version')!r}; "
+            f"this tilerseg reads version {FORMAT_VERSION}"
+        )
+    try:
+        model = create_model(payload["architecture"], **payload["config"])
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except (KeyError, TypeError, RuntimeError, InvalidModelError) as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise InvalidModelError(f"{label} is a damaged tilerseg model file ({reason[:200]})") from None
+    model.metadata = dict(payload.get("metadata") or {})
+    model.eval()
+    return model
+
+
+def model_to_bytes(model: nn.Module) -> bytes:
+    """The bytes of a model file of ``model`` (its metadata included), without a file.
+
+    Used to ship a model to the worker processes of a cluster once per process.
+    """
+    buffer = io.BytesIO()
+    torch.save(_payload(model, getattr(model, "metadata", None), half=False), buffer)
+    return buffer.getvalue()
+
+
+def model_from_bytes(data: bytes) -> nn.Module:
+    """The model of :func:`model_to_bytes`; never executes code from the bytes."""
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InvalidModelError(f"model bytes are not a tilerseg model ({exc})") from None
+    return _from_payload(payload, "model bytes")
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's architecture, configuration and every tensor of its state.
+
+    Two models with the same digest compute the same function; a run records it so
+    that it resumes only with the same weights. Cached on the model until a tensor of
+    its state changes (torch's version counters).
+
+    Examples
+    --------
+    >>> from tilerseg import create_model
+    >>> a = create_model(base_channels=2)
+    >>> weights_digest(a) == weights_digest(a), len(weights_digest(a))
+    (True, 64)
+    """
+    state = model.state_dict()
+    try:
+        key: Any = tuple((id(t), t._version) for t in state.values())
+    except RuntimeError:  # inference tensors have no version counter
+        key = None
+    cached = getattr(model, "_tilerseg_digest", None)
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1]
+    h = hashlib.sha256()
+    head = {"architecture": getattr(model, "registry_name", type(model).__name__),
+            "config": getattr(model, "config", None)}
+    h.update(json.dumps(head, sort_keys=True, default=str).encode())
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest = h.hexdigest()
+    if key is not None:
+        try:
+            model._tilerseg_digest = (key, digest)
+        except AttributeError:
+            pass
+    return digest

@@ -1,0 +1,71 @@
+"""How tasks run: one protocol, several executors.
+
+An executor takes :class:`~tilerseg.engine.tasks.Work` (the missing tasks of one or more
+outputs), computes and stores them, writes each task's completion record and calls each
+work's ``on_complete`` when all its tasks are recorded:
+
+- :class:`LocalExecutor`: threads in this process (the pipelined executor);
+- :class:`DaskExecutor`: one Dask task per task, on Dask's local threads or on a
+  ``dask.distributed`` cluster (worker processes load the model once and reopen the
+  input themselves);
+- :class:`ShardExecutor`: a deterministic share of the tasks (one job of a job array),
+  run by another executor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from ...errors import InvalidArgumentError
+from ..pipeline import StageTimes
+from ..tasks import Work
+from .dask import DaskExecutor
+from .local import LocalExecutor
+from .shard import ShardExecutor, parse_shard
+
+__all__ = ["Executor", "LocalExecutor", "DaskExecutor", "ShardExecutor", "resolve_executor",
+           "parse_shard"]
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """What every executor implements."""
+
+    name: str
+
+    def select(self, task_ids: Sequence[int]) -> list[int]:
+        """The tasks (of those missing) this executor is responsible for."""
+
+    def run(self, works: Iterable[Work], *, progress: Callable[[int], None] | None = None,
+            isolate: bool = False, record: dict | None = None) -> StageTimes:
+        """Run the tasks of ``works``; ``progress(tiles_written)``; ``record``: extra
+        values for the completion records; see :func:`~tilerseg.engine.tasks.run_tasks`."""
+
+
+def resolve_executor(executor: Any = None) -> Executor:
+    """An executor from what a caller passed.
+
+    Parameters
+    ----------
+    executor : None, str, distributed.Client or Executor
+        None, ``"pipeline"`` or ``"local"``: :class:`LocalExecutor`; ``"dask"``: one Dask
+        task per task on Dask's local threads; a ``distributed.Client``: its cluster; an
+        object with ``select`` and ``run``: itself.
+
+    Examples
+    --------
+    >>> resolve_executor().name, resolve_executor("dask").name
+    ('pipeline', 'dask')
+    """
+    if executor is None or executor in ("pipeline", "local"):
+        return LocalExecutor()
+    if executor == "dask":
+        return DaskExecutor()
+    if type(executor).__name__ == "Client" and type(executor).__module__.startswith("distributed"):
+        return DaskExecutor(executor)
+    if isinstance(executor, Executor):
+        return executor
+    raise InvalidArgumentError(
+        f"executor={executor!r} is not understood; expected 'pipeline', 'dask', a "
+        "distributed.Client or an executor")

@@ -1,0 +1,494 @@
+"""The output cut into tasks, and the work directory that makes a run resumable.
+
+Tasks
+-----
+The output's tile grid (one tile = one Zarr chunk of level 0, and one chunk of each
+eager pyramid level) is cut into rectangular blocks of up to :data:`TILES_PER_TASK`
+tiles along the last axis: a task. Tasks are numbered row-major. A :class:`Task` is plain
+data (input path, level, channels, region of tiles, the run's config hash, where the
+output is), so it crosses process and machine boundaries as a few hundred bytes.
+
+The work directory
+------------------
+An unfinished output ``OUT.zarr`` lives beside it in ``OUT.zarr.partial/``::
+
+    OUT.zarr.partial/
+        manifest.json     what is being computed (see :func:`build_manifest`), with its hash
+        output.zarr/      the output being written; moved to OUT.zarr by the commit
+        done/             one completion record per finished task, e.g. done/17
+        locks/            run.lock, shard-I-of-N.lock, commit.lock (see tilerseg.engine.locks)
+        shards/           what each shard of a job array did, e.g. shards/2-of-3.json
+
+A task's record is written only after all its chunks (eager pyramid levels included)
+are stored, so a crash between the two redoes the task; every chunk write is idempotent.
+The commit builds the remaining pyramid levels, marks the output complete, renames
+``output.zarr`` to ``OUT.zarr`` and removes the work directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import OutputError
+from ..geometry import ModelGeometry, normalize_tile
+from ..normalize import Normalization, resolve_normalization
+
+__all__ = [
+    "TILES_PER_TASK", "Task", "TaskGrid", "WorkDir", "work_path", "build_manifest",
+    "differences", "input_identity", "geometry_of", "read_final_manifest", "remove_tree",
+]
+
+log = logging.getLogger(__name__)
+
+TILES_PER_TASK = 4
+"""Tiles (output chunks) per task, along the last axis."""
+
+MANIFEST = "manifest.json"
+STORE = "output.zarr"
+FORMAT = "tilerseg-run"
+FORMAT_VERSION = 1
+
+
+def work_path(out: str | os.PathLike) -> Path:
+    """Where the unfinished output of ``out`` lives: ``OUT.zarr`` -> ``OUT.zarr.partial``.
+
+    Examples
+    --------
+    >>> work_path("/data/slide.tilerseg.zarr").as_posix()
+    '/data/slide.tilerseg.zarr.partial'
+    """
+    out = Path(os.path.abspath(os.fspath(out)))
+    return out.with_name(out.name + ".partial")
+
+
+# -- tasks ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskGrid:
+    """The tile grid of an output cut into blocks of tiles: the tasks.
+
+    Examples
+    --------
+    >>> g = TaskGrid((3, 10), (1, 4))
+    >>> len(g), g.region(2), g.tiles(2)
+    (9, ((0, 1), (8, 10)), [(0, 8), (0, 9)])
+    >>> g.task_of((2, 5))
+    7
+    """
+
+    grid: tuple[int, ...]
+    block: tuple[int, ...]
+
+    @classmethod
+    def for_grid(cls, grid: Sequence[int], tiles_per_task: int = TILES_PER_TASK) -> TaskGrid:
+        """Blocks of ``tiles_per_task`` tiles along the last axis."""
+        grid = tuple(int(g) for g in grid)
+        return cls(grid, (1,) * (len(grid) - 1) + (min(tiles_per_task, grid[-1]),))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Tasks per axis."""
+        return tuple(-(-g // b) for g, b in zip(self.grid, self.block))
+
+    def __len__(self) -> int:
+        return int(np.prod(self.shape))
+
+    def region(self, task_id: int) -> tuple[tuple[int, int], ...]:
+        """The task's tiles: ``[lo, hi)`` tile indices per axis."""
+        position = np.unravel_index(task_id, self.shape)
+        return tuple((int(p) * b, min(g, (int(p) + 1) * b))
+                     for p, b, g in zip(position, self.block, self.grid))
+
+    def tiles(self, task_id: int) -> list[tuple[int, ...]]:
+        """The tile indices of a task, row-major."""
+        region = self.region(task_id)
+        return [tuple(lo + int(i) for i, (lo, _) in zip(idx, region))
+                for idx in np.ndindex(*(hi - lo for lo, hi in region))]
+
+    def task_of(self, tile: Sequence[int]) -> int:
+        """The task a tile belongs to."""
+        return int(np.ravel_multi_index(tuple(t // b for t, b in zip(tile, self.block)),
+                                        self.shape))
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of a run, as plain data: what a worker needs to find and do it.
+
+    Attributes
+    ----------
+    output : str
+        The final output path.
+    work : str
+        The run's work directory (holds the manifest; see the module notes).
+    config_hash : str
+        The manifest's hash: a worker refuses a task whose run it does not know.
+    task_id : int
+        The task's number.
+    image : str or None
+        The input path or URL; None for an in-memory image (this process only).
+    level : int
+        The input pyramid level.
+    channels : tuple of int
+        The input channels fed to the model.
+    region : tuple of (int, int)
+        ``[lo, hi)`` indices of the output chunks (tiles) per axis.
+    """
+
+    output: str
+    work: str
+    config_hash: str
+    task_id: int
+    image: str | None
+    level: int
+    channels: tuple[int, ...]
+    region: tuple[tuple[int, int], ...]
+
+
+# -- what a run computes ----------------------------------------------------------------------
+
+
+def _file_stat(path: str) -> dict[str, Any]:
+    """Size and modification time of a file, or of a folder's top-level entries."""
+    if os.path.isdir(path):
+        names = sorted(os.listdir(path))
+        stats = [os.stat(os.path.join(path, n)) for n in names] + [os.stat(path)]
+        return {"entries": len(names), "size": sum(s.st_size for s in stats),
+                "mtime_ns": max(s.st_mtime_ns for s in stats)}
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def input_identity(image: Any, source: Any = None) -> dict[str, Any]:
+    """What identifies an input: path, size and modification time, or an array's content.
+
+    Parameters
+    ----------
+    image : path or array
+        What the caller passed.
+    source : ImageSource, optional
+        The opened image, for paths, Dask and Zarr arrays (its format, axes, shape and
+        dtype are recorded too).
+
+    Returns
+    -------
+    dict
+        Plain values. A folder is identified by its top-level entries (a Zarr store by
+        its metadata files, not by every chunk); a glob by the files it matches; a numpy
+        array by the SHA-256 of its bytes; a Dask or Zarr array by Dask's token.
+    """
+    if source is None:
+        arr = np.ascontiguousarray(image)
+        return {"format": "array", "shape": list(arr.shape), "dtype": str(arr.dtype),
+                "sha256": hashlib.sha256(arr.view(np.uint8).reshape(-1)).hexdigest()}
+    out: dict[str, Any] = {"format": source.format, "axes": source.axes,
+                           "shape": list(source.shape), "dtype": str(source.dtype),
+                           "level": source.level}
+    path = source.path
+    if path is not None:
+        out["path"] = os.path.abspath(path)
+        if os.path.exists(path):
+            out.update(_file_stat(path))
+        else:  # a glob
+            import glob
+
+            files = sorted(glob.glob(path))
+            stats = [os.stat(f) for f in files]
+            out.update(entries=len(files), size=sum(s.st_size for s in stats),
+                       mtime_ns=max((s.st_mtime_ns for s in stats), default=0))
+        return out
+    from dask.base import tokenize
+
+    out["token"] = tokenize(source.data)
+    return out
+
+
+def geometry_of(manifest: dict[str, Any]) -> ModelGeometry:
+    """The model's geometry recorded in a manifest."""
+    g = manifest["geometry"]
+    return ModelGeometry(g["ndim"], g["in_channels"], g["out_channels"], tuple(g["step"]),
+                         tuple(g["min_input"]), tuple(g["shrink"]), tuple(g["halo"]))
+
+
+def _hash(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest's content, without its creation time and the hash."""
+    content = {k: v for k, v in manifest.items() if k not in ("created", "config_hash", "spec")}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def build_manifest(*, output: Path, version: str, identity: dict[str, Any],
+                   model: dict[str, Any], geometry: ModelGeometry, per_plane: bool,
+                   options: dict[str, Any], resolved: dict[str, Any],
+                   spec: dict[str, Any], grid: TaskGrid) -> dict[str, Any]:
+    """A run's manifest: everything that decides its output, and how it is cut.
+
+    ``options`` are the output-deciding options as requested, ``resolved`` what they
+    became (tile, normalisation with its statistics, labels, channels, background map).
+    The ``config_hash`` fingerprints all of it but the creation time and the output spec.
+    """
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "tilerseg": version,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "output": os.fspath(output), "input": identity, "model": model,
+        "geometry": {"ndim": geometry.ndim, "in_channels": geometry.in_channels,
+                     "out_channels": geometry.out_channels, "step": list(geometry.step),
+                     "min_input": list(geometry.min_input), "shrink": list(geometry.shrink),
+                     "halo": list(geometry.halo), "per_plane": per_plane},
+        "options": options, "resolved": resolved, "spec": spec,
+        "tasks": {"grid": list(grid.grid), "block": list(grid.block), "count": len(grid)},
+    }
+    manifest["config_hash"] = _hash(manifest)
+    return manifest
+
+
+class _NeedsStatistics(Exception):
+    pass
+
+
+def _normalization_differs(spec: Any, dtype: str, recorded: dict[str, Any]) -> bool:
+    """Whether ``normalize=spec`` would map the input otherwise than ``recorded`` did."""
+
+    def sample() -> np.ndarray:
+        raise _NeedsStatistics
+
+    try:
+        now = resolve_normalization(spec, np.dtype(dtype), sample)
+    except _NeedsStatistics:  # percentiles: the recorded ones are those of this input
+        return recorded["method"] != "percentile"
+    return now != Normalization(**recorded)
+
+
+def differences(manifest: dict[str, Any], options: Any, *, version: str, digest: str,
+                identity: dict[str, Any], labels: dict[str, Any]) -> list[str]:
+    """What a new request changes against a recorded run, one phrase each (empty: same).
+
+    Parameters
+    ----------
+    manifest : dict
+        The recorded run (from a work directory or a finished output).
+    options : RunOptions
+        The new request. Options left at None (tile, channel) take the recorded values.
+    version : str
+        This tilerseg's version.
+    digest : str
+        The new model's weights digest.
+    identity : dict
+        The new input's :func:`input_identity`.
+    labels : dict
+        The new label policy (``LabelPolicy.as_dict()``).
+    """
+    out = []
+
+    def differ(name: str, then: Any, now: Any) -> None:
+        out.append(f"{name} ({then} then, {now} now)")
+
+    if manifest.get("tilerseg") != version:
+        differ("tilerseg version", manifest.get("tilerseg"), version)
+    if manifest["model"]["digest"] != digest:
+        differ("model weights", manifest["model"]["digest"][:12], digest[:12])
+    recorded_input = manifest["input"]
+    for key in sorted(set(recorded_input) | set(identity)):
+        if recorded_input.get(key) != identity.get(key):
+            differ(f"input {key}", recorded_input.get(key), identity.get(key))
+            break
+    requested, resolved = manifest["options"], manifest["resolved"]
+    if options.tile is not None:
+        shape = manifest["spec"]["shape"][-len(resolved["tile"]):]
+        try:
+            tile = list(normalize_tile(options.tile, geometry_of(manifest), shape))
+        except ValueError as err:
+            tile = f"{options.tile!r}: {err}"
+        if tile != resolved["tile"]:
+            differ("tile", resolved["tile"], tile)
+    if _normalization_differs(options.normalize, recorded_input["dtype"],
+                              resolved["normalization"]):
+        differ("normalize", requested["normalize"], options.normalize)
+    channels = (list(options.channel) if options.channel is not None
+                else list(range(resolved["available_channels"])))
+    if channels != resolved["channels"]:
+        differ("channel", resolved["channels"], channels)
+    if labels != resolved["labels"]:
+        differ("threshold", resolved["labels"], labels)
+    now = options.output_options()
+    for name in ("output", "dtype", "level", "precision", "pyramid", "skip_background",
+                 "background_tolerance", "background_value"):
+        if requested[name] != now[name]:
+            differ(name, requested[name], now[name])
+    return out
+
+
+# -- the work directory -----------------------------------------------------------------------
+
+
+class WorkDir:
+    """The unfinished output of one run (see the module notes).
+
+    Use :meth:`create` or :meth:`open`; the manifest is read once.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.manifest = manifest
+        self.grid = TaskGrid(tuple(manifest["tasks"]["grid"]), tuple(manifest["tasks"]["block"]))
+
+    @property
+    def config_hash(self) -> str:
+        return str(self.manifest["config_hash"])
+
+    @property
+    def store(self) -> Path:
+        """The Zarr store being written."""
+        return self.path / STORE
+
+    @property
+    def done_dir(self) -> Path:
+        return self.path / "done"
+
+    @property
+    def locks(self) -> Path:
+        return self.path / "locks"
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.path / "shards"
+
+    @classmethod
+    def create(cls, path: Path, manifest: dict[str, Any],
+               make_store: Callable[[Path], None]) -> tuple[WorkDir, bool]:
+        """Create the work directory atomically, or open the one another process made.
+
+        Everything is built in a hidden sibling first and renamed into place, so
+        processes starting at once (shards of a job array) agree on one directory.
+
+        Returns
+        -------
+        (WorkDir, bool)
+            The work directory, and whether this call created it.
+        """
+        tmp = path.parent / f".{path.name}.new-{uuid.uuid4().hex}"
+        try:
+            tmp.mkdir()
+            for sub in ("done", "locks", "shards"):
+                (tmp / sub).mkdir()
+            _write_json(tmp / MANIFEST, manifest)
+            make_store(tmp / STORE)
+            os.rename(tmp, path)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if path.is_dir():  # another process won the rename
+                return cls.open(path), False
+            raise OutputError(f"cannot create the work directory '{path}': {err}") from err
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls(path, manifest), True
+
+    @classmethod
+    def open(cls, path: Path) -> WorkDir:
+        """Open an existing work directory."""
+        try:
+            with open(path / MANIFEST, encoding="utf-8") as f:
+                manifest = json.load(f)
+        except (OSError, ValueError) as err:
+            raise OutputError(
+                f"'{path}' is not a tilerseg work directory ({err}); remove it or pass "
+                "--overwrite") from None
+        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            raise OutputError(f"'{path}' was written by another tilerseg version; remove it "
+                              "or pass --overwrite")
+        return cls(Path(path), manifest)
+
+    def done(self) -> set[int]:
+        """The tasks with a completion record."""
+        try:
+            return {int(n) for n in os.listdir(self.done_dir) if n.isdigit()}
+        except FileNotFoundError:
+            return set()
+
+    def missing(self) -> list[int]:
+        """The tasks without a completion record, in order."""
+        done = self.done()
+        return [k for k in range(len(self.grid)) if k not in done]
+
+    def mark_done(self, task_id: int, **info: Any) -> None:
+        """Record that a task's chunks are all stored."""
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), **info}
+        with open(self.done_dir / str(task_id), "w", encoding="utf-8") as f:
+            json.dump(record, f)
+
+    def record_shard(self, shard: tuple[int, int], **info: Any) -> None:
+        """Write what a shard of a job array did (overwriting its previous record)."""
+        i, n = shard
+        record = {"shard": f"{i}/{n}", "host": socket.gethostname(), "pid": os.getpid(),
+                  "time": time.strftime("%Y-%m-%d %H:%M:%S"), **info}
+        _write_json(self.shards_dir / f"{i}-of-{n}.json", record)
+
+    def shards(self) -> list[dict[str, Any]]:
+        """The shard records, in shard order."""
+        out = []
+        for p in sorted(self.shards_dir.glob("*.json"),
+                        key=lambda p: [int(x) for x in p.stem.split("-of-")]):
+            try:
+                out.append(json.loads(p.read_text(encoding="utf-8")))
+            except (OSError, ValueError):
+                continue
+        return out
+
+    def tasks(self, ids: Sequence[int], image: str | None, level: int,
+              channels: Sequence[int]) -> Iterator[Task]:
+        """The :class:`Task` records of ``ids``."""
+        output = self.manifest["output"]
+        for k in ids:
+            yield Task(output, os.fspath(self.path), self.config_hash, int(k), image,
+                       int(level), tuple(int(c) for c in channels), self.grid.region(k))
+
+    def remove(self) -> None:
+        """Delete the work directory (after a commit, or to start again)."""
+        remove_tree(self.path)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory: renamed aside first, so it vanishes at once for other runs."""
+    aside = path.with_name(f".{path.name}.removed-{uuid.uuid4().hex}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename: readers never see half of it."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def read_final_manifest(out: Path) -> dict[str, Any] | None:
+    """The manifest a finished output recorded (None if it is not a complete tilerseg run)."""
+    import zarr
+
+    try:
+        attrs = dict(zarr.open_group(os.fspath(out), mode="r", zarr_format=3).attrs)
+    except Exception:  # noqa: BLE001 - not a readable output: treated as foreign
+        return None
+    info = attrs.get("tilerseg") or {}
+    if not info.get("complete") or not isinstance(info.get("manifest"), dict):
+        return None
+    return info["manifest"]

@@ -1,0 +1,227 @@
+"""Lock files on a (possibly shared) filesystem, with stale-lock detection.
+
+A lock is a small JSON file created with ``O_CREAT | O_EXCL`` (atomic on local
+filesystems and on NFS v3 and later). It names the host, the process id and the
+process's start time, and a thread touches it every :data:`HEARTBEAT` seconds while it
+is held. A lock is stale, and may be taken over, when
+
+- it was made on this host and its process no longer runs (or the pid now belongs to a
+  process that started at another time: the pid was reused), or
+- it was made on another host and has not been touched for :data:`STALE_AFTER`
+  seconds (that host may have crashed; a process on it cannot be checked from here).
+
+Examples
+--------
+>>> import tempfile, os
+>>> d = tempfile.mkdtemp()
+>>> with FileLock(os.path.join(d, "run.lock"), "run") as lock:
+...     [h.pid == os.getpid() for h in live_locks(d)]
+[True]
+>>> live_locks(d)
+[]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+__all__ = ["FileLock", "LockHolder", "LockedError", "live_locks", "read_lock", "HEARTBEAT",
+           "STALE_AFTER"]
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT = 10.0
+"""Seconds between touches of a held lock."""
+
+STALE_AFTER = 120.0
+"""A lock from another host untouched for this long is stale."""
+
+
+class LockedError(Exception):
+    """The lock is held by a live process (``holder`` says which)."""
+
+    def __init__(self, holder: LockHolder) -> None:
+        super().__init__(holder.describe())
+        self.holder = holder
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The start time of process ``pid`` in clock ticks since boot (Linux), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pid: int, ticks: int | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        pass
+    now = _start_ticks(pid)
+    return ticks is None or now is None or now == ticks
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds (or held) a lock, read from its file."""
+
+    path: str
+    kind: str
+    host: str
+    pid: int
+    ticks: int | None
+    since: str
+    touched: float
+    info: dict[str, Any]
+
+    @property
+    def stale(self) -> bool:
+        """True when the holder is known to be gone (see the module notes)."""
+        if self.host == socket.gethostname():
+            return not _alive(self.pid, self.ticks)
+        return time.time() - self.touched > STALE_AFTER
+
+    def describe(self) -> str:
+        """One line: what holds it, where and since when."""
+        extra = "".join(f" {k} {v}" for k, v in self.info.items())
+        return f"{self.kind}{extra} on host {self.host}, pid {self.pid}, since {self.since}"
+
+
+def read_lock(path: str | os.PathLike) -> LockHolder | None:
+    """The holder recorded in a lock file, or None if there is none (or it is unreadable).
+
+    A lock file being written (empty or partial) counts as held by an unknown live
+    process for :data:`STALE_AFTER` seconds.
+    """
+    path = os.fspath(path)
+    try:
+        touched = os.stat(path).st_mtime
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return LockHolder(path, str(data["kind"]), str(data["host"]), int(data["pid"]),
+                          data.get("ticks"), str(data["since"]), touched,
+                          dict(data.get("info") or {}))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        try:
+            touched = os.stat(path).st_mtime
+        except OSError:
+            return None
+        return LockHolder(path, "unknown", "?", -1, None, "?", touched, {})
+
+
+def live_locks(folder: str | os.PathLike, pattern: str = "*.lock") -> list[LockHolder]:
+    """The holders of the locks in ``folder`` that are not stale."""
+    out = []
+    for p in sorted(Path(folder).glob(pattern)):
+        holder = read_lock(p)
+        if holder is not None and not holder.stale:
+            out.append(holder)
+    return out
+
+
+class FileLock:
+    """An exclusive lock file with a heartbeat; see the module notes.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The lock file (its folder must exist).
+    kind : str
+        What holds it ("run", "shard", "commit"...), for messages.
+    info : dict, optional
+        More plain values to record (e.g. the shard).
+    heartbeat : bool
+        Touch the file every :data:`HEARTBEAT` seconds from a daemon thread.
+
+    Raises
+    ------
+    LockedError
+        From :meth:`acquire`: a live process holds it.
+    """
+
+    def __init__(self, path: str | os.PathLike, kind: str, info: dict[str, Any] | None = None,
+                 *, heartbeat: bool = True) -> None:
+        self.path, self.kind, self.info = os.fspath(path), kind, dict(info or {})
+        self.heartbeat = heartbeat
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.held = False
+
+    def acquire(self) -> FileLock:
+        """Take the lock, taking over a stale one; raise :class:`LockedError` if held."""
+        record = json.dumps({
+            "kind": self.kind, "host": socket.gethostname(), "pid": os.getpid(),
+            "ticks": _start_ticks(os.getpid()),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "info": self.info,
+        })
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = read_lock(self.path)
+                if holder is None:
+                    continue  # released meanwhile
+                if not holder.stale:
+                    raise LockedError(holder) from None
+                log.warning("taking over a stale lock: %s", holder.describe())
+                aside = f"{self.path}.stale-{uuid.uuid4().hex}"
+                try:
+                    os.rename(self.path, aside)  # only one contender wins the rename
+                    os.unlink(aside)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(record)
+            self.held = True
+            if self.heartbeat:
+                self._thread = threading.Thread(target=self._beat, daemon=True,
+                                                name="tilerseg-lock-heartbeat")
+                self._thread.start()
+            return self
+        holder = read_lock(self.path)
+        raise LockedError(holder or LockHolder(self.path, "unknown", "?", -1, None, "?", 0, {}))
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        """Give the lock up (remove the file)."""
+        if not self.held:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.held = False
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> FileLock:
+        return self.acquire()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()

@@ -1,0 +1,327 @@
+"""Running tasks: one process's view of an output (:class:`RunContext`) and the pipeline
+that computes the tiles of many tasks, records each finished task and reports each
+finished output (:func:`run_tasks`).
+
+Every executor ends up here: the local executor runs all tasks of a run (or of a batch of
+images) through one :func:`run_tasks`; a Dask worker runs the one task it was given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import OutputError
+from ..geometry import Tile
+from ..io.writers import OutputWriter, spec_from_dict
+from ..labels import LabelPolicy
+from ..normalize import Normalization
+from .background import decode_skipped
+from .jobs import Task, WorkDir, geometry_of
+from .options import RunOptions, run_options
+from .pipeline import Direct, StageTimes, run_pipeline
+from .prepare import Prepared, prepare
+
+__all__ = ["RunContext", "Work", "open_context", "recorded_options", "run_tasks"]
+
+log = logging.getLogger(__name__)
+
+
+class RunContext:
+    """One output as this process computes it: the prepared run, its work directory and
+    writer, and the background tiles to fill instead of running.
+
+    Parameters
+    ----------
+    prepared : Prepared
+        The run (image, model, plan, normalisation, label policy).
+    work : WorkDir
+        Its work directory.
+    writer : OutputWriter
+        The output being written (at ``work.store``).
+    skip : numpy.ndarray of bool, optional
+        Tiles (``plan.grid``) to fill with the model's output on ``background`` instead
+        of running the model.
+    background : list of float, optional
+        The background value per input channel, in model input units.
+    image : str, optional
+        The input path, for tasks sent to other processes (None: in memory).
+    """
+
+    def __init__(self, prepared: Prepared, work: WorkDir, writer: OutputWriter,
+                 skip: np.ndarray | None = None, background: list[float] | None = None,
+                 image: str | None = None) -> None:
+        self.p, self.work, self.writer, self.image = prepared, work, writer, image
+        self.skip = skip if skip is not None else np.zeros(prepared.plan.grid, dtype=bool)
+        self.background = background
+        self._fill: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    def tiles(self, task_id: int) -> list[Tile]:
+        """The tiles of a task."""
+        return [self.p.plan[index] for index in self.work.grid.tiles(task_id)]
+
+    def tasks(self, ids: Sequence[int]) -> list[Task]:
+        """Plain-data :class:`~tilerseg.engine.jobs.Task` records for other processes."""
+        return list(self.work.tasks(ids, self.image, self.p.source.level, self.p.view.channels))
+
+    def fill(self, tile: Tile) -> np.ndarray:
+        """The model's probabilities of ``tile`` on a constant window of the background.
+
+        Computed once (one forward pass): tile origins share one phase of the pooling
+        grid, so the output on a constant window is the same for every tile.
+        """
+        with self._lock:
+            if self._fill is None:
+                plan = self.p.plan
+                window = np.empty((self.p.geometry.in_channels, *plan.window), np.float32)
+                value = np.asarray(self.background, np.float32)
+                window[...] = value.reshape(-1, *(1,) * len(plan.window))
+                first = plan[(0,) * len(plan.grid)]
+                self._fill = self.p.runner.replica(torch.from_numpy(window[None]), [first])[0]
+        return self._fill[(slice(None), *(slice(0, s.stop - s.start) for s in tile.write))]
+
+    def write(self, tile: Tile, probs: np.ndarray) -> None:
+        """Store a tile's probabilities and/or labels (and its eager pyramid levels)."""
+        labels = self.p.labels(probs) if self.writer.labels is not None else None
+        self.writer.write(tile.write, probs, labels=labels)
+
+
+def recorded_options(manifest: dict[str, Any], options: RunOptions | None = None) -> RunOptions:
+    """The options of a recorded run: what decides the output from the manifest (the tile,
+    normalisation and threshold as resolved then), how to compute it from ``options``."""
+    requested, resolved = manifest["options"], manifest["resolved"]
+    return run_options(
+        options, tile=tuple(resolved["tile"]),
+        normalize=Normalization(**resolved["normalization"]),
+        threshold=resolved["labels"]["threshold"], channel=tuple(resolved["channels"]),
+        **{k: requested[k] for k in ("output", "dtype", "level", "precision", "pyramid",
+                                     "skip_background", "background_tolerance",
+                                     "background_value")})
+
+
+def open_context(work: WorkDir, model: nn.Module, image: Any,
+                 options: RunOptions | None = None, *, path: str | None = None) -> RunContext:
+    """The :class:`RunContext` of a recorded run, rebuilt from its manifest.
+
+    The model is not probed (its geometry is recorded) and no statistics are computed
+    (the normalisation is recorded). ``options`` give how to compute (device, batch
+    size, threads...).
+    """
+    manifest = work.manifest
+    p = prepare(image, model, recorded_options(manifest, options), geometry=geometry_of(manifest))
+    spec = spec_from_dict(manifest["spec"])
+    if tuple(p.plan.image_shape) != tuple(spec.shape) or list(p.plan.grid) != list(work.grid.grid):
+        raise OutputError(
+            f"the image {path or ''} no longer matches the run in '{work.path}' (shape "
+            f"{p.plan.image_shape}, recorded {tuple(spec.shape)}); pass --overwrite")
+    resolved = manifest["resolved"]
+    p = dataclasses.replace(p, labels=LabelPolicy(p.geometry.out_channels, **resolved["labels"]))
+    writer = OutputWriter(manifest["output"], spec, staging=work.store, existing=True)
+    background = resolved.get("background")
+    skip = decode_skipped(background) if background else None
+    value = background["value"] if background else None
+    return RunContext(p, work, writer, skip, value, image=path)
+
+
+@dataclass(eq=False)
+class Work:
+    """Tasks of one output for an executor to run.
+
+    Attributes
+    ----------
+    context : RunContext
+        The output.
+    task_ids : list of int
+        The tasks to run (those without a completion record, or a shard's share).
+    on_complete : callable, optional
+        ``on_complete(work)`` once every task of ``task_ids`` is recorded (e.g. commit).
+    error : BaseException or None
+        Set when the work failed (with ``isolate``, the others go on).
+    tiles : int
+        Tiles written so far.
+    """
+
+    context: RunContext
+    task_ids: list[int]
+    on_complete: Callable[[Work], None] | None = None
+    error: BaseException | None = None
+    tiles: int = 0
+    _left: dict[int, int] = field(default_factory=dict, repr=False)
+    _tasks_left: int = field(default=0, repr=False)
+
+
+@dataclass(frozen=True)
+class _Item:
+    work: Work
+    task_id: int
+    tile: Tile
+
+
+class _Failed:
+    """The result of a batch whose computation failed (``isolate``)."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class _Worker:
+    """Adapts a Replica to the pipeline's compute stage for items of :class:`_Item`."""
+
+    def __init__(self, replica: Any, isolate: bool) -> None:
+        self.replica, self.isolate = replica, isolate
+        self.asynchronous = getattr(replica, "asynchronous", False)
+
+    def submit(self, data: Any, batch: Sequence[_Item]) -> Any:
+        if batch[0].work.error is not None:
+            return None
+        try:
+            return self.replica.submit(data, [item.tile for item in batch])
+        except Exception as err:  # noqa: BLE001 - handed to the item's work
+            if not self.isolate:
+                raise
+            return _Failed(err)
+
+    def collect(self, pending: Any) -> list[Any]:
+        if pending is None or isinstance(pending, _Failed):
+            return [pending]  # one result is enough to tell the work
+        try:
+            return self.replica.collect(pending)
+        except Exception as err:  # noqa: BLE001
+            if not self.isolate:
+                raise
+            return [_Failed(err)] * len(pending.tiles)
+
+
+def run_tasks(
+    works: Iterable[Work],
+    replicas: Sequence[Any],
+    *,
+    readers: int = 1,
+    writers: int = 1,
+    progress: Callable[[int], None] | None = None,
+    isolate: bool = False,
+    record: dict[str, Any] | None = None,
+) -> StageTimes:
+    """Compute, store and record the tasks of ``works`` through one pipeline.
+
+    Parameters
+    ----------
+    works : iterable of Work
+        Consumed lazily (a batch of images may be prepared as it goes).
+    replicas : sequence of Replica
+        One compute thread each (the same replica may appear several times on a CPU).
+    readers, writers : int
+        Threads reading/normalising and encoding/storing.
+    progress : callable, optional
+        ``progress(tiles_written)``.
+    isolate : bool
+        A failing work (unreadable tile, non-finite output, full disk...) records its
+        error in ``work.error`` and is dropped; the others go on. Without it, the first
+        error stops everything and is raised.
+    record : dict, optional
+        Extra values for every completion record (e.g. the shard).
+
+    Returns
+    -------
+    StageTimes
+    """
+    lock = threading.Lock()
+    written = [0]
+    extra = dict(record or {})
+
+    def fail(work: Work, err: BaseException) -> None:
+        if not isolate:
+            raise err
+        with lock:
+            if work.error is None:
+                work.error = err
+                log.warning("failed: %s (%s)", work.context.p.source.path or "image", err)
+
+    def complete(work: Work) -> None:
+        if work.on_complete is None:
+            return
+        try:
+            work.on_complete(work)
+        except Exception as err:  # noqa: BLE001
+            fail(work, err)
+
+    def batches() -> Iterator[list[_Item]]:
+        for work in works:
+            ctx = work.context
+            work._tasks_left = len(work.task_ids)
+            if not work.task_ids:
+                complete(work)
+                continue
+            size, fills = ctx.p.batch_size, []
+            for task_id in work.task_ids:  # batches never span tasks: any executor
+                tiles = ctx.tiles(task_id)  # batches alike, so outputs are bitwise alike
+                work._left[task_id] = len(tiles)
+                run = [_Item(work, task_id, t) for t in tiles if not ctx.skip[t.index]]
+                fills += [_Item(work, task_id, t) for t in tiles if ctx.skip[t.index]]
+                for k in range(0, len(run), size):
+                    yield run[k:k + size]
+            for item in fills:
+                yield [item]
+
+    def load(batch: list[_Item]) -> Any:
+        work, ctx = batch[0].work, batch[0].work.context
+        if work.error is not None:
+            return Direct([None] * len(batch))
+        try:
+            if ctx.skip[batch[0].tile.index]:
+                return Direct([ctx.fill(item.tile) for item in batch])
+            return ctx.p.runner.load([item.tile for item in batch])
+        except Exception as err:  # noqa: BLE001
+            fail(work, err)
+            return Direct([None] * len(batch))
+
+    def write(item: _Item, result: Any) -> None:
+        work = item.work
+        if isinstance(result, _Failed):
+            fail(work, result.error)
+        if work.error is not None or result is None:
+            return
+        try:
+            work.context.write(item.tile, result)
+        except Exception as err:  # noqa: BLE001
+            fail(work, err)
+            return
+        with lock:
+            work.tiles += 1
+            written[0] += 1
+            done = written[0]
+            work._left[item.task_id] -= 1
+            task_finished = work._left[item.task_id] == 0
+        if task_finished:
+            try:
+                work.context.work.mark_done(item.task_id, **extra)
+            except Exception as err:  # noqa: BLE001
+                fail(work, err)
+                return
+            with lock:
+                work._tasks_left -= 1
+                last = work._tasks_left == 0
+            if last:
+                complete(work)
+        if progress is not None:
+            progress(done)
+
+    workers = [_Worker(r, isolate) for r in replicas]
+    return run_pipeline(batches(), load, workers, write, readers=readers, writers=writers)
+
+
+def first_and_rest(items: Iterable[Any]) -> tuple[Any, Iterable[Any]]:
+    """The first item of an iterable (None if empty) and an iterable of all of them."""
+    it = iter(items)
+    first = next(it, None)
+    return first, (itertools.chain([first], it) if first is not None else ())
