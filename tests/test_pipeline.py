@@ -210,6 +210,7 @@ class FailingRead:
     def __getitem__(self, key):
         self.reads += 1
         if self.reads > self.after:
+            time.sleep(0.5)  # the tiles read before are stored meanwhile
             raise OSError("TIFF tile 17 is corrupt")
         return self.data[key]
 
@@ -231,7 +232,7 @@ def existing(tmp_path, image, small_model):
 def test_reader_failure_stops_the_run_and_keeps_it_resumable(existing, image, small_model):
     out, before = existing
     source = tilerseg.open_image(image)
-    failing = FailingRead(image, after=10)
+    failing = FailingRead(image, after=16)
     broken = type(source)(**{**source.__dict__, "data": failing})
     outcome = finishes(lambda: tilerseg.segment_to_zarr(
         broken, small_model, out, tile=64, overwrite=True, normalize=(0, 255)))
