@@ -7,13 +7,15 @@ and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from . import __version__
 from .errors import InvalidArgumentError, TilersegError
@@ -31,14 +33,21 @@ examples:
   tilerseg run sections/ --model em.pt    a folder of 2D slices, segmented plane by plane
   tilerseg run stack.tif --model model3d.pt --tile 64
   tilerseg info slide.svs --tile 1024    shape, axes, levels, pixel size, plan, memory
+  tilerseg run slide.tif --resume        continue a killed run (or start; exit if complete)
+  tilerseg run slide.tif --cluster local:4              4 worker processes on this machine
+  tilerseg run slide.tif -o out.zarr --shard auto       one job of a SLURM job array
+  tilerseg run slide.tif --cluster slurm --jobs 8 --cores 8 --memory 32GB --gpus-per-job 1
+  tilerseg status slide.tilerseg.zarr    complete? tasks done, parameters, shards
+  tilerseg batch slides/ -o results/     every image of a folder, one model load
 """
 
 
 class ProgressBar:
     """A ``progress(done, total)`` callback drawing one updating line (tiles, tiles/s, ETA)."""
 
-    def __init__(self, stream: TextIO, enabled: bool) -> None:
+    def __init__(self, stream: TextIO, enabled: bool, unit: str = "tiles") -> None:
         self.stream, self.enabled, self.start = stream, enabled, time.perf_counter()
+        self.unit = unit
 
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled:
@@ -47,8 +56,8 @@ class ProgressBar:
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (total - done) / rate if rate > 0 else 0.0
         filled = 30 * done // max(total, 1)
-        self.stream.write(f"\r[{'#' * filled}{'-' * (30 - filled)}] {done}/{total} tiles  "
-                          f"{rate:.2f} tiles/s  ETA {eta:.0f} s ")
+        self.stream.write(f"\r[{'#' * filled}{'-' * (30 - filled)}] {done}/{total} {self.unit}  "
+                          f"{rate:.2f} {self.unit}/s  ETA {eta:.0f} s ")
         if done == total:
             self.stream.write("\n")
         self.stream.flush()
@@ -85,30 +94,191 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_options(args: argparse.Namespace) -> Any:
+    """The RunOptions of ``tilerseg run`` / ``batch`` flags."""
+    from .engine.options import run_options
+
+    return run_options(
+        tile=args.tile, batch_size=args.batch_size, device=args.device, output=args.output,
+        dtype=args.dtype, threshold=args.threshold, level=args.level,
+        channel=_channels(args.channel), precision=args.precision, compile=args.compile,
+        skip_background=args.skip_background, background_tolerance=args.background_tolerance,
+        background_value=args.background_value, pyramid=not args.no_pyramid,
+        workers=args.workers, threads=args.threads)
+
+
+def _cluster(args: argparse.Namespace) -> Any:
+    """The cluster the flags ask for (None: this process)."""
+    from .engine.executors.cluster import JobSpec, parse_cluster
+
+    job = JobSpec(jobs=args.jobs, cores=args.cores, memory=args.memory, walltime=args.walltime,
+                  gpus=args.gpus_per_job, queue=args.queue, account=args.account)
+    spec = parse_cluster(args.cluster, args.scheduler, job)
+    if spec is not None and args.shard is not None:
+        raise InvalidArgumentError("give --shard or a cluster (--cluster/--scheduler), not both")
+    if args.job_script and (spec is None or spec.kind in ("local", "scheduler")):
+        raise InvalidArgumentError("--job-script needs --cluster slurm, pbs or lsf")
+    return spec
+
+
+@contextlib.contextmanager
+def _executor(spec: Any) -> Iterator[Any]:
+    """A Dask client on the asked-for cluster, or None for this process's threads."""
+    if spec is None:
+        yield None
+        return
+    from .engine.executors.cluster import connect
+
+    with connect(spec) as client:
+        yield client
+
+
+def _complete_manifest(path: Path) -> dict | None:
+    from .engine.jobs import read_final_manifest
+
+    return read_final_manifest(path) if path.exists() else None
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .engine.executors.cluster import job_script
+    from .engine.resume import status
     from .engine.to_zarr import default_output_path, segment_to_zarr
     from .io import open_image
     from .models.checkpoint import model_from_spec
 
+    spec = _cluster(args)
+    if args.job_script:
+        print(job_script(spec))
+        return 0
+    options = _run_options(args)
     image = open_image(args.image, level=args.level)  # input errors come first
     model = model_from_spec(args.model)
+    out = Path(args.output_path or default_output_path(args.image))
+    before = _complete_manifest(out)
     bar = ProgressBar(sys.stderr, sys.stderr.isatty() and not args.quiet)
     start = time.perf_counter()
-    path = segment_to_zarr(
-        image, model, args.output_path or default_output_path(args.image), tile=args.tile,
-        device=args.device,
-        output=args.output, dtype=args.dtype, threshold=args.threshold,
-        channel=_channels(args.channel), overwrite=args.overwrite, progress=bar,
-        workers=args.workers, threads=args.threads, model_source=args.model,
-        batch_size=args.batch_size, precision=args.precision, compile=args.compile,
-        skip_background=args.skip_background, background_tolerance=args.background_tolerance,
-        background_value=args.background_value, pyramid=not args.no_pyramid,
-    )
+    try:
+        with _executor(spec) as executor:
+            path = segment_to_zarr(image, model, out, options, resume=args.resume,
+                                   overwrite=args.overwrite, executor=executor, shard=args.shard,
+                                   progress=bar, model_source=args.model)
+    except KeyboardInterrupt:
+        from .engine.jobs import work_path
+
+        kept = work_path(out)
+        note = f"; the unfinished run is kept in {kept} (--resume continues it)" \
+            if kept.is_dir() else ""
+        print(f"tilerseg: interrupted{note}", file=sys.stderr)
+        return 130
     seconds = time.perf_counter() - start
+    after = _complete_manifest(path)
+    if before is not None and after is not None and after.get("created") == before.get("created"):
+        if not args.quiet:
+            print(f"{path} is already complete")
+        return 0
+    if after is None:  # a shard whose siblings still have work
+        state = status(path)
+        if not args.quiet:
+            print(f"shard {args.shard}: done in {seconds:.1f} s; {state['done']} of "
+                  f"{state['tasks']} tasks of {path} are done (the shard that finishes the "
+                  "last commits it; 'tilerseg finalize' does it by hand)")
+        return 0
     if not args.quiet:
         print(f"wrote {path} in {seconds:.1f} s")
     if args.profile:
         print(_profile_report(path, seconds))
+    return 0
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from .engine.batch import segment_batch
+    from .models.checkpoint import model_from_spec
+
+    spec = _cluster(args)
+    if args.job_script:
+        from .engine.executors.cluster import job_script
+
+        print(job_script(spec))
+        return 0
+    options = _run_options(args)
+    model = model_from_spec(args.model)
+    bar = ProgressBar(sys.stderr, sys.stderr.isatty() and not args.quiet, unit="images")
+    start = time.perf_counter()
+    with _executor(spec) as executor:
+        results = segment_batch(args.inputs, model, args.output_dir, options,
+                                overwrite=args.overwrite, executor=executor, shard=args.shard,
+                                progress=bar, model_source=args.model)
+    seconds = time.perf_counter() - start
+    print(_batch_table(results, seconds))
+    return 1 if any(r.status in ("failed", "pending") for r in results) else 0
+
+
+def _batch_table(results: Sequence[Any], seconds: float) -> str:
+    """The summary of a batch: one row per image, then the counts."""
+    rows = [("image", "status", "tiles", "seconds", "output / error")]
+    for r in results:
+        rows.append((os.path.basename(r.image), r.status, str(r.tiles), f"{r.seconds:.2f}",
+                     r.error if r.error else str(r.output)))
+    widths = [max(len(row[k]) for row in rows) for k in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4]
+             for row in rows]
+    counts = {s: sum(r.status == s for r in results) for s in ("done", "complete", "failed")}
+    lines.append(f"{len(results)} images in {seconds:.1f} s: {counts['done']} written, "
+                 f"{counts['complete']} already complete, {counts['failed']} failed")
+    return "\n".join(lines)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .engine.resume import status
+
+    state = status(args.output)
+    if args.json:
+        print(json.dumps(state, indent=1, default=str))
+        return 0
+    print(_status_report(state))
+    return 0
+
+
+def _status_report(state: dict) -> str:
+    m = state["manifest"]
+    o, r = m["options"], m["resolved"]
+    done, tasks = state["done"], state["tasks"]
+    if state["complete"]:
+        where = "complete"
+    else:
+        where = (f"unfinished: {done} of {tasks} tasks done ({100 * done / max(tasks, 1):.0f}%), "
+                 f"in {state['work']}")
+    source = m["input"].get("path") or f"an in-memory {m['input']['format']}"
+    model = m["model"]
+    lines = [
+        f"output      {state['output']}",
+        f"state       {where}",
+        f"input       {source} ({m['input']['format']}, shape {tuple(m['input']['shape'])}, "
+        f"{m['input']['dtype']}), level {o['level']}, channels {r['channels']}",
+        f"model       {model.get('architecture')} {model['digest'][:12]}"
+        + (f" ({model['source']})" if model.get("source") else ""),
+        f"parameters  tile {r['tile']}, output {o['output']} ({o['dtype']}), threshold "
+        f"{r['labels']['threshold']}, precision {o['precision']}, pyramid "
+        f"{'yes' if o['pyramid'] else 'no'}, normalisation {r['normalization']['method']}"
+        f"{', background skipped' if o['skip_background'] else ''}",
+        f"created     {m['created']} by tilerseg {m['tilerseg']}",
+    ]
+    for holder in state.get("running", []):
+        lines.append(f"running     {holder}")
+    for shard in state.get("shards", []):
+        lines.append(f"shard       {shard['shard']} on {shard['host']}: {shard.get('tasks', 0)} "
+                     f"tasks, {shard.get('tiles', 0)} tiles in {shard.get('seconds', 0)} s "
+                     f"({shard['time']})")
+    return "\n".join(lines)
+
+
+def _cmd_finalize(args: argparse.Namespace) -> int:
+    from .engine.resume import finalize
+
+    if finalize(args.output, overwrite=args.overwrite):
+        print(f"finished {args.output}")
+    else:
+        print(f"{args.output} is already complete")
     return 0
 
 
@@ -267,6 +437,68 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="auto, cpu, cuda (all visible GPUs), cuda:N, cuda:0,cuda:1 or mps")
 
 
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options of a run (shared by run and batch)."""
+    p.add_argument("--batch-size", type=int, default=None, metavar="N", help="tiles per forward pass")
+    p.add_argument("--output", choices=("probabilities", "labels", "both"),
+                   default="probabilities", help="what to write (default: %(default)s)")
+    p.add_argument("--dtype", choices=("uint8", "float16", "float32"), default="uint8",
+                   help="probability storage type; uint8 = round(255 p) (default)")
+    p.add_argument("--threshold", type=float, default=None, metavar="P",
+                   help="foreground probability threshold for labels (default: the "
+                   "model's tuned threshold, else argmax / 0.5)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="forward-pass precision (autocast); refused where the device "
+                   "cannot compute in it (default: %(default)s)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (checked against eager first; falls back "
+                   "to eager with a warning)")
+    p.add_argument("--skip-background", action="store_true",
+                   help="fill tiles whose whole input window is flat background with the "
+                   "model's output on background, without running the model")
+    p.add_argument("--background-tolerance", type=float, default=0.05, metavar="T",
+                   help="largest deviation from the background value, in normalised "
+                   "input units (default: %(default)s)")
+    p.add_argument("--background-value", type=float, default=None, metavar="V",
+                   help="background value in normalised input units (default: the most "
+                   "common value of a low-resolution level)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="concurrent forward passes on the CPU (default 2)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads per CPU worker or per cluster worker process "
+                   "(default: the cores shared out)")
+    p.add_argument("--no-pyramid", action="store_true",
+                   help="write full resolution only, no lower-resolution levels")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (once the new one is complete) and start "
+                   "an unfinished run again")
+
+
+def _add_scale_out(p: argparse.ArgumentParser, what: str) -> None:
+    """Cluster, scheduler, shard and batch-job flags."""
+    g = p.add_argument_group(
+        "scale out", f"spread {what} over worker processes or machines (dask.distributed, "
+        "dask-jobqueue) or over the jobs of a job array")
+    g.add_argument("--cluster", default=None, metavar="local:N|slurm|pbs|lsf",
+                   help="local:N starts N worker processes here; slurm, pbs or lsf submits "
+                   "worker jobs (dask-jobqueue; its config file and the flags below)")
+    g.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                   help="use a running dask.distributed scheduler")
+    g.add_argument("--shard", default=None, metavar="I/N|auto",
+                   help="do only share I of N (0-based; auto: from SLURM_ARRAY_TASK_ID and "
+                   "SLURM_ARRAY_TASK_COUNT); shards share one output, the last one commits")
+    g.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="worker jobs to submit with --cluster slurm|pbs|lsf (default 1)")
+    g.add_argument("--cores", type=int, default=None, metavar="N", help="cores per job")
+    g.add_argument("--memory", default=None, metavar="SIZE", help="memory per job, e.g. 32GB")
+    g.add_argument("--walltime", default=None, metavar="HH:MM:SS", help="time limit per job")
+    g.add_argument("--gpus-per-job", type=int, default=0, metavar="N", help="GPUs per job")
+    g.add_argument("--queue", default=None, metavar="NAME", help="partition or queue")
+    g.add_argument("--account", default=None, metavar="NAME", help="account or project")
+    g.add_argument("--job-script", action="store_true",
+                   help="print the job script that would start each worker, and exit")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``tilerseg`` command."""
     parser = argparse.ArgumentParser(
@@ -289,40 +521,49 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-o", "--out", dest="output_path", default=None, metavar="OUT.zarr",
                      help="output .zarr (default: beside the input, NAME.tilerseg.zarr)")
     _add_common(run)
-    run.add_argument("--batch-size", type=int, default=None, metavar="N", help="tiles per forward pass")
-    run.add_argument("--output", choices=("probabilities", "labels", "both"),
-                     default="probabilities", help="what to write (default: %(default)s)")
-    run.add_argument("--dtype", choices=("uint8", "float16", "float32"), default="uint8",
-                     help="probability storage type; uint8 = round(255 p) (default)")
-    run.add_argument("--threshold", type=float, default=None, metavar="P",
-                     help="foreground probability threshold for labels (default: the "
-                     "model's tuned threshold, else argmax / 0.5)")
-    run.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                     help="forward-pass precision (autocast); refused where the device "
-                     "cannot compute in it (default: %(default)s)")
-    run.add_argument("--compile", action="store_true",
-                     help="torch.compile the model (checked against eager first; falls back "
-                     "to eager with a warning)")
-    run.add_argument("--skip-background", action="store_true",
-                     help="fill tiles whose whole input window is flat background with the "
-                     "model's output on background, without running the model")
-    run.add_argument("--background-tolerance", type=float, default=0.05, metavar="T",
-                     help="largest deviation from the background value, in normalised "
-                     "input units (default: %(default)s)")
-    run.add_argument("--background-value", type=float, default=None, metavar="V",
-                     help="background value in normalised input units (default: the most "
-                     "common value of a low-resolution level)")
-    run.add_argument("--workers", type=int, default=None, metavar="N",
-                     help="concurrent forward passes on the CPU (default 2)")
-    run.add_argument("--threads", type=int, default=None, metavar="N",
-                     help="torch threads per CPU worker (default: cores / workers)")
-    run.add_argument("--no-pyramid", action="store_true",
-                     help="write full resolution only, no lower-resolution levels")
+    _add_run_options(run)
+    run.add_argument("--resume", action="store_true",
+                     help="continue the unfinished run of this output (OUT.zarr.partial); "
+                     "start one if there is none; exit at once if OUT is already complete "
+                     "with the same parameters")
     run.add_argument("--profile", action="store_true",
                      help="report the time spent reading, in the model and writing")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _add_scale_out(run, "the tasks of this image")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     run.set_defaults(func=_cmd_run)
+
+    batch = sub.add_parser(
+        "batch", help="segment many images, each into its own OME-Zarr store",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Segment every image of INPUT (files, Zarr stores, folders, globs, or "
+        ".txt files listing them) with one model into OUTDIR/NAME.tilerseg.zarr. Complete "
+        "outputs are skipped and unfinished ones continued, so a rerun does only what is "
+        "missing; an image that fails is reported and the others go on. A summary table "
+        "ends the run; the exit status is 1 if any image failed.")
+    batch.add_argument("inputs", nargs="+", metavar="INPUT", help="images, folders, globs, lists")
+    batch.add_argument("-o", "--out", dest="output_dir", required=True, metavar="OUTDIR",
+                       help="folder for the outputs")
+    _add_common(batch)
+    _add_run_options(batch)
+    _add_scale_out(batch, "the images")
+    batch.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    batch.set_defaults(func=_cmd_batch)
+
+    st = sub.add_parser("status", help="where a run stands: complete, tasks done, parameters",
+                        description="Show whether OUT.zarr is complete or how many of its "
+                        "tasks are done, the run's parameters, the shards that worked on it "
+                        "and any run still holding it.")
+    st.add_argument("output", metavar="OUT.zarr", help="the output (or its .partial folder)")
+    st.add_argument("--json", action="store_true", help="everything, as JSON")
+    st.set_defaults(func=_cmd_status)
+
+    fin = sub.add_parser("finalize", help="commit a run whose tasks are all done",
+                         description="Build the remaining pyramid levels of OUT.zarr, mark it "
+                         "complete and move it into place (what the last shard of a job "
+                         "array does by itself).")
+    fin.add_argument("output", metavar="OUT.zarr", help="the output (or its .partial folder)")
+    fin.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    fin.set_defaults(func=_cmd_finalize)
 
     info = sub.add_parser("info", help="describe an image and the tile plan for it",
                           description="Shape, axes, dtype, pyramid levels, pixel size, the "
@@ -395,10 +636,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_numbers(args: argparse.Namespace) -> None:
     for name in ("size", "batch_size", "workers", "threads", "base_channels", "epochs", "steps",
-                 "depth"):
+                 "depth", "jobs", "cores"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise InvalidArgumentError(f"--{name.replace('_', '-')} {value} must be positive")
+    if getattr(args, "gpus_per_job", 0) < 0:
+        raise InvalidArgumentError(f"--gpus-per-job {args.gpus_per_job} must be >= 0")
     if getattr(args, "level", 0) < 0:
         raise InvalidArgumentError(f"--level {args.level} must be >= 0")
 

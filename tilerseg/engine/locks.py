@@ -180,7 +180,7 @@ class FileLock:
                     continue  # released meanwhile
                 if not holder.stale:
                     raise LockedError(holder) from None
-                log.warning("taking over a stale lock: %s", holder.describe())
+                log.info("taking over a stale lock: %s", holder.describe())
                 aside = f"{self.path}.stale-{uuid.uuid4().hex}"
                 try:
                     os.rename(self.path, aside)  # only one contender wins the rename

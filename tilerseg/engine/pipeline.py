@@ -272,7 +272,7 @@ def run_pipeline(
     p.times.wall = time.perf_counter() - start
     if p.error is not None:
         raise p.error
-    log.info("pipeline: %s", p.times.summary())
+    log.debug("pipeline: %s", p.times.summary())
     return p.times
 
 

@@ -603,6 +603,9 @@ class OutputWriter:
             If the writer was aborted, or ``path`` appeared meanwhile without
             ``overwrite`` (the finished output is kept in the temporary directory, which
             the message names), or the move fails.
+        OSError
+            Building the pyramid or writing the metadata failed (disk full...); the
+            temporary directory is kept as it was.
         """
         if self._state == "committed":
             return self.path
@@ -613,8 +616,9 @@ class OutputWriter:
                 shapes = shapes[:1]
             self._build_pyramid(shapes)
             self._write_metadata(len(shapes), complete=True)
-        except OSError as err:
-            raise OutputError(f"cannot write output '{self.path}': {err}") from err
+        except OSError as err:  # an I/O failure (disk full...), not a user error
+            raise OSError(err.errno, f"cannot finish output '{self.path}': "
+                          f"{err.strerror or err}") from err
         self._move_into_place()
         self._state = "committed"
         self.probabilities = self._reopen("0" if self.spec.probabilities else None)

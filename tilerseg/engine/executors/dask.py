@@ -120,7 +120,12 @@ class DaskExecutor:
                 f"a cluster run needs a model from tilerseg.create_model or load_model "
                 f"({err})") from None
         options = {k: getattr(p.options, k) for k in _RUNTIME}
-        self.client.register_plugin(ModelPlugin(data, options, p.options.threads), name=name)
+        per_host: dict[str, int] = {}
+        for address in self.client.scheduler_info().get("workers", {}):
+            host = address.rsplit(":", 1)[0].split("://")[-1]
+            per_host[host] = per_host.get(host, 0) + 1
+        self.client.register_plugin(ModelPlugin(data, options, p.options.threads, per_host),
+                                    name=name)
         self._plugins.add(name)
         log.info("cluster: model %s loaded on the workers", name)
 

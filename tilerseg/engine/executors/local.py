@@ -61,4 +61,5 @@ class LocalExecutor:
                      f" x {torch.get_num_threads()} torch thread(s)" if cpu else "", readers)
             times = run_tasks(works, replicas, readers=readers, writers=readers,
                               progress=progress, isolate=isolate, record=record)
+        log.info("pipeline: %s", times.summary())
         return times

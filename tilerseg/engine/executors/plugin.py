@@ -52,11 +52,16 @@ class ModelPlugin(WorkerPlugin):
     options : dict
         How to run it: RunOptions fields (device, batch_size, compile...).
     threads : int, optional
-        Torch intra-op threads per worker process.
+        Torch intra-op threads per worker process; by default the machine's cores shared
+        among the worker processes on it (``per_host``), so they do not oversubscribe it.
+    per_host : dict of str to int, optional
+        Worker processes per host when the plugin was registered.
     """
 
-    def __init__(self, data: bytes, options: dict[str, Any], threads: int | None) -> None:
+    def __init__(self, data: bytes, options: dict[str, Any], threads: int | None,
+                 per_host: dict[str, int] | None = None) -> None:
         self.data, self.options, self.threads = data, dict(options), threads
+        self.per_host = dict(per_host or {})
 
     def setup(self, worker: Any) -> None:
         import torch
@@ -65,8 +70,9 @@ class ModelPlugin(WorkerPlugin):
         from ..options import run_options
         from ..worker import share_model
 
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        host = str(getattr(worker, "address", "")).rsplit(":", 1)[0].split("://")[-1]
+        sharing = max(1, self.per_host.get(host, 1))
+        torch.set_num_threads(self.threads or max(1, (os.cpu_count() or 1) // sharing))
         options = run_options(**{**self.options, "device": worker_device(
             getattr(worker, "name", 0), self.options.get("device", "auto"))})
         digest = share_model(model_from_bytes(self.data), options)

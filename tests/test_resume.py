@@ -1,0 +1,356 @@
+"""Surviving crashes: the work directory, completion records, resume, locks and commit."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+
+import tilerseg
+from tilerseg.cli import main
+from tilerseg.engine.jobs import TaskGrid, WorkDir, work_path
+from tilerseg.engine.locks import FileLock, live_locks, read_lock
+from tilerseg.errors import InvalidArgumentError, OutputError
+from tilerseg.synthetic import membrane_image
+
+CLI = [sys.executable, "-m", "tilerseg"]
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A 1024 x 768 tiled TIFF, a small saved model and the reference output of one run."""
+    d = tmp_path_factory.mktemp("resume")
+    image = membrane_image((1024, 768), cell_size=24, seed=5)[0]
+    tifffile.imwrite(d / "slide.tif", image, tile=(128, 128), photometric="minisblack")
+    torch.manual_seed(0)
+    model = tilerseg.create_model("unet", depth=2, base_channels=4)
+    tilerseg.save_model(model, d / "model.pt")
+    model = tilerseg.load_model(d / "model.pt")
+    args = ["--model", str(d / "model.pt"), "--tile", "64", "--output", "both", "-q"]
+    assert main(["run", str(d / "slide.tif"), "-o", str(d / "reference.zarr"), *args]) == 0
+    return {"dir": d, "tif": d / "slide.tif", "image": image, "model": model,
+            "model_file": d / "model.pt", "args": args, "reference": d / "reference.zarr"}
+
+
+def arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of every level of an output."""
+    root = zarr.open_group(path, mode="r")
+    out = {}
+
+    def walk(group, prefix=""):
+        for name, array in group.arrays():
+            out[prefix + name] = array[:]
+        for name, sub in group.groups():
+            walk(sub, f"{prefix}{name}/")
+
+    walk(root)
+    return out
+
+
+def assert_same_arrays(a: Path, b: Path) -> None:
+    x, y = arrays(a), arrays(b)
+    assert sorted(x) == sorted(y) and len(x) >= 6
+    for key in x:
+        np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def files(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+def done_count(out: Path) -> int:
+    try:
+        return len(os.listdir(work_path(out) / "done"))
+    except FileNotFoundError:
+        return 0
+
+
+def kill_when(process: subprocess.Popen, out: Path, target: int, sig: int,
+              rng: random.Random) -> bool:
+    """Send ``sig`` once ``target`` tasks are recorded (plus a random pause); False if the
+    process finished first."""
+    while done_count(out) < target:
+        if process.poll() is not None:
+            return False
+        time.sleep(0.005)
+    time.sleep(rng.uniform(0, 0.05))
+    process.send_signal(sig)
+    process.wait(timeout=60)
+    return True
+
+
+# --- tasks and the work directory ------------------------------------------------------------
+
+
+def test_task_grid_partitions_the_tiles():
+    grid = TaskGrid.for_grid((5, 11), tiles_per_task=4)
+    seen = [t for k in range(len(grid)) for t in grid.tiles(k)]
+    assert sorted(seen) == [(i, j) for i in range(5) for j in range(11)]
+    assert all(grid.task_of(t) == k for k in range(len(grid)) for t in grid.tiles(k))
+    assert grid.block == (1, 4) and len(grid) == 15
+
+
+def test_killed_run_resumes_to_the_same_bytes(slide, tmp_path):
+    """A real CLI process SIGKILLed at 5 random moments, each resumed run killed again,
+    then resumed to the end: every array of every level equals an uninterrupted run."""
+    out = tmp_path / "killed.zarr"
+    rng = random.Random(1)
+    command = [*CLI, "run", str(slide["tif"]), "-o", str(out), *slide["args"], "--resume"]
+    total = len(TaskGrid.for_grid((16, 12)))
+    kills = 0
+    for k in range(5):
+        target = min(total - 1, done_count(out) + rng.randint(1, total // 8))
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert kill_when(process, out, target, signal.SIGKILL, rng), process.stderr.read()
+        assert process.returncode == -signal.SIGKILL
+        kills += 1
+        assert not out.exists() and work_path(out).is_dir()
+    assert kills == 5 and 0 < done_count(out) < total
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert not work_path(out).exists()
+    assert_same_arrays(out, slide["reference"])
+    resumed = subprocess.run([c for c in command if c != "-q"], capture_output=True,
+                             text=True, timeout=60)
+    assert resumed.returncode == 0 and "already complete" in resumed.stdout
+
+
+def test_sigint_keeps_the_existing_output_and_the_partial_run(slide, tmp_path):
+    out = tmp_path / "out.zarr"
+    assert main(["run", str(slide["tif"]), "-o", str(out), "--model", str(slide["model_file"]),
+                 "--tile", "128", "-q"]) == 0  # an existing output, other parameters
+    before = files(out)
+    command = [*CLI, "run", str(slide["tif"]), "-o", str(out), *slide["args"], "--overwrite"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert kill_when(process, out, 5, signal.SIGINT, random.Random(2))
+    err = process.stderr.read()
+    assert process.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err and "--resume" in err
+    assert files(out) == before
+    assert 5 <= done_count(out) < 48
+    assert main(["run", str(slide["tif"]), "-o", str(out), *slide["args"], "--overwrite",
+                 "--resume"]) == 0
+    assert_same_arrays(out, slide["reference"])
+
+
+# --- resume through the API -----------------------------------------------------------------
+
+
+def run(slide, out, **kwargs):
+    options = dict(tile=64, output="both", device="cpu")
+    options.update(kwargs)
+    return tilerseg.segment_to_zarr(slide["tif"], slide["model"], out, **options)
+
+
+def test_crash_between_data_and_record_redoes_the_task(slide, tmp_path, monkeypatch):
+    out = tmp_path / "o.zarr"
+    real = WorkDir.mark_done
+    victim = 7
+
+    def crash(self, task_id, **info):
+        if task_id == victim:
+            raise OSError(errno.EIO, "the node crashed")  # the chunks are stored, no record
+        return real(self, task_id, **info)
+
+    monkeypatch.setattr(WorkDir, "mark_done", crash)
+    with pytest.raises(OSError, match="node crashed"):
+        run(slide, out)
+    monkeypatch.setattr(WorkDir, "mark_done", real)
+    work = WorkDir.open(work_path(out))
+    assert victim not in work.done()
+    # damage the task's level-0 chunks: only a recomputation can repair them
+    tiles = work.grid.tiles(victim)
+    for i, j in tiles:
+        chunk = work.store / "0" / "c" / "0" / str(i) / str(j)
+        assert chunk.is_file()
+        chunk.write_bytes(b"garbage")
+    run(slide, out, resume=True)
+    assert_same_arrays(out, slide["reference"])
+
+
+def test_resume_refuses_a_changed_parameter_naming_it(slide, tmp_path, monkeypatch):
+    out = tmp_path / "o.zarr"
+    import tilerseg.engine.tasks as tasks
+
+    real, calls = tasks.RunContext.write, {"n": 0}
+
+    def stop(self, tile, probs):
+        calls["n"] += 1
+        if calls["n"] > 20:
+            raise KeyboardInterrupt
+        return real(self, tile, probs)
+
+    monkeypatch.setattr(tasks.RunContext, "write", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(slide, out)
+    monkeypatch.setattr(tasks.RunContext, "write", real)
+    cases = {"tile": dict(tile=128), "dtype": dict(dtype="float16"),
+             "output": dict(output="labels"), "threshold": dict(threshold=0.3),
+             "precision": dict(precision="bf16"), "normalize": dict(normalize=(0, 100)),
+             "pyramid": dict(pyramid=False)}
+    for name, change in cases.items():
+        with pytest.raises(InvalidArgumentError, match=rf"other parameters: {name} \("):
+            run(slide, out, resume=True, **change)
+    other = tilerseg.create_model("unet", depth=2, base_channels=4)
+    with pytest.raises(InvalidArgumentError, match="model weights"):
+        tilerseg.segment_to_zarr(slide["tif"], other, out, tile=64, output="both", resume=True)
+    # without --resume the partial run is neither reused nor deleted
+    with pytest.raises(OutputError, match="pass --resume to continue it or --overwrite"):
+        run(slide, out)
+    assert work_path(out).is_dir()
+    # how it is computed may change (other threads round otherwise: within one uint8 step)
+    run(slide, out, resume=True, batch_size=2, workers=1, threads=2)
+    got, ref = arrays(out), arrays(slide["reference"])
+    assert np.abs(got["0"].astype(int) - ref["0"].astype(int)).max() <= 1
+    assert (got["labels/segmentation/0"] != ref["labels/segmentation/0"]).mean() < 1e-4
+
+
+def test_resume_of_a_complete_output_returns_at_once(slide, tmp_path):
+    out = tmp_path / "o.zarr"
+    run(slide, out)
+    before = files(out)
+    start = time.perf_counter()
+    run(slide, out, resume=True)
+    assert time.perf_counter() - start < 1.0
+    assert files(out) == before
+    with pytest.raises(OutputError, match="exists with other parameters: tile"):
+        run(slide, out, resume=True, tile=128)
+    with pytest.raises(OutputError, match="exists; pass --overwrite"):
+        run(slide, out)
+    assert files(out) == before
+
+
+def test_overwrite_starts_an_unfinished_run_again(slide, tmp_path, monkeypatch):
+    out = tmp_path / "o.zarr"
+    import tilerseg.engine.tasks as tasks
+
+    real = tasks.RunContext.write
+    monkeypatch.setattr(tasks.RunContext, "write",
+                        lambda self, tile, probs: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if tile.index == (3, 3) else real(self, tile, probs))
+    with pytest.raises(KeyboardInterrupt):
+        run(slide, out, tile=128)
+    monkeypatch.setattr(tasks.RunContext, "write", real)
+    run(slide, out, overwrite=True)  # other parameters, from scratch
+    assert_same_arrays(out, slide["reference"])
+
+
+def test_disk_full_in_the_store_is_one_line_and_resumable(slide, tmp_path, monkeypatch, capsys):
+    """ENOSPC raised by zarr's own LocalStore while chunks are written."""
+    out = tmp_path / "o.zarr"
+    run(slide, out, tile=128)  # an existing output, other parameters
+    before = files(out)
+    store = zarr.storage.LocalStore
+    real, calls = store.set, {"n": 0}
+
+    async def full(self, key, value):
+        if "/c/" in key:
+            calls["n"] += 1
+            if calls["n"] > 60:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return await real(self, key, value)
+
+    monkeypatch.setattr(store, "set", full)
+    code = main(["run", str(slide["tif"]), "-o", str(out), *slide["args"], "--overwrite"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "No space left on device" in err[0]
+    assert err[0].startswith("tilerseg: error:")
+    assert files(out) == before
+    assert 0 < tilerseg.status(out)["done"] < tilerseg.status(out)["tasks"]
+    monkeypatch.setattr(store, "set", real)
+    assert main(["run", str(slide["tif"]), "-o", str(out), *slide["args"], "--overwrite",
+                 "--resume"]) == 0
+    assert_same_arrays(out, slide["reference"])
+
+
+def test_failure_at_commit_keeps_everything_resumable(slide, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o.zarr"
+    run(slide, out, tile=128)
+    before = files(out)
+    import tilerseg.io.writers as writers
+
+    def broken(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writers, "downsample", broken)  # the pyramid levels built at commit
+    code = main(["run", str(slide["tif"]), "-o", str(out), *slide["args"], "--overwrite"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "No space left" in err[0], err
+    assert files(out) == before
+    state = tilerseg.status(out)
+    assert state["done"] == state["tasks"] and not state["complete"]
+    monkeypatch.undo()
+    assert main(["run", str(slide["tif"]), "-o", str(out), *slide["args"], "--overwrite",
+                 "--resume"]) == 0
+    assert_same_arrays(out, slide["reference"])
+
+
+# --- two runs at once ------------------------------------------------------------------------
+
+
+def test_a_second_run_on_the_same_output_refuses(slide, tmp_path, capsys):
+    out = tmp_path / "o.zarr"
+    command = [*CLI, "run", str(slide["tif"]), "-o", str(out), *slide["args"]]
+    first = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        while done_count(out) < 2:
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.01)
+        code = main(["run", str(slide["tif"]), "-o", str(out), *slide["args"], "--resume"])
+        err = capsys.readouterr().err
+        assert code == 2 and "another tilerseg run is writing" in err
+        assert f"pid {first.pid}" in err and os.uname().nodename in err
+    finally:
+        assert first.wait(timeout=300) == 0
+    assert_same_arrays(out, slide["reference"])
+
+
+def test_stale_locks_are_detected(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = tmp_path / "run.lock"
+    path.write_text(json.dumps({"kind": "run", "host": os.uname().nodename, "pid": dead.pid,
+                                "ticks": None, "since": "then", "info": {}}))
+    assert read_lock(path).stale and live_locks(tmp_path) == []
+    with FileLock(path, "run") as lock:  # taken over
+        assert read_lock(path).pid == os.getpid() and lock.held
+    # a lock from another host is stale only once its heartbeat stopped long ago
+    path.write_text(json.dumps({"kind": "run", "host": "elsewhere", "pid": 1, "ticks": None,
+                                "since": "then", "info": {}}))
+    assert not read_lock(path).stale
+    os.utime(path, (time.time() - 3600, time.time() - 3600))
+    assert read_lock(path).stale
+
+
+def test_status_and_finalize_through_the_cli(slide, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "o.zarr"
+    assert main(["status", str(out)]) == 2
+    assert "no output" in capsys.readouterr().err
+    args = [a for a in slide["args"] if a != "-q"]
+    assert main(["run", str(slide["tif"]), "-o", str(out), *args, "--shard", "0/2"]) == 0
+    printed = capsys.readouterr().out
+    assert "shard 0/2" in printed and "24 of 48 tasks" in printed
+    assert main(["status", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "unfinished: 24 of 48 tasks done (50%)" in text and "shard       0/2" in text
+    assert main(["finalize", str(out)]) == 2
+    assert "24 of 48 tasks are not done" in capsys.readouterr().err
+    assert main(["run", str(slide["tif"]), "-o", str(out), *args, "--shard", "1/2"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert main(["status", str(out), "--json"]) == 0
+    state = json.loads(capsys.readouterr().out)
+    assert state["complete"] and state["done"] == 48
+    assert_same_arrays(out, slide["reference"])

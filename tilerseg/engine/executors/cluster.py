@@ -1,0 +1,187 @@
+"""Connecting to a ``dask.distributed`` cluster: local processes, a scheduler, or SLURM/PBS/LSF.
+
+``--cluster local:N`` starts a ``LocalCluster`` of ``N`` worker processes with one Dask
+thread each on the loopback interface; ``--scheduler tcp://HOST:PORT`` joins a running
+one; ``--cluster slurm|pbs|lsf`` starts dask-jobqueue workers as batch jobs, configured
+by dask-jobqueue's usual file (``~/.config/dask/jobqueue.yaml``) and the flags of
+:class:`JobSpec`, which win over it. Each job runs one worker process, which uses all the
+job's cores for torch and its GPU(s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ...errors import InvalidArgumentError
+
+__all__ = ["JobSpec", "ClusterSpec", "connect", "job_script", "parse_cluster"]
+
+log = logging.getLogger(__name__)
+
+_JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "lsf": "LSFCluster"}
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Batch-job resources for dask-jobqueue (None: from its configuration file).
+
+    Attributes
+    ----------
+    jobs : int
+        Jobs (one worker process each) to start.
+    cores : int, optional
+        Cores per job.
+    memory : str, optional
+        Memory per job, e.g. ``"32GB"``.
+    walltime : str, optional
+        Wall-clock limit per job, e.g. ``"04:00:00"``.
+    gpus : int
+        GPUs per job (0: none).
+    queue, account : str, optional
+        Partition/queue and account/project to charge.
+    """
+
+    jobs: int = 1
+    cores: int | None = None
+    memory: str | None = None
+    walltime: str | None = None
+    gpus: int = 0
+    queue: str | None = None
+    account: str | None = None
+
+    def directives(self, kind: str) -> list[str]:
+        """Scheduler directives requesting the GPUs (empty without GPUs)."""
+        if not self.gpus:
+            return []
+        return {"slurm": [f"--gres=gpu:{self.gpus}"], "pbs": [f"-l ngpus={self.gpus}"],
+                "lsf": [f'-gpu "num={self.gpus}"']}[kind]
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Where a run's tasks go: ``kind`` is ``"local"``, ``"scheduler"`` or a batch system."""
+
+    kind: str
+    workers: int = 1
+    address: str | None = None
+    job: JobSpec = JobSpec()
+
+
+def parse_cluster(cluster: str | None, scheduler: str | None,
+                  job: JobSpec | None = None) -> ClusterSpec | None:
+    """The cluster a command line asks for (None: run locally).
+
+    Examples
+    --------
+    >>> parse_cluster("local:3", None).workers
+    3
+    >>> parse_cluster(None, "tcp://10.0.0.1:8786").address
+    'tcp://10.0.0.1:8786'
+    """
+    if cluster is not None and scheduler is not None:
+        raise InvalidArgumentError("give --cluster or --scheduler, not both")
+    if scheduler is not None:
+        if "://" not in scheduler:
+            raise InvalidArgumentError(
+                f"--scheduler {scheduler!r} must be an address like tcp://HOST:PORT")
+        return ClusterSpec("scheduler", address=scheduler)
+    if cluster is None:
+        return None
+    if cluster.startswith("local"):
+        _, _, count = cluster.partition(":")
+        try:
+            workers = int(count) if count else max(1, os.cpu_count() or 1)
+        except ValueError:
+            workers = 0
+        if workers < 1:
+            raise InvalidArgumentError(f"--cluster {cluster!r} must be local:N with N >= 1")
+        return ClusterSpec("local", workers=workers)
+    if cluster in _JOBQUEUE:
+        return ClusterSpec(cluster, workers=(job or JobSpec()).jobs, job=job or JobSpec())
+    raise InvalidArgumentError(
+        f"--cluster {cluster!r} is not understood; expected local:N, slurm, pbs or lsf")
+
+
+def _jobqueue_cluster(spec: ClusterSpec) -> Any:
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise InvalidArgumentError(
+            f"--cluster {spec.kind} needs dask-jobqueue (pip install 'tilerseg[cluster]')"
+        ) from None
+    job = spec.job
+    kwargs: dict[str, Any] = {"processes": 1}
+    for name in ("cores", "memory", "walltime", "queue"):
+        if getattr(job, name) is not None:
+            kwargs[name] = getattr(job, name)
+    if job.account is not None:
+        kwargs["account" if spec.kind == "slurm" else "project"] = job.account
+    directives = job.directives(spec.kind)
+    if directives:
+        kwargs["job_extra_directives"] = directives
+    try:
+        return getattr(dask_jobqueue, _JOBQUEUE[spec.kind])(**kwargs)
+    except ValueError as err:  # e.g. cores or memory neither given nor configured
+        raise InvalidArgumentError(f"--cluster {spec.kind}: {err}") from None
+
+
+def job_script(spec: ClusterSpec) -> str:
+    """The batch script dask-jobqueue would submit for each worker job."""
+    cluster = _jobqueue_cluster(spec)
+    try:
+        return str(cluster.job_script())
+    finally:
+        cluster.close()
+
+
+def threads_per_worker(spec: ClusterSpec) -> int | None:
+    """Torch threads per worker process: the cores shared out (None: the worker's default)."""
+    if spec.kind == "local":
+        return max(1, (os.cpu_count() or 1) // spec.workers)
+    if spec.kind in _JOBQUEUE:
+        return spec.job.cores
+    return None
+
+
+@contextlib.contextmanager
+def connect(spec: ClusterSpec) -> Iterator[Any]:
+    """A ``distributed.Client`` on the cluster of ``spec``, closed (with the cluster) after.
+
+    Yields
+    ------
+    distributed.Client
+    """
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise InvalidArgumentError(
+            "a cluster needs dask.distributed (pip install 'tilerseg[cluster]')") from None
+    cluster = None
+    if spec.kind == "scheduler":
+        try:
+            client = Client(spec.address, timeout="30s")
+        except OSError as err:
+            raise InvalidArgumentError(
+                f"--scheduler {spec.address}: cannot connect ({err})") from None
+    else:
+        if spec.kind == "local":
+            cluster = LocalCluster(n_workers=spec.workers, threads_per_worker=1,
+                                   processes=True, host="127.0.0.1", dashboard_address=None)
+        else:
+            cluster = _jobqueue_cluster(spec)
+            cluster.scale(jobs=spec.workers)
+        client = Client(cluster)
+        if spec.kind == "local":
+            client.wait_for_workers(spec.workers)
+    log.info("cluster: %s", client)
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
