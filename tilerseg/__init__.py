@@ -17,7 +17,16 @@ import logging
 
 __version__ = "0.1.0"
 
-from .engine import RunOptions, finalize, plan, segment, segment_to_zarr, status
+from .engine import (
+    BatchResult,
+    RunOptions,
+    finalize,
+    plan,
+    segment,
+    segment_batch,
+    segment_to_zarr,
+    status,
+)
 from .errors import (
     InvalidArgumentError,
     InvalidImageError,
@@ -45,6 +54,8 @@ __all__ = [
     "__version__",
     "segment",
     "segment_to_zarr",
+    "segment_batch",
+    "BatchResult",
     "RunOptions",
     "status",
     "finalize",

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -133,10 +134,15 @@ def _executor(spec: Any) -> Iterator[Any]:
         yield client
 
 
-def _complete_manifest(path: Path) -> dict | None:
+def _finished(path: Path) -> dict | None:
+    """The ``tilerseg`` attributes of a complete output (None if it is not one)."""
+    import zarr
+
     from .engine.jobs import read_final_manifest
 
-    return read_final_manifest(path) if path.exists() else None
+    if not path.exists() or read_final_manifest(path) is None:
+        return None
+    return dict(zarr.open_group(os.fspath(path), mode="r").attrs["tilerseg"])
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -154,7 +160,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     image = open_image(args.image, level=args.level)  # input errors come first
     model = model_from_spec(args.model)
     out = Path(args.output_path or default_output_path(args.image))
-    before = _complete_manifest(out)
+    before = _finished(out)
     bar = ProgressBar(sys.stderr, sys.stderr.isatty() and not args.quiet)
     start = time.perf_counter()
     try:
@@ -171,17 +177,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"tilerseg: interrupted{note}", file=sys.stderr)
         return 130
     seconds = time.perf_counter() - start
-    after = _complete_manifest(path)
-    if before is not None and after is not None and after.get("created") == before.get("created"):
+    after = _finished(path)
+    if before is not None and after is not None and \
+            after["manifest"]["run_id"] == before["manifest"]["run_id"]:
         if not args.quiet:
             print(f"{path} is already complete")
         return 0
-    if after is None:  # a shard whose siblings still have work
-        state = status(path)
+    if after is None or after.get("committed_by") != f"{socket.gethostname()}:{os.getpid()}":
+        state = status(path)  # a shard: the others still work, or another one committed
         if not args.quiet:
             print(f"shard {args.shard}: done in {seconds:.1f} s; {state['done']} of "
-                  f"{state['tasks']} tasks of {path} are done (the shard that finishes the "
-                  "last commits it; 'tilerseg finalize' does it by hand)")
+                  f"{state['tasks']} tasks of {path} are done"
+                  + (" (committed by another shard)" if state["complete"] else
+                     " (the shard that finishes the last commits it; 'tilerseg finalize' "
+                     "does it by hand)"))
         return 0
     if not args.quiet:
         print(f"wrote {path} in {seconds:.1f} s")

@@ -226,7 +226,8 @@ def geometry_of(manifest: dict[str, Any]) -> ModelGeometry:
 
 def _hash(manifest: dict[str, Any]) -> str:
     """SHA-256 of the manifest's content, without its creation time and the hash."""
-    content = {k: v for k, v in manifest.items() if k not in ("created", "config_hash", "spec")}
+    content = {k: v for k, v in manifest.items()
+               if k not in ("created", "run_id", "config_hash", "spec")}
     text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -239,11 +240,12 @@ def build_manifest(*, output: Path, version: str, identity: dict[str, Any],
 
     ``options`` are the output-deciding options as requested, ``resolved`` what they
     became (tile, normalisation with its statistics, labels, channels, background map).
-    The ``config_hash`` fingerprints all of it but the creation time and the output spec.
+    The ``config_hash`` fingerprints all of it but the creation time, the run's random
+    ``run_id`` and the output spec.
     """
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "tilerseg": version,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_id": uuid.uuid4().hex,
         "output": os.fspath(output), "input": identity, "model": model,
         "geometry": {"ndim": geometry.ndim, "in_channels": geometry.in_channels,
                      "out_channels": geometry.out_channels, "step": list(geometry.step),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -348,6 +349,7 @@ def commit(work: WorkDir, out: Path, *, overwrite: bool = False,
         writer = OutputWriter(out, spec, overwrite=overwrite, staging=work.store,
                               existing=True)
         writer.update_attributes(manifest=work.manifest, config_hash=work.config_hash,
+                                 committed_by=f"{socket.gethostname()}:{os.getpid()}",
                                  **(attributes or {}))
         writer.commit()
     finally:

@@ -107,7 +107,7 @@ def parse_cluster(cluster: str | None, scheduler: str | None,
         f"--cluster {cluster!r} is not understood; expected local:N, slurm, pbs or lsf")
 
 
-def _jobqueue_cluster(spec: ClusterSpec) -> Any:
+def _jobqueue_cluster(spec: ClusterSpec, **extra: Any) -> Any:
     try:
         import dask_jobqueue
     except ImportError:
@@ -115,7 +115,7 @@ def _jobqueue_cluster(spec: ClusterSpec) -> Any:
             f"--cluster {spec.kind} needs dask-jobqueue (pip install 'tilerseg[cluster]')"
         ) from None
     job = spec.job
-    kwargs: dict[str, Any] = {"processes": 1}
+    kwargs: dict[str, Any] = {"processes": 1, **extra}
     for name in ("cores", "memory", "walltime", "queue"):
         if getattr(job, name) is not None:
             kwargs[name] = getattr(job, name)
@@ -132,7 +132,7 @@ def _jobqueue_cluster(spec: ClusterSpec) -> Any:
 
 def job_script(spec: ClusterSpec) -> str:
     """The batch script dask-jobqueue would submit for each worker job."""
-    cluster = _jobqueue_cluster(spec)
+    cluster = _jobqueue_cluster(spec, scheduler_options={"dashboard_address": ":0"})
     try:
         return str(cluster.job_script())
     finally:

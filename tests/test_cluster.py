@@ -1,0 +1,174 @@
+"""dask.distributed: a real LocalCluster of worker processes on loopback, and dask-jobqueue."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import signal
+import time
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+
+import tilerseg
+from tilerseg.engine.executors.cluster import ClusterSpec, JobSpec, connect, job_script
+from tilerseg.engine.jobs import WorkDir, work_path
+from tilerseg.errors import InvalidArgumentError
+from tilerseg.synthetic import membrane_image
+
+from .test_resume import assert_same_arrays, done_count
+
+pytest.importorskip("distributed")
+
+
+@pytest.fixture(scope="module")
+def client():
+    """Two worker processes with one thread each, like the local default (2 x 1 thread)."""
+    with connect(ClusterSpec("local", workers=2)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    d = tmp_path_factory.mktemp("cluster")
+    image = membrane_image((600, 520), cell_size=24, seed=9)[0]
+    tifffile.imwrite(d / "slide.tif", image, tile=(128, 128), photometric="minisblack")
+    stack = membrane_image((3, 200, 180), cell_size=20, seed=4)[0]
+    tifffile.imwrite(d / "stack.tif", stack, photometric="minisblack")  # ZYX: plane by plane
+    rgb = np.stack([image, 255 - image, image // 2], axis=0)
+    tifffile.imwrite(d / "channels.tif", rgb, photometric="minisblack",
+                     metadata={"axes": "CYX"})
+    torch.manual_seed(0)
+    one = tilerseg.create_model("unet", depth=3, base_channels=4)
+    two = tilerseg.create_model("unet", depth=3, base_channels=4, in_channels=2, num_classes=1)
+    return {"dir": d, "one": one, "two": two}
+
+
+CASES = {
+    "2D, probabilities and labels": ("slide.tif", "one", dict(output="both")),
+    "z-stack, 2D model": ("stack.tif", "one", dict(output="both", dtype="float32")),
+    "channels 0 and 2, labels": ("channels.tif", "two", dict(output="labels", channel=(0, 2))),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cluster_output_identical_to_local(client, data, tmp_path, case):
+    name, model, options = CASES[case]
+    image, model = data["dir"] / name, data[model]
+    local = tilerseg.segment_to_zarr(image, model, tmp_path / "local.zarr", tile=64, **options)
+    remote = tilerseg.segment_to_zarr(image, model, tmp_path / "remote.zarr", tile=64,
+                                      executor=client, **options)
+    assert_same_arrays(local, remote)
+    attrs = zarr.open_group(remote, mode="r").attrs["tilerseg"]
+    assert attrs["executor"] == "dask.distributed"
+
+
+def test_a_task_is_small_plain_data(data, tmp_path):
+    """What crosses to a worker: a few hundred bytes, no model, no open file."""
+    out = tmp_path / "o.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        tilerseg.segment_to_zarr(data["dir"] / "slide.tif", data["one"], out, tile=64,
+                                 progress=lambda done, total: (_ for _ in ()).throw(
+                                     KeyboardInterrupt))
+    work = WorkDir.open(work_path(out))
+    tasks = list(work.tasks(range(len(work.grid)), str(data["dir"] / "slide.tif"), 0, (0,)))
+
+    class OnlyTasks(pickle.Unpickler):  # the payload names no class but Task itself
+        def find_class(self, module, name):
+            assert (module, name) == ("tilerseg.engine.jobs", "Task"), (module, name)
+            return super().find_class(module, name)
+
+    for task in tasks:
+        payload = pickle.dumps(task)
+        assert len(payload) < 1024
+        assert OnlyTasks(io.BytesIO(payload)).load() == task
+    assert {type(v) for t in tasks for v in vars(t).values()} <= {str, int, tuple}
+
+
+def test_a_batch_spreads_over_the_cluster(client, data, tmp_path):
+    results = tilerseg.segment_batch(
+        [data["dir"] / "slide.tif", data["dir"] / "stack.tif"], data["one"], tmp_path / "out",
+        tile=64, executor=client)
+    assert [r.status for r in results] == ["done", "done"]
+    for r in results:
+        single = tilerseg.segment_to_zarr(r.image, data["one"], tmp_path / "single.zarr",
+                                          tile=64, overwrite=True)
+        assert_same_arrays(r.output, single)
+
+
+def test_in_memory_images_and_foreign_models_get_clear_errors(client, data, tmp_path):
+    with pytest.raises(InvalidArgumentError, match="in-memory image cannot be sent"):
+        tilerseg.segment_to_zarr(np.zeros((100, 100), np.uint8), data["one"],
+                                 tmp_path / "a.zarr", tile=64, executor=client)
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    with pytest.raises(InvalidArgumentError, match="needs a model from tilerseg.create_model"):
+        tilerseg.segment_to_zarr(data["dir"] / "slide.tif", Wrapped(data["one"]),
+                                 tmp_path / "b.zarr", tile=64, executor=client)
+
+
+def test_a_killed_worker_costs_only_its_tasks(client, data, tmp_path):
+    """SIGKILL one worker process mid-run: Dask reruns its tasks, the output is the same."""
+    image = membrane_image((1536, 1536), cell_size=24, seed=11)[0]
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(path, image, tile=(256, 256), photometric="minisblack")
+    local = tilerseg.segment_to_zarr(path, data["one"], tmp_path / "local.zarr", tile=64)
+    pids = list(client.run(os.getpid).values())
+    out = tmp_path / "remote.zarr"
+    killed = []
+
+    def progress(done, total):
+        if not killed and done_count(out) >= 20:
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(time.time())
+
+    tilerseg.segment_to_zarr(path, data["one"], out, tile=64, executor=client,
+                             progress=progress)
+    assert killed and pids[0] not in client.run(os.getpid).values()
+    assert_same_arrays(local, out)
+
+
+def test_jobqueue_script_carries_the_resources():
+    pytest.importorskip("dask_jobqueue")
+    spec = ClusterSpec("slurm", workers=4, job=JobSpec(
+        jobs=4, cores=8, memory="32GB", walltime="04:00:00", gpus=1, queue="gpu",
+        account="lab42"))
+    script = job_script(spec)
+    assert "#SBATCH --cpus-per-task=8" in script
+    assert "#SBATCH --mem=30G" in script  # dask-jobqueue's GiB rounding of 32 GB
+    assert "#SBATCH -t 04:00:00" in script
+    assert "#SBATCH --gres=gpu:1" in script
+    assert "#SBATCH -p gpu" in script and "#SBATCH -A lab42" in script
+    pbs = job_script(ClusterSpec("pbs", job=JobSpec(cores=4, memory="8GB", gpus=2)))
+    assert "ngpus=2" in pbs
+    with pytest.raises(InvalidArgumentError, match="--cluster slurm"):
+        job_script(ClusterSpec("slurm", job=JobSpec()))  # no cores or memory anywhere
+
+
+def test_cli_cluster_flags(tmp_path, capsys):
+    from tilerseg.cli import main
+
+    assert main(["run", "x.tif", "--cluster", "slurm", "--cores", "4", "--memory", "8GB",
+                 "--walltime", "01:00:00", "--gpus-per-job", "1", "--job-script"]) == 0
+    script = capsys.readouterr().out
+    assert "#SBATCH --gres=gpu:1" in script and "#SBATCH -t 01:00:00" in script
+    for args, message in [
+        (["--cluster", "local:0"], "local:N with N >= 1"),
+        (["--cluster", "kubernetes"], "not understood"),
+        (["--scheduler", "localhost"], "tcp://HOST:PORT"),
+        (["--cluster", "local:2", "--shard", "0/2"], "not both"),
+        (["--job-script"], "--job-script needs"),
+    ]:
+        assert main(["run", "x.tif", *args]) == 2
+        assert message in capsys.readouterr().err

@@ -1,0 +1,91 @@
+"""Job arrays without a scheduler: shards of one output, in any order and at once."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+
+import pytest
+import zarr
+
+import tilerseg
+from tilerseg.engine.executors import parse_shard
+from tilerseg.engine.jobs import work_path
+from tilerseg.errors import InvalidArgumentError
+
+from .test_resume import CLI, assert_same_arrays, slide  # noqa: F401 - the fixture
+
+
+def test_three_shards_in_any_order_equal_one_run(slide, tmp_path):  # noqa: F811
+    out = tmp_path / "o.zarr"
+    order = [2, 0, 1]
+    random.Random(3).shuffle(order)
+    for k, i in enumerate(order):
+        path = tilerseg.segment_to_zarr(slide["tif"], slide["model"], out, tile=64,
+                                        output="both", shard=(i, 3))
+        state = tilerseg.status(path)
+        if k < 2:
+            assert not out.exists() and not state["complete"]
+            assert state["done"] == sum(len(range(j, 48, 3)) for j in order[: k + 1])
+    attrs = zarr.open_group(out, mode="r").attrs["tilerseg"]
+    assert attrs["executor"] == f"shard {order[-1]}/3"  # the last one committed
+    assert not work_path(out).exists()
+    assert_same_arrays(out, slide["reference"])
+    # a shard run again on the complete output does nothing
+    before = attrs["manifest"]["run_id"]
+    tilerseg.segment_to_zarr(slide["tif"], slide["model"], out, tile=64, output="both",
+                             shard=(0, 3))
+    assert zarr.open_group(out, mode="r").attrs["tilerseg"]["manifest"]["run_id"] == before
+
+
+def test_concurrent_shard_processes_commit_exactly_once(slide, tmp_path):  # noqa: F811
+    out = tmp_path / "o.zarr"
+    args = [a for a in slide["args"] if a != "-q"]
+    processes = [
+        subprocess.Popen([*CLI, "run", str(slide["tif"]), "-o", str(out), *args, "--shard",
+                          "auto"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "SLURM_ARRAY_TASK_ID": str(i + 1),
+                              "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "3"})
+        for i in range(3)
+    ]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0], [e for _, e in outputs]
+    wrote = [o for o, _ in outputs if o.startswith("wrote ")]
+    assert len(wrote) == 1, outputs  # committed exactly once
+    assert all("shard auto: done" in o for o, _ in outputs if not o.startswith("wrote "))
+    assert_same_arrays(out, slide["reference"])
+    committer = processes[[o for o, _ in outputs].index(wrote[0])]
+    attrs = zarr.open_group(out, mode="r").attrs["tilerseg"]
+    assert attrs["committed_by"].endswith(f":{committer.pid}")
+
+
+def test_shard_arguments():
+    assert parse_shard("0/1") == (0, 1)
+    for bad in ("3/3", "-1/2", "1", "a/b", "1/0"):
+        with pytest.raises(InvalidArgumentError, match="shard"):
+            parse_shard(bad)
+    with pytest.raises(InvalidArgumentError, match="SLURM_ARRAY_TASK_ID"):
+        parse_shard("auto", {})
+
+
+def test_finalize_commits_what_shards_left(slide, tmp_path, monkeypatch):  # noqa: F811
+    """A shard killed after its last task but before the commit: finalize finishes it."""
+    out = tmp_path / "o.zarr"
+    import tilerseg.engine.to_zarr as to_zarr
+
+    real = to_zarr.commit
+    monkeypatch.setattr(to_zarr, "commit", lambda *a, **k: (_ for _ in ()).throw(
+        KeyboardInterrupt))
+    for i in range(2):
+        try:
+            tilerseg.segment_to_zarr(slide["tif"], slide["model"], out, tile=64,
+                                     output="both", shard=(i, 2))
+        except KeyboardInterrupt:
+            assert i == 1
+    monkeypatch.setattr(to_zarr, "commit", real)
+    state = tilerseg.status(out)
+    assert state["done"] == state["tasks"] and not state["complete"]
+    assert tilerseg.finalize(out) is True
+    assert tilerseg.finalize(out) is False  # already complete
+    assert_same_arrays(out, slide["reference"])
