@@ -354,3 +354,24 @@ def test_status_and_finalize_through_the_cli(slide, tmp_path, capsys, monkeypatc
     state = json.loads(capsys.readouterr().out)
     assert state["complete"] and state["done"] == 48
     assert_same_arrays(out, slide["reference"])
+
+
+def test_resume_of_a_complete_output_needs_no_torch(slide, tmp_path):
+    """The requeued job's common case is answered from file metadata alone."""
+    out = tmp_path / "o.zarr"
+    args = ["run", str(slide["tif"]), "-o", str(out), *slide["args"]]
+    assert main(args) == 0
+    probe = ("import sys; from tilerseg.cli import main; code = main({!r}); "
+             "print(code, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe.format([*args, "--resume"])],
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["0", "False"], result.stderr
+    # a changed parameter is not answered from the metadata: it is refused as usual
+    result = subprocess.run([sys.executable, "-c", probe.format(
+        [*args, "--resume", "--dtype", "float32"])], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["2", "True"] and "dtype" in result.stderr
+    # a touched model file (same weights) takes the slow way to the same answer
+    os.utime(slide["model_file"])
+    result = subprocess.run([sys.executable, "-c", probe.format([*args, "--resume"])],
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["0", "True"], result.stderr

@@ -1,5 +1,9 @@
 """tilerseg: exact overlap-tile U-Net segmentation of images too large for memory.
 
+The public names are imported when first used, so that commands which need no model
+(``tilerseg status``, ``tilerseg run --resume`` on a finished output) start without
+importing torch.
+
 Examples
 --------
 >>> import numpy as np, tilerseg
@@ -13,42 +17,36 @@ Examples
 
 from __future__ import annotations
 
+import importlib
 import logging
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .engine import (
-    BatchResult,
-    RunOptions,
-    finalize,
-    plan,
-    segment,
-    segment_batch,
-    segment_to_zarr,
-    status,
-)
 from .errors import (
+    ImageNotFoundError,
     InvalidArgumentError,
     InvalidImageError,
     InvalidModelError,
-    ImageNotFoundError,
     ModelNotFoundError,
     OutputError,
     TilersegError,
 )
-from .geometry import ModelGeometry, Tile, TilePlan
-from .io import ImageSource, open_image
-from .models import (
-    UNet,
-    create_model,
-    list_models,
-    load_model,
-    model_geometry,
-    register_model,
-    save_model,
-)
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+_LAZY = {
+    "segment": "engine", "segment_to_zarr": "engine", "segment_batch": "engine",
+    "BatchResult": "engine", "RunOptions": "engine", "status": "engine",
+    "finalize": "engine", "plan": "engine",
+    "open_image": "io", "ImageSource": "io",
+    "UNet": "models", "create_model": "models", "list_models": "models",
+    "register_model": "models", "load_model": "models", "save_model": "models",
+    "model_geometry": "models",
+    "ModelGeometry": "geometry", "TilePlan": "geometry", "Tile": "geometry",
+}
+_SUBPACKAGES = ("engine", "io", "models", "train", "geometry", "labels", "metrics",
+                "normalize", "synthetic", "evaluate", "info", "cli")
 
 __all__ = [
     "__version__",
@@ -80,3 +78,18 @@ __all__ = [
     "ImageNotFoundError",
     "OutputError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'tilerseg' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | set(_SUBPACKAGES))

@@ -145,21 +145,37 @@ def _finished(path: Path) -> dict | None:
     return dict(zarr.open_group(os.fspath(path), mode="r").attrs["tilerseg"])
 
 
+def _quick_complete(out: Path, args: argparse.Namespace, options: Any) -> bool:
+    """Whether ``out`` is already complete with these parameters, known without torch."""
+    from .engine.jobs import quick_complete
+    from .models.catalog import model_file
+
+    path = model_file(args.model)
+    return path is not None and quick_complete(out, args.image, path, options, __version__)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .engine.executors.cluster import job_script
-    from .engine.resume import status
-    from .engine.to_zarr import default_output_path, segment_to_zarr
-    from .io import open_image
-    from .models.checkpoint import model_from_spec
+    from .engine.jobs import default_output_path
 
     spec = _cluster(args)
-    if args.job_script:
+    if args.job_script:  # needs no model
+        from .engine.executors.cluster import job_script
+
         print(job_script(spec))
         return 0
     options = _run_options(args)
+    out = Path(args.output_path or default_output_path(args.image))
+    if (args.resume or args.shard) and _quick_complete(out, args, options):
+        if not args.quiet:
+            print(f"{out} is already complete")
+        return 0
+    from .engine.resume import status
+    from .engine.to_zarr import segment_to_zarr
+    from .io import open_image
+    from .models.checkpoint import model_from_spec
+
     image = open_image(args.image, level=args.level)  # input errors come first
     model = model_from_spec(args.model)
-    out = Path(args.output_path or default_output_path(args.image))
     before = _finished(out)
     bar = ProgressBar(sys.stderr, sys.stderr.isatty() and not args.quiet)
     start = time.perf_counter()

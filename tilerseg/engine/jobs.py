@@ -44,11 +44,14 @@ import numpy as np
 
 from ..errors import OutputError
 from ..geometry import ModelGeometry, normalize_tile
+from ..io.formats import strip_image_suffix
 from ..normalize import Normalization, resolve_normalization
 
 __all__ = [
-    "TILES_PER_TASK", "Task", "TaskGrid", "WorkDir", "work_path", "build_manifest",
-    "differences", "input_identity", "geometry_of", "read_final_manifest", "remove_tree",
+    "TILES_PER_TASK", "Task", "TaskGrid", "WorkDir", "default_output_path", "work_path",
+    "build_manifest",
+    "differences", "input_identity", "path_identity", "geometry_of", "read_final_manifest",
+    "quick_complete", "remove_tree",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,22 @@ MANIFEST = "manifest.json"
 STORE = "output.zarr"
 FORMAT = "tilerseg-run"
 FORMAT_VERSION = 1
+
+
+def default_output_path(image: str | os.PathLike) -> Path:
+    """``slide.tif`` -> ``slide.tilerseg.zarr`` beside the input (folders and globs too).
+
+    Examples
+    --------
+    >>> default_output_path("/data/slide.ome.tif").as_posix()
+    '/data/slide.tilerseg.zarr'
+    >>> default_output_path("/data/stack/*.tif").as_posix()
+    '/data/stack.tilerseg.zarr'
+    """
+    path = Path(os.fspath(image))
+    if any(c in path.name for c in "*?["):  # a glob: name it after its folder
+        path = path.parent
+    return path.with_name(f"{strip_image_suffix(path.name)}.tilerseg.zarr")
 
 
 def work_path(out: str | os.PathLike) -> Path:
@@ -162,15 +181,24 @@ class Task:
 # -- what a run computes ----------------------------------------------------------------------
 
 
-def _file_stat(path: str) -> dict[str, Any]:
-    """Size and modification time of a file, or of a folder's top-level entries."""
+def path_identity(path: str) -> dict[str, Any]:
+    """An input path's identity without opening it: absolute path, size and modification
+    time (of a folder's top-level entries, or of the files a glob matches)."""
+    out: dict[str, Any] = {"path": os.path.abspath(path)}
     if os.path.isdir(path):
         names = sorted(os.listdir(path))
         stats = [os.stat(os.path.join(path, n)) for n in names] + [os.stat(path)]
-        return {"entries": len(names), "size": sum(s.st_size for s in stats),
-                "mtime_ns": max(s.st_mtime_ns for s in stats)}
-    st = os.stat(path)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        out["entries"] = len(names)
+    elif os.path.exists(path):
+        stats = [os.stat(path)]
+    else:  # a glob
+        import glob
+
+        stats = [os.stat(f) for f in sorted(glob.glob(path))]
+        out["entries"] = len(stats)
+    out.update(size=sum(s.st_size for s in stats),
+               mtime_ns=max((s.st_mtime_ns for s in stats), default=0))
+    return out
 
 
 def input_identity(image: Any, source: Any = None) -> dict[str, Any]:
@@ -198,18 +226,8 @@ def input_identity(image: Any, source: Any = None) -> dict[str, Any]:
     out: dict[str, Any] = {"format": source.format, "axes": source.axes,
                            "shape": list(source.shape), "dtype": str(source.dtype),
                            "level": source.level}
-    path = source.path
-    if path is not None:
-        out["path"] = os.path.abspath(path)
-        if os.path.exists(path):
-            out.update(_file_stat(path))
-        else:  # a glob
-            import glob
-
-            files = sorted(glob.glob(path))
-            stats = [os.stat(f) for f in files]
-            out.update(entries=len(files), size=sum(s.st_size for s in stats),
-                       mtime_ns=max((s.st_mtime_ns for s in stats), default=0))
+    if source.path is not None:
+        out.update(path_identity(source.path))
         return out
     from dask.base import tokenize
 
@@ -275,8 +293,8 @@ def _normalization_differs(spec: Any, dtype: str, recorded: dict[str, Any]) -> b
     return now != Normalization(**recorded)
 
 
-def differences(manifest: dict[str, Any], options: Any, *, version: str, digest: str,
-                identity: dict[str, Any], labels: dict[str, Any]) -> list[str]:
+def differences(manifest: dict[str, Any], options: Any, *, version: str, digest: str | None,
+                identity: dict[str, Any], labels: dict[str, Any] | None) -> list[str]:
     """What a new request changes against a recorded run, one phrase each (empty: same).
 
     Parameters
@@ -287,12 +305,15 @@ def differences(manifest: dict[str, Any], options: Any, *, version: str, digest:
         The new request. Options left at None (tile, channel) take the recorded values.
     version : str
         This tilerseg's version.
-    digest : str
-        The new model's weights digest.
+    digest : str or None
+        The new model's weights digest; None when the caller checked that the model is
+        the very file the run used.
     identity : dict
-        The new input's :func:`input_identity`.
-    labels : dict
-        The new label policy (``LabelPolicy.as_dict()``).
+        The new input's :func:`input_identity` (or a part of it: only its keys are
+        compared).
+    labels : dict or None
+        The new label policy (``LabelPolicy.as_dict()``); None compares the requested
+        threshold instead (the same model file has the same default).
     """
     out = []
 
@@ -301,10 +322,10 @@ def differences(manifest: dict[str, Any], options: Any, *, version: str, digest:
 
     if manifest.get("tilerseg") != version:
         differ("tilerseg version", manifest.get("tilerseg"), version)
-    if manifest["model"]["digest"] != digest:
+    if digest is not None and manifest["model"]["digest"] != digest:
         differ("model weights", manifest["model"]["digest"][:12], digest[:12])
     recorded_input = manifest["input"]
-    for key in sorted(set(recorded_input) | set(identity)):
+    for key in sorted(identity):
         if recorded_input.get(key) != identity.get(key):
             differ(f"input {key}", recorded_input.get(key), identity.get(key))
             break
@@ -324,7 +345,9 @@ def differences(manifest: dict[str, Any], options: Any, *, version: str, digest:
                 else list(range(resolved["available_channels"])))
     if channels != resolved["channels"]:
         differ("channel", resolved["channels"], channels)
-    if labels != resolved["labels"]:
+    if labels is None and options.threshold != requested["threshold"]:
+        differ("threshold", requested["threshold"], options.threshold)
+    elif labels is not None and labels != resolved["labels"]:
         differ("threshold", resolved["labels"], labels)
     now = options.output_options()
     for name in ("output", "dtype", "level", "precision", "pyramid", "skip_background",
@@ -480,6 +503,29 @@ def _write_json(path: Path, data: Any) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1, sort_keys=True)
     os.replace(tmp, path)
+
+
+def quick_complete(out: Path, image: str, model_file: Path, options: Any,
+                   version: str) -> bool:
+    """Whether ``out`` is a finished run of the same image file, model file and options,
+    decided from file metadata alone: no image is opened, no model loaded (no torch).
+
+    False means "not known to be": the caller then checks the slow way.
+    """
+    from ..models.catalog import file_identity
+
+    try:
+        with open(Path(out) / "zarr.json", encoding="utf-8") as f:
+            info = json.load(f)["attributes"]["tilerseg"]
+        manifest = info["manifest"]
+        if not info.get("complete") or manifest["model"].get("file") != file_identity(
+                model_file):
+            return False
+        identity = {**path_identity(image), "level": options.level}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return not differences(manifest, options, version=version, digest=None, identity=identity,
+                           labels=None)
 
 
 def read_final_manifest(out: Path) -> dict[str, Any] | None:

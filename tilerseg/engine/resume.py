@@ -36,7 +36,7 @@ from ..io.readers import open_image
 from ..io.source import ImageSource
 from ..io.writers import OutputSpec, OutputWriter, spec_from_dict, spec_to_dict
 from ..labels import LabelPolicy
-from ..models.checkpoint import weights_digest
+from ..models.checkpoint import source_file, weights_digest
 from .background import find_background
 from .jobs import (
     TaskGrid,
@@ -155,7 +155,8 @@ def _manifest(p: Prepared, out: Path, identity: dict, digest: str, model_source:
         "background": background.as_dict() if background is not None else None,
     }
     model = {"digest": digest, "architecture": getattr(p.model, "registry_name", None),
-             "config": getattr(p.model, "config", None), "source": model_source}
+             "config": getattr(p.model, "config", None), "source": model_source,
+             "file": source_file(p.model)}
     return build_manifest(
         output=out, version=__version__, identity=identity, model=model,
         geometry=p.model_geometry, per_plane=p.per_plane,

@@ -13,8 +13,8 @@ import numpy as np
 from torch import nn
 
 from ..errors import InvalidArgumentError, TilersegError
-from ..io.formats import strip_image_suffix
 from .executors import ShardExecutor, parse_shard, resolve_executor
+from .jobs import default_output_path
 from .options import RunOptions, run_options
 from .resume import Started, commit, start
 from .tasks import Work
@@ -22,22 +22,6 @@ from .tasks import Work
 __all__ = ["segment_to_zarr", "default_output_path"]
 
 log = logging.getLogger(__name__)
-
-
-def default_output_path(image: str | os.PathLike) -> Path:
-    """``slide.tif`` -> ``slide.tilerseg.zarr`` beside the input (folders and globs too).
-
-    Examples
-    --------
-    >>> default_output_path("/data/slide.ome.tif").as_posix()
-    '/data/slide.tilerseg.zarr'
-    >>> default_output_path("/data/stack/*.tif").as_posix()
-    '/data/stack.tilerseg.zarr'
-    """
-    path = Path(os.fspath(image))
-    if any(c in path.name for c in "*?["):  # a glob: name it after its folder
-        path = path.parent
-    return path.with_name(f"{strip_image_suffix(path.name)}.tilerseg.zarr")
 
 
 def segment_to_zarr(

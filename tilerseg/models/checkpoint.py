@@ -20,23 +20,17 @@ import torch
 from torch import nn
 
 from ..errors import InvalidModelError, ModelNotFoundError
+from .catalog import BUNDLED, DEFAULT_MODEL, bundled_models, file_identity
 from .registry import create_model, list_models
 
 __all__ = ["save_model", "load_model", "model_from_spec", "model_to_bytes", "model_from_bytes",
-           "weights_digest", "bundled_models", "DEFAULT_MODEL"]
+           "weights_digest", "source_file", "file_identity", "bundled_models", "DEFAULT_MODEL",
+           "BUNDLED"]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "tilerseg-model"
 FORMAT_VERSION = 1
-BUNDLED = Path(__file__).parent / "bundled"
-DEFAULT_MODEL = "isbi2012-unet"
-"""Name of the bundled model that ``load_model()`` and ``tilerseg run`` use by default."""
-
-
-def bundled_models() -> dict[str, Path]:
-    """Names and files of the models shipped inside the package."""
-    return {p.stem: p for p in sorted(BUNDLED.glob("*.pt"))}
 
 
 def save_model(
@@ -135,8 +129,27 @@ def load_model(path: str | os.PathLike | None = None) -> nn.Module:
             f"{str(path)!r} is not a tilerseg model file ({reason[:200]})"
         ) from None
     model = _from_payload(payload, repr(str(path)))
+    model._tilerseg_file = (file_identity(path), weights_digest(model))
     log.info("loaded %s model from %s", payload["architecture"], path)
     return model
+
+
+def source_file(model: nn.Module) -> dict[str, Any] | None:
+    """The :func:`file_identity` of the file ``model`` was loaded from, if its weights are
+    still those of the file (None otherwise, or if it was not loaded from a file)."""
+    loaded = getattr(model, "_tilerseg_file", None)
+    if loaded is None or weights_digest(model) != loaded[1]:
+        return None
+    return loaded[0]
+
+
+def _state_key(model: nn.Module) -> Any:
+    """Identity and version of every tensor of the model's state (changes when one does)."""
+    try:
+        return tuple((id(t), t.data_ptr(), t._version)
+                     for t in model.state_dict(keep_vars=True).values())
+    except RuntimeError:  # inference tensors have no version counter
+        return None
 
 
 def model_from_spec(spec: str | os.PathLike | None = None) -> nn.Module:
@@ -245,10 +258,7 @@ def weights_digest(model: nn.Module) -> str:
     (True, 64)
     """
     state = model.state_dict()
-    try:
-        key: Any = tuple((id(t), t._version) for t in state.values())
-    except RuntimeError:  # inference tensors have no version counter
-        key = None
+    key = _state_key(model)
     cached = getattr(model, "_tilerseg_digest", None)
     if key is not None and cached is not None and cached[0] == key:
         return cached[1]

@@ -14,15 +14,16 @@ work's ``on_complete`` when all its tasks are recorded:
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ...errors import InvalidArgumentError
-from ..pipeline import StageTimes
-from ..tasks import Work
-from .dask import DaskExecutor
-from .local import LocalExecutor
-from .shard import ShardExecutor, parse_shard
+from .shard import parse_shard
+
+if TYPE_CHECKING:
+    from ..pipeline import StageTimes
+    from ..tasks import Work
 
 __all__ = ["Executor", "LocalExecutor", "DaskExecutor", "ShardExecutor", "resolve_executor",
            "parse_shard"]
@@ -43,6 +44,15 @@ class Executor(Protocol):
         values for the completion records; see :func:`~tilerseg.engine.tasks.run_tasks`."""
 
 
+_LAZY = {"LocalExecutor": "local", "DaskExecutor": "dask", "ShardExecutor": "shard"}
+
+
+def __getattr__(name: str) -> Any:  # the executors import torch: only when used
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+
+
 def resolve_executor(executor: Any = None) -> Executor:
     """An executor from what a caller passed.
 
@@ -58,6 +68,9 @@ def resolve_executor(executor: Any = None) -> Executor:
     >>> resolve_executor().name, resolve_executor("dask").name
     ('pipeline', 'dask')
     """
+    from .dask import DaskExecutor
+    from .local import LocalExecutor
+
     if executor is None or executor in ("pipeline", "local"):
         return LocalExecutor()
     if executor == "dask":

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...errors import InvalidArgumentError
-from ..pipeline import StageTimes
-from ..tasks import Work
+
+if TYPE_CHECKING:
+    from ..pipeline import StageTimes
+    from ..tasks import Work
 
 __all__ = ["ShardExecutor", "parse_shard"]
 
