@@ -18,6 +18,7 @@ from tilerseg.cli import main
 from tilerseg.engine.background import decode_skipped
 from tilerseg.engine.compute import Replica, replicate, resolve_precision
 from tilerseg.engine.device import resolve_devices
+from tilerseg.engine.jobs import input_identity
 from tilerseg.engine.pipeline import Direct, run_pipeline
 from tilerseg.engine.options import RunOptions
 from tilerseg.engine.prepare import prepare
@@ -215,7 +216,7 @@ class FailingRead:
         return self.data[key]
 
     def __dask_tokenize__(self):  # its identity is its data's (a file that reads again)
-        return tilerseg.engine.jobs.input_identity(self.data)["sha256"]
+        return input_identity(self.data)["sha256"]
 
 
 def digest(path) -> dict:

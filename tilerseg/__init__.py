@@ -17,12 +17,11 @@ Examples
 
 from __future__ import annotations
 
-import importlib
 import logging
-from typing import Any
 
 __version__ = "0.1.0"
 
+from ._lazy import attach
 from .errors import (
     ImageNotFoundError,
     InvalidArgumentError,
@@ -79,17 +78,5 @@ __all__ = [
     "OutputError",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    elif name in _SUBPACKAGES:
-        value = importlib.import_module(f".{name}", __name__)
-    else:
-        raise AttributeError(f"module 'tilerseg' has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__) | set(_SUBPACKAGES))
+__getattr__, __dir__ = attach(__name__, {**_LAZY, **dict.fromkeys(_SUBPACKAGES, "")},
+                              globals())

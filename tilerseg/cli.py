@@ -95,17 +95,23 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_options(args: argparse.Namespace) -> Any:
-    """The RunOptions of ``tilerseg run`` / ``batch`` flags."""
+def _run_options(args: argparse.Namespace, cluster: Any = None) -> Any:
+    """The RunOptions of ``tilerseg run`` / ``batch`` flags (on a cluster, ``--threads``
+    defaults to the cores of a worker: see ``threads_per_worker``)."""
     from .engine.options import run_options
 
+    threads = args.threads
+    if threads is None and cluster is not None:
+        from .engine.executors.cluster import threads_per_worker
+
+        threads = threads_per_worker(cluster)
     return run_options(
         tile=args.tile, batch_size=args.batch_size, device=args.device, output=args.output,
         dtype=args.dtype, threshold=args.threshold, level=args.level,
         channel=_channels(args.channel), precision=args.precision, compile=args.compile,
         skip_background=args.skip_background, background_tolerance=args.background_tolerance,
         background_value=args.background_value, pyramid=not args.no_pyramid,
-        workers=args.workers, threads=args.threads)
+        workers=args.workers, threads=threads)
 
 
 def _cluster(args: argparse.Namespace) -> Any:
@@ -163,7 +169,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         print(job_script(spec))
         return 0
-    options = _run_options(args)
+    options = _run_options(args, spec)
     out = Path(args.output_path or default_output_path(args.image))
     if (args.resume or args.shard) and _quick_complete(out, args, options):
         if not args.quiet:
@@ -225,7 +231,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
         print(job_script(spec))
         return 0
-    options = _run_options(args)
+    options = _run_options(args, spec)
     model = model_from_spec(args.model)
     bar = ProgressBar(sys.stderr, sys.stderr.isatty() and not args.quiet, unit="images")
     start = time.perf_counter()
@@ -697,14 +703,19 @@ class _Stderr(logging.StreamHandler):
 
 
 def _configure_logging(verbose: int) -> None:
-    """Log to stderr: warnings by default, progress with -v, details with -vv."""
+    """Log to stderr: warnings by default, tilerseg's progress with -v, everything with -vv
+    (Dask's own INFO messages only then)."""
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     root = logging.getLogger()
     handler = next((h for h in root.handlers if isinstance(h, _Stderr)), None)
     if handler is None:
         handler = _Stderr()
         root.addHandler(handler)
     handler.setFormatter(_Formatter(verbose))
-    root.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)])
+    handler.setLevel(level)
+    handler.filters = [lambda r: verbose >= 2 or r.levelno >= logging.WARNING
+                       or r.name.startswith("tilerseg")]
+    root.setLevel(level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

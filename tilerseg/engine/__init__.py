@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import attach
 
 _LAZY = {
     "segment": "inference", "segment_to_zarr": "to_zarr", "default_output_path": "jobs",
@@ -16,14 +15,4 @@ __all__ = ["segment", "segment_to_zarr", "default_output_path", "plan", "read_wi
            "resolve_device", "RunOptions", "run_options", "status", "finalize", "segment_batch",
            "BatchResult"]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'tilerseg.engine' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = attach(__name__, _LAZY, globals())

@@ -186,7 +186,8 @@ def segment_batch(
         assert result._started is not None
         try:
             commit(work.context.work, result.output, overwrite=overwrite,
-                   attributes={"executor": runner.name, "batch": True})
+                   attributes={"executor": runner.name, "batch": True},
+                   writer=work.context.writer)
         finally:
             result._started.release()
         result.status, result.tiles = "done", work.tiles

@@ -305,7 +305,8 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
 
 
 def commit(work: WorkDir, out: Path, *, overwrite: bool = False,
-           attributes: dict[str, Any] | None = None) -> bool:
+           attributes: dict[str, Any] | None = None,
+           writer: OutputWriter | None = None) -> bool:
     """Finish a run whose tasks are all recorded: pyramid, metadata, move, clean up.
 
     Exactly once among processes finishing at the same time: under the commit lock,
@@ -321,6 +322,8 @@ def commit(work: WorkDir, out: Path, *, overwrite: bool = False,
         Replace an existing output at ``out``.
     attributes : dict, optional
         Added to the output's ``tilerseg`` attributes (profile, executor...).
+    writer : OutputWriter, optional
+        The run's writer, already open on ``work.store`` (else one is opened).
 
     Returns
     -------
@@ -346,9 +349,10 @@ def commit(work: WorkDir, out: Path, *, overwrite: bool = False,
         if missing:
             raise OutputError(f"'{out}' cannot be finished: {len(missing)} of "
                               f"{len(work.grid)} tasks are not done (e.g. task {missing[0]})")
-        spec = spec_from_dict(work.manifest["spec"])
-        writer = OutputWriter(out, spec, overwrite=overwrite, staging=work.store,
-                              existing=True)
+        if writer is None:
+            writer = OutputWriter(out, spec_from_dict(work.manifest["spec"]), staging=work.store,
+                                  existing=True)
+        writer.overwrite = overwrite
         writer.update_attributes(manifest=work.manifest, config_hash=work.config_hash,
                                  committed_by=f"{socket.gethostname()}:{os.getpid()}",
                                  **(attributes or {}))

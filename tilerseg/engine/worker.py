@@ -26,7 +26,7 @@ from .jobs import Task, WorkDir
 from .options import RunOptions
 from .tasks import RunContext, Work, open_context, run_tasks
 
-__all__ = ["run_task", "share_model", "share_context", "configure"]
+__all__ = ["run_task", "share_model", "share_context", "one_task_at_a_time"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ _lock = threading.Lock()
 _MODELS: dict[str, nn.Module] = {}
 _CONTEXTS: OrderedDict[tuple[str, str], RunContext] = OrderedDict()
 _OPTIONS: dict[str, RunOptions] = {}
+_SLOTS: threading.Semaphore | None = None  # tasks at once in this process (None: no limit)
 
 
 def share_model(model: nn.Module, options: RunOptions | None = None) -> str:
@@ -53,10 +54,14 @@ def share_context(context: RunContext) -> None:
         _CONTEXTS[(os.fspath(context.work.path), context.work.config_hash)] = context
 
 
-def configure(options: RunOptions) -> None:
-    """The options this process runs every model with (device, batch size, compile...)."""
+def one_task_at_a_time() -> None:
+    """Run one task at a time in this process, whatever the threads of its Dask worker:
+    each task's forward passes use all the torch threads (a worker with several Dask
+    threads would otherwise oversubscribe the cores or share one GPU between tasks)."""
+    global _SLOTS
     with _lock:
-        _OPTIONS["*"] = options
+        if _SLOTS is None:
+            _SLOTS = threading.Semaphore(1)
 
 
 def _context(task: Task) -> RunContext:
@@ -103,6 +108,13 @@ def run_task(task: Task, record: dict[str, Any] | None = None) -> dict[str, Any]
         ``task_id``, ``tiles`` (written), ``computed`` (tiles the model ran on, not
         filled as background), ``seconds`` and ``worker`` (host:pid).
     """
+    if _SLOTS is not None:
+        with _SLOTS:
+            return _run(task, record)
+    return _run(task, record)
+
+
+def _run(task: Task, record: dict[str, Any] | None) -> dict[str, Any]:
     context = _context(task)
     replica = context.p.runner.replica
     replica.compile_requested = context.p.options.compile

@@ -471,13 +471,13 @@ class OutputWriter:
                 "multiscales": [label_ms],
                 "image-label": self._image_label(False),
             }
-            root.attrs.update({"ome": ome, "tilerseg": info})
+            root.update_attributes({"ome": ome, "tilerseg": info})  # one write
             return
         ome = {
             "version": "0.5",
             "multiscales": [self._multiscale("probabilities", True, levels, "mean")],
         }
-        root.attrs.update({"ome": ome, "tilerseg": info})
+        root.update_attributes({"ome": ome, "tilerseg": info})
         if self.spec.labels:
             root["labels"].attrs["ome"] = {"version": "0.5", "labels": [LABEL_NAME]}
             root[f"labels/{LABEL_NAME}"].attrs["ome"] = {

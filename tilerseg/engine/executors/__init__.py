@@ -14,10 +14,10 @@ work's ``on_complete`` when all its tasks are recorded:
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from ..._lazy import attach
 from ...errors import InvalidArgumentError
 from .shard import parse_shard
 
@@ -44,13 +44,9 @@ class Executor(Protocol):
         values for the completion records; see :func:`~tilerseg.engine.tasks.run_tasks`."""
 
 
-_LAZY = {"LocalExecutor": "local", "DaskExecutor": "dask", "ShardExecutor": "shard"}
-
-
-def __getattr__(name: str) -> Any:  # the executors import torch: only when used
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+# the executors import torch: only when used
+__getattr__, __dir__ = attach(__name__, {"LocalExecutor": "local", "DaskExecutor": "dask",
+                                         "ShardExecutor": "shard"}, globals())
 
 
 def resolve_executor(executor: Any = None) -> Executor:

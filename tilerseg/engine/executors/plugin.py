@@ -42,6 +42,14 @@ def worker_device(name: Any, requested: str | tuple[str, ...]) -> str | tuple[st
     return f"cuda:{k % torch.cuda.device_count()}"
 
 
+def _cores() -> int:
+    """The cores this process may run on (its CPU affinity: a batch job's allocation)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class ModelPlugin(WorkerPlugin):
     """Loads a model on every worker process (and on workers that join later).
 
@@ -52,8 +60,10 @@ class ModelPlugin(WorkerPlugin):
     options : dict
         How to run it: RunOptions fields (device, batch_size, compile...).
     threads : int, optional
-        Torch intra-op threads per worker process; by default the machine's cores shared
-        among the worker processes on it (``per_host``), so they do not oversubscribe it.
+        Torch intra-op threads per worker process; by default the cores the process may
+        use shared among the worker processes on its host (``per_host``), so they do not
+        oversubscribe it. Each worker process runs one task at a time, however many Dask
+        threads it has.
     per_host : dict of str to int, optional
         Worker processes per host when the plugin was registered.
     """
@@ -68,11 +78,12 @@ class ModelPlugin(WorkerPlugin):
 
         from ...models.checkpoint import model_from_bytes
         from ..options import run_options
-        from ..worker import share_model
+        from ..worker import one_task_at_a_time, share_model
 
         host = str(getattr(worker, "address", "")).rsplit(":", 1)[0].split("://")[-1]
         sharing = max(1, self.per_host.get(host, 1))
-        torch.set_num_threads(self.threads or max(1, (os.cpu_count() or 1) // sharing))
+        torch.set_num_threads(self.threads or max(1, _cores() // sharing))
+        one_task_at_a_time()
         options = run_options(**{**self.options, "device": worker_device(
             getattr(worker, "name", 0), self.options.get("device", "auto"))})
         digest = share_model(model_from_bytes(self.data), options)
