@@ -48,6 +48,18 @@ largest size's peak to the smallest size's (the maximum over workers of each).
 **Target: ratio <= 1.3** (memory flat in the image size). ``--repeats 0`` skips the
 throughput rounds and measures only the peaks.
 
+Diagnostic: ``--no-malloc-trim``
+--------------------------------
+``distributed`` spawns its worker processes with ``MALLOC_TRIM_THRESHOLD_=65536`` in
+their environment (dask config ``distributed.nanny.pre-spawn-environ``). Setting that
+threshold explicitly also turns off glibc's dynamic mmap threshold, so every large
+activation tensor of the U-Net is ``mmap``-ed, page-faulted in and ``munmap``-ed again at
+each forward pass: on this 2-core machine one 700^2 forward with 1 torch thread took
+0.47 s with the variable and 0.36-0.37 s without it, in a worker as in a plain process.
+``--no-malloc-trim`` removes the variable from that setting for the clusters this
+benchmark starts (the library is unchanged), to measure what it costs. The headline is
+the default (what ``tilerseg run --cluster local:2`` does).
+
 Run from the repository root, with the virtualenv active::
 
     python benchmarks/bench_cluster.py                                  # 8192^2, 3 rounds
@@ -55,9 +67,9 @@ Run from the repository root, with the virtualenv active::
     python benchmarks/bench_cluster.py --rss-sizes 4096 16384 --repeats 1
 
 Options: ``--size``, ``--tile``, ``--repeats``, ``--workers``, ``--warmup-size``,
-``--rss-sizes``, ``--rss-tile``, ``--workdir`` (default ``/tmp/tilerseg-bench``; slides
+``--rss-sizes``, ``--rss-tile``, ``--no-malloc-trim``, ``--workdir`` (default ``/tmp/tilerseg-bench``; slides
 there are reused), ``--json`` (see ``--help``). A run costs ``2 x repeats`` passes of the
-model over the slide plus the warm-ups (about 2.5 minutes per round at 8192^2 on 2
+model over the slide plus the warm-ups (about 2 minutes per round at 8192^2 on 2
 cores); ``--rss-sizes 4096 16384`` adds about 2 minutes. The exit status is 1 when a
 target fails or two outputs differ. The entry point is guarded by ``if __name__ ==
 "__main__":`` because the worker processes are spawned (they import this module).
@@ -102,6 +114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "a fresh cluster each (e.g. 4096 16384)")
     parser.add_argument("--rss-tile", type=int, default=1024,
                         help="output tile of the peak-RSS runs (default 1024)")
+    parser.add_argument("--no-malloc-trim", action="store_true",
+                        help="diagnostic: spawn the workers without the MALLOC_TRIM_THRESHOLD_ "
+                        "that distributed sets by default (see the module docstring)")
     parser.add_argument("--workdir", default="/tmp/tilerseg-bench",
                         help="directory for the cached slides and the outputs "
                         "(default /tmp/tilerseg-bench)")
@@ -165,14 +180,36 @@ def worker_info() -> dict[str, Any]:
             "torch_threads": torch.get_num_threads() if torch is not None else None}
 
 
-def start_cluster(workers: int) -> tuple[Any, Any, float]:
-    """Enter ``connect(ClusterSpec("local", workers))``; (context, client, seconds)."""
+def start_cluster(workers: int, malloc_trim: bool = True) -> tuple[Any, Any, float]:
+    """Enter ``connect(ClusterSpec("local", workers))``; (context, client, seconds).
+
+    With ``malloc_trim=False`` the worker processes are spawned without the
+    ``MALLOC_TRIM_THRESHOLD_`` that ``distributed`` puts in their environment by default
+    (``distributed.nanny.pre-spawn-environ``); a diagnostic, not what users get.
+    """
+    import contextlib
+
+    import dask
+    import distributed  # noqa: F401 - loads distributed's configuration defaults
+
     from tilerseg.engine.executors.cluster import ClusterSpec, connect
 
+    config: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if not malloc_trim:
+        environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+        environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+        config = dask.config.set({"distributed.nanny.pre-spawn-environ": environ})
     start = time.perf_counter()
     context = connect(ClusterSpec("local", workers=workers))
-    client = context.__enter__()
+    with config:
+        client = context.__enter__()
     return context, client, time.perf_counter() - start
+
+
+def worker_environ() -> dict[str, str | None]:
+    """Run on a worker: the environment variables ``distributed`` sets before spawning it."""
+    return {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS",
+                                          "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 
 
 def stop_cluster(context: Any) -> float:
@@ -182,8 +219,8 @@ def stop_cluster(context: Any) -> float:
     return time.perf_counter() - start
 
 
-def measure_rss(workdir: Path, sizes: list[int], tile: int, workers: int
-                ) -> list[dict[str, Any]]:
+def measure_rss(workdir: Path, sizes: list[int], tile: int, workers: int,
+                malloc_trim: bool = True) -> list[dict[str, Any]]:
     """Peak RSS of each worker of a fresh LocalCluster per size, small model, tile ``tile``."""
     import torch
 
@@ -195,7 +232,7 @@ def measure_rss(workdir: Path, sizes: list[int], tile: int, workers: int
     for size in sizes:
         slide = make_slide(workdir, size)
         out = workdir / f"cluster-rss-{size}.zarr"
-        context, client, startup = start_cluster(workers)
+        context, client, startup = start_cluster(workers, malloc_trim)
         try:
             before = client.run(peak_rss)
             seconds, _ = time_run(slide, small, out, tile, executor=client)
@@ -261,8 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         warm_local = workdir / "cluster-warm-local.zarr"
         warm_cluster = workdir / "cluster-warm-dask.zarr"
 
-        context, client, startup = start_cluster(args.workers)
+        context, client, startup = start_cluster(args.workers, not args.no_malloc_trim)
         try:
+            environ = next(iter(client.run(worker_environ).values()))
+            print(f"worker environment set by distributed: {environ}", flush=True)
             print(f"LocalCluster of {args.workers} worker process(es) started in "
                   f"{startup:.2f} s (not timed in the rounds)", flush=True)
             # warm-up, untimed: both paths once on a small slide
@@ -314,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, x in enumerate(rounds, 1):
             print(f"{i:>5} {x['local_s']:>8.2f} {pixels / x['local_s'] / 1e6:>12.3f} "
                   f"{x['cluster_s']:>10.2f} {pixels / x['cluster_s'] / 1e6:>14.3f} "
-                  f"{x['ratio']:>6.3f} {str(x['identical']):>10}")
+                  f"{x['ratio']:>6.3f} {x['identical']!s:>10}")
         print(f"median local: {local_med:.2f} s ({pixels / local_med / 1e6:.3f} Mpx/s)")
         print(f"median cluster (local:{args.workers}): {cluster_med:.2f} s "
               f"({pixels / cluster_med / 1e6:.3f} Mpx/s)")
@@ -329,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                      "grid": list(plan.grid), "tiles": len(plan)},
             "cluster_startup_s": startup, "cluster_shutdown_s": shutdown,
             "warm_up_s": {"local": warm_l, "cluster": warm_c}, "workers": workers,
+            "worker_environ": environ,
             "rounds": rounds,
             "median": {"local_s": local_med, "cluster_s": cluster_med,
                        "local_mpx_s": pixels / local_med / 1e6,
@@ -341,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = sorted(dict.fromkeys(args.rss_sizes))
         print(f"\npeak RSS per worker: a fresh LocalCluster of {args.workers} per size, "
               f"unet depth 4 base 4 (seed {MODEL_SEED}), tile {args.rss_tile}", flush=True)
-        rss = measure_rss(workdir, sizes, args.rss_tile, args.workers)
+        rss = measure_rss(workdir, sizes, args.rss_tile, args.workers, not args.no_malloc_trim)
         smallest, largest = rss[0], rss[-1]
         rss_ratio = largest["max_peak_rss_bytes"] / smallest["max_peak_rss_bytes"]
         rss_met = rss_ratio <= MAX_RSS_RATIO

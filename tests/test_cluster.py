@@ -150,8 +150,11 @@ def test_jobqueue_script_carries_the_resources():
     assert "#SBATCH -t 04:00:00" in script
     assert "#SBATCH --gres=gpu:1" in script
     assert "#SBATCH -p gpu" in script and "#SBATCH -A lab42" in script
+    assert "--nthreads 1" in script  # one task at a time, with all the job's cores
     pbs = job_script(ClusterSpec("pbs", job=JobSpec(cores=4, memory="8GB", gpus=2)))
-    assert "ngpus=2" in pbs
+    assert "#PBS -l select=1:ncpus=4:mem=8GB:ngpus=2" in pbs
+    lsf = job_script(ClusterSpec("lsf", job=JobSpec(cores=4, memory="8GB", gpus=1)))
+    assert "#BSUB -n 4" in lsf and '#BSUB -gpu "num=1"' in lsf
     with pytest.raises(InvalidArgumentError, match="--cluster slurm"):
         job_script(ClusterSpec("slurm", job=JobSpec()))  # no cores or memory anywhere
 

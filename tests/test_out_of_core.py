@@ -167,7 +167,10 @@ def test_failed_runs_leave_existing_output_untouched(
         tilerseg.segment_to_zarr(tmp_path / "nan.npy", small_model, out, tile=64, device="cpu",
                                  overwrite=True)
     assert _tree_digest(out) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.npy", "out.zarr"]
+    # the tiles before the bad one were recorded: kept, resumable, beside the output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.npy", "out.zarr",
+                                                          "out.zarr.partial"]
+    assert 0 < tilerseg.status(out)["done"] < tilerseg.status(out)["tasks"]
 
 
 def test_local_compute_restores_torch_threads(image: np.ndarray,

@@ -128,17 +128,20 @@ def test_killed_run_resumes_to_the_same_bytes(slide, tmp_path):
     assert resumed.returncode == 0 and "already complete" in resumed.stdout
 
 
-def test_sigint_keeps_the_existing_output_and_the_partial_run(slide, tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_keeps_the_existing_output_and_the_partial_run(slide, tmp_path, sig, code):
     out = tmp_path / "out.zarr"
     assert main(["run", str(slide["tif"]), "-o", str(out), "--model", str(slide["model_file"]),
                  "--tile", "128", "-q"]) == 0  # an existing output, other parameters
     before = files(out)
     command = [*CLI, "run", str(slide["tif"]), "-o", str(out), *slide["args"], "--overwrite"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert kill_when(process, out, 5, signal.SIGINT, random.Random(2))
+    assert kill_when(process, out, 5, sig, random.Random(2))
     err = process.stderr.read()
-    assert process.returncode == 130, err
-    assert "interrupted" in err and "Traceback" not in err and "--resume" in err
+    assert process.returncode == code, err
+    assert ("interrupted" if code == 130 else "terminated") in err
+    assert "Traceback" not in err and "--resume" in err and err.count("\n") == 1
+    assert not live_locks(work_path(out) / "locks")  # released on the way out
     assert files(out) == before
     assert 5 <= done_count(out) < 48
     assert main(["run", str(slide["tif"]), "-o", str(out), *slide["args"], "--overwrite",
@@ -375,3 +378,66 @@ def test_resume_of_a_complete_output_needs_no_torch(slide, tmp_path):
     result = subprocess.run([sys.executable, "-c", probe.format([*args, "--resume"])],
                             capture_output=True, text=True, timeout=60)
     assert result.stdout.split() == ["0", "True"], result.stderr
+
+
+def test_status_needs_no_torch(slide, tmp_path):
+    out = tmp_path / "o.zarr"
+    assert main(["run", str(slide["tif"]), "-o", str(out), *slide["args"]]) == 0
+    probe = ("import sys; from tilerseg.cli import main; code = main(['status', {!r}]); "
+             "print(code, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe.format(str(out))], capture_output=True,
+                            text=True, timeout=60)
+    assert result.stdout.split()[-2:] == ["0", "False"], result.stderr
+    assert "state       complete" in result.stdout
+
+
+def test_overwrite_with_resume_starts_a_changed_run_again(slide, tmp_path, monkeypatch):
+    out = tmp_path / "o.zarr"
+    import tilerseg.engine.tasks as tasks
+
+    real = tasks.RunContext.write
+    monkeypatch.setattr(tasks.RunContext, "write", lambda self, tile, probs: (
+        _ for _ in ()).throw(KeyboardInterrupt) if tile.index == (2, 2) else real(self, tile, probs))
+    with pytest.raises(KeyboardInterrupt):
+        run(slide, out, tile=128)
+    monkeypatch.setattr(tasks.RunContext, "write", real)
+    with pytest.raises(InvalidArgumentError, match="pass --overwrite to start again"):
+        run(slide, out, resume=True)
+    run(slide, out, resume=True, overwrite=True)
+    assert_same_arrays(out, slide["reference"])
+
+
+def test_a_lock_taken_over_is_not_released_by_its_old_holder(tmp_path):
+    path = tmp_path / "run.lock"
+    old = FileLock(path, "run", heartbeat=False).acquire()
+    path.write_text(json.dumps({"kind": "run", "host": "elsewhere", "pid": 7, "ticks": None,
+                                "token": "the-new-holder", "since": "now", "info": {}}))
+    old.release()
+    assert read_lock(path).token == "the-new-holder"
+
+
+def test_a_requeued_job_takes_over_its_own_lock(tmp_path, monkeypatch):
+    path = tmp_path / "shard-0-of-4.lock"
+    path.write_text(json.dumps({"kind": "shard", "host": "node17", "pid": 4242, "ticks": None,
+                                "token": "t", "job": "987654", "since": "then", "info": {}}))
+    assert not read_lock(path).stale  # another host, touched just now
+    monkeypatch.setenv("SLURM_JOB_ID", "987654")  # the same job, requeued onto this node
+    assert read_lock(path).stale
+    with FileLock(path, "shard"):
+        assert read_lock(path).pid == os.getpid()
+
+
+def test_a_complete_output_does_not_remove_another_unfinished_run(slide, tmp_path, monkeypatch):
+    """--resume on a complete output leaves an unfinished --overwrite run of it alone."""
+    out = tmp_path / "o.zarr"
+    run(slide, out)
+    import tilerseg.engine.tasks as tasks
+
+    real = tasks.RunContext.write
+    monkeypatch.setattr(tasks.RunContext, "write", lambda self, tile, probs: (
+        _ for _ in ()).throw(KeyboardInterrupt) if tile.index == (2, 2) else real(self, tile, probs))
+    with pytest.raises(KeyboardInterrupt):
+        run(slide, out, overwrite=True)  # the same parameters, recomputed: killed
+    monkeypatch.setattr(tasks.RunContext, "write", real)
+    run(slide, out, resume=True)  # already complete
+    assert work_path(out).is_dir()

@@ -6,13 +6,15 @@ import os
 import random
 import subprocess
 
+import numpy as np
 import pytest
+import torch
 import zarr
 
 import tilerseg
 from tilerseg.engine.executors import parse_shard
 from tilerseg.engine.jobs import work_path
-from tilerseg.errors import InvalidArgumentError
+from tilerseg.errors import InvalidArgumentError, InvalidImageError
 
 from .test_resume import CLI, assert_same_arrays, slide  # noqa: F401 - the fixture
 
@@ -53,7 +55,8 @@ def test_concurrent_shard_processes_commit_exactly_once(slide, tmp_path):  # noq
     assert [p.returncode for p in processes] == [0, 0, 0], [e for _, e in outputs]
     wrote = [o for o, _ in outputs if o.startswith("wrote ")]
     assert len(wrote) == 1, outputs  # committed exactly once
-    assert all("shard auto: done" in o for o, _ in outputs if not o.startswith("wrote "))
+    assert all(o.startswith("shard ") and ": done" in o for o, _ in outputs
+               if not o.startswith("wrote "))
     assert_same_arrays(out, slide["reference"])
     committer = processes[[o for o, _ in outputs].index(wrote[0])]
     attrs = zarr.open_group(out, mode="r").attrs["tilerseg"]
@@ -89,3 +92,28 @@ def test_finalize_commits_what_shards_left(slide, tmp_path, monkeypatch):  # noq
     assert tilerseg.finalize(out) is True
     assert tilerseg.finalize(out) is False  # already complete
     assert_same_arrays(out, slide["reference"])
+
+
+def test_a_shard_without_a_tile_joins_the_recorded_one(slide, tmp_path):  # noqa: F811
+    out = tmp_path / "o.zarr"
+    tilerseg.segment_to_zarr(slide["tif"], slide["model"], out, tile=64, output="both",
+                             shard=(0, 2))
+    tilerseg.segment_to_zarr(slide["tif"], slide["model"], out, output="both", shard=(1, 2))
+    assert_same_arrays(out, slide["reference"])
+
+
+def test_a_failing_shard_leaves_the_shared_run_alone(tmp_path):
+    """A shard refused for its input (NaN in its share) does not remove the run its
+    siblings work on, even when it created it."""
+    image = np.random.default_rng(1).random((256, 256), dtype=np.float32)
+    image[255, 255] = np.nan  # in the last task only, which shard 1 of 2 does
+    path = tmp_path / "img.npy"
+    np.save(path, image)
+    torch.manual_seed(0)
+    model = tilerseg.create_model("unet", depth=2, base_channels=2)
+    out = tmp_path / "o.zarr"
+    with pytest.raises(InvalidImageError, match="NaN"):
+        tilerseg.segment_to_zarr(path, model, out, tile=64, shard=(1, 2))
+    assert work_path(out).is_dir()
+    tilerseg.segment_to_zarr(path, model, out, tile=64, shard=(0, 2))
+    assert 0 < tilerseg.status(out)["done"] < tilerseg.status(out)["tasks"]

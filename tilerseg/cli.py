@@ -175,7 +175,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"{out} is already complete")
         return 0
-    from .engine.resume import status
+    from .engine.finish import status
     from .engine.to_zarr import segment_to_zarr
     from .io import open_image
     from .models.checkpoint import model_from_spec
@@ -190,14 +190,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
             path = segment_to_zarr(image, model, out, options, resume=args.resume,
                                    overwrite=args.overwrite, executor=executor, shard=args.shard,
                                    progress=bar, model_source=args.model)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         from .engine.jobs import work_path
 
         kept = work_path(out)
         note = f"; the unfinished run is kept in {kept} (--resume continues it)" \
             if kept.is_dir() else ""
-        print(f"tilerseg: interrupted{note}", file=sys.stderr)
-        return 130
+        print(f"tilerseg: {_stopped(stop)}{note}", file=sys.stderr)
+        return _stop_status(stop)
     seconds = time.perf_counter() - start
     after = _finished(path)
     if before is not None and after is not None and \
@@ -208,7 +208,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if after is None or after.get("committed_by") != f"{socket.gethostname()}:{os.getpid()}":
         state = status(path)  # a shard: the others still work, or another one committed
         if not args.quiet:
-            print(f"shard {args.shard}: done in {seconds:.1f} s; {state['done']} of "
+            print(f"shard {_shard_name(args.shard)}: done in {seconds:.1f} s; {state['done']} of "
                   f"{state['tasks']} tasks of {path} are done"
                   + (" (committed by another shard)" if state["complete"] else
                      " (the shard that finishes the last commits it; 'tilerseg finalize' "
@@ -260,7 +260,7 @@ def _batch_table(results: Sequence[Any], seconds: float) -> str:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .engine.resume import status
+    from .engine.finish import status
 
     state = status(args.output)
     if args.json:
@@ -304,13 +304,21 @@ def _status_report(state: dict) -> str:
 
 
 def _cmd_finalize(args: argparse.Namespace) -> int:
-    from .engine.resume import finalize
+    from .engine.finish import finalize
 
     if finalize(args.output, overwrite=args.overwrite):
         print(f"finished {args.output}")
     else:
         print(f"{args.output} is already complete")
     return 0
+
+
+def _shard_name(text: str | None) -> str:
+    """``"auto"`` as the I/N it stands for."""
+    from .engine.executors.shard import parse_shard
+
+    shard = parse_shard(text)
+    return f"{shard[0]}/{shard[1]}" if shard else "-"
 
 
 def _profile_report(path: Path, seconds: float) -> str:
@@ -320,6 +328,14 @@ def _profile_report(path: Path, seconds: float) -> str:
     attrs = zarr.open_group(os.fspath(path), mode="r").attrs["tilerseg"]
     t = attrs["profile"]
     tail = seconds - t["setup"] - t["wall"]
+    if attrs.get("executor", "").startswith("dask"):  # the stages ran in the workers
+        return "\n".join([
+            f"profile ({t['tiles']} tiles computed, {attrs['executor']} executor; per-stage "
+            "times are not collected from the workers):",
+            f"  set-up (open, probe, statistics)  {t['setup']:8.2f} s",
+            f"  tiles (all tasks)                 {t['wall']:8.2f} s",
+            f"  pyramid levels and metadata       {tail:8.2f} s",
+            f"  total                             {seconds:8.2f} s"])
     lines = [
         f"profile ({t['tiles']} tiles, {t['compute_workers']} model worker(s), "
         f"{attrs.get('executor', 'pipeline')} executor):",
@@ -726,6 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    previous = _on_sigterm(_terminate)
     try:
         _check_numbers(args)
         return args.func(args)
@@ -735,9 +752,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # disk full, permissions... not a user input error
         print(f"tilerseg: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("tilerseg: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        print(f"tilerseg: {_stopped(stop)}", file=sys.stderr)
+        return _stop_status(stop)
+    finally:
+        _on_sigterm(previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch system's walltime or preemption, ``kill``): stop like Ctrl-C."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def _on_sigterm(handler: Any) -> Any:
+    """Install ``handler`` for SIGTERM (from the main thread only); the previous one."""
+    import signal
+    import threading
+
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _stopped(stop: BaseException) -> str:
+    return "terminated" if isinstance(stop, Terminated) else "interrupted"
+
+
+def _stop_status(stop: BaseException) -> int:
+    """128 + the signal: 143 for SIGTERM, 130 for Ctrl-C."""
+    return 143 if isinstance(stop, Terminated) else 130
 
 
 if __name__ == "__main__":

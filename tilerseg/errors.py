@@ -17,6 +17,7 @@ __all__ = [
     "ImageNotFoundError",
     "OutputError",
     "NumericalError",
+    "ClusterError",
 ]
 
 
@@ -50,3 +51,8 @@ class OutputError(TilersegError, ValueError):
 
 class NumericalError(TilersegError, ArithmeticError):
     """The model's output is not finite (NaN or Inf), e.g. fp16 activations overflowing."""
+
+
+class ClusterError(OSError):
+    """The cluster failed a task for reasons of its own (a worker killed too many times, a
+    lost connection): not a user error, so not a :class:`TilersegError`."""

@@ -8,7 +8,7 @@ _LAZY = {
     "segment": "inference", "segment_to_zarr": "to_zarr", "default_output_path": "jobs",
     "segment_batch": "batch", "BatchResult": "batch", "plan": "prepare",
     "read_window": "windows", "resolve_device": "device", "RunOptions": "options",
-    "run_options": "options", "status": "resume", "finalize": "resume",
+    "run_options": "options", "status": "finish", "finalize": "finish",
 }
 
 __all__ = ["segment", "segment_to_zarr", "default_output_path", "plan", "read_window",

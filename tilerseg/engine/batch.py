@@ -24,9 +24,11 @@ from ..errors import InvalidArgumentError, OutputError, TilersegError
 from ..io.formats import image_paths
 from .executors import parse_shard, resolve_executor
 from .options import RunOptions, run_options
-from .resume import Started, commit, start
+from .finish import commit
+from .resume import Started, start
 from .tasks import Work
-from .to_zarr import default_output_path
+from .jobs import default_output_path
+from .to_zarr import discardable
 
 __all__ = ["BatchResult", "batch_inputs", "segment_batch"]
 
@@ -45,7 +47,8 @@ class BatchResult:
         Its output.
     status : str
         ``"done"`` (written now), ``"complete"`` (already complete: skipped),
-        ``"failed"`` or ``"pending"`` (not reached: interrupted).
+        ``"failed"``, or ``"pending"`` (not finished: the batch was interrupted, or the
+        image is computed by another process).
     tiles : int
         Tiles written now.
     seconds : float
@@ -64,19 +67,22 @@ class BatchResult:
     _begin: float = field(default=0.0, repr=False)
 
 
-def batch_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
+def batch_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """The images a batch names: files, Zarr stores, folders, globs and lists of paths.
 
     A ``.txt`` file lists one path (or folder, or glob) per line; blank lines and lines
     starting with ``#`` are skipped, relative paths are relative to the list's folder.
-    Folders give their image files and ``.zarr`` stores in natural order. Duplicates are
-    dropped.
+    Folders give their image files and ``.zarr`` stores in natural order, except tilerseg
+    outputs (``*.tilerseg.zarr``, so an output folder inside an input folder is not read
+    back). Duplicates are dropped.
 
     Raises
     ------
     ImageNotFoundError
         A path that does not exist, a folder without images, a glob matching nothing.
     """
+    if isinstance(inputs, (str, os.PathLike)):  # one path, not a sequence of characters
+        inputs = [inputs]
     found: list[str] = []
     for entry in inputs:
         entry = os.fspath(entry)
@@ -89,7 +95,8 @@ def batch_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
                     found += image_paths(os.path.join(base, line))
         else:
             found += image_paths(entry)
-    return list(dict.fromkeys(os.path.abspath(p) for p in found))
+    return list(dict.fromkeys(os.path.abspath(p) for p in found
+                              if not p.rstrip("/").endswith(".tilerseg.zarr")))
 
 
 def _outputs(images: Sequence[str], out_dir: Path) -> list[Path]:
@@ -104,7 +111,7 @@ def _outputs(images: Sequence[str], out_dir: Path) -> list[Path]:
 
 
 def segment_batch(
-    inputs: Sequence[str | os.PathLike],
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
     model: nn.Module,
     out_dir: str | os.PathLike,
     options: RunOptions | None = None,
@@ -120,7 +127,7 @@ def segment_batch(
 
     Parameters
     ----------
-    inputs : sequence of path
+    inputs : path or sequence of paths
         Files, Zarr stores, folders, globs or ``.txt`` lists of them (see
         :func:`batch_inputs`).
     model : torch.nn.Module
@@ -164,6 +171,7 @@ def segment_batch(
     if shard_at is not None:
         results = results[shard_at[0]::shard_at[1]]
     runner = resolve_executor(executor)
+    plan_device = runner.plan_device(options.device) if hasattr(runner, "plan_device") else None
     lock = threading.Lock()
     finished = [0]
     by_work: dict[int, BatchResult] = {}
@@ -199,8 +207,9 @@ def segment_batch(
             result._begin = time.perf_counter()
             try:
                 started = start(result.image, model, result.output, options, resume=True,
-                                overwrite=overwrite, model_source=model_source)
-            except (TilersegError, OSError) as err:
+                                overwrite=overwrite, model_source=model_source,
+                                plan_device=plan_device)
+            except Exception as err:  # noqa: BLE001 - this image fails, the others go on
                 fail(result, err)
                 continue
             if started.complete:
@@ -228,7 +237,7 @@ def segment_batch(
             if work.error is not None and result.status != "failed":
                 fail(result, work.error)
                 if isinstance(work.error, TilersegError) and started is not None \
-                        and started.created:
+                        and discardable(started, runner, None):
                     started.work.remove()
             if started is not None:
                 started.release()

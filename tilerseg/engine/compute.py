@@ -131,6 +131,7 @@ class Replica:
         self.model = model.to(device=device, memory_format=self.fmt)
         self.forward_model: Any = self.model
         self.compile_requested = compile
+        self.compile_tried = False
         self.compiled = False
         cuda = device.type == "cuda"
         self.asynchronous = cuda  # submit() returns before the results are ready
@@ -146,8 +147,9 @@ class Replica:
         eager ones on a seeded random batch, makes this replica run eagerly instead,
         with a warning: ``compile`` never changes the output silently.
         """
-        if not self.compile_requested or self.compiled:
+        if not self.compile_requested or self.compile_tried:
             return
+        self.compile_tried = True  # a failed or rejected compile is not tried again
         generator = torch.Generator().manual_seed(0)
         shape = (batch_size, in_channels, *window)
         x = torch.rand(shape, generator=generator)

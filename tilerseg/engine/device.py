@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator, Sequence
 
 import torch
 
 from ..errors import InvalidArgumentError
+from .cores import available_cores
 
 __all__ = ["resolve_device", "resolve_devices", "default_batch_size", "default_tile",
            "default_workers", "cpu_budget", "torch_threads"]
@@ -127,14 +127,15 @@ def default_workers(device: torch.device) -> int:
     thread each ran 8-20% faster than one pass with two threads
     (``benchmarks/bench_threads.py``).
     """
-    return 2 if device.type != "cpu" else max(1, min(2, os.cpu_count() or 1))
+    return 2 if device.type != "cpu" else min(2, available_cores())
 
 
 def cpu_budget(workers: int | None = None, threads: int | None = None) -> tuple[int, int]:
     """Split the cores between concurrent forward passes: ``(workers, torch threads each)``.
 
     Defaults: :func:`default_workers` workers, ``cores // workers`` threads each, so
-    ``workers * threads <= cores`` (no oversubscription). Explicit values are kept; an
+    ``workers * threads <= cores`` (no oversubscription); the cores are those this process
+    may use (:func:`~tilerseg.engine.cores.available_cores`). Explicit values are kept; an
     oversubscribed choice is logged.
 
     Examples
@@ -143,7 +144,7 @@ def cpu_budget(workers: int | None = None, threads: int | None = None) -> tuple[
     >>> (w, t)
     (1, 3)
     """
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     workers = workers or default_workers(torch.device("cpu"))
     threads = threads or max(1, cores // workers)
     if workers * threads > cores:

@@ -44,14 +44,15 @@ import numpy as np
 
 from ..errors import OutputError
 from ..geometry import ModelGeometry, normalize_tile
-from ..io.formats import strip_image_suffix
+from ..io.formats import SLICE_EXTENSIONS, is_zarr_dir, strip_image_suffix
 from ..normalize import Normalization, resolve_normalization
+from .options import PLAIN_OUTPUT_OPTIONS
 
 __all__ = [
     "TILES_PER_TASK", "Task", "TaskGrid", "WorkDir", "default_output_path", "work_path",
     "build_manifest",
     "differences", "input_identity", "path_identity", "geometry_of", "read_final_manifest",
-    "quick_complete", "remove_tree",
+    "quick_complete", "remove_debris", "remove_tree",
 ]
 
 log = logging.getLogger(__name__)
@@ -159,13 +160,16 @@ class Task:
     task_id : int
         The task's number.
     image : str or None
-        The input path or URL; None for an in-memory image (this process only).
+        The input's absolute path; None for an in-memory image (this process only).
     level : int
         The input pyramid level.
     channels : tuple of int
         The input channels fed to the model.
     region : tuple of (int, int)
         ``[lo, hi)`` indices of the output chunks (tiles) per axis.
+
+    A worker checks ``image``, ``level`` and ``channels`` against the run's manifest, which
+    it reads once per process, with the rest of what the run needs.
     """
 
     output: str
@@ -182,21 +186,31 @@ class Task:
 
 
 def path_identity(path: str) -> dict[str, Any]:
-    """An input path's identity without opening it: absolute path, size and modification
-    time (of a folder's top-level entries, or of the files a glob matches)."""
+    """An input path's identity without opening it: absolute path, and the number, total
+    size and latest modification time of the files that make it up.
+
+    A file is itself; a folder of slices is its TIFF slices; a Zarr store is its metadata
+    files (``zarr.json``, ``.zarray``, ``.zgroup``, ``.zattrs``, two levels deep), not its
+    chunks; a glob is the files it matches. Other files in a folder (an output written
+    beside the slices) do not count.
+    """
     out: dict[str, Any] = {"path": os.path.abspath(path)}
     if os.path.isdir(path):
-        names = sorted(os.listdir(path))
-        stats = [os.stat(os.path.join(path, n)) for n in names] + [os.stat(path)]
-        out["entries"] = len(names)
+        base = Path(path)
+        if is_zarr_dir(path):
+            names = ("zarr.json", ".zarray", ".zgroup", ".zattrs")
+            files = [p for pattern in ("", "*/", "*/*/") for n in names
+                     for p in base.glob(pattern + n)]
+        else:
+            files = [p for p in base.iterdir() if p.name.lower().endswith(SLICE_EXTENSIONS)]
     elif os.path.exists(path):
-        stats = [os.stat(path)]
+        files = [Path(path)]
     else:  # a glob
         import glob
 
-        stats = [os.stat(f) for f in sorted(glob.glob(path))]
-        out["entries"] = len(stats)
-    out.update(size=sum(s.st_size for s in stats),
+        files = [Path(f) for f in glob.glob(path)]
+    stats = [f.stat() for f in sorted(files)]
+    out.update(files=len(stats), size=sum(s.st_size for s in stats),
                mtime_ns=max((s.st_mtime_ns for s in stats), default=0))
     return out
 
@@ -350,8 +364,7 @@ def differences(manifest: dict[str, Any], options: Any, *, version: str, digest:
     elif labels is not None and labels != resolved["labels"]:
         differ("threshold", resolved["labels"], labels)
     now = options.output_options()
-    for name in ("output", "dtype", "level", "precision", "pyramid", "skip_background",
-                 "background_tolerance", "background_value"):
+    for name in PLAIN_OUTPUT_OPTIONS:
         if requested[name] != now[name]:
             differ(name, requested[name], now[name])
     return out
@@ -417,7 +430,8 @@ class WorkDir:
             shutil.rmtree(tmp, ignore_errors=True)
             if path.is_dir():  # another process won the rename
                 return cls.open(path), False
-            raise OutputError(f"cannot create the work directory '{path}': {err}") from err
+            raise OSError(err.errno, f"cannot create the work directory '{path}': "
+                          f"{err.strerror or err}") from err
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -487,6 +501,21 @@ class WorkDir:
         remove_tree(self.path)
 
 
+def remove_debris(out: Path, older_than: float = 600.0) -> None:
+    """Remove what killed processes can leave beside ``out``: work directories renamed
+    aside for removal (``.OUT.zarr.partial.removed-*``), and ones never renamed into
+    place (``.OUT.zarr.partial.new-*``) older than ``older_than`` seconds."""
+    now = time.time()
+    for p in out.parent.glob(f".{out.name}.partial.*-*"):
+        try:
+            stale = ".removed-" in p.name or (".new-" in p.name
+                                              and now - p.stat().st_mtime > older_than)
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def remove_tree(path: Path) -> None:
     """Delete a directory: renamed aside first, so it vanishes at once for other runs."""
     aside = path.with_name(f".{path.name}.removed-{uuid.uuid4().hex}")
@@ -521,11 +550,13 @@ def quick_complete(out: Path, image: str, model_file: Path, options: Any,
         if not info.get("complete") or manifest["model"].get("file") != file_identity(
                 model_file):
             return False
+        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            return False
         identity = {**path_identity(image), "level": options.level}
+        return not differences(manifest, options, version=version, digest=None,
+                               identity=identity, labels=None)
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return not differences(manifest, options, version=version, digest=None, identity=identity,
-                           labels=None)
 
 
 def read_final_manifest(out: Path) -> dict[str, Any] | None:
@@ -537,6 +568,8 @@ def read_final_manifest(out: Path) -> dict[str, Any] | None:
     except Exception:  # noqa: BLE001 - not a readable output: treated as foreign
         return None
     info = attrs.get("tilerseg") or {}
-    if not info.get("complete") or not isinstance(info.get("manifest"), dict):
+    manifest = info.get("manifest")
+    if not info.get("complete") or not isinstance(manifest, dict) or \
+            manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         return None
-    return info["manifest"]
+    return manifest

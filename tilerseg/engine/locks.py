@@ -8,7 +8,12 @@ is held. A lock is stale, and may be taken over, when
 - it was made on this host and its process no longer runs (or the pid now belongs to a
   process that started at another time: the pid was reused), or
 - it was made on another host and has not been touched for :data:`STALE_AFTER`
-  seconds (that host may have crashed; a process on it cannot be checked from here).
+  seconds (that host may have crashed; a process on it cannot be checked from here), or
+- it was made by an earlier run of this very batch job (the same ``SLURM_JOB_ID``: the
+  job was requeued, so that run is over).
+
+Each lock carries a random token: a process touches or removes only a lock file that
+still holds its own token, so a lock taken over meanwhile is never lost by its new holder.
 
 Examples
 --------
@@ -23,6 +28,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -88,17 +94,23 @@ class LockHolder:
     since: str
     touched: float
     info: dict[str, Any]
+    token: str | None = None
+    job: str | None = None
 
     @property
     def stale(self) -> bool:
         """True when the holder is known to be gone (see the module notes)."""
         if self.host == socket.gethostname():
             return not _alive(self.pid, self.ticks)
+        if self.job is not None and self.job == os.environ.get("SLURM_JOB_ID"):
+            return True
         return time.time() - self.touched > STALE_AFTER
 
     def describe(self) -> str:
         """One line: what holds it, where and since when."""
-        extra = "".join(f" {k} {v}" for k, v in self.info.items())
+        if self.pid < 0:
+            return f"an unreadable lock file {self.path}"
+        extra = f" ({', '.join(f'{k} {v}' for k, v in self.info.items())})" if self.info else ""
         return f"{self.kind}{extra} on host {self.host}, pid {self.pid}, since {self.since}"
 
 
@@ -115,7 +127,7 @@ def read_lock(path: str | os.PathLike) -> LockHolder | None:
             data = json.load(f)
         return LockHolder(path, str(data["kind"]), str(data["host"]), int(data["pid"]),
                           data.get("ticks"), str(data["since"]), touched,
-                          dict(data.get("info") or {}))
+                          dict(data.get("info") or {}), data.get("token"), data.get("job"))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError):
@@ -163,12 +175,15 @@ class FileLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.held = False
+        self.token: str | None = None
 
     def acquire(self) -> FileLock:
         """Take the lock, taking over a stale one; raise :class:`LockedError` if held."""
+        self.token = uuid.uuid4().hex
         record = json.dumps({
             "kind": self.kind, "host": socket.gethostname(), "pid": os.getpid(),
-            "ticks": _start_ticks(os.getpid()),
+            "ticks": _start_ticks(os.getpid()), "token": self.token,
+            "job": os.environ.get("SLURM_JOB_ID"),
             "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "info": self.info,
         })
         for _ in range(3):
@@ -180,13 +195,7 @@ class FileLock:
                     continue  # released meanwhile
                 if not holder.stale:
                     raise LockedError(holder) from None
-                log.info("taking over a stale lock: %s", holder.describe())
-                aside = f"{self.path}.stale-{uuid.uuid4().hex}"
-                try:
-                    os.rename(self.path, aside)  # only one contender wins the rename
-                    os.unlink(aside)
-                except FileNotFoundError:
-                    pass
+                self._take_over(holder)
                 continue
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(record)
@@ -199,25 +208,49 @@ class FileLock:
         holder = read_lock(self.path)
         raise LockedError(holder or LockHolder(self.path, "unknown", "?", -1, None, "?", 0, {}))
 
+    def _take_over(self, stale: LockHolder) -> None:
+        """Remove the stale lock ``stale`` unless another process replaced it meanwhile."""
+        log.info("taking over a stale lock: %s", stale.describe())
+        aside = f"{self.path}.stale-{uuid.uuid4().hex}"
+        try:
+            os.rename(self.path, aside)  # only one contender moves any given file
+        except FileNotFoundError:
+            return
+        moved = read_lock(aside)
+        if moved is not None and moved.token != stale.token:  # a fresh lock: put it back
+            with contextlib.suppress(OSError):
+                os.link(aside, self.path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(aside)
+
+    def _mine(self) -> bool:
+        holder = read_lock(self.path)
+        return holder is not None and holder.token == self.token
+
     def _beat(self) -> None:
+        warned = False
         while not self._stop.wait(HEARTBEAT):
             try:
+                if not self._mine():
+                    log.warning("lost the lock %s to another process", self.path)
+                    return
                 os.utime(self.path)
-            except OSError:
-                return
+            except OSError as err:  # e.g. a network filesystem hiccup: try again
+                if not warned:
+                    log.warning("cannot touch the lock %s (%s); retrying", self.path, err)
+                    warned = True
 
     def release(self) -> None:
-        """Give the lock up (remove the file)."""
+        """Give the lock up (remove the file, if it is still this process's)."""
         if not self.held:
             return
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         self.held = False
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        with contextlib.suppress(FileNotFoundError):
+            if self._mine():
+                os.unlink(self.path)
 
     def __enter__(self) -> FileLock:
         return self.acquire()

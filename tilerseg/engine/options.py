@@ -34,7 +34,8 @@ import numpy as np
 from ..errors import InvalidArgumentError
 from ..normalize import Normalization, NormalizeSpec
 
-__all__ = ["OUTPUTS", "DTYPES", "PRECISIONS", "RunOptions", "run_options", "OUTPUT_OPTIONS"]
+__all__ = ["OUTPUTS", "DTYPES", "PRECISIONS", "RunOptions", "run_options", "OUTPUT_OPTIONS",
+           "RESOLVED_OPTIONS", "PLAIN_OUTPUT_OPTIONS", "RUNTIME_OPTIONS"]
 
 OUTPUTS = ("probabilities", "labels", "both")
 DTYPES = ("uint8", "float16", "float32")
@@ -47,6 +48,13 @@ OUTPUT_OPTIONS = (
 """Options that decide the output's values; the others (device, batch size, workers,
 threads, compile) only decide how fast it is computed. A run resumes only with the same
 output options (see :mod:`tilerseg.engine.jobs`)."""
+
+RESOLVED_OPTIONS = ("tile", "normalize", "threshold", "channel")
+"""Output options whose value is resolved for the image and model (a default tile, the
+percentiles, the model's threshold, all channels): compared and reused as resolved."""
+
+PLAIN_OUTPUT_OPTIONS = tuple(o for o in OUTPUT_OPTIONS if o not in RESOLVED_OPTIONS)
+"""Output options compared and reused as given."""
 
 
 def _positive_int(name: str, value: Any, optional: bool = True) -> int | None:
@@ -191,6 +199,9 @@ class RunOptions:
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(RunOptions))
+
+RUNTIME_OPTIONS = tuple(f for f in _FIELDS if f not in OUTPUT_OPTIONS)
+"""Options that decide only how fast the output is computed (device, batch size...)."""
 
 
 def run_options(options: RunOptions | None = None, **overrides: Any) -> RunOptions:

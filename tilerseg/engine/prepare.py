@@ -89,7 +89,8 @@ def plan(
     """
     geometry = model if isinstance(model, ModelGeometry) else check_model(model)
     if tile is None:
-        tile = default_tile(geometry.ndim, resolve_device(device))
+        kind = device if isinstance(device, torch.device) else resolve_device(device)
+        tile = default_tile(geometry.ndim, kind)
     return plan_tiles(image_shape, geometry, tile)
 
 
@@ -195,7 +196,8 @@ class Prepared:
 
 
 def prepare(image: Any, model: nn.Module, options: RunOptions | None = None, *,
-            geometry: ModelGeometry | None = None) -> Prepared:
+            geometry: ModelGeometry | None = None,
+            tile_device: str | None = None) -> Prepared:
     """Open ``image`` lazily (a numpy image as it is) and validate it against ``model``.
 
     Parameters
@@ -211,6 +213,9 @@ def prepare(image: Any, model: nn.Module, options: RunOptions | None = None, *,
     geometry : ModelGeometry, optional
         The model's geometry when already known (recorded by the run being resumed):
         the model is then not probed.
+    tile_device : str, optional
+        The kind of device whose default tile to use when ``options.tile`` is None (e.g.
+        ``"cuda"`` for a cluster's GPU workers); by default the run's first device.
 
     Returns
     -------
@@ -240,13 +245,14 @@ def prepare(image: Any, model: nn.Module, options: RunOptions | None = None, *,
         )
     devices = tuple(resolve_devices(options.device))
     dev = devices[0]
+    tile_dev = torch.device(tile_device) if tile_device is not None else dev
     if planes:  # a 2D model on a z-stack: plane by plane
-        flat = plan(view.shape[2:], geometry, options.tile, dev)
+        flat = plan(view.shape[2:], geometry, options.tile, tile_dev)
         run_geometry = geometry.per_plane()
         tile_plan = TilePlan(view.shape[1:], (1, *flat.tile), run_geometry)
     else:
         run_geometry = geometry
-        tile_plan = plan(view.shape[1:], geometry, options.tile, dev)
+        tile_plan = plan(view.shape[1:], geometry, options.tile, tile_dev)
     norm = resolve_normalization(
         options.normalize, view.dtype, lambda: statistics_sample(source, view)
     )

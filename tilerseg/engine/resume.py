@@ -1,4 +1,4 @@
-"""Starting, resuming, joining and committing a run on its work directory.
+"""Starting, resuming and joining a run on its work directory.
 
 :func:`start` decides what a run does with what it finds at ``OUT.zarr`` and
 ``OUT.zarr.partial`` (see :mod:`tilerseg.engine.jobs` for the layout):
@@ -15,15 +15,16 @@ an unfinished run           refused (``overwrite``    continued if the parameter
 a live lock on it           refused, naming host and pid (shards of one job share it)
 ==========================  ========================  ===================================
 
-:func:`commit` builds the remaining pyramid levels, marks the output complete, moves it
-into place and removes the work directory, exactly once (under ``locks/commit.lock``).
+With ``overwrite`` (and not as a shard), a finished output of other parameters is replaced
+at the commit, and an unfinished run of other parameters (or, without ``resume``, any) is
+started again. :func:`tilerseg.engine.finish.commit` finishes a run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -34,7 +35,7 @@ from torch import nn
 from ..errors import InvalidArgumentError, OutputError
 from ..io.readers import open_image
 from ..io.source import ImageSource
-from ..io.writers import OutputSpec, OutputWriter, spec_from_dict, spec_to_dict
+from ..io.writers import OutputSpec, OutputWriter, spec_to_dict
 from ..labels import LabelPolicy
 from ..models.checkpoint import source_file, weights_digest
 from .background import find_background
@@ -45,15 +46,17 @@ from .jobs import (
     differences,
     input_identity,
     read_final_manifest,
+    remove_debris,
     remove_tree,
     work_path,
 )
+from .finish import leftover
 from .locks import FileLock, LockedError, live_locks
 from .options import RunOptions
 from .prepare import Prepared, is_lazy_input, prepare
 from .tasks import RunContext, open_context
 
-__all__ = ["Started", "start", "commit", "status", "finalize"]
+__all__ = ["Started", "start"]
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +189,32 @@ def _attributes(p: Prepared, model_source: str | None) -> dict[str, Any]:
 
 def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
           resume: bool = False, overwrite: bool = False, shard: tuple[int, int] | None = None,
-          model_source: str | None = None) -> Started:
+          model_source: str | None = None, plan_device: str | None = None) -> Started:
     """Decide what a run does with what it finds (see the module notes) and get it ready.
+
+    Parameters
+    ----------
+    image : path, ImageSource, numpy, Dask or Zarr array
+        The input.
+    model : torch.nn.Module
+        The model.
+    out : Path
+        The final output path.
+    options : RunOptions
+        The run's options.
+    resume : bool
+        Continue an unfinished run (or find the output complete).
+    overwrite : bool
+        Replace a finished output of another run; start an unfinished run again (never
+        for a shard: shards share their run).
+    shard : (int, int), optional
+        This process is shard ``I`` of ``N``: it joins the run as ``resume`` does.
+    model_source : str, optional
+        Recorded in the metadata.
+    plan_device : str, optional
+        Where the model will run when that is not this process (a cluster's workers):
+        this process then prepares the run on the CPU and takes the default tile of
+        ``plan_device``.
 
     Returns
     -------
@@ -205,10 +232,15 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
 
     out = Path(os.path.abspath(os.fspath(out)))
     _check_parent(out)
+    remove_debris(out)
     joining = resume or shard is not None
+    # on a cluster this process only plans (on the CPU); the workers run the model
+    local = options if plan_device is None else options.replace(device="cpu")
     source = _source(image, options)
     identity = input_identity(image, source)
     digest = weights_digest(model)
+    image_arg = source if source is not None else image
+    path = identity.get("path")  # absolute: workers may run elsewhere
 
     def diffs(manifest: dict[str, Any]) -> list[str]:
         labels = LabelPolicy.for_model(manifest["geometry"]["out_channels"],
@@ -222,208 +254,98 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
         if joining and final is not None:
             changed = diffs(final)
             if not changed:
-                if wp.is_dir():  # left by a crash between the commit's rename and clean-up
-                    try:
-                        if WorkDir.open(wp).config_hash == final["config_hash"]:
-                            WorkDir.open(wp).remove()
-                    except OutputError:
-                        pass
+                left = leftover(out, final)  # a crash between the commit's rename and clean-up
+                if left is not None:
+                    left.remove()
                 return Started(out, complete=True)
             if not overwrite:
                 raise OutputError(f"output '{out}' exists with other parameters: {changed[0]}; "
                                   "pass --overwrite to replace it")
         elif not overwrite:
             raise OutputError(f"output '{out}' exists; pass --overwrite to replace it")
-    image_arg = source if source is not None else image
-    path = source.path if source is not None else None
-    if wp.exists():
+    for _ in range(2):  # a second pass when another process created the run meanwhile
+        if wp.exists():
+            joined = _join(wp, out, shard, joining, overwrite, diffs)
+            if joined is not None:
+                work, locks = joined
+                try:
+                    context = open_context(work, model, image_arg, local, path=path)
+                    context.p = dataclasses.replace(context.p, options=options)
+                except BaseException:
+                    for lock in locks:
+                        lock.release()
+                    raise
+                log.info("resuming %s: %d of %d tasks done", out, len(work.done()),
+                         len(work.grid))
+                return Started(out, context=context, locks=locks)
+        p = prepare(image_arg, model, local, tile_device=plan_device)
+        background = None
+        if options.skip_background:
+            background = find_background(p.source, p.view, p.normalization, p.plan,
+                                         options.background_tolerance, options.background_value)
+        spec = OutputSpec(
+            spatial_axes=p.view.spatial, shape=p.plan.image_shape, chunks=p.plan.tile,
+            num_classes=p.geometry.out_channels,
+            probabilities=options.dtype if options.output in ("probabilities", "both") else None,
+            labels=options.output in ("labels", "both"), pixel_size=dict(p.source.pixel_size),
+            attributes=_attributes(p, model_source), pyramid=options.pyramid, eager_levels=2,
+        )
+        grid = TaskGrid.for_grid(p.plan.grid)
+        manifest = _manifest(p, out, identity, digest, model_source, background, spec, grid)
+        work, created = WorkDir.create(
+            wp, manifest, lambda staging: OutputWriter(out, spec, overwrite=True, staging=staging))
+        if not created:
+            continue  # join (or refuse) the run another process created, as recorded
+        locks = _lock(work, out, shard)
         try:
-            work: WorkDir | None = WorkDir.open(wp)
-        except OutputError:
-            if not overwrite:
-                raise
-            work = None
-            remove_tree(wp)
-        if work is not None:
-            locks = _lock(work, out, shard)
-            try:
-                if joining:
-                    changed = diffs(work.manifest)
-                    if changed:
-                        raise InvalidArgumentError(
-                            f"the unfinished run in '{wp}' was made with other parameters: "
-                            f"{changed[0]}; pass --overwrite to start again")
-                    context = open_context(work, model, image_arg, options, path=path)
-                    log.info("resuming %s: %d of %d tasks done", out, len(work.done()),
-                             len(work.grid))
-                    return Started(out, context=context, locks=locks)
-                if not overwrite:
-                    raise OutputError(
-                        f"an unfinished run of '{out}' is in '{wp}' ({len(work.done())} of "
-                        f"{len(work.grid)} tasks done); pass --resume to continue it or "
-                        "--overwrite to start again")
-                work.remove()  # --overwrite: start again
-            except BaseException:
-                for lock in locks:
-                    lock.release()
-                raise
+            writer = OutputWriter(out, spec, staging=work.store, existing=True)
+        except BaseException:
             for lock in locks:
                 lock.release()
-    p = prepare(image_arg, model, options)
-    background = None
-    if options.skip_background:
-        background = find_background(p.source, p.view, p.normalization, p.plan,
-                                     options.background_tolerance, options.background_value)
-    grid = TaskGrid.for_grid(p.plan.grid)
-    spec = OutputSpec(
-        spatial_axes=p.view.spatial, shape=p.plan.image_shape, chunks=p.plan.tile,
-        num_classes=p.geometry.out_channels,
-        probabilities=options.dtype if options.output in ("probabilities", "both") else None,
-        labels=options.output in ("labels", "both"), pixel_size=dict(p.source.pixel_size),
-        attributes=_attributes(p, model_source), pyramid=options.pyramid, eager_levels=2,
-    )
-    manifest = _manifest(p, out, identity, digest, model_source, background, spec, grid)
-    work, created = WorkDir.create(
-        wp, manifest, lambda staging: OutputWriter(out, spec, overwrite=True, staging=staging))
-    locks = _lock(work, out, shard)
+            raise
+        skip = background.skip if background is not None else None
+        value = background.value if background is not None else None
+        context = RunContext(dataclasses.replace(p, options=options), work, writer, skip, value,
+                             image=path)
+        return Started(out, context=context, created=True, locks=locks)
+    raise OutputError(f"the unfinished run in '{wp}' keeps changing; is another run "
+                      "starting and removing it?")
+
+
+def _join(wp: Path, out: Path, shard: tuple[int, int] | None, joining: bool, overwrite: bool,
+          diffs: Any) -> tuple[WorkDir, list[FileLock]] | None:
+    """Lock the unfinished run in ``wp`` to continue it, or clear it for a fresh start
+    (None), or refuse; see the table in the module notes."""
     try:
-        if not created:  # another process (a sibling shard) made it meanwhile
-            changed = diffs(work.manifest)
-            if changed or not joining:
-                raise OutputError(
-                    f"another tilerseg run started '{out}' at the same time"
-                    + (f" with other parameters: {changed[0]}" if changed else ""))
-        writer = OutputWriter(out, spec, staging=work.store, existing=True)
-    except BaseException:
-        for lock in locks:
-            lock.release()
-        raise
-    skip = background.skip if background is not None else None
-    value = background.value if background is not None else None
-    context = RunContext(p, work, writer, skip, value, image=path)
-    return Started(out, context=context, created=created, locks=locks)
-
-
-def commit(work: WorkDir, out: Path, *, overwrite: bool = False,
-           attributes: dict[str, Any] | None = None,
-           writer: OutputWriter | None = None) -> bool:
-    """Finish a run whose tasks are all recorded: pyramid, metadata, move, clean up.
-
-    Exactly once among processes finishing at the same time: under the commit lock,
-    and only if the output is still in the work directory.
-
-    Parameters
-    ----------
-    work : WorkDir
-        The run.
-    out : Path
-        The final output path.
-    overwrite : bool
-        Replace an existing output at ``out``.
-    attributes : dict, optional
-        Added to the output's ``tilerseg`` attributes (profile, executor...).
-    writer : OutputWriter, optional
-        The run's writer, already open on ``work.store`` (else one is opened).
-
-    Returns
-    -------
-    bool
-        True if this call committed, False if another process did.
-
-    Raises
-    ------
-    OutputError
-        Tasks are missing, or the output cannot be finished or moved (the work
-        directory is kept: the commit can be retried).
-    """
-    lock = FileLock(work.locks / "commit.lock", "commit")
-    try:
-        lock.acquire()
-    except (LockedError, FileNotFoundError):
-        log.info("%s is being (or was) committed by another process", out)
-        return False
-    try:
-        if not work.store.is_dir():
-            return False
-        missing = work.missing()
-        if missing:
-            raise OutputError(f"'{out}' cannot be finished: {len(missing)} of "
-                              f"{len(work.grid)} tasks are not done (e.g. task {missing[0]})")
-        if writer is None:
-            writer = OutputWriter(out, spec_from_dict(work.manifest["spec"]), staging=work.store,
-                                  existing=True)
-        writer.overwrite = overwrite
-        writer.update_attributes(manifest=work.manifest, config_hash=work.config_hash,
-                                 committed_by=f"{socket.gethostname()}:{os.getpid()}",
-                                 **(attributes or {}))
-        writer.commit()
-    finally:
-        lock.release()
-    work.remove()
-    return True
-
-
-def status(out: str | os.PathLike) -> dict[str, Any]:
-    """Where a run stands: complete or not, tasks done, parameters, shards, locks.
-
-    Parameters
-    ----------
-    out : path
-        The output (``OUT.zarr``) or its work directory (``OUT.zarr.partial``).
-
-    Returns
-    -------
-    dict
-        ``output``, ``complete`` (bool), ``tasks`` and ``done`` (counts), ``manifest``,
-        ``shards`` (records), ``running`` (live lock holders, described) and
-        ``work`` (the work directory or None).
-
-    Raises
-    ------
-    OutputError
-        Neither a finished output nor an unfinished run is there.
-    """
-    out = Path(os.path.abspath(os.fspath(out)))
-    if out.name.endswith(".partial"):
-        out = out.with_name(out.name[: -len(".partial")])
-    wp = work_path(out)
-    final = read_final_manifest(out) if out.exists() else None
-    if wp.is_dir():
         work = WorkDir.open(wp)
-        count = len(work.grid)
-        return {"output": str(out), "complete": False, "tasks": count, "done": len(work.done()),
-                "manifest": work.manifest, "shards": work.shards(), "work": str(wp),
-                "running": [h.describe() for h in live_locks(work.locks)],
-                "finished_output_exists": final is not None}
-    if final is not None:
-        count = int(final["tasks"]["count"])
-        return {"output": str(out), "complete": True, "tasks": count, "done": count,
-                "manifest": final, "shards": [], "work": None, "running": []}
-    if out.exists():
-        raise OutputError(f"'{out}' is not a finished tilerseg output and has no unfinished run")
-    raise OutputError(f"there is no output '{out}' and no unfinished run '{wp}'")
-
-
-def finalize(out: str | os.PathLike, *, overwrite: bool = False) -> bool:
-    """Commit a run whose tasks are all done (e.g. shards that finished without it).
-
-    Returns
-    -------
-    bool
-        True if this call committed; False if the output was already complete.
-    """
-    out = Path(os.path.abspath(os.fspath(out)))
-    if out.name.endswith(".partial"):
-        out = out.with_name(out.name[: -len(".partial")])
-    wp = work_path(out)
-    if not wp.is_dir():
-        if read_final_manifest(out) is not None:
-            return False
-        raise OutputError(f"there is no unfinished run '{wp}' to finish")
-    work = WorkDir.open(wp)
-    running = [h for h in live_locks(work.locks) if h.kind != "commit"]
-    if running:
-        raise OutputError(f"'{out}' is still being computed: {running[0].describe()}")
-    if os.path.lexists(out) and not overwrite:
-        raise OutputError(f"output '{out}' exists; pass --overwrite to replace it")
-    return commit(work, out, overwrite=overwrite, attributes={"executor": "finalize"})
+    except OutputError:
+        if not overwrite or shard is not None:
+            raise
+        remove_tree(wp)
+        return None
+    locks = _lock(work, out, shard)
+    keep = False
+    try:
+        changed = diffs(work.manifest)
+        if joining and not changed:
+            keep = True  # the caller holds the locks from here
+            return work, locks
+        if shard is not None:
+            raise InvalidArgumentError(
+                f"the unfinished run in '{wp}' was made with other parameters: {changed[0]}; "
+                "every shard of a run must be given the same options")
+        if not overwrite:
+            if joining:
+                raise InvalidArgumentError(
+                    f"the unfinished run in '{wp}' was made with other parameters: "
+                    f"{changed[0]}; pass --overwrite to start again")
+            raise OutputError(
+                f"an unfinished run of '{out}' is in '{wp}' ({len(work.done())} of "
+                f"{len(work.grid)} tasks done); pass --resume to continue it or --overwrite "
+                "to start again")
+        work.remove()  # --overwrite: start again
+    finally:
+        if not keep:
+            for lock in locks:
+                lock.release()
+    return None

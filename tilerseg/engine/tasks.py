@@ -27,7 +27,7 @@ from ..labels import LabelPolicy
 from ..normalize import Normalization
 from .background import decode_skipped
 from .jobs import Task, WorkDir, geometry_of
-from .options import RunOptions, run_options
+from .options import PLAIN_OUTPUT_OPTIONS, RunOptions, run_options
 from .pipeline import Direct, StageTimes, run_pipeline
 from .prepare import Prepared, prepare
 
@@ -104,9 +104,7 @@ def recorded_options(manifest: dict[str, Any], options: RunOptions | None = None
         options, tile=tuple(resolved["tile"]),
         normalize=Normalization(**resolved["normalization"]),
         threshold=resolved["labels"]["threshold"], channel=tuple(resolved["channels"]),
-        **{k: requested[k] for k in ("output", "dtype", "level", "precision", "pyramid",
-                                     "skip_background", "background_tolerance",
-                                     "background_value")})
+        **{k: requested[k] for k in PLAIN_OUTPUT_OPTIONS})
 
 
 def open_context(work: WorkDir, model: nn.Module, image: Any,
@@ -122,7 +120,7 @@ def open_context(work: WorkDir, model: nn.Module, image: Any,
     spec = spec_from_dict(manifest["spec"])
     if tuple(p.plan.image_shape) != tuple(spec.shape) or list(p.plan.grid) != list(work.grid.grid):
         raise OutputError(
-            f"the image {path or ''} no longer matches the run in '{work.path}' (shape "
+            f"the image no longer matches the run in '{work.path}' (shape "
             f"{p.plan.image_shape}, recorded {tuple(spec.shape)}); pass --overwrite")
     resolved = manifest["resolved"]
     p = dataclasses.replace(p, labels=LabelPolicy(p.geometry.out_channels, **resolved["labels"]))
@@ -245,7 +243,6 @@ def run_tasks(
         with lock:
             if work.error is None:
                 work.error = err
-                log.warning("failed: %s (%s)", work.context.p.source.path or "image", err)
 
     def complete(work: Work) -> None:
         if work.on_complete is None:

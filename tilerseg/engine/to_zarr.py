@@ -16,7 +16,8 @@ from ..errors import InvalidArgumentError, TilersegError
 from .executors import ShardExecutor, parse_shard, resolve_executor
 from .jobs import default_output_path
 from .options import RunOptions, run_options
-from .resume import Started, commit, start
+from .finish import commit
+from .resume import Started, start
 from .tasks import Work
 
 __all__ = ["segment_to_zarr", "default_output_path"]
@@ -119,7 +120,7 @@ def segment_to_zarr(
     pathlib.Path
         The written store (also when it was already complete). Timings are stored under
         ``tilerseg/profile`` in its metadata. A shard returns it even when other shards
-        still have tasks to do (see :func:`tilerseg.engine.resume.status`).
+        still have tasks to do (see :func:`tilerseg.status`).
 
     Raises
     ------
@@ -138,22 +139,32 @@ def segment_to_zarr(
     runner = resolve_executor(executor)
     if shard_at is not None:
         runner = ShardExecutor(*shard_at, inner=runner)
+    plan_device = runner.plan_device(options.device) if hasattr(runner, "plan_device") else None
     started = start(image, model, Path(out), options, resume=resume, overwrite=overwrite,
-                    shard=shard_at, model_source=model_source)
+                    shard=shard_at, model_source=model_source, plan_device=plan_device)
     if started.complete:
         log.info("%s is already complete", started.out)
         return started.out
     with started:
         try:
-            return _run(started, runner, shard_at, overwrite, progress, begin)
+            return _run(started, runner, shard_at, overwrite, progress, begin, plan_device)
         except TilersegError:
-            if started.created:  # refused for its input: nothing worth resuming
+            if discardable(started, runner, shard_at):
                 started.work.remove()
             raise
 
 
+def discardable(started: Started, runner: Any, shard: tuple[int, int] | None) -> bool:
+    """Whether a run refused for its input (NaN, wrong channels...) leaves nothing worth
+    resuming: this call made the work directory, no task of it was recorded, no sibling
+    shard shares it, and every thread that could still write to it has stopped."""
+    return (started.created and shard is None and getattr(runner, "waits_for_all", False)
+            and started.work.path.is_dir() and not started.work.done())
+
+
 def _run(started: Started, runner: Any, shard: tuple[int, int] | None, overwrite: bool,
-         progress: Callable[[int, int], None] | None, begin: float) -> Path:
+         progress: Callable[[int, int], None] | None, begin: float,
+         plan_device: str | None) -> Path:
     work, ctx = started.work, started.context
     assert ctx is not None
     ids = runner.select(work.missing())
@@ -166,15 +177,22 @@ def _run(started: Started, runner: Any, shard: tuple[int, int] | None, overwrite
     times = runner.run([Work(ctx, ids)], progress=report)
     setup = time.perf_counter() - begin - times.wall
     if shard is not None:
-        work.record_shard(shard, tasks=len(ids), tiles=total, seconds=round(times.wall, 3))
+        try:
+            work.record_shard(shard, tasks=len(ids), tiles=total, seconds=round(times.wall, 3))
+        except FileNotFoundError:
+            pass
+    if not work.path.is_dir():
+        log.info("%s was committed by another shard", started.out)
+        return started.out
     missing = work.missing()
     if missing:
         log.info("%s: %d of %d tasks remain for other shards", started.out, len(missing),
                  len(work.grid))
         return started.out
     profile = {**times.as_dict(), "setup": round(setup, 3)}
-    attributes = {"profile": profile, "executor": runner.name,
-                  "devices": [str(d) for d in p.devices]}
+    devices = [str(d) for d in p.devices] if plan_device is None else [
+        f"{plan_device} (cluster workers)"]
+    attributes = {"profile": profile, "executor": runner.name, "devices": devices}
     if p.options.skip_background:
         attributes["background"] = work.manifest["resolved"]["background"]
     finishing = time.perf_counter()

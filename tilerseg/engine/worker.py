@@ -26,7 +26,8 @@ from .jobs import Task, WorkDir
 from .options import RunOptions
 from .tasks import RunContext, Work, open_context, run_tasks
 
-__all__ = ["run_task", "share_model", "share_context", "one_task_at_a_time"]
+__all__ = ["run_task", "share_model", "share_context", "forget_context", "forget_model",
+           "one_task_at_a_time"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,24 @@ def share_context(context: RunContext) -> None:
     """Let tasks in this process use an output already opened here (e.g. an in-memory image)."""
     with _lock:
         _CONTEXTS[(os.fspath(context.work.path), context.work.config_hash)] = context
+        while len(_CONTEXTS) > _CACHE_SIZE:
+            _CONTEXTS.popitem(last=False)
+
+
+def forget_context(context: RunContext) -> None:
+    """Drop an output from this process's cache (its run is over)."""
+    with _lock:
+        _CONTEXTS.pop((os.fspath(context.work.path), context.work.config_hash), None)
+
+
+def forget_model(digest: str) -> None:
+    """Drop a model, and the outputs opened with it, from this process."""
+    with _lock:
+        _MODELS.pop(digest, None)
+        _OPTIONS.pop(digest, None)
+        for key in [k for k, c in _CONTEXTS.items()
+                    if c.work.manifest["model"]["digest"] == digest]:
+            del _CONTEXTS[key]
 
 
 def one_task_at_a_time() -> None:
@@ -78,12 +97,17 @@ def _context(task: Task) -> RunContext:
     digest = work.manifest["model"]["digest"]
     with _lock:
         model = _MODELS.get(digest)
-        options = _OPTIONS.get(digest) or _OPTIONS.get("*")
+        options = _OPTIONS.get(digest)
     if model is None:
         raise OutputError(f"the model {digest[:12]} of '{task.output}' is not loaded in this "
                           f"worker process ({socket.gethostname()}, pid {os.getpid()})")
     if task.image is None:
         raise OutputError(f"the image of '{task.output}' is in another process's memory")
+    recorded = work.manifest
+    if (task.image != recorded["input"].get("path") or task.level != recorded["options"]["level"]
+            or list(task.channels) != recorded["resolved"]["channels"]):
+        raise OutputError(f"task {task.task_id} of '{task.output}' does not match its run's "
+                          f"manifest (image, level or channels)")
     context = open_context(work, model, task.image, options, path=task.image)
     with _lock:
         _CONTEXTS[key] = context

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from ...errors import InvalidArgumentError
+from ..cores import available_cores
 
-__all__ = ["JobSpec", "ClusterSpec", "connect", "job_script", "parse_cluster"]
+__all__ = ["JobSpec", "ClusterSpec", "connect", "job_script", "parse_cluster",
+           "threads_per_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,11 @@ class JobSpec:
     account: str | None = None
 
     def directives(self, kind: str) -> list[str]:
-        """Scheduler directives requesting the GPUs (empty without GPUs)."""
-        if not self.gpus:
+        """Scheduler directives requesting the GPUs (empty without GPUs; PBS asks for them
+        in its ``select`` statement instead)."""
+        if not self.gpus or kind == "pbs":
             return []
-        return {"slurm": [f"--gres=gpu:{self.gpus}"], "pbs": [f"-l ngpus={self.gpus}"],
-                "lsf": [f'-gpu "num={self.gpus}"']}[kind]
+        return {"slurm": [f"--gres=gpu:{self.gpus}"], "lsf": [f'-gpu "num={self.gpus}"']}[kind]
 
 
 @dataclass(frozen=True)
@@ -92,10 +93,10 @@ def parse_cluster(cluster: str | None, scheduler: str | None,
         return ClusterSpec("scheduler", address=scheduler)
     if cluster is None:
         return None
-    if cluster.startswith("local"):
+    if cluster == "local" or cluster.startswith("local:"):
         _, _, count = cluster.partition(":")
         try:
-            workers = int(count) if count else max(1, os.cpu_count() or 1)
+            workers = int(count) if count else available_cores()
         except ValueError:
             workers = 0
         if workers < 1:
@@ -114,13 +115,27 @@ def _jobqueue_cluster(spec: ClusterSpec, **extra: Any) -> Any:
         raise InvalidArgumentError(
             f"--cluster {spec.kind} needs dask-jobqueue (pip install 'tilerseg[cluster]')"
         ) from None
+    import dask
+
     job = spec.job
     kwargs: dict[str, Any] = {"processes": 1, **extra}
-    for name in ("cores", "memory", "walltime", "queue"):
+    for name in ("memory", "walltime", "queue"):
         if getattr(job, name) is not None:
             kwargs[name] = getattr(job, name)
-    if job.account is not None:
-        kwargs["account" if spec.kind == "slurm" else "project"] = job.account
+    if job.account is not None:  # LSF calls it the project
+        kwargs["project" if spec.kind == "lsf" else "account"] = job.account
+    # the job books all its cores, its worker runs one task at a time with all of them as
+    # torch threads: one Dask thread, so that no task waits behind another on a worker
+    cores = job.cores or dask.config.get(f"jobqueue.{spec.kind}.cores", None)
+    if cores is not None:
+        kwargs["cores"] = 1
+        if spec.kind == "slurm":
+            kwargs["job_cpu"] = int(cores)
+        elif spec.kind == "lsf":
+            kwargs["ncpus"] = int(cores)
+        else:  # PBS: the resource request names the cores
+            kwargs["resource_spec"] = _pbs_resources(int(cores), kwargs.get(
+                "memory") or dask.config.get("jobqueue.pbs.memory", None), job.gpus)
     directives = job.directives(spec.kind)
     if directives:
         kwargs["job_extra_directives"] = directives
@@ -128,6 +143,18 @@ def _jobqueue_cluster(spec: ClusterSpec, **extra: Any) -> Any:
         return getattr(dask_jobqueue, _JOBQUEUE[spec.kind])(**kwargs)
     except ValueError as err:  # e.g. cores or memory neither given nor configured
         raise InvalidArgumentError(f"--cluster {spec.kind}: {err}") from None
+
+
+def _pbs_resources(cores: int, memory: str | None, gpus: int) -> str:
+    """A PBS Pro ``select`` statement for one worker job."""
+    spec = f"select=1:ncpus={cores}"
+    if memory:
+        from dask.utils import parse_bytes
+
+        spec += f":mem={-(-parse_bytes(memory) // 2**30)}GB"
+    if gpus:
+        spec += f":ngpus={gpus}"
+    return spec
 
 
 def job_script(spec: ClusterSpec) -> str:
@@ -140,9 +167,17 @@ def job_script(spec: ClusterSpec) -> str:
 
 
 def threads_per_worker(spec: ClusterSpec) -> int | None:
-    """Torch threads per worker process: the cores shared out (None: the worker's default)."""
+    """Torch threads per worker process: this machine's cores shared among the processes of
+    ``local:N``, a job's cores for a batch system; None for a scheduler (each worker then
+    shares its host's cores among the workers on it).
+
+    Examples
+    --------
+    >>> threads_per_worker(ClusterSpec("slurm", job=JobSpec(cores=8)))
+    8
+    """
     if spec.kind == "local":
-        return max(1, (os.cpu_count() or 1) // spec.workers)
+        return max(1, available_cores() // spec.workers)
     if spec.kind in _JOBQUEUE:
         return spec.job.cores
     return None

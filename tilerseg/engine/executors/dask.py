@@ -21,18 +21,28 @@ from typing import Any
 import dask
 from dask.callbacks import Callback
 
-from ...errors import InvalidArgumentError
+from ...errors import ClusterError, InvalidArgumentError, TilersegError
 from ...models.checkpoint import model_to_bytes, weights_digest
 from ..device import cpu_budget, torch_threads
+from ..options import RUNTIME_OPTIONS
 from ..pipeline import StageTimes
 from ..tasks import Work
-from ..worker import run_task, share_context, share_model
+from ..worker import forget_context, run_task, share_context, share_model
 
 __all__ = ["DaskExecutor"]
 
+
+def _local_error(err: BaseException, key: Any) -> BaseException:
+    """A task's error as the caller should see it: tilerseg's own errors and OSErrors as
+    they are, a failure of the cluster itself (a worker killed too often...) as a
+    :class:`~tilerseg.errors.ClusterError`."""
+    if isinstance(err, (TilersegError, OSError)):
+        return err
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return ClusterError(f"task {key} failed on the cluster: {type(err).__name__}: {reason}")
+
 log = logging.getLogger(__name__)
 
-_RUNTIME = ("device", "batch_size", "compile", "workers", "threads")
 
 
 class DaskExecutor:
@@ -55,6 +65,22 @@ class DaskExecutor:
     def select(self, task_ids: Sequence[int]) -> list[int]:
         """All of them."""
         return list(task_ids)
+
+    def plan_device(self, requested: str | tuple[str, ...]) -> str | None:
+        """Where the workers of a cluster run the model (None without a cluster, where it
+        runs in this process): ``"cuda"`` when the device asked for is a GPU, or ``"auto"``
+        and the workers have GPUs; else ``"cpu"``."""
+        if self.client is None:
+            return None
+        names = [requested] if isinstance(requested, str) else list(requested)
+        if all(n.split(":")[0] == "cpu" for n in names):
+            return "cpu"
+        if any(n.startswith("cuda") for n in names):
+            return "cuda"
+        from .plugin import cuda_available
+
+        has_gpu = self.client.run(cuda_available)
+        return "cuda" if any(has_gpu.values()) else "cpu"
 
     def run(self, works: Iterable[Work], *, progress: Callable[[int], None] | None = None,
             isolate: bool = False, record: dict | None = None) -> StageTimes:
@@ -94,20 +120,23 @@ class DaskExecutor:
                      for t in ctx.tasks(work.task_ids)]
             try:
                 with torch_threads(threads), _Progress():
-                    dask.compute(*tasks, scheduler="threads", num_workers=workers)
+                    results = dask.compute(*tasks, scheduler="threads", num_workers=workers)
+                work.tiles += sum(r["tiles"] for r in results)
                 if work.on_complete is not None:
                     work.on_complete(work)
             except Exception as err:  # noqa: BLE001
                 if not isolate:
                     raise
                 work.error = err
+            finally:
+                forget_context(ctx)
         return computed[0]
 
     # -- a dask.distributed cluster ---------------------------------------------------------
 
     def _register(self, work: Work) -> None:
         """Load the run's model on every worker once (and on workers joining later)."""
-        from .plugin import ModelPlugin
+        from .plugin import ModelPlugin, host_of
 
         p = work.context.p
         name = f"tilerseg-model-{weights_digest(p.model)[:16]}"
@@ -119,11 +148,10 @@ class DaskExecutor:
             raise InvalidArgumentError(
                 f"a cluster run needs a model from tilerseg.create_model or load_model "
                 f"({err})") from None
-        options = {k: getattr(p.options, k) for k in _RUNTIME}
+        options = {k: getattr(p.options, k) for k in RUNTIME_OPTIONS}
         per_host: dict[str, int] = {}
         for address in self.client.scheduler_info().get("workers", {}):
-            host = address.rsplit(":", 1)[0].split("://")[-1]
-            per_host[host] = per_host.get(host, 0) + 1
+            per_host[host_of(address)] = per_host.get(host_of(address), 0) + 1
         self.client.register_plugin(ModelPlugin(data, options, p.options.threads, per_host),
                                     name=name)
         self._plugins.add(name)
@@ -146,7 +174,12 @@ class DaskExecutor:
             self._register(work)
             left[id(work)] = len(work.task_ids)
             if not work.task_ids and work.on_complete is not None:
-                work.on_complete(work)
+                try:
+                    work.on_complete(work)
+                except Exception as err:  # noqa: BLE001
+                    if not isolate:
+                        raise
+                    work.error = err
             for task in ctx.tasks(work.task_ids):
                 key = f"tilerseg-{run}-{len(futures)}-task-{task.task_id}"
                 future = self.client.submit(run_task, task, record, key=key,
@@ -158,7 +191,7 @@ class DaskExecutor:
             for future in as_completed(futures):
                 work = owner[future.key]
                 if future.status != "finished":
-                    err = future.exception()
+                    err = _local_error(future.exception(), future.key)
                     if not isolate:
                         raise err
                     work.error = work.error or err
@@ -179,4 +212,7 @@ class DaskExecutor:
                         work.error = err
         finally:
             self.client.cancel([f for f in futures if not f.done()])
+            for name in self._plugins:  # the workers forget the model again
+                self.client.unregister_worker_plugin(name)
+            self._plugins.clear()
         return computed

@@ -22,11 +22,12 @@ class LocalExecutor:
     """Threads in this process: readers, one compute thread per model worker, writers.
 
     On the CPU, ``workers`` forward passes run at once with ``threads`` torch threads
-    each (by default 2 x cores / 2, see :func:`~tilerseg.engine.lazy.cpu_budget`); on GPUs
+    each (by default 2 x cores / 2, see :func:`~tilerseg.engine.device.cpu_budget`); on GPUs
     one replica per device. The options come from the first work's run options.
     """
 
     name = "pipeline"
+    waits_for_all = True  # every thread has stopped when run() returns or raises
 
     def select(self, task_ids: Sequence[int]) -> list[int]:
         """All of them."""

@@ -6,6 +6,8 @@ and on the workers, which unpickle the plugin).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import re
@@ -13,7 +15,9 @@ from typing import Any
 
 from distributed import WorkerPlugin
 
-__all__ = ["ModelPlugin", "worker_device"]
+from ..cores import available_cores
+
+__all__ = ["ModelPlugin", "worker_device", "host_of", "cuda_available", "keep_freed_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +46,38 @@ def worker_device(name: Any, requested: str | tuple[str, ...]) -> str | tuple[st
     return f"cuda:{k % torch.cuda.device_count()}"
 
 
-def _cores() -> int:
-    """The cores this process may run on (its CPU affinity: a batch job's allocation)."""
+def keep_freed_memory() -> bool:
+    """Undo ``MALLOC_TRIM_THRESHOLD_``, which dask.distributed's nanny sets for its workers
+    (config ``distributed.nanny.pre-spawn-environ``), for this process; True if it did.
+
+    With that variable glibc hands every freed block above 64 KiB back to the system and
+    serves every allocation above 128 KiB with a fresh ``mmap``, so each forward pass
+    page-faults all its activation buffers again: the bundled model ran at 0.70 of the
+    local executor's throughput on 2 cores (``benchmarks/bench_cluster.py``). The
+    thresholds are set back to what glibc's own adaptive rule reaches on this work (32 MiB
+    for ``mmap``, twice that for trimming).
+    """
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        return False
     try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)
+                    and libc.mallopt(m_trim_threshold, 64 << 20))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
+def cuda_available() -> bool:
+    """Whether this process sees a CUDA GPU (run on the workers by the client)."""
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def host_of(address: str) -> str:
+    """The host of a Dask address: ``tcp://10.0.0.5:40123`` -> ``10.0.0.5``."""
+    return str(address).rsplit(":", 1)[0].split("://")[-1]
 
 
 class ModelPlugin(WorkerPlugin):
@@ -80,13 +110,21 @@ class ModelPlugin(WorkerPlugin):
         from ..options import run_options
         from ..worker import one_task_at_a_time, share_model
 
-        host = str(getattr(worker, "address", "")).rsplit(":", 1)[0].split("://")[-1]
-        sharing = max(1, self.per_host.get(host, 1))
-        torch.set_num_threads(self.threads or max(1, _cores() // sharing))
+        keep_freed_memory()
+        sharing = max(1, self.per_host.get(host_of(getattr(worker, "address", "")), 1))
+        torch.set_num_threads(self.threads or max(1, available_cores() // sharing))
         one_task_at_a_time()
         options = run_options(**{**self.options, "device": worker_device(
             getattr(worker, "name", 0), self.options.get("device", "auto"))})
-        digest = share_model(model_from_bytes(self.data), options)
+        self.digest = share_model(model_from_bytes(self.data), options)
+        digest = self.digest
         log.info("worker %s (pid %d): model %s on %s, %d torch thread(s)",
                  getattr(worker, "name", "?"), os.getpid(), digest[:12], options.device,
                  torch.get_num_threads())
+
+    def teardown(self, worker: Any) -> None:
+        from ..worker import forget_model
+
+        digest = getattr(self, "digest", None)
+        if digest is not None:
+            forget_model(digest)

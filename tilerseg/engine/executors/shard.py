@@ -24,8 +24,10 @@ def parse_shard(text: str | tuple[int, int] | None,
                 environ: dict[str, str] | None = None) -> tuple[int, int] | None:
     """``"I/N"`` (0 <= I < N) or ``"auto"`` (from a SLURM job array) as ``(I, N)``.
 
-    With ``"auto"``, ``I`` is ``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` and ``N``
-    is ``SLURM_ARRAY_TASK_COUNT``, so ``--array=1-8`` and ``--array=0-7`` both work.
+    With ``"auto"``, ``I`` is ``(SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) /
+    SLURM_ARRAY_TASK_STEP`` and ``N`` is ``SLURM_ARRAY_TASK_COUNT``, so ``--array=1-8``,
+    ``--array=0-7`` and ``--array=0-14:2`` all work (a list such as ``--array=1,3,8`` does
+    not: give ``--shard I/N`` from the job script instead).
 
     Examples
     --------
@@ -43,11 +45,12 @@ def parse_shard(text: str | tuple[int, int] | None,
             task = int(env["SLURM_ARRAY_TASK_ID"])
             count = int(env["SLURM_ARRAY_TASK_COUNT"])
             first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+            step = int(env.get("SLURM_ARRAY_TASK_STEP", "1")) or 1
         except (KeyError, ValueError):
             raise InvalidArgumentError(
                 "--shard auto needs SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT (run it "
                 "as a SLURM job array, or give --shard I/N)") from None
-        shard = (task - first, count)
+        shard = ((task - first) // step, count)
     else:
         try:
             i, n = (int(v) for v in str(text).split("/"))
@@ -77,6 +80,7 @@ class ShardExecutor:
         self.index, self.count = parse_shard((index, count))  # type: ignore[misc]
         self.inner = inner or LocalExecutor()
         self.name = f"shard {self.index}/{self.count}"
+        self.waits_for_all = getattr(self.inner, "waits_for_all", False)
 
     def select(self, task_ids: Sequence[int]) -> list[int]:
         """The tasks numbered ``index`` modulo ``count``."""

@@ -1,0 +1,188 @@
+"""Finishing a run (the commit), finishing it by hand, and telling where a run stands.
+
+Free of torch: ``tilerseg status`` and ``tilerseg finalize`` need no model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from ..errors import OutputError
+from ..io.writers import OutputWriter, spec_from_dict
+from .jobs import WorkDir, read_final_manifest, work_path
+from .locks import FileLock, LockedError, live_locks
+
+__all__ = ["commit", "status", "finalize", "leftover"]
+
+log = logging.getLogger(__name__)
+
+
+def commit(work: WorkDir, out: Path, *, overwrite: bool = False,
+           attributes: dict[str, Any] | None = None,
+           writer: OutputWriter | None = None) -> bool:
+    """Finish a run whose tasks are all recorded: pyramid, metadata, move, clean up.
+
+    Exactly once among processes finishing at the same time: under the commit lock,
+    and only if the output is still in the work directory.
+
+    Parameters
+    ----------
+    work : WorkDir
+        The run.
+    out : Path
+        The final output path.
+    overwrite : bool
+        Replace an existing output at ``out``.
+    attributes : dict, optional
+        Added to the output's ``tilerseg`` attributes (profile, executor...).
+    writer : OutputWriter, optional
+        The run's writer, already open on ``work.store`` (else one is opened).
+
+    Returns
+    -------
+    bool
+        True if this call committed, False if another process did (or does).
+
+    Raises
+    ------
+    OutputError
+        Tasks are missing, or ``out`` exists without ``overwrite``; the work directory is
+        kept.
+    OSError
+        The output cannot be finished or moved (disk full...); the work directory is kept:
+        the commit can be retried (``tilerseg finalize`` or ``--resume``).
+    """
+    lock = FileLock(work.locks / "commit.lock", "commit")
+    try:
+        lock.acquire()
+    except (LockedError, FileNotFoundError):
+        log.info("%s is being (or was) committed by another process", out)
+        return False
+    try:
+        if not work.store.is_dir():
+            return False
+        missing = work.missing()
+        if missing:
+            raise OutputError(f"'{out}' cannot be finished: {len(missing)} of "
+                              f"{len(work.grid)} tasks are not done (e.g. task {missing[0]})")
+        if writer is None:
+            writer = OutputWriter(out, spec_from_dict(work.manifest["spec"]), staging=work.store,
+                                  existing=True)
+        writer.overwrite = overwrite
+        writer.update_attributes(manifest=work.manifest, config_hash=work.config_hash,
+                                 committed_by=f"{socket.gethostname()}:{os.getpid()}",
+                                 **(attributes or {}))
+        writer.commit()
+    finally:
+        lock.release()
+    work.remove()
+    return True
+
+
+def leftover(out: Path, final: dict[str, Any] | None) -> WorkDir | None:
+    """The work directory of the run that made the finished output ``out``, left behind by a
+    process killed between the commit's rename and its clean-up (None if there is none,
+    or if it belongs to another run or is held by a live process)."""
+    wp = work_path(out)
+    if final is None or not wp.is_dir():
+        return None
+    try:
+        work = WorkDir.open(wp)
+    except OutputError:
+        return None
+    if work.manifest.get("run_id") != final.get("run_id") or live_locks(work.locks):
+        return None
+    return work
+
+
+def status(out: str | os.PathLike) -> dict[str, Any]:
+    """Where a run stands: complete or not, tasks done, parameters, shards, locks.
+
+    Parameters
+    ----------
+    out : path
+        The output (``OUT.zarr``) or its work directory (``OUT.zarr.partial``).
+
+    Returns
+    -------
+    dict
+        ``output``, ``complete`` (bool), ``tasks`` and ``done`` (counts), ``manifest``,
+        ``shards`` (records), ``running`` (live lock holders, described) and
+        ``work`` (the work directory or None).
+
+    Raises
+    ------
+    OutputError
+        Neither a finished output nor an unfinished run is there.
+    """
+    out = _output_path(out)
+    wp = work_path(out)
+    final = read_final_manifest(out) if out.exists() else None
+    if wp.is_dir() and leftover(out, final) is None:
+        work = WorkDir.open(wp)
+        return {"output": str(out), "complete": False, "tasks": len(work.grid),
+                "done": len(work.done()), "manifest": work.manifest, "shards": work.shards(),
+                "work": str(wp), "running": [h.describe() for h in live_locks(work.locks)],
+                "finished_output_exists": final is not None}
+    if final is not None:
+        count = int(final["tasks"]["count"])
+        return {"output": str(out), "complete": True, "tasks": count, "done": count,
+                "manifest": final, "shards": [], "work": None, "running": []}
+    if out.exists():
+        raise OutputError(f"'{out}' is not a finished tilerseg output and has no unfinished run")
+    raise OutputError(f"there is no output '{out}' and no unfinished run '{wp}'")
+
+
+def finalize(out: str | os.PathLike, *, overwrite: bool = False) -> bool:
+    """Commit a run whose tasks are all done (e.g. shards that finished without it).
+
+    Parameters
+    ----------
+    out : path
+        The output (``OUT.zarr``) or its work directory (``OUT.zarr.partial``).
+    overwrite : bool
+        Replace an existing output of another run at ``out``.
+
+    Returns
+    -------
+    bool
+        True if this call committed; False if the output was already complete (a leftover
+        work directory of its own commit is then removed).
+
+    Raises
+    ------
+    OutputError
+        Nothing to finish, tasks missing, a run still holds it, or ``out`` exists
+        without ``overwrite``.
+    """
+    out = _output_path(out)
+    wp = work_path(out)
+    final = read_final_manifest(out) if out.exists() else None
+    left = leftover(out, final)
+    if left is not None:
+        left.remove()
+        return False
+    if not wp.is_dir():
+        if final is not None:
+            return False
+        raise OutputError(f"there is no unfinished run '{wp}' to finish")
+    work = WorkDir.open(wp)
+    running = live_locks(work.locks)
+    if running:
+        raise OutputError(f"'{out}' is still being computed or committed: "
+                          f"{running[0].describe()}")
+    if os.path.lexists(out) and not overwrite:
+        raise OutputError(f"output '{out}' exists; pass --overwrite to replace it")
+    return commit(work, out, overwrite=overwrite, attributes={"executor": "finalize"})
+
+
+def _output_path(out: str | os.PathLike) -> Path:
+    """``OUT.zarr`` as an absolute path, also when given ``OUT.zarr.partial``."""
+    out = Path(os.path.abspath(os.fspath(out)))
+    if out.name.endswith(".partial"):
+        out = out.with_name(out.name[: -len(".partial")])
+    return out
