@@ -56,9 +56,11 @@ threshold explicitly also turns off glibc's dynamic mmap threshold, so every lar
 activation tensor of the U-Net is ``mmap``-ed, page-faulted in and ``munmap``-ed again at
 each forward pass: on this 2-core machine one 700^2 forward with 1 torch thread took
 0.47 s with the variable and 0.36-0.37 s without it, in a worker as in a plain process.
-``--no-malloc-trim`` removes the variable from that setting for the clusters this
-benchmark starts (the library is unchanged), to measure what it costs. The headline is
-the default (what ``tilerseg run --cluster local:2`` does).
+tilerseg's workers undo that setting themselves when they load the model (glibc
+``mallopt``, see ``tilerseg.engine.executors.plugin.keep_freed_memory``).
+``--no-malloc-trim`` also removes the variable from that setting for the clusters this
+benchmark starts, to compare the two. The headline is the default (what ``tilerseg run
+--cluster local:2`` does).
 
 Run from the repository root, with the virtualenv active::
 

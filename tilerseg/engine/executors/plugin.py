@@ -61,9 +61,10 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8  # glibc's <malloc.h>
         return bool(libc.mallopt(m_mmap_threshold, 32 << 20)
-                    and libc.mallopt(m_trim_threshold, 64 << 20))
+                    and libc.mallopt(m_trim_threshold, 64 << 20)
+                    and libc.mallopt(m_arena_max, 4))
     except (OSError, AttributeError):  # not glibc
         return False
 
