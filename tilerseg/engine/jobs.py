@@ -46,7 +46,7 @@ from ..errors import OutputError
 from ..geometry import ModelGeometry, normalize_tile
 from ..io.formats import SLICE_EXTENSIONS, is_zarr_dir, strip_image_suffix
 from ..normalize import Normalization, resolve_normalization
-from .options import PLAIN_OUTPUT_OPTIONS
+from .options import PLAIN_OUTPUT_OPTIONS, RunOptions
 
 __all__ = [
     "TILES_PER_TASK", "Task", "TaskGrid", "WorkDir", "default_output_path", "work_path",
@@ -229,9 +229,8 @@ def input_identity(image: Any, source: Any = None) -> dict[str, Any]:
     Returns
     -------
     dict
-        Plain values. A folder is identified by its top-level entries (a Zarr store by
-        its metadata files, not by every chunk); a glob by the files it matches; a numpy
-        array by the SHA-256 of its bytes; a Dask or Zarr array by Dask's token.
+        Plain values: those of :func:`path_identity` for a path; the SHA-256 of its bytes
+        for a numpy array; Dask's token for a Dask or Zarr array.
     """
     if source is None:
         arr = np.ascontiguousarray(image)
@@ -307,7 +306,8 @@ def _normalization_differs(spec: Any, dtype: str, recorded: dict[str, Any]) -> b
     return now != Normalization(**recorded)
 
 
-def differences(manifest: dict[str, Any], options: Any, *, version: str, digest: str | None,
+def differences(manifest: dict[str, Any], options: RunOptions, *, version: str,
+                digest: str | None,
                 identity: dict[str, Any], labels: dict[str, Any] | None) -> list[str]:
     """What a new request changes against a recorded run, one phrase each (empty: same).
 
@@ -534,12 +534,29 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def quick_complete(out: Path, image: str, model_file: Path, options: Any,
+def quick_complete(out: Path, image: str, model_file: Path, options: RunOptions,
                    version: str) -> bool:
     """Whether ``out`` is a finished run of the same image file, model file and options,
     decided from file metadata alone: no image is opened, no model loaded (no torch).
 
-    False means "not known to be": the caller then checks the slow way.
+    Parameters
+    ----------
+    out : Path
+        The output.
+    image : str
+        The input path (compared by :func:`path_identity` and the level).
+    model_file : Path
+        The model file (compared by path, size and modification time).
+    options : RunOptions
+        The request.
+    version : str
+        This tilerseg's version.
+
+    Returns
+    -------
+    bool
+        True when it is; False means "not known to be": the caller then checks the slow
+        way (loading the model and opening the image).
     """
     from ..models.catalog import file_identity
 

@@ -97,8 +97,21 @@ class RunContext:
 
 
 def recorded_options(manifest: dict[str, Any], options: RunOptions | None = None) -> RunOptions:
-    """The options of a recorded run: what decides the output from the manifest (the tile,
-    normalisation and threshold as resolved then), how to compute it from ``options``."""
+    """The options of a recorded run.
+
+    Parameters
+    ----------
+    manifest : dict
+        The run's manifest.
+    options : RunOptions, optional
+        How to compute it now (device, batch size, threads...).
+
+    Returns
+    -------
+    RunOptions
+        What decides the output from the manifest (the tile, normalisation, threshold and
+        channels as resolved then), the rest from ``options``.
+    """
     requested, resolved = manifest["options"], manifest["resolved"]
     return run_options(
         options, tile=tuple(resolved["tile"]),
@@ -112,8 +125,29 @@ def open_context(work: WorkDir, model: nn.Module, image: Any,
     """The :class:`RunContext` of a recorded run, rebuilt from its manifest.
 
     The model is not probed (its geometry is recorded) and no statistics are computed
-    (the normalisation is recorded). ``options`` give how to compute (device, batch
-    size, threads...).
+    (the normalisation is recorded).
+
+    Parameters
+    ----------
+    work : WorkDir
+        The run.
+    model : torch.nn.Module
+        Its model (the caller checked the weights' digest).
+    image : path, ImageSource or array
+        Its input.
+    options : RunOptions, optional
+        How to compute (device, batch size, threads...).
+    path : str, optional
+        The input's absolute path, for tasks sent to other processes.
+
+    Returns
+    -------
+    RunContext
+
+    Raises
+    ------
+    OutputError
+        The image no longer has the recorded shape.
     """
     manifest = work.manifest
     p = prepare(image, model, recorded_options(manifest, options), geometry=geometry_of(manifest))

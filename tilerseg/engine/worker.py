@@ -40,7 +40,20 @@ _SLOTS: threading.Semaphore | None = None  # tasks at once in this process (None
 
 
 def share_model(model: nn.Module, options: RunOptions | None = None) -> str:
-    """Make ``model`` (and how to run it) available to tasks in this process; its digest."""
+    """Make ``model`` (and how to run it) available to tasks in this process.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model.
+    options : RunOptions, optional
+        How this process runs it (device, batch size, compile...).
+
+    Returns
+    -------
+    str
+        Its :func:`~tilerseg.models.checkpoint.weights_digest`, by which manifests name it.
+    """
     digest = weights_digest(model)
     with _lock:
         _MODELS[digest] = model
@@ -50,7 +63,13 @@ def share_model(model: nn.Module, options: RunOptions | None = None) -> str:
 
 
 def share_context(context: RunContext) -> None:
-    """Let tasks in this process use an output already opened here (e.g. an in-memory image)."""
+    """Let tasks in this process use an output already opened here (e.g. an in-memory image).
+
+    Parameters
+    ----------
+    context : RunContext
+        The output; the cache keeps the last few.
+    """
     with _lock:
         _CONTEXTS[(os.fspath(context.work.path), context.work.config_hash)] = context
         while len(_CONTEXTS) > _CACHE_SIZE:

@@ -77,6 +77,24 @@ def parse_cluster(cluster: str | None, scheduler: str | None,
                   job: JobSpec | None = None) -> ClusterSpec | None:
     """The cluster a command line asks for (None: run locally).
 
+    Parameters
+    ----------
+    cluster : str, optional
+        ``"local"``, ``"local:N"``, ``"slurm"``, ``"pbs"`` or ``"lsf"``.
+    scheduler : str, optional
+        The address of a running scheduler, ``tcp://HOST:PORT``.
+    job : JobSpec, optional
+        Batch-job resources (for slurm, pbs, lsf).
+
+    Returns
+    -------
+    ClusterSpec or None
+
+    Raises
+    ------
+    InvalidArgumentError
+        Both given, or a value not understood.
+
     Examples
     --------
     >>> parse_cluster("local:3", None).workers
@@ -158,7 +176,18 @@ def _pbs_resources(cores: int, memory: str | None, gpus: int) -> str:
 
 
 def job_script(spec: ClusterSpec) -> str:
-    """The batch script dask-jobqueue would submit for each worker job."""
+    """The batch script dask-jobqueue would submit for each worker job.
+
+    Parameters
+    ----------
+    spec : ClusterSpec
+        A batch-system cluster (slurm, pbs, lsf).
+
+    Returns
+    -------
+    str
+        The script (nothing is submitted).
+    """
     cluster = _jobqueue_cluster(spec, scheduler_options={"dashboard_address": ":0"})
     try:
         return str(cluster.job_script())
@@ -186,6 +215,13 @@ def threads_per_worker(spec: ClusterSpec) -> int | None:
 @contextlib.contextmanager
 def connect(spec: ClusterSpec) -> Iterator[Any]:
     """A ``distributed.Client`` on the cluster of ``spec``, closed (with the cluster) after.
+
+    Parameters
+    ----------
+    spec : ClusterSpec
+        What to start or join: ``local`` starts a ``LocalCluster`` on loopback (one Dask
+        thread per worker process), a batch system submits ``spec.workers`` jobs,
+        ``scheduler`` connects to ``spec.address``.
 
     Yields
     ------

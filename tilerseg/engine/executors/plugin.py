@@ -30,6 +30,17 @@ def worker_device(name: Any, requested: str | tuple[str, ...]) -> str | tuple[st
     process has its own GPUs, so ``k`` is irrelevant there); the CPU without GPUs.
     Anything else is used as given.
 
+    Parameters
+    ----------
+    name : any
+        The worker's name.
+    requested : str or tuple of str
+        The run's device option.
+
+    Returns
+    -------
+    str or tuple of str
+
     Examples
     --------
     >>> worker_device("SLURMCluster-3", "cpu")
