@@ -71,6 +71,7 @@ from typing import Any
 import numpy as np
 
 # the cached slides are those of bench_memory.py (this directory is on sys.path)
+from bench_end_to_end import open_workdir
 from bench_memory import make_slide
 
 RESUME_TARGET = 0.6  # median resumed / full time
@@ -94,15 +95,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="FILE", default=None,
                         help="also write the figures to FILE as JSON")
     return parser.parse_args(argv)
-
-
-def open_workdir(path: str) -> Path:
-    """Create the scratch directory (if needed) and print it with the free disk space."""
-    workdir = Path(path)
-    workdir.mkdir(parents=True, exist_ok=True)
-    print(f"workdir {workdir}; free disk {shutil.disk_usage(workdir).free / 1024**3:.1f} GiB",
-          flush=True)
-    return workdir
 
 
 # -- the command line -------------------------------------------------------------------

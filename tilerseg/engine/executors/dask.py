@@ -32,6 +32,19 @@ from ..worker import forget_context, run_task, share_context, share_model
 __all__ = ["DaskExecutor"]
 
 
+def _complete(work: Work, isolate: bool) -> None:
+    """Call ``work.on_complete`` (a commit); its failure fails the work (``isolate``) or the
+    run."""
+    if work.on_complete is None:
+        return
+    try:
+        work.on_complete(work)
+    except Exception as err:  # noqa: BLE001
+        if not isolate:
+            raise
+        work.error = err
+
+
 def _local_error(err: BaseException, key: Any) -> BaseException:
     """A task's error as the caller should see it: tilerseg's own errors and OSErrors as
     they are, a failure of the cluster itself (a worker killed too often...) as a
@@ -121,15 +134,15 @@ class DaskExecutor:
             try:
                 with torch_threads(threads), _Progress():
                     results = dask.compute(*tasks, scheduler="threads", num_workers=workers)
-                work.tiles += sum(r["tiles"] for r in results)
-                if work.on_complete is not None:
-                    work.on_complete(work)
             except Exception as err:  # noqa: BLE001
                 if not isolate:
                     raise
                 work.error = err
+                continue
             finally:
                 forget_context(ctx)
+            work.tiles += sum(r["tiles"] for r in results)
+            _complete(work, isolate)
         return computed[0]
 
     # -- a dask.distributed cluster ---------------------------------------------------------
@@ -173,13 +186,8 @@ class DaskExecutor:
                     "tifffile.imwrite or zarr) and pass its path")
             self._register(work)
             left[id(work)] = len(work.task_ids)
-            if not work.task_ids and work.on_complete is not None:
-                try:
-                    work.on_complete(work)
-                except Exception as err:  # noqa: BLE001
-                    if not isolate:
-                        raise
-                    work.error = err
+            if not work.task_ids:
+                _complete(work, isolate)
             for task in ctx.tasks(work.task_ids):
                 key = f"tilerseg-{run}-{len(futures)}-task-{task.task_id}"
                 future = self.client.submit(run_task, task, record, key=key,
@@ -203,13 +211,8 @@ class DaskExecutor:
                 if progress is not None:
                     progress(tiles)
                 left[id(work)] -= 1
-                if left[id(work)] == 0 and work.error is None and work.on_complete is not None:
-                    try:
-                        work.on_complete(work)
-                    except Exception as err:  # noqa: BLE001
-                        if not isolate:
-                            raise
-                        work.error = err
+                if left[id(work)] == 0 and work.error is None:
+                    _complete(work, isolate)
         finally:
             self.client.cancel([f for f in futures if not f.done()])
             for name in self._plugins:  # the workers forget the model again
