@@ -65,7 +65,14 @@ from typing import Any
 import torch
 
 # the bare forward and its thread configurations are those of bench_end_to_end.py
-from bench_end_to_end import build_windows, environment, open_workdir, thread_configs, time_bare
+from bench_end_to_end import (
+    build_windows,
+    choose_reference,
+    environment,
+    open_workdir,
+    thread_configs,
+    time_bare,
+)
 
 import tilerseg
 
@@ -193,15 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         time_bare(model, windows[:max(1, w)], w, t)
     print(f"warm-up (two images): batch {warm[0]:.2f} s", flush=True)
 
-    # the bare-forward reference configuration
-    choice: dict[str, float] = {}
-    for w, t in configs:
-        seconds = time_bare(model, windows, w, t)
-        choice[f"{w}x{t}"] = seconds
-        print(f"bare forward, {w} thread(s) x {t} torch thread(s): {seconds:.2f} s "
-              f"({count / seconds:.2f} images/s, {pixels / seconds / 1e6:.3f} Mpx/s)", flush=True)
-    best = min(configs, key=lambda c: choice[f"{c[0]}x{c[1]}"])
-    print(f"reference: bare forward with {best[0]} x {best[1]}", flush=True)
+    best, choice = choose_reference(model, windows, configs, pixels, count)
 
     rounds: list[dict[str, Any]] = []
     for r in range(args.repeats):

@@ -260,6 +260,25 @@ def thread_configs() -> list[tuple[int, int]]:
 # -- reporting ----------------------------------------------------------------------------
 
 
+def choose_reference(model: nn.Module, windows: list[torch.Tensor],
+                     configs: list[tuple[int, int]], pixels: int, count: int | None = None
+                     ) -> tuple[tuple[int, int], dict[str, float]]:
+    """Time the bare forward once in each thread configuration; the fastest, and all times.
+
+    ``count`` images (if given) are reported as images/s besides Mpx/s.
+    """
+    choice: dict[str, float] = {}
+    for w, t in configs:
+        seconds = time_bare(model, windows, w, t)
+        choice[f"{w}x{t}"] = seconds
+        images = f"{count / seconds:.2f} images/s, " if count else ""
+        print(f"bare forward, {w} thread(s) x {t} torch thread(s): {seconds:.2f} s "
+              f"({images}{pixels / seconds / 1e6:.3f} Mpx/s)", flush=True)
+    best = min(configs, key=lambda c: choice[f"{c[0]}x{c[1]}"])
+    print(f"reference: bare forward with {best[0]} x {best[1]}", flush=True)
+    return best, choice
+
+
 def profile_line(profile: dict[str, Any]) -> str:
     """One line: the pipeline's stage times from a run's profile."""
     return (f"pipeline wall {profile['wall']:.2f} s (setup {profile['setup']:.2f} s); busy: "
@@ -306,15 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(workdir / "end-to-end-warm-up.zarr", ignore_errors=True)
     print(f"warm-up (one tile): end to end {warm:.2f} s", flush=True)
 
-    # the bare-forward reference configuration
-    choice: dict[str, float] = {}
-    for w, t in configs:
-        seconds = time_bare(model, windows, w, t)
-        choice[f"{w}x{t}"] = seconds
-        print(f"bare forward, {w} thread(s) x {t} torch thread(s): {seconds:.2f} s "
-              f"({pixels / seconds / 1e6:.3f} Mpx/s)", flush=True)
-    best = min(configs, key=lambda c: choice[f"{c[0]}x{c[1]}"])
-    print(f"reference: bare forward with {best[0]} x {best[1]}", flush=True)
+    best, choice = choose_reference(model, windows, configs, pixels)
 
     rounds: list[dict[str, Any]] = []
     for r in range(args.repeats):

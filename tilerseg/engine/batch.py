@@ -171,7 +171,7 @@ def segment_batch(
     if shard_at is not None:
         results = results[shard_at[0]::shard_at[1]]
     runner = resolve_executor(executor)
-    plan_device = runner.plan_device(options.device) if hasattr(runner, "plan_device") else None
+    plan_device = runner.plan_device(options.device)
     lock = threading.Lock()
     finished = [0]
     by_work: dict[int, BatchResult] = {}

@@ -35,7 +35,7 @@ from torch import nn
 from ..errors import InvalidArgumentError, OutputError
 from ..io.readers import open_image
 from ..io.source import ImageSource
-from ..io.writers import OutputSpec, OutputWriter, spec_to_dict
+from ..io.writers import OutputSpec, OutputWriter, check_output_folder, spec_to_dict
 from ..labels import LabelPolicy
 from ..models.checkpoint import source_file, weights_digest
 from .background import find_background
@@ -103,14 +103,6 @@ class Started:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.release()
-
-
-def _check_parent(out: Path) -> None:
-    parent = out.parent
-    if not parent.is_dir():
-        raise OutputError(f"output directory '{parent}' does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"output directory '{parent}' is not writable")
 
 
 def _lock(work: WorkDir, out: Path, shard: tuple[int, int] | None) -> list[FileLock]:
@@ -231,7 +223,7 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
     from .. import __version__
 
     out = Path(os.path.abspath(os.fspath(out)))
-    _check_parent(out)
+    check_output_folder(out)
     remove_debris(out)
     joining = resume or shard is not None
     # on a cluster this process only plans (on the CPU); the workers run the model

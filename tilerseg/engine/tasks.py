@@ -31,7 +31,8 @@ from .options import PLAIN_OUTPUT_OPTIONS, RunOptions, run_options
 from .pipeline import Direct, StageTimes, run_pipeline
 from .prepare import Prepared, prepare
 
-__all__ = ["RunContext", "Work", "open_context", "recorded_options", "run_tasks"]
+__all__ = ["RunContext", "Work", "complete", "first_and_rest", "open_context", "recorded_options",
+           "run_tasks"]
 
 log = logging.getLogger(__name__)
 
@@ -278,20 +279,12 @@ def run_tasks(
             if work.error is None:
                 work.error = err
 
-    def complete(work: Work) -> None:
-        if work.on_complete is None:
-            return
-        try:
-            work.on_complete(work)
-        except Exception as err:  # noqa: BLE001
-            fail(work, err)
-
     def batches() -> Iterator[list[_Item]]:
         for work in works:
             ctx = work.context
             work._tasks_left = len(work.task_ids)
             if not work.task_ids:
-                complete(work)
+                complete(work, isolate)
                 continue
             size, fills = ctx.p.batch_size, []
             for task_id in work.task_ids:  # batches never span tasks: any executor
@@ -343,12 +336,25 @@ def run_tasks(
                 work._tasks_left -= 1
                 last = work._tasks_left == 0
             if last:
-                complete(work)
+                complete(work, isolate)
         if progress is not None:
             progress(done)
 
     workers = [_Worker(r, isolate) for r in replicas]
     return run_pipeline(batches(), load, workers, write, readers=readers, writers=writers)
+
+
+def complete(work: Work, isolate: bool) -> None:
+    """Call ``work.on_complete`` (e.g. the commit) once all its tasks are recorded; its
+    failure fails the work (``isolate``) or is raised."""
+    if work.on_complete is None:
+        return
+    try:
+        work.on_complete(work)
+    except Exception as err:  # noqa: BLE001
+        if not isolate:
+            raise
+        work.error = work.error or err
 
 
 def first_and_rest(items: Iterable[Any]) -> tuple[Any, Iterable[Any]]:

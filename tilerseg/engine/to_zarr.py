@@ -139,7 +139,7 @@ def segment_to_zarr(
     runner = resolve_executor(executor)
     if shard_at is not None:
         runner = ShardExecutor(*shard_at, inner=runner)
-    plan_device = runner.plan_device(options.device) if hasattr(runner, "plan_device") else None
+    plan_device = runner.plan_device(options.device)
     started = start(image, model, Path(out), options, resume=resume, overwrite=overwrite,
                     shard=shard_at, model_source=model_source, plan_device=plan_device)
     if started.complete:
@@ -158,7 +158,7 @@ def discardable(started: Started, runner: Any, shard: tuple[int, int] | None) ->
     """Whether a run refused for its input (NaN, wrong channels...) leaves nothing worth
     resuming: this call made the work directory, no task of it was recorded, no sibling
     shard shares it, and every thread that could still write to it has stopped."""
-    return (started.created and shard is None and getattr(runner, "waits_for_all", False)
+    return (started.created and shard is None and runner.waits_for_all
             and started.work.path.is_dir() and not started.work.done())
 
 

@@ -75,6 +75,7 @@ __all__ = [
     "label_dtype",
     "labels_from_probabilities",
     "open_output",
+    "check_output_folder",
     "spec_from_dict",
     "spec_to_dict",
 ]
@@ -136,6 +137,16 @@ class OutputSpec:
     attributes: dict = field(default_factory=dict)
     pyramid: bool = True
     eager_levels: int = 0
+
+
+def check_output_folder(path: str | os.PathLike) -> None:
+    """Raise :class:`OutputError` unless the folder of output ``path`` exists and is
+    writable."""
+    parent = Path(os.path.abspath(os.fspath(path))).parent
+    if not parent.is_dir():
+        raise OutputError(f"output directory '{parent}' does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"output directory '{parent}' is not writable")
 
 
 def spec_to_dict(spec: OutputSpec) -> dict[str, Any]:
@@ -344,10 +355,7 @@ class OutputWriter:
             return
         if os.path.lexists(self.path) and not overwrite:
             raise OutputError(f"output '{os.fspath(path)}' exists; pass --overwrite to replace it")
-        if not parent.is_dir():
-            raise OutputError(f"output directory '{parent}' does not exist")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise OutputError(f"output directory '{parent}' is not writable")
+        check_output_folder(self.path)
         try:
             self._create()
         except BaseException as err:

@@ -34,9 +34,16 @@ class Executor(Protocol):
     """What every executor implements."""
 
     name: str
+    waits_for_all: bool
+    """Whether every thread that could write to the output has stopped when :meth:`run`
+    returns or raises (so a refused run may be removed at once)."""
 
     def select(self, task_ids: Sequence[int]) -> list[int]:
         """The tasks (of those missing) this executor is responsible for."""
+
+    def plan_device(self, requested: str | tuple[str, ...]) -> str | None:
+        """Where the model runs when not in this process (a cluster's workers), for the
+        default tile; None when it runs here."""
 
     def run(self, works: Iterable[Work], *, progress: Callable[[int], None] | None = None,
             isolate: bool = False, record: dict | None = None) -> StageTimes:
@@ -57,7 +64,8 @@ def resolve_executor(executor: Any = None) -> Executor:
     executor : None, str, distributed.Client or Executor
         None, ``"pipeline"`` or ``"local"``: :class:`LocalExecutor`; ``"dask"``: one Dask
         task per task on Dask's local threads; a ``distributed.Client``: its cluster; an
-        object with ``select`` and ``run``: itself.
+        :class:`Executor` (``name``, ``waits_for_all``, ``select``, ``plan_device``,
+        ``run``): itself.
 
     Examples
     --------

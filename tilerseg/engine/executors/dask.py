@@ -26,23 +26,12 @@ from ...models.checkpoint import model_to_bytes, weights_digest
 from ..device import cpu_budget, torch_threads
 from ..options import RUNTIME_OPTIONS
 from ..pipeline import StageTimes
-from ..tasks import Work
+from ..tasks import Work, complete
 from ..worker import forget_context, run_task, share_context, share_model
 
 __all__ = ["DaskExecutor"]
 
-
-def _complete(work: Work, isolate: bool) -> None:
-    """Call ``work.on_complete`` (a commit); its failure fails the work (``isolate``) or the
-    run."""
-    if work.on_complete is None:
-        return
-    try:
-        work.on_complete(work)
-    except Exception as err:  # noqa: BLE001
-        if not isolate:
-            raise
-        work.error = err
+log = logging.getLogger(__name__)
 
 
 def _local_error(err: BaseException, key: Any) -> BaseException:
@@ -53,9 +42,6 @@ def _local_error(err: BaseException, key: Any) -> BaseException:
         return err
     reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return ClusterError(f"task {key} failed on the cluster: {type(err).__name__}: {reason}")
-
-log = logging.getLogger(__name__)
-
 
 
 class DaskExecutor:
@@ -72,6 +58,7 @@ class DaskExecutor:
 
     def __init__(self, client: Any = None, retries: int = 2) -> None:
         self.client, self.retries = client, retries
+        self.waits_for_all = False  # Dask does not wait for running tasks when one fails
         self.name = "dask" if client is None else "dask.distributed"
         self._plugins: set[str] = set()
 
@@ -142,7 +129,7 @@ class DaskExecutor:
             finally:
                 forget_context(ctx)
             work.tiles += sum(r["tiles"] for r in results)
-            _complete(work, isolate)
+            complete(work, isolate)
         return computed[0]
 
     # -- a dask.distributed cluster ---------------------------------------------------------
@@ -187,7 +174,7 @@ class DaskExecutor:
             self._register(work)
             left[id(work)] = len(work.task_ids)
             if not work.task_ids:
-                _complete(work, isolate)
+                complete(work, isolate)
             for task in ctx.tasks(work.task_ids):
                 key = f"tilerseg-{run}-{len(futures)}-task-{task.task_id}"
                 future = self.client.submit(run_task, task, record, key=key,
@@ -212,7 +199,7 @@ class DaskExecutor:
                     progress(tiles)
                 left[id(work)] -= 1
                 if left[id(work)] == 0 and work.error is None:
-                    _complete(work, isolate)
+                    complete(work, isolate)
         finally:
             self.client.cancel([f for f in futures if not f.done()])
             for name in self._plugins:  # the workers forget the model again

@@ -33,6 +33,10 @@ class LocalExecutor:
         """All of them."""
         return list(task_ids)
 
+    def plan_device(self, requested: str | tuple[str, ...]) -> str | None:
+        """None: the model runs in this process."""
+        return None
+
     def run(self, works: Iterable[Work], *, progress: Callable[[int], None] | None = None,
             isolate: bool = False, record: dict | None = None) -> StageTimes:
         """Run the tasks of ``works`` (see :func:`~tilerseg.engine.tasks.run_tasks`)."""

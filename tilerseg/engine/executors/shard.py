@@ -80,11 +80,15 @@ class ShardExecutor:
         self.index, self.count = parse_shard((index, count))  # type: ignore[misc]
         self.inner = inner or LocalExecutor()
         self.name = f"shard {self.index}/{self.count}"
-        self.waits_for_all = getattr(self.inner, "waits_for_all", False)
+        self.waits_for_all = self.inner.waits_for_all
 
     def select(self, task_ids: Sequence[int]) -> list[int]:
         """The tasks numbered ``index`` modulo ``count``."""
         return [k for k in task_ids if k % self.count == self.index]
+
+    def plan_device(self, requested: str | tuple[str, ...]) -> str | None:
+        """The inner executor's."""
+        return self.inner.plan_device(requested)
 
     def run(self, works: Iterable[Work], *, progress: Callable[[int], None] | None = None,
             isolate: bool = False, record: dict | None = None) -> StageTimes:
