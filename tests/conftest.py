@@ -10,6 +10,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 import tilerseg
+import tilerseg.engine.backends
 
 # Deterministic by default (fixed seeds); HYPOTHESIS_PROFILE=explore searches randomly.
 settings.register_profile(
@@ -24,13 +25,25 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+BACKENDS = ["torch"] + (["openvino"] if tilerseg.engine.backends.openvino_available() else [])
+"""The CPU runtimes every exactness test runs on (OpenVINO is in the test extra)."""
 
-def one_shot_reference(image: np.ndarray, model: torch.nn.Module) -> np.ndarray:
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Converted models and compiled kernels go to a folder of this test session."""
+    os.environ["TILERSEG_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+
+
+def one_shot_reference(image: np.ndarray, model: torch.nn.Module,
+                       precision: str = "fp32") -> np.ndarray:
     """The reference of DESIGN section 1, written independently of the engine.
 
     Pad the whole (C, *spatial) image by the halo with numpy ``mode="reflect"``, extend
     the far sides (also by reflection) to an admissible size, run the model once and
-    crop to the image. ``image`` must already be normalised float32.
+    crop to the image. ``image`` must already be normalised float32. ``precision="bf16"``
+    runs the model under bfloat16 autocast; the activation is computed in float32.
     """
     g = tilerseg.model_geometry(model)
     pads = [(0, 0)]
@@ -41,8 +54,9 @@ def one_shot_reference(image: np.ndarray, model: torch.nn.Module) -> np.ndarray:
         pads.append((g.halo[axis], size - n - g.halo[axis]))
     padded = np.pad(image, pads, mode="reflect")
     model = model.cpu().eval()
-    with torch.no_grad():
-        logits = model(torch.from_numpy(np.ascontiguousarray(padded))[None])[0]
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        logits = model(torch.from_numpy(np.ascontiguousarray(padded))[None])[0].float()
     crop = tuple(
         slice(g.crop_offset(a), g.crop_offset(a) + n) for a, n in enumerate(image.shape[1:])
     )

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import tilerseg
 from tilerseg import InvalidArgumentError, InvalidImageError, InvalidModelError, TilersegError
-from tests.conftest import one_shot_reference
+from tests.conftest import BACKENDS, one_shot_reference
 
 TOLERANCE = 1e-4
 
@@ -59,48 +59,84 @@ def cases_2d(draw: st.DrawFn, padding: str) -> tuple:
     return config, shape, tile, batch
 
 
-def _check_against_reference(config: dict, shape: tuple, tile, batch: int) -> None:
+def _check_against_reference(config: dict, shape: tuple, tile, batch: int,
+                             backend: str) -> None:
     net = model(**config)
     rng = np.random.default_rng(abs(hash((shape, tile, batch))) % 2**32)
     image = rng.random((config.get("in_channels", 1),) + shape, dtype=np.float32)
     tiled = tilerseg.segment(image, net, tile=tile, batch_size=batch, device="cpu",
-                             normalize=False)
+                             normalize=False, backend=backend)
     reference = one_shot_reference(image, net)
     assert tiled.shape == reference.shape == (config.get("num_classes", 2),) + shape
     assert np.abs(tiled - reference).max() <= TOLERANCE
 
 
+# Every case runs on each CPU runtime; OpenVINO converts a network per model and window
+# (about a second each), so it draws fewer cases.
+openvino = pytest.mark.skipif("openvino" not in BACKENDS, reason="OpenVINO is not installed")
+
+
 @settings(max_examples=40)
 @given(cases_2d("valid"))
 def test_tiling_invariance_valid(case: tuple) -> None:
-    _check_against_reference(*case)
+    _check_against_reference(*case, "torch")
+
+
+@openvino
+@settings(max_examples=10)
+@given(cases_2d("valid"))
+def test_tiling_invariance_valid_openvino(case: tuple) -> None:
+    _check_against_reference(*case, "openvino")
 
 
 @settings(max_examples=25)
 @given(cases_2d("same"))
 def test_tiling_invariance_same_padding(case: tuple) -> None:
-    _check_against_reference(*case)
+    _check_against_reference(*case, "torch")
 
 
-@settings(max_examples=10)
-@given(
+@openvino
+@settings(max_examples=6)
+@given(cases_2d("same"))
+def test_tiling_invariance_same_padding_openvino(case: tuple) -> None:
+    _check_against_reference(*case, "openvino")
+
+
+_CASES_3D = dict(
     shape=st.tuples(st.integers(1, 12), st.integers(1, 20), st.integers(1, 20)),
     tile=st.tuples(*[st.sampled_from([4, 8, 16])] * 3),
     batch=st.integers(1, 2),
     padding=st.sampled_from(["valid", "same"]),
 )
-def test_tiling_invariance_3d(shape: tuple, tile: tuple, batch: int, padding: str) -> None:
+
+
+def _check_3d(shape: tuple, tile: tuple, batch: int, padding: str, backend: str) -> None:
     config = dict(name="unet3d", depth=2, base_channels=2, padding=padding)
-    _check_against_reference(config, shape, tile, batch)
+    _check_against_reference(config, shape, tile, batch, backend)
 
 
-def test_many_tiles_and_large_halo(small_model: torch.nn.Module) -> None:
+@settings(max_examples=10)
+@given(**_CASES_3D)
+def test_tiling_invariance_3d(shape: tuple, tile: tuple, batch: int, padding: str) -> None:
+    _check_3d(shape, tile, batch, padding, "torch")
+
+
+@openvino
+@settings(max_examples=4)
+@given(**_CASES_3D)
+def test_tiling_invariance_3d_openvino(shape: tuple, tile: tuple, batch: int,
+                                       padding: str) -> None:
+    _check_3d(shape, tile, batch, padding, "openvino")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_tiles_and_large_halo(small_model: torch.nn.Module, backend: str) -> None:
     """A 2-channel image much larger than the tile, with odd sizes."""
     image = np.random.default_rng(3).random((1, 157, 203), dtype=np.float32)
     reference = one_shot_reference(image, small_model)
     for tile, batch in [(8, 5), (24, 2), ((16, 64), 1), (1024, 1)]:
         tiled = tilerseg.segment(image[0], small_model, tile=tile, batch_size=batch,
-                                 device="cpu", normalize=False)
+                                 device="cpu", normalize=False, backend=backend)
         assert np.abs(tiled - reference).max() <= TOLERANCE, (tile, batch)
 
 

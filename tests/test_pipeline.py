@@ -188,7 +188,7 @@ def test_cpu_budget_does_not_change_the_output(tmp_path, image, small_model, wor
 
 def test_separate_replicas_give_the_same_output(image, small_model):
     """The multi-device path (one model copy per device), exercised with CPU copies."""
-    p = prepare(image, small_model, RunOptions(tile=64, device="cpu"))
+    p = prepare(image, small_model, RunOptions(tile=64, device="cpu", backend="torch"))
     replicas = replicate(small_model, [torch.device("cpu")] * 3, 2)
     assert len({id(r.model) for r in replicas}) == 3
     out = {}
@@ -351,7 +351,7 @@ def test_compile_failure_falls_back_to_eager(tmp_path, image, small_model, monke
     with caplog.at_level(logging.WARNING, logger="tilerseg"):
         out = tilerseg.segment_to_zarr(image, small_model, tmp_path / "o.zarr", tile=64,
                                        dtype="float32", compile=True)
-    assert "torch.compile failed" in caplog.text and "running eagerly" in caplog.text
+    assert "torch.compile failed" in caplog.text and "running torch eagerly" in caplog.text
     np.testing.assert_allclose(probabilities(out), ref, rtol=0, atol=1e-6)
 
 
@@ -360,16 +360,8 @@ def test_compile_that_changes_the_output_is_not_used(image, small_model, monkeyp
     replica = Replica(small_model, torch.device("cpu"), 2, compile=True)
     with caplog.at_level(logging.WARNING, logger="tilerseg"):
         replica.warm_up((148, 148), 1, 1)
-    assert not replica.compiled and replica.forward_model is replica.model
+    assert not replica.compiled and replica.engine == "torch"
     assert "changed the probabilities" in caplog.text
-
-
-@pytest.mark.slow
-def test_real_compile_matches_eager(tmp_path, image, small_model):
-    ref = tilerseg.segment(image, small_model, tile=64)
-    out = tilerseg.segment_to_zarr(image, small_model, tmp_path / "o.zarr", tile=64,
-                                   dtype="float32", compile=True)
-    assert np.abs(probabilities(out) - ref).max() <= 1e-4
 
 
 # --- devices ------------------------------------------------------------------------------

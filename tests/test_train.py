@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,9 @@ import tifffile
 import torch
 
 import tilerseg
-from tilerseg import InvalidImageError, ImageNotFoundError
-from tilerseg.train import PatchSampler, TrainConfig, load_pairs, train
+from tilerseg import ImageNotFoundError, InvalidArgumentError, InvalidImageError
 from tilerseg.synthetic import membrane_image
+from tilerseg.train import PatchSampler, TrainConfig, load_pairs, train
 
 SMALL = {"name": "unet", "depth": 2, "base_channels": 4}
 
@@ -132,3 +133,113 @@ def test_bad_training_input_fails_before_training(tmp_path: Path) -> None:
     with pytest.raises(InvalidImageError, match="smaller than one training tile"):
         train(pairs, tmp_path / "run", TrainConfig(model=SMALL, window=124, epochs=1))
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def _parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_bf16_training_learns_and_keeps_fp32_weights(tmp_path: Path) -> None:
+    pairs = load_pairs(*_folders(tmp_path, count=3))
+    config = TrainConfig(model=SMALL, epochs=1, steps_per_epoch=25, batch_size=2, window=60,
+                         seed=1, elastic=False, lr=1e-2, precision="bf16")
+    torch.manual_seed(config.seed)  # train() starts from this same initialisation
+    initial = tilerseg.create_model(**SMALL)
+    before, start = _fixed_batch_loss(initial, pairs), _parameters(initial)
+    result = train(pairs, tmp_path / "run", config)
+    assert np.isfinite(result["history"][0]["loss"]) and result["compiled"] is False
+    model = tilerseg.load_model(tmp_path / "run" / "last.pt")
+    weights = model.state_dict()
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    assert all(not torch.equal(weights[k], start[k]) for k in start)  # every tensor trained
+    assert _fixed_batch_loss(model, pairs) < 0.8 * before  # scored in fp32
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["config"]["precision"] == "bf16" and state["config"]["compile"] is False
+    assert model.metadata["training"]["config"]["precision"] == "bf16"
+
+
+def test_bf16_resume_continues_exactly(tmp_path: Path) -> None:
+    pairs = load_pairs(*_folders(tmp_path, count=2))
+    config = TrainConfig(model=SMALL, epochs=2, steps_per_epoch=3, batch_size=1, window=60,
+                         seed=4, precision="bf16")
+    train(pairs, tmp_path / "straight", config)
+
+    def interrupt(epoch: int, step: int, steps: int, loss: float) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(pairs, tmp_path / "resumed", config, progress=interrupt)
+    train(pairs, tmp_path / "resumed", config, resume=True)
+    a = tilerseg.load_model(tmp_path / "straight" / "last.pt").state_dict()
+    b = tilerseg.load_model(tmp_path / "resumed" / "last.pt").state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    # and bf16 really computed in bfloat16: the same run in fp32 ends elsewhere
+    train(pairs, tmp_path / "fp32", TrainConfig(**{**vars(config), "precision": "fp32"}))
+    c = tilerseg.load_model(tmp_path / "fp32" / "last.pt").state_dict()
+    assert any(not torch.allclose(a[k], c[k], rtol=0, atol=1e-6) for k in a)
+
+
+def test_fp16_is_refused_on_the_cpu(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    images, masks = _folders(tmp_path, count=2)
+    config = TrainConfig(model=SMALL, window=60, epochs=1, precision="fp16")
+    with pytest.raises(InvalidArgumentError, match="precision=fp16 trains only on a CUDA GPU"):
+        train(load_pairs(images, masks), tmp_path / "run", config)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(InvalidArgumentError, match="precision='fp64' must be one of"):
+        TrainConfig(precision="fp64")
+
+    from tilerseg.cli import main
+
+    status = main(["train", "--images", str(images), "--masks", str(masks), "-o",
+                   str(tmp_path / "cli"), "--precision", "fp16", "--window", "60", "-q"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.strip().splitlines() == [
+        ("tilerseg: error: precision=fp16 trains only on a CUDA GPU (with a loss scaler); "
+         "on the CPU use precision=bf16 or fp32")]
+
+
+def test_compile_trains_through_torch_compile(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                              ) -> None:
+    """A real compilation (no stubs): about 20 s on 2 cores."""
+    import torch._dynamo
+
+    pairs = load_pairs(*_folders(tmp_path, count=3))
+    config = TrainConfig(model=SMALL, epochs=2, steps_per_epoch=3, batch_size=2, window=60,
+                         seed=2, compile=True, precision="bf16")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with caplog.at_level(logging.INFO, logger="tilerseg"):
+        result = train(pairs[:2], tmp_path / "run", config, val_pairs=pairs[2:])
+    assert result["compiled"] is True
+    assert any(r.message.startswith("compiled the model for training") for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # dynamo captured the model's graph once: no recompilation after validation (eval mode)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert all(np.isfinite(r["loss"]) for r in result["history"])
+    model = tilerseg.load_model(tmp_path / "run" / "last.pt")  # the plain module's weights
+    assert not any(k.startswith("_orig_mod.") for k in model.state_dict())
+    assert all(v.dtype == torch.float32 for v in model.state_dict().values())
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["config"]["compile"] is True and state["epoch"] == 2
+
+
+def test_compile_failure_falls_back_to_eager(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(model: torch.nn.Module, **kwargs: object) -> object:
+        def run(*args: object) -> None:
+            raise RuntimeError("no C++ compiler\nmore detail")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    pairs = load_pairs(*_folders(tmp_path, count=2))
+    config = TrainConfig(model=SMALL, epochs=1, steps_per_epoch=2, batch_size=1, window=60,
+                         compile=True)
+    with caplog.at_level(logging.INFO, logger="tilerseg"):
+        result = train(pairs, tmp_path / "run", config)
+    assert result["compiled"] is False and len(result["history"]) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [("torch.compile failed for training (RuntimeError: no C++ compiler); "
+                         "training eagerly")]

@@ -102,6 +102,30 @@ class ModelGeometry:
                     "halo >= shrink / 2 and a positive output at min_input)"
                 )
 
+    def as_dict(self) -> dict[str, int | list[int]]:
+        """Plain JSON values (for model files and run manifests)."""
+        return {"ndim": self.ndim, "in_channels": self.in_channels,
+                "out_channels": self.out_channels, "step": list(self.step),
+                "min_input": list(self.min_input), "shrink": list(self.shrink),
+                "halo": list(self.halo)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelGeometry:
+        """The geometry of :meth:`as_dict`'s values (extra keys are ignored).
+
+        Raises
+        ------
+        InvalidModelError
+            Missing or inconsistent values.
+        """
+        try:
+            return cls(int(values["ndim"]), int(values["in_channels"]),
+                       int(values["out_channels"]), tuple(values["step"]),
+                       tuple(values["min_input"]), tuple(values["shrink"]),
+                       tuple(values["halo"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise InvalidModelError(f"incomplete geometry record ({err})") from None
+
     # -- per-axis arithmetic -------------------------------------------------------------
     def is_admissible(self, n: int, axis: int = 0) -> bool:
         """Whether an input side ``n`` runs without any pooling layer flooring its size."""

@@ -15,7 +15,7 @@ from .engine.options import run_options
 from .engine.prepare import prepare
 from .models.probe import eval_mode, meta_state
 
-__all__ = ["describe", "activation_bytes"]
+__all__ = ["describe", "activation_bytes", "describe_machine"]
 
 
 def activation_bytes(model: nn.Module, window: Sequence[int], in_channels: int) -> int:
@@ -117,5 +117,39 @@ def describe(
         f"flight x {_size(per_tile)} (upper bound per tile)",
         f"output      {_size(probs)} of uint8 probabilities with pyramid, before compression "
         f"({_size(pixels * 4 / 3)} more for labels)",
+        describe_machine(),
     ]
     return "\n".join(lines)
+
+
+def describe_machine() -> str:
+    """What this machine offers the forward pass: GPUs, CPU bf16 units, runtimes.
+
+    Returns
+    -------
+    str
+        Lines starting ``compute``: the GPUs (and whether they compute bf16 natively),
+        the CPU's cores, vector kernels and bfloat16 units, and which runtime
+        ``backend="auto"`` picks on the CPU.
+    """
+    from .engine.backends import cpu_features, resolve_backend
+    from .engine.cores import available_cores
+
+    f = cpu_features()
+    lines = []
+    if torch.cuda.is_available():
+        for k in range(torch.cuda.device_count()):
+            bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+            lines.append(f"GPU {k}: {torch.cuda.get_device_name(k)}, bf16 "
+                         f"{'native: --precision bf16 is the fast path' if bf16 else 'no: use fp16'}")
+    units = [name for name, key in (("AVX-512 bf16", "avx512_bf16"), ("AMX", "amx_bf16"))
+             if f[key]]
+    bf16 = (f"bf16 units ({', '.join(units)}): --precision bf16 is the fast path" if units
+            else "no bf16 units (bf16 would be emulated, slower than fp32)")
+    runtime = ("OpenVINO installed: backend auto = openvino" if f["openvino"] else
+               "OpenVINO not installed (pip install 'tilerseg[openvino]'): backend auto = "
+               + resolve_backend("auto", "cpu"))
+    lines.append(f"CPU: {available_cores()} core(s), {str(f['torch']).lower()} kernels, {bf16}")
+    lines.append(runtime)
+    return "\n".join(("compute     " if k == 0 else "            ") + line
+                     for k, line in enumerate(lines))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,13 +110,22 @@ class Replica:
     precision : {"fp32", "bf16", "fp16"}
         Autocast precision of the forward pass.
     compile : bool
-        Wrap the model in :func:`torch.compile`; call :meth:`warm_up` to compile before
-        the run (failures fall back to eager execution, logged).
+        Run the torch model through :func:`torch.compile` (see :meth:`warm_up`).
+    backend : {"torch", "openvino"}
+        The runtime (resolved, see :mod:`tilerseg.engine.backends`); OpenVINO only on
+        the CPU.
+
+    Attributes
+    ----------
+    engine : str
+        What runs the forward pass after :meth:`warm_up`: ``"torch"`` (eager),
+        ``"torch.compile"`` or ``"openvino"``.
 
     Notes
     -----
-    Calls from several threads are safe on the CPU (the model is only read); a CUDA
-    replica is driven by one thread.
+    Calls from several threads are safe on the CPU (the model is only read; an OpenVINO
+    network has one infer request per calling thread); a CUDA replica is driven by one
+    thread.
     """
 
     def __init__(
@@ -124,60 +135,155 @@ class Replica:
         ndim: int,
         precision: str = "fp32",
         compile: bool = False,
+        backend: str = "torch",
     ) -> None:
         self.device, self.ndim, self.precision = device, ndim, precision
         self.autocast_dtype = resolve_precision(precision, device)
         self.fmt = memory_format(ndim)
         self.model = model.to(device=device, memory_format=self.fmt)
-        self.forward_model: Any = self.model
         self.compile_requested = compile
-        self.compile_tried = False
-        self.compiled = False
+        self.backend = backend
+        self.engine = "torch"
+        # per input shape (C, *window): the callable that runs it and its static batch
+        self._runtimes: dict[tuple[int, ...], tuple[Any, int | None]] = {}
+        self._setup: dict[str, Any] = {"batch_size": 1, "streams": 1, "threads": None}
+        self._warm_lock = threading.Lock()
         cuda = device.type == "cuda"
+        if cuda and self.autocast_dtype is None and torch.backends.cudnn.allow_tf32:
+            # cuDNN convolutions default to TF32 (10-bit mantissas), which breaks the 1e-4
+            # exactness of fp32; bf16/fp16 are the fast paths that trade precision
+            log.info("fp32 on %s: TF32 turned off for cuDNN and matmuls (exact fp32)", device)
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.asynchronous = cuda  # submit() returns before the results are ready
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
         self.compute_stream = torch.cuda.Stream(device) if cuda else None
 
+    @property
+    def compiled(self) -> bool:
+        """Whether something faster than eager torch runs the forward pass."""
+        return self.engine != "torch"
+
     # -- set-up -----------------------------------------------------------------------
 
-    def warm_up(self, window: Sequence[int], in_channels: int, batch_size: int) -> None:
-        """Compile (if asked) and check the compiled model against eager execution.
+    @property
+    def wants_runtime(self) -> bool:
+        """Whether a runtime faster than eager torch was asked for."""
+        return self.backend == "openvino" or self.compile_requested
 
-        A compiler error, or compiled probabilities deviating by more than 1e-3 from
-        eager ones on a seeded random batch, makes this replica run eagerly instead,
-        with a warning: ``compile`` never changes the output silently.
+    def warm_up(self, window: Sequence[int], in_channels: int, batch_size: int,
+                streams: int = 1, threads: int | None = None) -> None:
+        """Build the faster runtime asked for, for one input shape, checked against eager.
+
+        With ``backend="openvino"`` the model is converted (or read from the cache) and
+        compiled for ``(batch_size, in_channels, *window)``; with ``compile=True`` it is
+        compiled by :func:`torch.compile` for that shape (freezing the weights on the
+        CPU). Either is used only if its probabilities on a seeded random batch agree
+        with eager torch at the same precision: within 1e-4 in fp32, and in bf16/fp16
+        within twice eager torch's own deviation from fp32 plus 1e-3. Otherwise (or on
+        any error) the next candidate is tried, and in the end eager torch runs, with a
+        warning: a faster runtime never changes the output silently.
+
+        Each input shape is set up once; a batch of a shape not set up beforehand is
+        set up when it first arrives, with the batch size, streams and threads of the
+        first call. Smaller batches are padded to the set-up batch size, so the last
+        partial batch runs the same graph.
+
+        Parameters
+        ----------
+        window : sequence of int
+            The model's input window.
+        in_channels : int
+            Its input channels.
+        batch_size : int
+            Windows per forward pass.
+        streams : int
+            Threads that will call the replica at once (OpenVINO infer requests).
+        threads : int, optional
+            CPU threads for OpenVINO in all.
         """
-        if not self.compile_requested or self.compile_tried:
-            return
-        self.compile_tried = True  # a failed or rejected compile is not tried again
-        generator = torch.Generator().manual_seed(0)
-        shape = (batch_size, in_channels, *window)
-        x = torch.rand(shape, generator=generator)
-        try:
-            compiled = torch.compile(self.model, dynamic=False)
-            eager = self._probabilities(self.model, x)
-            fast = self._probabilities(compiled, x)
-        except Exception as err:  # noqa: BLE001 - compilers fail in many ways; fall back
-            log.warning("torch.compile failed on %s (%s: %s); running eagerly",
-                        self.device, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
-            return
-        deviation = float((eager - fast).abs().max())
-        if not deviation <= 1e-3:
-            log.warning("torch.compile changed the probabilities by %.2e on %s; running eagerly",
-                        deviation, self.device)
-            return
-        self.forward_model, self.compiled = compiled, True
-        log.info("compiled the model on %s (max deviation from eager %.1e)", self.device, deviation)
+        key = (int(in_channels), *(int(w) for w in window))
+        with self._warm_lock:
+            if not self._runtimes:
+                self._setup = {"batch_size": batch_size, "streams": streams, "threads": threads}
+            if key in self._runtimes:
+                return
+            self._runtimes[key] = self._fastest((batch_size, *key), streams, threads)
+
+    def _fastest(self, shape: tuple[int, ...], streams: int, threads: int | None
+                 ) -> tuple[Any, int | None]:
+        """The first candidate runtime that passes the check, else eager torch."""
+        candidates = []
+        if self.backend == "openvino":
+            candidates.append("openvino")
+        if self.compile_requested and self.backend == "torch":
+            candidates.append("torch.compile")
+        if not candidates:
+            return self.model, None
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+        eager = self._probabilities(self.model, x)
+        tolerance = 1e-4
+        if self.autocast_dtype is not None:
+            exact = self._probabilities(self.model, x, autocast=False)
+            tolerance = 2 * float((eager - exact).abs().max()) + 1e-3
+        for engine in candidates:
+            start = time.perf_counter()
+            try:
+                fast_model = self._build(engine, shape, streams, threads)
+                fast = self._probabilities(fast_model, x, static_batch=shape[0])
+            except Exception as err:  # noqa: BLE001 - runtimes fail in many ways
+                first = str(err).splitlines()[0] if str(err) else ""
+                log.warning("%s failed on %s (%s: %s); running torch eagerly", engine,
+                            self.device, type(err).__name__, first[:300])
+                continue
+            deviation = float((eager - fast).abs().max())
+            if not deviation <= tolerance:
+                log.warning("%s changed the probabilities by %.2e (allowed %.1e) on %s; "
+                            "running torch eagerly", engine, deviation, tolerance, self.device)
+                continue
+            self.engine = engine
+            log.info("%s runs the model on %s for input %s in %s (set up in %.1f s; max "
+                     "deviation from eager torch %.1e)", engine, self.device, list(shape),
+                     self.precision, time.perf_counter() - start, deviation)
+            return fast_model, shape[0]
+        return self.model, None
+
+    def _runtime(self, x: torch.Tensor) -> tuple[Any, int | None]:
+        """The model to run the batch ``x`` with, and the batch size it was built for."""
+        if not self.wants_runtime:
+            return self.model, None
+        key = tuple(int(s) for s in x.shape[1:])
+        entry = self._runtimes.get(key)
+        if entry is None:
+            setup = self._setup
+            self.warm_up(key[1:], key[0], max(setup["batch_size"], x.shape[0]),
+                         setup["streams"], setup["threads"])
+            entry = self._runtimes[key]
+        return entry
+
+    def _build(self, engine: str, shape: tuple[int, ...], streams: int,
+               threads: int | None) -> Any:
+        if engine == "openvino":
+            from .openvino_backend import openvino_forward
+
+            return openvino_forward(self.model, shape, self.precision, streams, threads)
+        from .backends import torch_compile_cache
+
+        cache = torch_compile_cache()
+        log.info("torch.compile: compiled kernels are cached in %s", cache)
+        options = {"freezing": True} if self.device.type == "cpu" else None
+        return torch.compile(self.model, dynamic=False, options=options)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _probabilities(self, model: Any, x: torch.Tensor) -> torch.Tensor:
-        """Activated whole outputs of a host batch (for the compile check)."""
+    def _probabilities(self, model: Any, x: torch.Tensor, autocast: bool = True,
+                       static_batch: int | None = None) -> torch.Tensor:
+        """Activated whole outputs of a host batch (for the runtime check)."""
         with torch.inference_mode():
-            y = self._forward(x.to(self.device), model).float()
+            y = self._forward(x.to(self.device), (model, static_batch), autocast).float()
             y = torch.sigmoid(y) if y.shape[1] == 1 else torch.softmax(y, dim=1)
             return y.cpu()
 
@@ -196,13 +302,33 @@ class Replica:
             finite = None if self.autocast_dtype is None else torch.isfinite(y).all().cpu()
             return _Pending(tiles, results, finite=finite)
 
-    def _forward(self, x: torch.Tensor, model: Any = None) -> torch.Tensor:
-        """Logits of a device batch through ``model`` (default: the one in use)."""
+    def _forward(self, x: torch.Tensor, runtime: tuple[Any, int | None] | None = None,
+                 autocast: bool = True) -> torch.Tensor:
+        """Logits of a device batch through ``runtime`` (default: the one for its shape).
+
+        ``runtime`` is ``(model, static batch size or None)``.
+        """
         planes = x.dim() == self.ndim + 3  # (B, C, 1, Y, X): single planes of a z-stack
         if planes:
             x = x[:, :, 0]
-        with self._autocast():
-            y = (model or self.forward_model)(x.contiguous(memory_format=self.fmt))
+        model, static_batch = self._runtime(x) if runtime is None else runtime
+        n = x.shape[0]
+        if static_batch is not None and n < static_batch:
+            # the last partial batch runs through the same compiled graph, padded
+            x = torch.cat([x, x.new_zeros((static_batch - n, *x.shape[1:]))])
+        if isinstance(model, nn.Module):  # eager or compiled torch
+            if static_batch is not None:
+                # compiled graphs are guarded on the input's strides and dispatch keys:
+                # always give them a tensor made here alike (for one input channel, NCHW
+                # and channels-last are both "contiguous", with different strides)
+                x = x.clone(memory_format=self.fmt)
+            else:
+                x = x.contiguous(memory_format=self.fmt)
+            context = self._autocast() if autocast else contextlib.nullcontext()
+        else:  # OpenVINO: its own precision, the plain layout
+            context = contextlib.nullcontext()
+        with context:
+            y = model(x)[:n]
         return y[:, :, None] if planes else y
 
     def _submit_cuda(self, x: torch.Tensor, tiles: Sequence[Tile]) -> _Pending:
@@ -254,10 +380,11 @@ def replicate(
     ndim: int,
     precision: str = "fp32",
     compile: bool = False,
+    backend: str = "torch",
 ) -> list[Replica]:
     """One :class:`Replica` per device; the first uses ``model`` itself, others copies."""
     replicas = []
     for k, dev in enumerate(devices):
         m = model if k == 0 else copy.deepcopy(model)
-        replicas.append(Replica(m, dev, ndim, precision, compile))
+        replicas.append(Replica(m, dev, ndim, precision, compile, backend))
     return replicas

@@ -46,6 +46,9 @@ def segment(
     level: int = 0,
     channel: Sequence[int] | None = None,
     tta: bool = False,
+    precision: str = "fp32",
+    backend: str = "auto",
+    compile: bool = False,
 ) -> np.ndarray | da.Array:
     """Segment an image with the overlap-tile strategy.
 
@@ -96,6 +99,15 @@ def segment(
         Test-time augmentation (numpy input, 2D): average the probabilities of the 8
         flips and 90-degree rotations of the whole image. Each is tiled exactly, so the
         result equals one-shot inference with the same averaging. 8 times the work.
+    precision : {"fp32", "bf16", "fp16"}
+        Compute precision of the forward pass. ``"bf16"`` is several times faster on
+        CPUs with bfloat16 units and on recent GPUs; it changes probabilities by a few
+        hundredths at most (see docs/benchmarks.md).
+    backend : {"auto", "torch", "openvino"}
+        The runtime of the forward pass: ``"auto"`` is OpenVINO on the CPU when it is
+        installed, else torch (see :mod:`tilerseg.engine.backends`).
+    compile : bool
+        :func:`torch.compile` the model (torch backend), checked against eager first.
 
     Returns
     -------
@@ -117,10 +129,12 @@ def segment(
     if tta:
         if is_lazy_input(image):
             raise InvalidArgumentError("tta=True needs an in-memory numpy image")
-        return _dihedral_mean(lambda x: segment(x, model, tile, batch_size, device, normalize,
-                                                progress, channel=channel), np.asarray(image))
+        return _dihedral_mean(lambda x: segment(
+            x, model, tile, batch_size, device, normalize, progress, channel=channel,
+            precision=precision, backend=backend, compile=compile), np.asarray(image))
     options = run_options(tile=tile, batch_size=batch_size, device=device, normalize=normalize,
-                          level=level, channel=channel)
+                          level=level, channel=channel, precision=precision, backend=backend,
+                          compile=compile)
     if is_lazy_input(image):
         p = prepare(image, model, options)
         return lazy_probabilities(p.runner, p.batch_size)

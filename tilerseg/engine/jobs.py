@@ -250,9 +250,7 @@ def input_identity(image: Any, source: Any = None) -> dict[str, Any]:
 
 def geometry_of(manifest: dict[str, Any]) -> ModelGeometry:
     """The model's geometry recorded in a manifest."""
-    g = manifest["geometry"]
-    return ModelGeometry(g["ndim"], g["in_channels"], g["out_channels"], tuple(g["step"]),
-                         tuple(g["min_input"]), tuple(g["shrink"]), tuple(g["halo"]))
+    return ModelGeometry.from_dict(manifest["geometry"])
 
 
 def _hash(manifest: dict[str, Any]) -> str:
@@ -278,10 +276,7 @@ def build_manifest(*, output: Path, version: str, identity: dict[str, Any],
         "format": FORMAT, "format_version": FORMAT_VERSION, "tilerseg": version,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_id": uuid.uuid4().hex,
         "output": os.fspath(output), "input": identity, "model": model,
-        "geometry": {"ndim": geometry.ndim, "in_channels": geometry.in_channels,
-                     "out_channels": geometry.out_channels, "step": list(geometry.step),
-                     "min_input": list(geometry.min_input), "shrink": list(geometry.shrink),
-                     "halo": list(geometry.halo), "per_plane": per_plane},
+        "geometry": {**geometry.as_dict(), "per_plane": per_plane},
         "options": options, "resolved": resolved, "spec": spec,
         "tasks": {"grid": list(grid.grid), "block": list(grid.block), "count": len(grid)},
     }

@@ -33,6 +33,7 @@ import numpy as np
 
 from ..errors import InvalidArgumentError
 from ..normalize import Normalization, NormalizeSpec
+from .backends import BACKENDS
 
 __all__ = ["OUTPUTS", "DTYPES", "PRECISIONS", "RunOptions", "run_options", "OUTPUT_OPTIONS",
            "RESOLVED_OPTIONS", "PLAIN_OUTPUT_OPTIONS", "RUNTIME_OPTIONS"]
@@ -46,7 +47,7 @@ OUTPUT_OPTIONS = (
     "skip_background", "background_tolerance", "background_value", "pyramid",
 )
 """Options that decide the output's values; the others (device, batch size, workers,
-threads, compile) only decide how fast it is computed. A run resumes only with the same
+threads, compile, backend) only decide how fast it is computed. A run resumes only with the same
 output options (see :mod:`tilerseg.engine.jobs`)."""
 
 RESOLVED_OPTIONS = ("tile", "normalize", "threshold", "channel")
@@ -106,6 +107,8 @@ class RunOptions:
         Input channels fed to the model, in order; all by default.
     precision : {"fp32", "bf16", "fp16"}
     compile : bool
+    backend : {"auto", "torch", "openvino"}
+        The runtime of the forward pass (see :mod:`tilerseg.engine.backends`).
     skip_background : bool
     background_tolerance : float
     background_value : float or None
@@ -125,6 +128,7 @@ class RunOptions:
     channel: tuple[int, ...] | None = None
     precision: str = "fp32"
     compile: bool = False
+    backend: str = "auto"
     skip_background: bool = False
     background_tolerance: float = 0.05
     background_value: float | None = None
@@ -172,6 +176,7 @@ class RunOptions:
                     f"channel={self.channel!r} must be a sequence of integers") from None
             set_("channel", channel)
         set_("precision", _choice("precision", self.precision, PRECISIONS))
+        set_("backend", _choice("backend", self.backend, BACKENDS))
         for name in ("compile", "skip_background", "pyramid"):
             set_(name, bool(getattr(self, name)))
         tolerance = _number("background_tolerance", self.background_tolerance, optional=False)

@@ -24,6 +24,7 @@ from ..io.source import ImageSource
 from ..labels import LabelPolicy
 from ..models.probe import model_geometry
 from ..normalize import Normalization, resolve_normalization
+from .backends import resolve_backend
 from .compute import resolve_precision
 from .device import default_batch_size, default_tile, resolve_device, resolve_devices
 from .options import RunOptions, run_options
@@ -259,8 +260,10 @@ def prepare(image: Any, model: nn.Module, options: RunOptions | None = None, *,
     labels = LabelPolicy.for_model(geometry.out_channels, getattr(model, "metadata", None),
                                    options.threshold)
     model.eval()
-    runner = TileRunner(model, view, tile_plan, norm, dev, check_finite=view.dtype.kind == "f",
-                        model_ndim=geometry.ndim, precision=options.precision)
     resolve_precision(options.precision, dev)  # refuse one the device lacks, before any work
+    runner = TileRunner(model, view, tile_plan, norm, dev, check_finite=view.dtype.kind == "f",
+                        model_ndim=geometry.ndim, precision=options.precision,
+                        compile=options.compile,
+                        backend=resolve_backend(options.backend, dev.type, options.compile))
     return Prepared(source, view, run_geometry, geometry, tile_plan, norm, devices, options,
                     labels, runner)

@@ -49,6 +49,10 @@ class TileRunner:
         :meth:`ModelGeometry.per_plane`).
     precision : {"fp32", "bf16", "fp16"}
         Autocast precision of the forward pass.
+    compile : bool
+        Run the model through :func:`torch.compile` (torch backend).
+    backend : {"torch", "openvino"}
+        The runtime (resolved by :func:`~tilerseg.engine.backends.resolve_backend`).
     """
 
     def __init__(
@@ -61,9 +65,12 @@ class TileRunner:
         check_finite: bool = False,
         model_ndim: int | None = None,
         precision: str = "fp32",
+        compile: bool = False,
+        backend: str = "torch",
     ) -> None:
         self.model, self.image, self.plan, self.norm = model, image, tile_plan, norm
         self.device, self.check_finite, self.precision = device, check_finite, precision
+        self.compile, self.backend = compile, backend
         self.model_ndim = model_ndim or tile_plan.geometry.ndim
         self._replica: Replica | None = None
         self._lock = threading.Lock()
@@ -83,7 +90,8 @@ class TileRunner:
         """The model on ``device``, made on first use."""
         with self._lock:
             if self._replica is None:
-                self._replica = Replica(self.model, self.device, self.model_ndim, self.precision)
+                self._replica = Replica(self.model, self.device, self.model_ndim,
+                                        self.precision, self.compile, self.backend)
             return self._replica
 
     def window(self, tile: Tile, out: np.ndarray | None = None) -> np.ndarray:

@@ -18,6 +18,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import OutputError
@@ -159,10 +160,9 @@ def run_task(task: Task, record: dict[str, Any] | None = None) -> dict[str, Any]
 
 def _run(task: Task, record: dict[str, Any] | None) -> dict[str, Any]:
     context = _context(task)
-    replica = context.p.runner.replica
-    replica.compile_requested = context.p.options.compile
+    replica = context.p.runner.replica  # one compute thread: one stream, all the threads
     replica.warm_up(context.p.runner.model_window, context.p.geometry.in_channels,
-                    context.p.batch_size)
+                    context.p.batch_size, streams=1, threads=torch.get_num_threads())
     work = Work(context, [task.task_id])
     times = run_tasks([work], [replica], record=record)
     return {"task_id": task.task_id, "tiles": work.tiles, "computed": times.tiles,

@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from ..errors import InvalidModelError, ModelNotFoundError
+from ..geometry import ModelGeometry
 from .catalog import BUNDLED, DEFAULT_MODEL, bundled_models, file_identity
+from .probe import model_geometry, trust_geometry
 from .registry import create_model, list_models
 
 __all__ = ["save_model", "load_model", "model_from_spec", "model_to_bytes", "model_from_bytes",
@@ -195,6 +197,7 @@ def _payload(model: nn.Module, metadata: dict[str, Any] | None, half: bool) -> d
         "tilerseg_version": __version__,
         "architecture": name,
         "config": dict(config),
+        "geometry": model_geometry(model).as_dict(),  # trusted on load after a check
         "metadata": dict(metadata or {}),
         "state_dict": {
             k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu())
@@ -221,6 +224,12 @@ def _from_payload(payload: Any, label: str) -> nn.Module:
         raise InvalidModelError(f"{label} is a damaged tilerseg model file ({reason[:200]})") from None
     model.metadata = dict(payload.get("metadata") or {})
     model.eval()
+    recorded = payload.get("geometry")
+    if isinstance(recorded, dict):  # older files have none: probed on first use
+        try:
+            trust_geometry(model, ModelGeometry.from_dict(recorded))
+        except InvalidModelError as exc:
+            log.warning("%s: ignoring its recorded geometry (%s)", label, exc)
     return model
 
 

@@ -28,7 +28,7 @@ from torch.func import functional_call
 from ..errors import InvalidModelError
 from ..geometry import ModelGeometry
 
-__all__ = ["model_geometry", "eval_mode", "meta_state"]
+__all__ = ["model_geometry", "eval_mode", "meta_state", "trust_geometry"]
 
 log = logging.getLogger(__name__)
 
@@ -303,3 +303,46 @@ def model_geometry(model: nn.Module) -> ModelGeometry:
         _CACHE[model] = geometry
         log.debug("geometry of %s: %s", type(model).__name__, geometry)
     return geometry
+
+
+def trust_geometry(model: nn.Module, geometry: ModelGeometry) -> bool:
+    """Adopt a recorded geometry for ``model`` after a cheap check, instead of probing.
+
+    Model files record their geometry when saved. On loading, two real forward passes
+    at the two smallest admissible inputs (a few milliseconds for a U-Net: 188 and 204
+    px give 4 and 20 px for the paper's network) must produce the recorded output sizes
+    and channel count; then :func:`model_geometry` returns the record without the
+    meta-device probe (which costs about a second per process, mostly importing sympy).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model, on the CPU.
+    geometry : ModelGeometry
+        The recorded geometry.
+
+    Returns
+    -------
+    bool
+        Whether the record was adopted (False: the check failed, logged; the model will
+        be probed as usual when its geometry is needed).
+    """
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    try:
+        with torch.no_grad(), eval_mode(model):
+            for k in range(2):
+                shape = tuple(m + k * s for m, s in zip(geometry.min_input, geometry.step))
+                out = model(torch.zeros((1, geometry.in_channels, *shape), device=device))
+                expected = (1, geometry.out_channels,
+                            *(n - d for n, d in zip(shape, geometry.shrink)))
+                if tuple(out.shape) != expected:
+                    raise InvalidModelError(f"input {list(shape)} gave {list(out.shape)}, "
+                                            f"expected {list(expected)}")
+    except Exception as err:  # noqa: BLE001 - any failure means: probe instead
+        log.warning("the model's recorded geometry does not hold (%s); probing it", err)
+        return False
+    _CACHE[model] = geometry
+    return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.compute import PRECISIONS, memory_format, resolve_precision
 from ..engine.windows import read_window
 from ..errors import InvalidArgumentError, InvalidImageError
 from ..models import create_model, load_model, model_geometry, save_model
@@ -26,7 +28,7 @@ from .augment import augment
 from .data import Pair
 from .weights import class_weights, weight_map
 
-__all__ = ["TrainConfig", "PatchSampler", "train"]
+__all__ = ["PatchSampler", "TrainConfig", "train", "training_precision"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,16 @@ class TrainConfig:
         rotations, grey-value changes.
     seed : int
         Seed of numpy and torch: the same config gives the same run.
+    precision : {"fp32", "bf16", "fp16"}
+        Compute precision of the forward pass and loss (``torch.autocast``); weights,
+        gradients and optimiser state stay float32 and the saved models are float32.
+        ``"bf16"`` uses the CPU's bfloat16 units (or a CUDA GPU with native bfloat16);
+        ``"fp16"`` needs a CUDA GPU (it trains with a loss scaler) and is refused on the
+        CPU. Validation runs in float32.
+    compile : bool
+        Train through ``torch.compile(model, dynamic=False)`` (training windows have one
+        shape); compiled before the first step, falling back to eager execution with a
+        warning if compilation fails.
     """
 
     model: dict[str, Any] = field(default_factory=lambda: {"name": "unet", "base_channels": 16})
@@ -76,6 +88,8 @@ class TrainConfig:
     grey: bool = True
     seed: int = 0
     foreground_class: int = 1
+    precision: str = "fp32"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "steps_per_epoch", "batch_size"):
@@ -86,6 +100,11 @@ class TrainConfig:
             raise InvalidArgumentError(f"optimizer={self.optimizer!r} must be 'adam' or 'sgd'")
         if self.lr is not None and not self.lr > 0:
             raise InvalidArgumentError(f"lr={self.lr!r} must be positive")
+        if self.precision not in PRECISIONS:
+            raise InvalidArgumentError(
+                f"precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
+        if not isinstance(self.compile, bool):
+            raise InvalidArgumentError(f"compile={self.compile!r} must be True or False")
 
 
 class PatchSampler:
@@ -151,6 +170,64 @@ def weighted_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Ten
     return (per_pixel * weights).sum() / weights.numel()
 
 
+def training_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for training in ``precision`` on ``device`` (None for fp32).
+
+    The engine's rule (:func:`tilerseg.engine.compute.resolve_precision`: bf16 on CUDA
+    needs native bfloat16), plus: fp16 trains only on CUDA, where a loss scaler keeps
+    its small gradients from underflowing.
+
+    Raises
+    ------
+    InvalidArgumentError
+        Unknown precision, one the device cannot compute in, or fp16 off CUDA.
+
+    Examples
+    --------
+    >>> training_precision("bf16", torch.device("cpu"))
+    torch.bfloat16
+    >>> training_precision("fp32", torch.device("cpu")) is None
+    True
+    """
+    dtype = resolve_precision(precision, device)
+    if dtype == torch.float16 and device.type != "cuda":
+        raise InvalidArgumentError(
+            f"precision=fp16 trains only on a CUDA GPU (with a loss scaler); on the "
+            f"{device.type.upper()} use precision=bf16 or fp32")
+    return dtype
+
+
+def _compile_for_training(model: nn.Module, trial: Callable[[Any], torch.Tensor]) -> Any:
+    """``torch.compile(model)``, compiled by one trial step, or None if that fails (logged).
+
+    ``trial(net)`` runs a forward pass and loss through ``net``; its backward pass is run
+    here too (the backward graph compiles on first use). The trial leaves no trace: the
+    torch random state, the model's buffers (batch-norm statistics) and its gradients
+    are as before.
+    """
+    start = time.perf_counter()
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    try:
+        with torch.random.fork_rng(devices=[]):
+            compiled = torch.compile(model, dynamic=False)
+            trial(compiled).backward()
+    except Exception as err:  # noqa: BLE001 - compilers fail in many ways; fall back
+        first = str(err).splitlines()[0] if str(err) else ""
+        log.warning("torch.compile failed for training (%s: %s); training eagerly",
+                    type(err).__name__, first)
+        compiled = None
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        for p in model.parameters():
+            p.grad = None
+    if compiled is not None:
+        log.info("compiled the model for training with torch.compile in %.1f s",
+                 time.perf_counter() - start)
+    return compiled
+
+
 def _validate(model: nn.Module, pairs: Sequence[Pair], foreground: int) -> dict[str, float]:
     from ..engine.inference import segment
     from ..metrics import isbi_scores
@@ -163,9 +240,10 @@ def _validate(model: nn.Module, pairs: Sequence[Pair], foreground: int) -> dict[
 
 
 def _save_state(out: Path, optimizer: torch.optim.Optimizer, schedule: Any,
-                state: dict[str, Any]) -> None:
+                scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
     torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "torch_rng": torch.get_rng_state()}, out / "optimizer.pt")
+                "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state()},
+               out / "optimizer.pt")
     (out / "state.json").write_text(json.dumps(state, indent=1))
 
 
@@ -206,9 +284,12 @@ def train(
     Returns
     -------
     dict
-        ``{"history": [...per epoch...], "best": {...}}``.
+        ``{"history": [...per epoch...], "best": {...}, "compiled": bool}``; ``compiled``
+        says whether the steps of this call ran through ``torch.compile``.
     """
     config = config or TrainConfig()
+    device = torch.device("cpu")  # training runs on the CPU
+    autocast_dtype = training_precision(config.precision, device)  # refused before any work
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -251,22 +332,50 @@ def train(
         torch.set_rng_state(saved["torch_rng"])
         schedule.load_state_dict(saved["schedule"])
         rng.bit_generator.state = state["numpy_rng"]
-    fmt = torch.channels_last if model_geometry(model).ndim == 2 else torch.channels_last_3d
+    # fp16 needs a loss scaler (only ever enabled on CUDA, see training_precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    if resume and saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
+    fmt = memory_format(model_geometry(model).ndim)
     model.to(memory_format=fmt)
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=autocast_dtype)
+
+    def forward_loss(net: Any, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        with autocast():
+            logits = net(x.contiguous(memory_format=fmt))
+            return weighted_loss(logits.float(), y, w)
+
+    net: Any = model  # what the steps run through: the model, or its compiled wrapper
+    compiled = False
+    if config.compile and state["epoch"] < config.epochs:
+        c = model_geometry(model).in_channels
+        generator = torch.Generator().manual_seed(0)
+        x = torch.rand((config.batch_size, c, sampler.window, sampler.window),
+                       generator=generator)
+        y = torch.zeros((config.batch_size, sampler.out, sampler.out), dtype=torch.int64)
+        w = torch.ones((config.batch_size, sampler.out, sampler.out))
+        wrapped = _compile_for_training(model, lambda n: forward_loss(n, x, y, w))
+        if wrapped is not None:  # never `wrapped or model`: a compiled module has no len()
+            net, compiled = wrapped, True
     info = {"window": sampler.window, "output": sampler.out, "train_images": len(train_pairs),
             "val_images": len(val_pairs)}
-    log.info("training %s on %d tiles of %d px per step: %s", config.model, config.batch_size,
-             sampler.window, info)
+    log.info("training %s on %d tiles of %d px per step (%s%s): %s", config.model,
+             config.batch_size, sampler.window, config.precision,
+             ", compiled" if compiled else "", info)
     for epoch in range(state["epoch"], config.epochs):
         model.train()
         start, running = time.perf_counter(), None
         for step in range(config.steps_per_epoch):
             x, y, w = sampler.batch(config.batch_size)
-            logits = model(x.contiguous(memory_format=fmt))
-            loss = weighted_loss(logits, y, w)
+            loss = forward_loss(net, x, y, w)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             schedule.step()
             running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
             if progress is not None:
@@ -291,6 +400,6 @@ def train(
         if better or not val_pairs:
             state["best"] = record
             save_model(model, out / "best.pt", metadata=meta)
-        _save_state(out, optimizer, schedule, state)
+        _save_state(out, optimizer, schedule, scaler, state)
         log.info("epoch %d: %s", epoch + 1, record)
-    return {"history": state["history"], "best": state["best"]}
+    return {"history": state["history"], "best": state["best"], "compiled": compiled}

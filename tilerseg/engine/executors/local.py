@@ -52,18 +52,20 @@ class LocalExecutor:
             replicas = [runner.replica] * workers
         else:
             replicas = [runner.replica] + replicate(
-                runner.model, p.devices[1:], runner.model_ndim, options.precision)
-        for r in replicas:
-            r.compile_requested = options.compile
+                runner.model, p.devices[1:], runner.model_ndim, options.precision,
+                options.compile)
         many = os.cpu_count() or 1
         # I/O threads mostly wait on the queues; decoding and compressing release the GIL
         readers = min(2, many) if cpu else max(2, min(8, many // (2 * len(replicas))))
         with torch_threads(threads):
-            for r in replicas[: 1 if cpu else None]:
-                r.warm_up(runner.model_window, p.geometry.in_channels, p.batch_size)
-            log.info("pipeline: %d reader(s), %d compute worker(s) on %s%s, %d writer(s)",
-                     readers, len(replicas), ", ".join(str(d) for d in p.devices),
-                     f" x {torch.get_num_threads()} torch thread(s)" if cpu else "", readers)
+            for r in replicas[: 1 if cpu else None]:  # the CPU's workers share one replica
+                r.warm_up(runner.model_window, p.geometry.in_channels, p.batch_size,
+                          streams=len(replicas) if cpu else 1,
+                          threads=len(replicas) * threads if cpu else None)
+            log.info("pipeline: %d reader(s), %d compute worker(s) on %s%s with %s, %d "
+                     "writer(s)", readers, len(replicas), ", ".join(str(d) for d in p.devices),
+                     f" x {torch.get_num_threads()} thread(s)" if cpu else "",
+                     runner.replica.engine, readers)
             times = run_tasks(works, replicas, readers=readers, writers=readers,
                               progress=progress, isolate=isolate, record=record)
         log.info("pipeline: %s", times.summary())

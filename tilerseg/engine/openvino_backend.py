@@ -1,0 +1,192 @@
+"""The model as an OpenVINO network: converted once, cached on disk, compiled per run.
+
+:func:`openvino_forward` turns a torch module into a callable with the module's own
+signature (a float32 batch in, logits out) that runs on OpenVINO's CPU plugin. The
+conversion (``openvino.convert_model``, seconds for a U-Net) is paid once per weights
+and input shape: the converted network is saved, in float32, under
+``cache_dir()/openvino`` and read back by later runs in a fraction of a second.
+
+The network has a static input shape (one batch of one window), so OpenVINO optimises
+for exactly that; a smaller last batch is padded with zeros and its padding dropped
+from the output. Several infer requests run at once on separate CPU streams, one per
+compute thread of the pipeline, each driving its own request (OpenVINO releases the
+GIL while it infers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backends import cache_dir
+
+__all__ = ["OpenVINOForward", "openvino_forward", "converted_model_path"]
+
+log = logging.getLogger(__name__)
+
+_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+def converted_model_path(model: nn.Module, input_shape: Sequence[int]) -> Path:
+    """Where the converted network of ``model`` for ``input_shape`` is cached.
+
+    The key is the weights' digest, the model's class and configuration, the input
+    shape and the OpenVINO and tilerseg versions; anything else gets its own file.
+    """
+    import openvino
+
+    from .. import __version__
+    from ..models.checkpoint import weights_digest
+
+    key = json.dumps({
+        "weights": weights_digest(model),
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "config": getattr(model, "config", None),
+        "shape": [int(s) for s in input_shape],
+        "openvino": openvino.get_version(),
+        "tilerseg": __version__,
+    }, sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    shape = "x".join(str(int(s)) for s in input_shape)
+    return cache_dir() / "openvino" / f"{digest}-{shape}.xml"
+
+
+def _convert(model: nn.Module, input_shape: tuple[int, ...]) -> Any:
+    import openvino
+
+    example = torch.zeros(input_shape)
+    with torch.no_grad():
+        return openvino.convert_model(model, example_input=example, input=[input_shape])
+
+
+def _cached_network(core: Any, model: nn.Module, input_shape: tuple[int, ...]) -> Any:
+    """The converted network, from the cache when there, else converted and saved."""
+    import openvino
+
+    path = converted_model_path(model, input_shape)
+    if path.is_file() and path.with_suffix(".bin").is_file():
+        try:
+            network = core.read_model(str(path))
+            log.debug("OpenVINO: read the converted model from %s", path)
+            return network
+        except Exception as err:  # noqa: BLE001 - a damaged cache entry is rebuilt
+            log.warning("OpenVINO: cannot read the cached model %s (%s); converting again",
+                        path, err)
+    start = time.perf_counter()
+    network = _convert(model, input_shape)
+    log.info("OpenVINO: converted the model for input %s in %.1f s",
+             list(input_shape), time.perf_counter() - start)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.xml")
+        openvino.save_model(network, str(tmp), compress_to_fp16=False)  # keep float32
+        # the weights first: a reader that sees the .xml also finds its .bin
+        os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(tmp, path)
+        log.info("OpenVINO: cached the converted model in %s", path)
+    except OSError as err:
+        log.warning("OpenVINO: cannot cache the converted model in %s (%s); the next run "
+                    "converts it again", path.parent, err)
+    return network
+
+
+class OpenVINOForward:
+    """A compiled OpenVINO network called like the torch module it came from.
+
+    Parameters
+    ----------
+    compiled : openvino.CompiledModel
+        The network compiled for the CPU.
+    input_shape : tuple of int
+        Its static input shape ``(batch, channels, *window)``.
+    requests : int
+        Infer requests, one per thread that will call it at the same time.
+
+    Notes
+    -----
+    Thread-safe: each call takes a free infer request (waiting for one if all are in
+    use) and returns it when its output has been copied out.
+    """
+
+    def __init__(self, compiled: Any, input_shape: tuple[int, ...], requests: int) -> None:
+        self.compiled, self.input_shape = compiled, input_shape
+        self.precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.streams = int(compiled.get_property("NUM_STREAMS"))
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(max(1, requests)):
+            self._free.put(compiled.create_infer_request())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the batch ``x`` (at most the compiled batch size)."""
+        n, batch = x.shape[0], self.input_shape[0]
+        if tuple(x.shape[1:]) != self.input_shape[1:] or n > batch:
+            raise ValueError(f"OpenVINO network compiled for {list(self.input_shape)}, "
+                             f"given a batch of shape {list(x.shape)}")
+        data = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        if n < batch:  # the last partial batch: same graph, padding dropped below
+            data = np.concatenate([data, np.zeros((batch - n, *data.shape[1:]), np.float32)])
+        request = self._free.get()
+        try:
+            request.infer({0: data})
+            out = np.array(request.get_output_tensor(0).data[:n], dtype=np.float32, copy=True)
+        finally:
+            self._free.put(request)
+        return torch.from_numpy(out)
+
+
+def openvino_forward(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    precision: str = "fp32",
+    streams: int = 1,
+    threads: int | None = None,
+) -> OpenVINOForward:
+    """Convert (or read from the cache) and compile ``model`` for OpenVINO's CPU plugin.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model, in eval mode, on the CPU.
+    input_shape : sequence of int
+        ``(batch, channels, *window)`` of every call.
+    precision : {"fp32", "bf16", "fp16"}
+        Inference precision; bf16 uses the CPU's bfloat16 units (AVX-512 bf16, AMX) and
+        is computed in float32 by OpenVINO on CPUs without them.
+    streams : int
+        CPU streams (infer requests running at once): one per calling thread.
+    threads : int, optional
+        CPU threads in all (split between the streams); OpenVINO's default otherwise.
+
+    Returns
+    -------
+    OpenVINOForward
+    """
+    import openvino
+
+    shape = tuple(int(s) for s in input_shape)
+    core = openvino.Core()
+    network = _cached_network(core, model, shape)
+    config = {
+        "INFERENCE_PRECISION_HINT": _HINTS[precision],
+        "PERFORMANCE_HINT": "THROUGHPUT" if streams > 1 else "LATENCY",
+        "NUM_STREAMS": str(streams),
+    }
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = str(threads)
+    start = time.perf_counter()
+    compiled = core.compile_model(network, "CPU", config)
+    forward = OpenVINOForward(compiled, shape, streams)
+    log.info("OpenVINO: compiled for %s, %s, %d stream(s), in %.2f s", list(shape),
+             forward.precision, forward.streams, time.perf_counter() - start)
+    return forward
