@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import pickle
@@ -202,3 +203,43 @@ def test_probe_of_a_foreign_model() -> None:
     stated = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1))
     stated.halo = 4
     assert model_geometry(stated).halo == (4, 4)
+
+
+# --- geometry recorded in model files --------------------------------------------------------
+
+
+def test_saved_geometry_is_trusted_without_probing(tmp_path, monkeypatch) -> None:
+    from tilerseg.models import probe
+
+    model = tilerseg.create_model("unet", depth=3, base_channels=2, padding="same")
+    probed = tilerseg.model_geometry(model)
+    path = tilerseg.save_model(model, tmp_path / "m.pt")
+    assert torch.load(path, weights_only=True)["geometry"] == probed.as_dict()
+
+    def no_probe(model):
+        raise AssertionError("the meta-device probe ran")
+
+    monkeypatch.setattr(probe, "_probe", no_probe)
+    loaded = tilerseg.load_model(path)
+    assert tilerseg.model_geometry(loaded) == probed
+
+
+def test_wrong_recorded_geometry_is_probed_instead(tmp_path, caplog) -> None:
+    model = tilerseg.create_model("unet", depth=2, base_channels=2)
+    path = tilerseg.save_model(model, tmp_path / "m.pt")
+    payload = torch.load(path, weights_only=True)
+    truth = payload["geometry"]
+    payload["geometry"] = {**truth, "shrink": [s + 8 for s in truth["shrink"]],
+                           "halo": [h + 4 for h in truth["halo"]]}
+    torch.save(payload, path)
+    with caplog.at_level(logging.WARNING, logger="tilerseg"):
+        loaded = tilerseg.load_model(path)
+    assert "recorded geometry does not hold" in caplog.text
+    assert tilerseg.model_geometry(loaded).as_dict() == truth
+
+
+def test_bundled_model_records_its_geometry() -> None:
+    from tilerseg.models.checkpoint import DEFAULT_MODEL, bundled_models
+
+    payload = torch.load(bundled_models()[DEFAULT_MODEL], weights_only=True)
+    assert payload["geometry"]["halo"] == [92, 92] and payload["geometry"]["step"] == [16, 16]

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy import ndimage, sparse
 
 from .errors import InvalidArgumentError, InvalidImageError
 
@@ -203,6 +202,8 @@ def adapted_rand_error(true_seg: np.ndarray, pred_seg: np.ndarray) -> float:
         return float("nan")
     rows, n_rows = _compact(t)
     cols, n_cols = _compact(p)
+    from scipy import sparse  # deferred: importing scipy costs CLI start-up time
+
     table = sparse.coo_matrix(
         (np.ones(n, dtype=np.float64), (rows, cols)), shape=(n_rows, n_cols)
     ).tocsr()
@@ -257,6 +258,8 @@ def expand_labels(labels: np.ndarray, distance: float = 1) -> np.ndarray:
     background = arr == 0
     if background.all() or not background.any():
         return arr.copy()
+    from scipy import ndimage
+
     dist, nearest = ndimage.distance_transform_edt(background, return_indices=True)
     out = arr.copy()
     grow = background & (dist <= distance)
@@ -340,6 +343,8 @@ def iou_dice(pred: np.ndarray, true: np.ndarray, num_classes: int) -> dict[int, 
 
 def _cross(ndim: int) -> np.ndarray:
     """4-connectivity (face neighbours) structuring element."""
+    from scipy import ndimage
+
     return ndimage.generate_binary_structure(ndim, 1)
 
 
@@ -363,6 +368,8 @@ def cells(interior: np.ndarray, expand_distance: float = 0) -> np.ndarray:
     >>> cells(np.array([[1, 1, 0, 0, 1]], bool), 1).tolist()
     [[1, 1, 1, 2, 2]]
     """
+    from scipy import ndimage
+
     labels, _ = ndimage.label(np.asarray(interior, dtype=bool), structure=_cross(np.ndim(interior)))
     return expand_labels(labels, expand_distance) if expand_distance > 0 else labels
 

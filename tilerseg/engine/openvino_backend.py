@@ -70,8 +70,9 @@ def _convert(model: nn.Module, input_shape: tuple[int, ...]) -> Any:
         return openvino.convert_model(model, example_input=example, input=[input_shape])
 
 
-def _cached_network(core: Any, model: nn.Module, input_shape: tuple[int, ...]) -> Any:
-    """The converted network, from the cache when there, else converted and saved."""
+def _cached_network(core: Any, model: nn.Module, input_shape: tuple[int, ...]
+                    ) -> tuple[Any, Path, bool]:
+    """The converted network, its cache path, and whether it came from the cache."""
     import openvino
 
     path = converted_model_path(model, input_shape)
@@ -79,10 +80,11 @@ def _cached_network(core: Any, model: nn.Module, input_shape: tuple[int, ...]) -
         try:
             network = core.read_model(str(path))
             log.debug("OpenVINO: read the converted model from %s", path)
-            return network
+            return network, path, True
         except Exception as err:  # noqa: BLE001 - a damaged cache entry is rebuilt
             log.warning("OpenVINO: cannot read the cached model %s (%s); converting again",
                         path, err)
+    path.with_suffix(".json").unlink(missing_ok=True)  # checks of an older network
     start = time.perf_counter()
     network = _convert(model, input_shape)
     log.info("OpenVINO: converted the model for input %s in %.1f s",
@@ -98,7 +100,7 @@ def _cached_network(core: Any, model: nn.Module, input_shape: tuple[int, ...]) -
     except OSError as err:
         log.warning("OpenVINO: cannot cache the converted model in %s (%s); the next run "
                     "converts it again", path.parent, err)
-    return network
+    return network, path, False
 
 
 class OpenVINOForward:
@@ -113,19 +115,51 @@ class OpenVINOForward:
     requests : int
         Infer requests, one per thread that will call it at the same time.
 
+    Attributes
+    ----------
+    verified : float or None
+        The largest probability deviation from eager torch found by the check when this
+        network was first used at this precision (recorded beside the cached network),
+        or None if it has not been checked yet.
+
     Notes
     -----
     Thread-safe: each call takes a free infer request (waiting for one if all are in
     use) and returns it when its output has been copied out.
     """
 
-    def __init__(self, compiled: Any, input_shape: tuple[int, ...], requests: int) -> None:
+    def __init__(self, compiled: Any, input_shape: tuple[int, ...], requests: int,
+                 record: Path | None = None, precision: str = "fp32") -> None:
         self.compiled, self.input_shape = compiled, input_shape
+        self.record, self.requested = record, precision
+        self.verified: float | None = None
+        if record is not None:
+            try:
+                checks = json.loads(record.read_text())
+                value = checks.get(precision)
+                self.verified = float(value) if isinstance(value, (int, float)) else None
+            except (OSError, ValueError, AttributeError):
+                pass
         self.precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
         self.streams = int(compiled.get_property("NUM_STREAMS"))
         self._free: queue.Queue = queue.Queue()
         for _ in range(max(1, requests)):
             self._free.put(compiled.create_infer_request())
+
+    def verify(self, deviation: float) -> None:
+        """Record that the check against eager torch passed with ``deviation``, so later
+        runs that read this network from the cache need not check it again."""
+        self.verified = deviation
+        if self.record is None:
+            return
+        try:
+            checks = json.loads(self.record.read_text()) if self.record.is_file() else {}
+            checks[self.requested] = deviation
+            tmp = self.record.with_name(f".{self.record.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(checks))
+            os.replace(tmp, self.record)
+        except (OSError, ValueError) as err:
+            log.debug("OpenVINO: cannot record the check in %s (%s)", self.record, err)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the batch ``x`` (at most the compiled batch size)."""
@@ -171,12 +205,14 @@ def openvino_forward(
     Returns
     -------
     OpenVINOForward
+        Its ``verified`` is set if this network was checked at this precision when it
+        was cached (see :meth:`OpenVINOForward.verify`).
     """
     import openvino
 
     shape = tuple(int(s) for s in input_shape)
     core = openvino.Core()
-    network = _cached_network(core, model, shape)
+    network, path, cached = _cached_network(core, model, shape)
     config = {
         "INFERENCE_PRECISION_HINT": _HINTS[precision],
         "PERFORMANCE_HINT": "THROUGHPUT" if streams > 1 else "LATENCY",
@@ -186,7 +222,10 @@ def openvino_forward(
         config["INFERENCE_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
     compiled = core.compile_model(network, "CPU", config)
-    forward = OpenVINOForward(compiled, shape, streams)
+    record = path.with_suffix(".json") if path.is_file() else None
+    forward = OpenVINOForward(compiled, shape, streams, record, precision)
+    if not cached:
+        forward.verified = None  # a new conversion is always checked
     log.info("OpenVINO: compiled for %s, %s, %d stream(s), in %.2f s", list(shape),
              forward.precision, forward.streams, time.perf_counter() - start)
     return forward
