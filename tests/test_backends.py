@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import tilerseg
+from tests.conftest import BACKENDS, one_shot_reference
 from tilerseg import InvalidArgumentError
 from tilerseg.cli import main
 from tilerseg.engine import backends
 from tilerseg.engine.backends import cpu_features, resolve_backend
 from tilerseg.engine.compute import Replica
 from tilerseg.io.writers import open_output
-from tests.conftest import BACKENDS, one_shot_reference
 
 openvino = pytest.mark.skipif("openvino" not in BACKENDS, reason="OpenVINO is not installed")
 
@@ -130,8 +130,12 @@ def test_openvino_that_changes_the_output_is_not_used(
     from tilerseg.engine import openvino_backend
 
     real = openvino_backend.openvino_forward
-    monkeypatch.setattr(openvino_backend, "openvino_forward",
-                        lambda *a, **k: (lambda x, f=real(*a, **k): f(x) * 1.5))
+
+    def scaled(*args, **kwargs):  # logits x 1.5: other probabilities
+        forward = real(*args, **kwargs)
+        return lambda x: forward(x) * 1.5
+
+    monkeypatch.setattr(openvino_backend, "openvino_forward", scaled)
     with caplog.at_level(logging.WARNING, logger="tilerseg"):
         got = tilerseg.segment(image, model, tile=32, normalize=False, backend="openvino")
     assert "openvino changed the probabilities" in caplog.text

@@ -229,8 +229,9 @@ def test_wrong_recorded_geometry_is_probed_instead(tmp_path, caplog) -> None:
     path = tilerseg.save_model(model, tmp_path / "m.pt")
     payload = torch.load(path, weights_only=True)
     truth = payload["geometry"]
-    payload["geometry"] = {**truth, "shrink": [s + 8 for s in truth["shrink"]],
-                           "halo": [h + 4 for h in truth["halo"]]}
+    payload["geometry"] = {**truth, "min_input": [m + 8 for m in truth["min_input"]],
+                           "shrink": [s + 4 for s in truth["shrink"]],
+                           "halo": [h + 2 for h in truth["halo"]]}  # consistent, but wrong
     torch.save(payload, path)
     with caplog.at_level(logging.WARNING, logger="tilerseg"):
         loaded = tilerseg.load_model(path)
