@@ -2,25 +2,29 @@
 
 What it measures
 ----------------
-``tilerseg.train.train`` itself (the loop ``tilerseg train`` runs: tile sampling with the
-engine's mirror padding, weight maps, elastic deformation, flips, grey values, forward,
-weighted loss, backward, Adam step), once per configuration: fp32, bf16, fp32 + compile
-and bf16 + compile (``--configs`` to choose). The architecture and recipe are those of
-the bundled model ``isbi2012-unet``, read from its file (``load_model(...).config`` and
-the training config in its metadata: a valid U-Net of depth 4, base 16; 380 px windows,
-2 tiles per step, all augmentations on), with ``seed`` 0. The data are the ISBI 2012
-training slices 00-19, as in ``docs/model-card.md`` (``--data``, default
-``../shared/data/isbi2012``), or 20 synthetic 512 x 512 membrane images
-(``tilerseg.synthetic.membrane_image``, seeds 0-19) when that folder is absent.
+The steps of ``tilerseg train`` (``tilerseg.train.train``): a batch from
+``PatchSampler`` (tiles cut with the engine's mirror padding, the paper's weight map,
+elastic deformation, flips, grey values) and one ``TrainStep`` (forward pass and
+weighted loss under autocast, backward, Adam step; the very objects ``train()`` uses),
+for fp32, bf16, fp32 + compile and bf16 + compile (``--configs`` to choose). The
+architecture and recipe are those of the bundled model ``isbi2012-unet``, read from its
+file (``load_model(...).config`` and the training config in its metadata: a valid U-Net
+of depth 4, base 16, ``torch.manual_seed(0)``; 380 px windows, 2 per step, all
+augmentations). The data are the ISBI 2012 training slices 00-19, as in
+``docs/model-card.md`` (``--data``, default ``../shared/data/isbi2012``), or 20
+synthetic 512 x 512 membrane images (``tilerseg.synthetic.membrane_image``, seeds
+0-19) when that folder is absent. Every configuration draws the same batches (its own
+sampler, seed 0).
 
-Each configuration runs one epoch of ``--warmup + --repeats x --steps`` steps; the end
-of every step is taken from the ``progress`` callback. The first ``--warmup`` steps (at
-least one) are dropped; the rest are cut into ``--repeats`` blocks of ``--steps`` steps.
-The table shows the median of the blocks' steps/s, the slowest and fastest block, the
-speed relative to fp32, and the "first step" latency: from calling ``train()`` to the end
-of step 1 (weight maps, model set-up and, with compile, the compilation). The data part
-of a step (``PatchSampler.batch``, the same for every configuration) is timed alone too,
-to show how much of a step no precision can speed up.
+Each configuration gets its own model and optimiser, is compiled if asked (timed:
+``compile s``), and runs ``--warmup`` untimed steps. Then, for ``--repeats`` rounds,
+every configuration runs one timed block of ``--steps`` steps, in an order rotated each
+round, so that all see the same load on a shared machine. The table shows the median
+steps/s over the blocks, the slowest and fastest block, and the speed relative to fp32
+as the median of the per-round ratios (the fairest figure when other work competes for
+the cores). The data part of a step (``PatchSampler.batch`` alone, the same for every
+configuration) is timed too. The learning-rate schedule, progress and checkpoints of
+``train()`` are not included.
 
 Run from the repository root, with the virtualenv active::
 
@@ -28,19 +32,19 @@ Run from the repository root, with the virtualenv active::
     python benchmarks/bench_train.py --steps 5 --repeats 3 --configs fp32 bf16
 
 The last line printed is one JSON object with every figure. Timings on a shared machine
-are noisy: compare configurations of one run, not runs.
+are noisy: compare the configurations of one run, not runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -49,8 +53,11 @@ import numpy as np
 import torch
 
 import tilerseg
-from tilerseg.train import PatchSampler, TrainConfig, load_pairs, train
+from tilerseg.engine.backends import cpu_features
+from tilerseg.train import PatchSampler, TrainConfig, load_pairs
 from tilerseg.train.data import Pair
+from tilerseg.train.loop import TrainStep
+from tilerseg.train.weights import class_weights, weight_map
 
 CONFIGS = {
     "fp32": ("fp32", False),
@@ -65,15 +72,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=10, help="steps per timed block (10)")
     p.add_argument("--repeats", type=int, default=5, help="timed blocks per configuration (5)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (>= 1; 3)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (3)")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     p.add_argument("--data", type=Path, default=DEFAULT_DATA,
                    help="ISBI 2012 folder with train/image and train/label (default: %(default)s)")
     p.add_argument("--model", default="isbi2012-unet",
                    help="model whose architecture and recipe to train (default: %(default)s)")
     args = p.parse_args(argv)
-    if min(args.steps, args.repeats, args.warmup) < 1:
-        p.error("--steps, --repeats and --warmup must be >= 1")
+    if min(args.steps, args.repeats) < 1 or args.warmup < 0:
+        p.error("--steps and --repeats must be >= 1, --warmup >= 0")
     return args
 
 
@@ -101,52 +108,46 @@ def recipe(model_name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return arch, {k: trained[k] for k in keep if k in trained}
 
 
-def bf16_native() -> bool | None:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return None
+class Runner:
+    """One configuration: its model, optimiser, train step and sampler."""
 
-
-def time_config(pairs: list[Pair], arch: dict[str, Any], settings: dict[str, Any],
-                precision: str, compile: bool, args: argparse.Namespace) -> dict[str, Any]:
-    total = args.warmup + args.repeats * args.steps
-    config = TrainConfig(model=arch, **settings, epochs=1, steps_per_epoch=total, seed=0,
-                         precision=precision, compile=compile)
-    ends: list[float] = []
-    with tempfile.TemporaryDirectory(prefix="bench-train-") as out:
-        called = time.perf_counter()
-        result = train(pairs, out, config,
-                       progress=lambda e, s, n, loss: ends.append(time.perf_counter()))
-    losses = [r["loss"] for r in result["history"]]
-    marks = ends[args.warmup - 1:]  # the end of the last warm-up step starts block 1
-    blocks = [args.steps / (marks[(b + 1) * args.steps] - marks[b * args.steps])
-              for b in range(args.repeats)]
-    return {"precision": precision, "compile": compile, "compiled": result["compiled"],
-            "steps_per_s": statistics.median(blocks), "blocks": blocks,
-            "first_step_s": ends[0] - called, "loss": losses[-1]}
-
-
-def time_data(pairs: list[Pair], arch: dict[str, Any], settings: dict[str, Any],
-              args: argparse.Namespace) -> float:
-    """Median seconds of one step's data (``PatchSampler.batch``) alone."""
-    from tilerseg.train.weights import class_weights, weight_map
-
-    config = TrainConfig(model=arch, **settings, seed=0)
-    model = tilerseg.create_model(**arch)
-    weights = None
-    if config.weight_map:
-        cw = class_weights([p.mask for p in pairs], 2)
-        weights = [weight_map(p.mask, cw, config.foreground_class, config.w0, config.sigma)
-                   for p in pairs]
-    sampler = PatchSampler(pairs, weights, model, config.window or 380, config,
-                           np.random.default_rng(0))
-    times = []
-    for _ in range(args.warmup + args.steps):
+    def __init__(self, name: str, pairs: list[Pair], weights: list[np.ndarray] | None,
+                 arch: dict[str, Any], config: TrainConfig, compile: bool) -> None:
+        self.name = name
+        torch.manual_seed(0)
+        self.model = tilerseg.create_model(**arch).train()
+        self.model.to(memory_format=torch.channels_last)
+        lr = config.lr or (1e-3 if config.optimizer == "adam" else 1e-2)
+        if config.optimizer == "adam":
+            optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
+        else:
+            optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=config.momentum)
+        self.step = TrainStep(self.model, optimizer, config.precision)
+        self.sampler = PatchSampler(pairs, weights, self.model, config.window or 380, config,
+                                    np.random.default_rng(0))
+        self.batch_size = config.batch_size
         start = time.perf_counter()
-        sampler.batch(config.batch_size)
+        if compile:
+            self.step.compile(self.batch_size, self.sampler.window)
+        self.compile_s = time.perf_counter() - start if compile else 0.0
+        self.loss = float("nan")
+
+    def run(self, steps: int) -> float:
+        """``steps`` training steps; their rate in steps/s."""
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.loss = self.step(*self.sampler.batch(self.batch_size)).item()
+        return steps / (time.perf_counter() - start)
+
+
+def data_time(runner: Runner, count: int) -> float:
+    """Median seconds of one step's data (``PatchSampler.batch``) alone."""
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        runner.sampler.batch(runner.batch_size)
         times.append(time.perf_counter() - start)
-    return statistics.median(times[args.warmup:])
+    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,28 +157,50 @@ def main(argv: list[str] | None = None) -> int:
     arch, settings = recipe(args.model)
     env = {"python": platform.python_version(), "torch": torch.__version__,
            "tilerseg": tilerseg.__version__, "cores": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(), "bf16_native": bf16_native()}
+           "torch_threads": torch.get_num_threads(), "bf16_native": cpu_features()["bf16"]}
     print(f"torch {env['torch']}, {env['cores']} cores ({env['torch_threads']} torch threads), "
           f"native bf16: {env['bf16_native']}")
     print(f"model {args.model}: {arch}; {settings}")
     print(f"data: {data}; {args.warmup} warm-up steps, then {args.repeats} blocks of "
           f"{args.steps} steps per configuration")
-    results = {}
+    base = TrainConfig(model=arch, **settings, seed=0)
+    weights = None
+    if base.weight_map:
+        cw = class_weights([p.mask for p in pairs], 2)
+        weights = [weight_map(p.mask, cw, base.foreground_class, base.w0, base.sigma)
+                   for p in pairs]
+    runners = []
     for name in args.configs:
         precision, compile = CONFIGS[name]
-        results[name] = r = time_config(pairs, arch, settings, precision, compile, args)
-        print(f"  {name}: {r['steps_per_s']:.3f} steps/s (blocks "
-              f"{', '.join(f'{b:.3f}' for b in r['blocks'])})", flush=True)
-    data_s = time_data(pairs, arch, settings, args)
-    base = results.get("fp32", {}).get("steps_per_s")
+        config = dataclasses.replace(base, precision=precision, compile=compile)
+        runners.append(r := Runner(name, pairs, weights, arch, config, compile))
+        r.run(args.warmup)
+        print(f"  {name}: ready" + (f" (compiled in {r.compile_s:.1f} s: {r.step.compiled})"
+                                     if compile else ""), flush=True)
+    blocks: dict[str, list[float]] = {r.name: [] for r in runners}
+    for round_ in range(args.repeats):
+        k = round_ % len(runners)
+        for r in runners[k:] + runners[:k]:
+            blocks[r.name].append(r.run(args.steps))
+        print(f"  round {round_ + 1}: " + ", ".join(f"{n} {b[-1]:.3f}" for n, b in blocks.items()),
+              flush=True)
+    data_s = data_time(runners[0], args.steps)
+    ref = blocks.get("fp32")
+    results = {}
+    for r in runners:
+        b = blocks[r.name]
+        ratio = statistics.median(x / y for x, y in zip(b, ref)) if ref else None
+        results[r.name] = {"steps_per_s": statistics.median(b), "blocks": b, "vs_fp32": ratio,
+                           "compile_s": r.compile_s, "compiled": r.step.compiled,
+                           "last_loss": r.loss}
     print()
-    print(f"{'config':<14} {'steps/s':>8} {'min':>7} {'max':>7} {'x fp32':>7} {'s/step':>7} "
-          f"{'first step s':>12} {'compiled':>8}")
+    print(f"{'config':<14} {'steps/s':>8} {'min':>7} {'max':>7} {'s/step':>7} {'x fp32':>7} "
+          f"{'compile s':>9}")
     for name, r in results.items():
-        ratio = f"{r['steps_per_s'] / base:.2f}" if base else "-"
+        ratio = "-" if r["vs_fp32"] is None else f"{r['vs_fp32']:.2f}"
         print(f"{name:<14} {r['steps_per_s']:>8.3f} {min(r['blocks']):>7.3f} "
-              f"{max(r['blocks']):>7.3f} {ratio:>7} {1 / r['steps_per_s']:>7.3f} "
-              f"{r['first_step_s']:>12.1f} {r['compiled']!s:>8}")
+              f"{max(r['blocks']):>7.3f} {1 / r['steps_per_s']:>7.3f} {ratio:>7} "
+              f"{r['compile_s']:>9.1f}")
     print(f"data alone (tile sampling + augmentation, every config): {data_s:.3f} s/step")
     record = {"benchmark": "train", "env": env, "model": args.model, "arch": arch,
               "settings": settings, "data": data, "warmup": args.warmup, "steps": args.steps,

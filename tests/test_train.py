@@ -243,3 +243,18 @@ def test_compile_failure_falls_back_to_eager(tmp_path: Path, caplog: pytest.LogC
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [("torch.compile failed for training (RuntimeError: no C++ compiler); "
                          "training eagerly")]
+
+
+def test_bf16_without_bf16_units_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from tilerseg.engine import backends
+
+    monkeypatch.setattr(backends, "cpu_features", lambda: {"bf16": False})
+    pairs = load_pairs(*_folders(tmp_path, count=2))
+    config = TrainConfig(model=SMALL, epochs=1, steps_per_epoch=1, batch_size=1, window=60,
+                         precision="bf16")
+    with caplog.at_level(logging.WARNING, logger="tilerseg"):
+        train(pairs, tmp_path / "run", config)
+    assert [r.getMessage() for r in caplog.records] == [
+        ("precision=bf16 on a CPU without bfloat16 units (AVX-512 bf16, AMX): computed by "
+         "emulation, likely slower than fp32")]

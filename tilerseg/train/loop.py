@@ -28,7 +28,7 @@ from .augment import augment
 from .data import Pair
 from .weights import class_weights, weight_map
 
-__all__ = ["PatchSampler", "TrainConfig", "train", "training_precision"]
+__all__ = ["PatchSampler", "TrainConfig", "TrainStep", "train", "training_precision"]
 
 log = logging.getLogger(__name__)
 
@@ -197,35 +197,119 @@ def training_precision(precision: str, device: torch.device) -> torch.dtype | No
     return dtype
 
 
-def _compile_for_training(model: nn.Module, trial: Callable[[Any], torch.Tensor]) -> Any:
-    """``torch.compile(model)``, compiled by one trial step, or None if that fails (logged).
+class TrainStep:
+    """One optimiser step of :func:`train`: forward pass and loss under autocast, backward
+    (through a loss scaler for fp16), optimiser step; optionally through ``torch.compile``.
 
-    ``trial(net)`` runs a forward pass and loss through ``net``; its backward pass is run
-    here too (the backward graph compiles on first use). The trial leaves no trace: the
-    torch random state, the model's buffers (batch-norm statistics) and its gradients
-    are as before.
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model, in training mode and its memory format; its weights stay float32.
+    optimizer : torch.optim.Optimizer
+        The optimiser of ``model``'s parameters.
+    precision : {"fp32", "bf16", "fp16"}
+        Autocast precision, see :func:`training_precision`.
+    device : torch.device
+        Where ``model`` is (default: the CPU).
+
+    Attributes
+    ----------
+    net : callable
+        What the forward pass runs through: ``model``, or its compiled wrapper after a
+        successful :meth:`compile`.
+    compiled : bool
+        Whether the steps run through ``torch.compile``.
+    scaler : torch.amp.GradScaler
+        The loss scaler; enabled only for fp16 (its state goes into the checkpoints).
+
+    Examples
+    --------
+    >>> import torch, tilerseg
+    >>> model = tilerseg.create_model("unet", depth=2, base_channels=4)
+    >>> step = TrainStep(model, torch.optim.Adam(model.parameters()), "bf16")
+    >>> x, y, w = torch.rand(1, 1, 60, 60), torch.zeros(1, 20, 20, dtype=torch.long), torch.ones(1, 20, 20)
+    >>> loss = step(x, y, w)
+    >>> loss.dtype, next(model.parameters()).dtype
+    (torch.float32, torch.float32)
     """
-    start = time.perf_counter()
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    try:
-        with torch.random.fork_rng(devices=[]):
-            compiled = torch.compile(model, dynamic=False)
-            trial(compiled).backward()
-    except Exception as err:  # noqa: BLE001 - compilers fail in many ways; fall back
-        first = str(err).splitlines()[0] if str(err) else ""
-        log.warning("torch.compile failed for training (%s: %s); training eagerly",
-                    type(err).__name__, first)
-        compiled = None
-    finally:
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
-        for p in model.parameters():
-            p.grad = None
-    if compiled is not None:
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 precision: str = "fp32", device: torch.device | None = None) -> None:
+        self.model, self.optimizer, self.precision = model, optimizer, precision
+        self.device = torch.device("cpu") if device is None else device
+        self.dtype = training_precision(precision, self.device)
+        if self.dtype == torch.bfloat16 and self.device.type == "cpu":
+            from ..engine.backends import cpu_features
+
+            if not cpu_features()["bf16"]:
+                log.warning("precision=bf16 on a CPU without bfloat16 units (AVX-512 bf16, "
+                            "AMX): computed by emulation, likely slower than fp32")
+        self.fmt = memory_format(model_geometry(model).ndim)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.net: Any = model
+        self.compiled = False
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+             net: Any = None) -> torch.Tensor:
+        """The weighted loss of a batch through ``net`` (default :attr:`net`), with graph."""
+        net = self.net if net is None else net  # never `net or ...`: a compiled module has no len()
+        context = (contextlib.nullcontext() if self.dtype is None
+                   else torch.autocast(self.device.type, dtype=self.dtype))
+        with context:
+            logits = net(x.contiguous(memory_format=self.fmt))
+            return weighted_loss(logits.float(), y, w)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """One step on the batch ``x`` ``(B, C, n, n)``, ``y``, ``w`` ``(B, s, s)``; its loss."""
+        loss = self.loss(x, y, w)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach()
+
+    def compile(self, batch_size: int, window: int) -> bool:
+        """Wrap the model in ``torch.compile(dynamic=False)`` and compile it now.
+
+        One trial forward and backward pass on a seeded random batch of the training
+        shape compiles both graphs; it leaves no trace (the torch random state, the
+        model's buffers and its gradients are restored; the optimiser does not step).
+        Compiled kernels are cached on disk with inference's
+        (:func:`tilerseg.engine.backends.torch_compile_cache`), so a later start, e.g. a
+        resumed run, loads more than it compiles. If compilation fails, the steps stay
+        eager and a warning names the error. Returns :attr:`compiled`.
+        """
+        from ..engine.backends import torch_compile_cache
+
+        model = self.model
+        g = model_geometry(model)
+        out = window - 2 * g.halo[0]
+        generator = torch.Generator().manual_seed(0)
+        x = torch.rand((batch_size, g.in_channels, window, window), generator=generator)
+        y = torch.zeros((batch_size, out, out), dtype=torch.int64)
+        w = torch.ones((batch_size, out, out))
+        start = time.perf_counter()
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        try:
+            log.info("torch.compile: compiled kernels are cached in %s", torch_compile_cache())
+            with torch.random.fork_rng(devices=[]):
+                wrapped = torch.compile(model, dynamic=False)
+                self.loss(x, y, w, net=wrapped).backward()
+        except Exception as err:  # noqa: BLE001 - compilers fail in many ways; fall back
+            first = str(err).splitlines()[0] if str(err) else ""
+            log.warning("torch.compile failed for training (%s: %s); training eagerly",
+                        type(err).__name__, first)
+            return False
+        finally:
+            with torch.no_grad():
+                for name, b in model.named_buffers():
+                    b.copy_(buffers[name])
+            for p in model.parameters():
+                p.grad = None
+        self.net, self.compiled = wrapped, True
         log.info("compiled the model for training with torch.compile in %.1f s",
                  time.perf_counter() - start)
-    return compiled
+        return True
 
 
 def _validate(model: nn.Module, pairs: Sequence[Pair], foreground: int) -> dict[str, float]:
@@ -289,7 +373,7 @@ def train(
     """
     config = config or TrainConfig()
     device = torch.device("cpu")  # training runs on the CPU
-    autocast_dtype = training_precision(config.precision, device)  # refused before any work
+    training_precision(config.precision, device)  # refused before any work
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -332,35 +416,13 @@ def train(
         torch.set_rng_state(saved["torch_rng"])
         schedule.load_state_dict(saved["schedule"])
         rng.bit_generator.state = state["numpy_rng"]
-    # fp16 needs a loss scaler (only ever enabled on CUDA, see training_precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-    if resume and saved.get("scaler"):
-        scaler.load_state_dict(saved["scaler"])
-    fmt = memory_format(model_geometry(model).ndim)
-    model.to(memory_format=fmt)
-
-    def autocast() -> contextlib.AbstractContextManager:
-        if autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=autocast_dtype)
-
-    def forward_loss(net: Any, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        with autocast():
-            logits = net(x.contiguous(memory_format=fmt))
-            return weighted_loss(logits.float(), y, w)
-
-    net: Any = model  # what the steps run through: the model, or its compiled wrapper
-    compiled = False
+    model.to(memory_format=memory_format(model_geometry(model).ndim))
+    step_once = TrainStep(model, optimizer, config.precision, device)
+    if resume and saved.get("scaler"):  # fp16's loss scale (an empty dict when disabled)
+        step_once.scaler.load_state_dict(saved["scaler"])
     if config.compile and state["epoch"] < config.epochs:
-        c = model_geometry(model).in_channels
-        generator = torch.Generator().manual_seed(0)
-        x = torch.rand((config.batch_size, c, sampler.window, sampler.window),
-                       generator=generator)
-        y = torch.zeros((config.batch_size, sampler.out, sampler.out), dtype=torch.int64)
-        w = torch.ones((config.batch_size, sampler.out, sampler.out))
-        wrapped = _compile_for_training(model, lambda n: forward_loss(n, x, y, w))
-        if wrapped is not None:  # never `wrapped or model`: a compiled module has no len()
-            net, compiled = wrapped, True
+        step_once.compile(config.batch_size, sampler.window)
+    compiled = step_once.compiled
     info = {"window": sampler.window, "output": sampler.out, "train_images": len(train_pairs),
             "val_images": len(val_pairs)}
     log.info("training %s on %d tiles of %d px per step (%s%s): %s", config.model,
@@ -370,12 +432,7 @@ def train(
         model.train()
         start, running = time.perf_counter(), None
         for step in range(config.steps_per_epoch):
-            x, y, w = sampler.batch(config.batch_size)
-            loss = forward_loss(net, x, y, w)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss = step_once(*sampler.batch(config.batch_size))
             schedule.step()
             running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
             if progress is not None:
@@ -400,6 +457,6 @@ def train(
         if better or not val_pairs:
             state["best"] = record
             save_model(model, out / "best.pt", metadata=meta)
-        _save_state(out, optimizer, schedule, scaler, state)
+        _save_state(out, optimizer, schedule, step_once.scaler, state)
         log.info("epoch %d: %s", epoch + 1, record)
     return {"history": state["history"], "best": state["best"], "compiled": compiled}
