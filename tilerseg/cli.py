@@ -333,17 +333,19 @@ def _profile_report(path: Path, seconds: float) -> str:
         return "\n".join([
             f"profile ({t['tiles']} tiles computed, {attrs['executor']} executor; per-stage "
             "times are not collected from the workers):",
-            f"  set-up (open, probe, statistics)  {t['setup']:8.2f} s",
+            f"  set-up (open, geometry, runtime)  {t['setup']:8.2f} s",
             f"  tiles (all tasks)                 {t['wall']:8.2f} s",
             f"  pyramid levels and metadata       {tail:8.2f} s",
             f"  total                             {seconds:8.2f} s"])
+    used = attrs.get("runtime")
+    runtime = f" ({used['engine']}, {used['precision']})" if used else ""
     lines = [
         f"profile ({t['tiles']} tiles, {t['compute_workers']} model worker(s), "
         f"{attrs.get('executor', 'pipeline')} executor):",
-        f"  set-up (open, probe, statistics)  {t['setup']:8.2f} s",
+        f"  set-up (open, geometry, runtime)  {t['setup']:8.2f} s",
         f"  tiles (read -> model -> write)    {t['wall']:8.2f} s",
         f"    reading + normalising           {t['read']:8.2f} s busy",
-        f"    model                           {t['compute']:8.2f} s busy "
+        f"    model{runtime:<27}{t['compute']:8.2f} s busy "
         f"({100 * t['model_share']:.0f}% of the tiles' wall time x workers)",
         f"    writing (encode + compress)     {t['write']:8.2f} s busy",
         f"    model waited for input          {t['starved']:8.2f} s",

@@ -86,6 +86,11 @@ class TileRunner:
         return self.plan.window[-self.model_ndim:]
 
     @property
+    def made(self) -> bool:
+        """Whether :attr:`replica` has been made (the model ran in this process)."""
+        return self._replica is not None
+
+    @property
     def replica(self) -> Replica:
         """The model on ``device``, made on first use."""
         with self._lock:

@@ -193,6 +193,9 @@ def _run(started: Started, runner: Any, shard: tuple[int, int] | None, overwrite
     devices = [str(d) for d in p.devices] if plan_device is None else [
         f"{plan_device} (cluster workers)"]
     attributes = {"profile": profile, "executor": runner.name, "devices": devices}
+    if plan_device is None and p.runner.made:  # what ran the model in this process
+        attributes["runtime"] = {"engine": p.runner.replica.engine,
+                                 "precision": p.options.precision}
     if p.options.skip_background:
         attributes["background"] = work.manifest["resolved"]["background"]
     finishing = time.perf_counter()
