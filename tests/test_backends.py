@@ -92,8 +92,11 @@ def test_cpu_features_are_reported(capsys: pytest.CaptureFixture) -> None:
 def test_openvino_run_is_exact_and_converts_once(tmp_path: Path, model: torch.nn.Module,
                                                   image: np.ndarray,
                                                   caplog: pytest.LogCaptureFixture) -> None:
+    from tilerseg.engine import openvino_backend
+
     reference = one_shot_reference(image, model)
     for k in range(2):  # the second run reads the converted network from the cache
+        openvino_backend._COMPILED.clear()  # as a new process would
         caplog.clear()
         with caplog.at_level(logging.DEBUG, logger="tilerseg"):
             # 3 x 4 tiles in batches of 5: the last batch is partial, edge tiles mirrored
@@ -165,10 +168,14 @@ def test_damaged_cache_entry_is_converted_again(model: torch.nn.Module,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     from tilerseg.engine.openvino_backend import converted_model_path, openvino_forward
 
+    from tilerseg.engine import openvino_backend
+
     shape = (1, 1, 68, 68)
-    openvino_forward(model, shape)
+    first = openvino_forward(model, shape)
+    assert openvino_forward(model, shape) is first  # compiled once per process
     path = converted_model_path(model, shape)
     path.write_text("<net>not a network")
+    openvino_backend._COMPILED.clear()  # as a new process would
     with caplog.at_level(logging.INFO, logger="tilerseg"):
         forward = openvino_forward(model, shape)
     assert "converting again" in caplog.text and "cached the converted model" in caplog.text

@@ -20,7 +20,9 @@ import json
 import logging
 import os
 import queue
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,9 @@ __all__ = ["OpenVINOForward", "openvino_forward", "converted_model_path"]
 log = logging.getLogger(__name__)
 
 _HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+_KEEP = 4  # compiled networks kept in this process, most recently used first
+_COMPILED: OrderedDict[tuple, OpenVINOForward] = OrderedDict()
+_COMPILED_LOCK = threading.Lock()
 
 
 def converted_model_path(model: nn.Module, input_shape: Sequence[int]) -> Path:
@@ -146,6 +151,11 @@ class OpenVINOForward:
         for _ in range(max(1, requests)):
             self._free.put(compiled.create_infer_request())
 
+    def path_exists(self) -> bool:
+        """Whether the cached network this was compiled from is still on disk (a cache
+        folder emptied by the user is a reason to build everything again)."""
+        return self.record is not None and self.record.with_suffix(".xml").is_file()
+
     def verify(self, deviation: float) -> None:
         """Record that the check against eager torch passed with ``deviation``, so later
         runs that read this network from the cache need not check it again."""
@@ -211,6 +221,12 @@ def openvino_forward(
     import openvino
 
     shape = tuple(int(s) for s in input_shape)
+    key = (str(converted_model_path(model, shape)), precision, streams, threads)
+    with _COMPILED_LOCK:
+        forward = _COMPILED.get(key)
+        if forward is not None and forward.path_exists():
+            _COMPILED.move_to_end(key)
+            return forward
     core = openvino.Core()
     network, path, cached = _cached_network(core, model, shape)
     config = {
@@ -228,4 +244,9 @@ def openvino_forward(
         forward.verified = None  # a new conversion is always checked
     log.info("OpenVINO: compiled for %s, %s, %d stream(s), in %.2f s", list(shape),
              forward.precision, forward.streams, time.perf_counter() - start)
+    if record is not None:  # reused by later calls in this process (e.g. one per image)
+        with _COMPILED_LOCK:
+            _COMPILED[key] = forward
+            while len(_COMPILED) > _KEEP:
+                _COMPILED.popitem(last=False)
     return forward
