@@ -10,34 +10,58 @@ segments it, in one process, along two paths timed in alternating order for
 ``--repeats`` rounds:
 
 (a) **end to end**: ``segment_to_zarr(slide, model, out, tile=1024, dtype="uint8",
-    overwrite=True)`` with its defaults (the pipelined executor; on a 2-core machine 2
-    model workers x 1 torch thread). The time is the whole call: opening the TIFF,
-    reading and decoding tiles, normalising, the model, softmax, cropping, uint8
-    encoding, zstd compression, writing the chunks, the pyramid levels and the
-    metadata. The run's profile (``attrs["tilerseg"]["profile"]`` of the output) is
-    recorded too.
-(b) **bare forward**: the model (eval, channels-last) on exactly the same input windows
-    (``tilerseg.plan`` of the slide, windows read with ``read_window`` from the slide
-    loaded in memory, divided by 255, pre-built as float32 channels-last tensors),
-    ``model(x)`` only, under ``torch.inference_mode()``, run as the pipeline runs on
-    the CPU: W Python threads, each with ``torch.set_num_threads(T)``, taking the next
-    window from a shared counter. Both 2 x 1 and 1 x 2 (threads x torch threads, on
-    2 cores; in general ``min(2, cores)`` x ``cores // 2`` and 1 x ``cores``) are timed
-    once before the rounds; the faster is the reference used in every round.
+    overwrite=True, precision=P, backend=B)`` with its defaults otherwise (the pipelined
+    executor; on a 2-core machine 2 model workers x 1 thread; ``backend="auto"`` is
+    OpenVINO on the CPU when it is installed, with one infer request per worker). The
+    time is the whole call: opening the TIFF, reading and decoding tiles, normalising,
+    setting up the runtime (for OpenVINO, the network compiled by an earlier call of
+    this process is reused), the model, softmax,
+    cropping, uint8 encoding, zstd compression, writing the chunks, the pyramid levels
+    and the metadata. The run's profile (``attrs["tilerseg"]["profile"]`` of the output)
+    is recorded too, and the runtime that really ran (``Replica.engine``, read from
+    tilerseg's log; a fallback to eager torch is reported).
+(b) **bare forward**: the fastest bare forward *at the same precision* on exactly the
+    same input windows (``tilerseg.plan`` of the slide, windows read with
+    ``read_window`` from the slide loaded in memory, divided by 255, pre-built as
+    float32 channels-last tensors), the model alone, driven as the pipeline drives it
+    on the CPU: W Python threads taking the next window from a shared counter. The
+    candidates, each timed once before the rounds (the fastest is the reference of
+    every round):
+
+    * torch, W x T: each of W threads sets ``torch.set_num_threads(T)`` and runs
+      ``model(x)`` under ``torch.inference_mode()`` (and, for bf16,
+      ``torch.autocast("cpu", dtype=torch.bfloat16)``), for 2 x 1 and 1 x 2 on 2 cores
+      (in general ``cpu_budget()`` and 1 x ``cores``);
+    * OpenVINO, when installed (whatever ``--backend`` is):
+      ``tilerseg.engine.openvino_backend.openvino_forward(model, (1, 1, *window),
+      precision, streams=S, threads=cores)`` for S = 1 and 2, driven by S Python threads
+      (one infer request each; OpenVINO releases the GIL while it infers).
 
 Throughput is output pixels (N^2) per second for both paths, so the figure of merit,
 ``ratio = end-to-end throughput / bare throughput = bare time / end-to-end time``, is
-how much of the model's own speed survives I/O, pre- and post-processing and the
-pyramid. Target: the median of the per-round (paired) ratios >= 0.85.
+how much of the fastest available forward pass survives I/O, pre- and post-processing,
+the choice of runtime and the pyramid. Target: the median of the per-round (paired)
+ratios >= 0.85. The absolute Mpx/s of both paths are printed too; for bf16 the issue's
+second target, >= 8 Mpx/s end to end on an AMX Xeon, is printed with whether this CPU has
+AMX (it is not judged on a CPU without it).
 
 The rounds alternate which path runs first, so neither always runs second on a shared
-machine, and each pair ran under the same load. Before the rounds, both paths are warmed
-up once on one tile (a 1024^2 crop of the slide in memory) so one-time costs (oneDNN
-kernel selection for the window shape, lazy imports) fall outside the timings.
+machine, and each pair ran under the same load. Caches are warm before the rounds: one
+full untimed end-to-end call (``segment_to_zarr`` with the same precision and backend)
+on a 2 x 2-tile crop of the slide in memory, whose plan has the full slide's window
+shape (checked), so the OpenVINO conversion of the network for that shape (cached on
+disk under ``$TILERSEG_CACHE_DIR/openvino``, with its check against eager torch), the
+oneDNN kernel selection and lazy imports are not timed; every bare candidate also runs
+untimed on a few windows first (OpenVINO's first inference is slow). tilerseg keeps the
+last few compiled OpenVINO networks per process (keyed by weights, window, precision,
+streams and threads), so the timed calls reuse the one the warm-up compiled, as a
+user's repeated calls in one process do; the bare candidate with 2 streams on 2 cores
+has the pipeline's key and runs that very network.
 
 The time after the tiles is split from the profile: ``setup`` (everything before the
 first tile: opening the image, the geometry probe, normalisation, creating the output and
-the model workers, measured by ``segment_to_zarr``), ``wall`` (the tile pipeline) and
+the model workers, and setting up the runtime, for OpenVINO reading the cached network and
+compiling it; measured by ``segment_to_zarr``), ``wall`` (the tile pipeline) and
 ``commit`` (the remaining pyramid levels, final metadata and the move into place, timed
 by wrapping ``OutputWriter.commit``). The line ``after tiles`` is
 ``total - wall - setup`` (= commit, plus anything left).
@@ -50,10 +74,15 @@ Run from the repository root, with the virtualenv active::
     python benchmarks/bench_end_to_end.py                          # 8192^2, 3 rounds
     python benchmarks/bench_end_to_end.py --json end_to_end.json   # also save the figures
 
-Options: ``--size``, ``--tile``, ``--base-channels``, ``--repeats``, ``--workdir``
+    python benchmarks/bench_end_to_end.py --precision bf16         # bf16, fastest runtime
+    python benchmarks/bench_end_to_end.py --backend torch          # end to end with torch
+
+Options: ``--size``, ``--tile``, ``--base-channels``, ``--repeats``, ``--precision``
+(fp32), ``--backend`` (auto), ``--workdir``
 (default ``/tmp/tilerseg-bench``; slides there are reused), ``--json`` (see ``--help``).
-A run costs ``2 x repeats + 2`` passes of the model over the whole slide (the rounds and
-the choice of the reference), plus writing the slide the first time.
+A run costs ``2 x repeats`` passes of the model over the whole slide (the rounds), plus
+one per bare candidate (2 torch, 2 OpenVINO) to choose the reference, plus writing the
+slide the first time.
 """
 
 from __future__ import annotations
@@ -61,8 +90,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import platform
+import re
 import shutil
 import statistics
 import sys
@@ -74,16 +105,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 # the cached slides are those of bench_memory.py (this directory is on sys.path)
 from bench_memory import make_slide
+from torch import nn
 
 import tilerseg
 from tilerseg.engine import read_window
 from tilerseg.io.writers import OutputWriter
 
 TARGET = 0.85
+TARGET_AMX_BF16_MPX_S = 8.0  # the issue's second target: bf16 end to end on an AMX Xeon
 MODEL_SEED = 0
 DEPTH = 4
 MIB = 1024**2
@@ -97,6 +129,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="U-Net base channels (default 16; depth is 4)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed rounds of both paths (default 3)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="forward-pass precision of both paths (default fp32)")
+    parser.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
+                        help="runtime of the end-to-end path (default auto: OpenVINO when "
+                        "installed); the bare reference is the fastest runtime whatever it is")
     parser.add_argument("--workdir", default="/tmp/tilerseg-bench",
                         help="directory for the cached slide and the output "
                         "(default /tmp/tilerseg-bench)")
@@ -171,9 +208,10 @@ class CommitTimer:
             OutputWriter.commit = original  # type: ignore[method-assign]
 
 
-def time_end_to_end(image: Any, model: nn.Module, out: Path, tile: int
+def time_end_to_end(image: Any, model: nn.Module, out: Path, tile: int,
+                    precision: str = "fp32", backend: str = "auto"
                     ) -> tuple[float, dict[str, Any], float]:
-    """One ``segment_to_zarr`` call with the defaults.
+    """One ``segment_to_zarr`` call with the defaults (and ``precision``, ``backend``).
 
     Returns
     -------
@@ -189,20 +227,23 @@ def time_end_to_end(image: Any, model: nn.Module, out: Path, tile: int
     timer = CommitTimer()
     with timer.active():
         start = time.perf_counter()
-        tilerseg.segment_to_zarr(image, model, out, tile=tile, dtype="uint8", overwrite=True)
+        tilerseg.segment_to_zarr(image, model, out, tile=tile, dtype="uint8", overwrite=True,
+                                 precision=precision, backend=backend)
         seconds = time.perf_counter() - start
     profile = dict(zarr.open_group(os.fspath(out), mode="r").attrs["tilerseg"]["profile"])
     return seconds, profile, sum(timer.seconds)
 
 
 def time_bare(model: nn.Module, windows: list[torch.Tensor], workers: int,
-              threads: int) -> float:
+              threads: int, precision: str = "fp32") -> float:
     """Seconds of the bare forward over ``windows`` with ``workers`` x ``threads``.
 
     Each of ``workers`` Python threads sets ``torch.set_num_threads(threads)`` and runs
-    ``model(x)`` under ``torch.inference_mode()`` on the next window of a shared counter
-    until none is left (as the pipeline's CPU workers take the next tile). The main
-    thread's torch thread count is restored afterwards.
+    ``model(x)`` under ``torch.inference_mode()`` (and, for ``precision="bf16"``, under
+    ``torch.autocast("cpu", dtype=torch.bfloat16)``, entered in each thread: autocast is
+    thread-local) on the next window of a shared counter until none is left (as the
+    pipeline's CPU workers take the next tile). The main thread's torch thread count is
+    restored afterwards.
 
     Parameters
     ----------
@@ -212,10 +253,35 @@ def time_bare(model: nn.Module, windows: list[torch.Tensor], workers: int,
         Pre-built input windows.
     workers, threads : int
         Python threads and torch intra-op threads per Python thread.
+    precision : {"fp32", "bf16"}
+        Autocast precision.
 
     Returns
     -------
     float
+    """
+    previous = torch.get_num_threads()
+
+    def context() -> contextlib.AbstractContextManager:
+        torch.set_num_threads(threads)
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(autocast(precision))
+        return stack
+
+    try:
+        return drive(model, windows, workers, context)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def drive(call: Any, windows: list[torch.Tensor], workers: int,
+          context: Any = contextlib.nullcontext) -> float:
+    """Seconds of ``workers`` Python threads calling ``call(window)`` over ``windows``.
+
+    Each thread enters ``context()`` once, then takes the next window of a shared counter
+    until none is left (as the pipeline's CPU workers take the next tile). The first
+    error of any thread is re-raised.
     """
     lock = threading.Lock()
     order = iter(range(len(windows)))
@@ -223,18 +289,16 @@ def time_bare(model: nn.Module, windows: list[torch.Tensor], workers: int,
 
     def work() -> None:
         try:
-            torch.set_num_threads(threads)
-            with torch.inference_mode():
+            with context():
                 while True:
                     with lock:
                         i = next(order, None)
                     if i is None:
                         return
-                    model(windows[i])
+                    call(windows[i])
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller
             errors.append(err)
 
-    previous = torch.get_num_threads()
     pool = [threading.Thread(target=work, name=f"bare-{k}") for k in range(workers)]
     start = time.perf_counter()
     for t in pool:
@@ -242,10 +306,176 @@ def time_bare(model: nn.Module, windows: list[torch.Tensor], workers: int,
     for t in pool:
         t.join()
     seconds = time.perf_counter() - start
-    torch.set_num_threads(previous)
     if errors:
         raise errors[0]
     return seconds
+
+
+def autocast(precision: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` on the CPU for bf16, nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    raise ValueError(f"precision {precision!r}: fp32 or bf16")
+
+
+def time_openvino(forward: Any, windows: list[torch.Tensor], streams: int) -> float:
+    """Seconds of ``streams`` Python threads running an OpenVINO network over ``windows``.
+
+    ``forward`` is a :class:`tilerseg.engine.openvino_backend.OpenVINOForward` (one
+    infer request per stream); each thread takes the next window of a shared counter
+    until none is left, as :func:`time_bare` does.
+    """
+    return drive(forward, windows, streams)
+
+
+class BareCandidate:
+    """One way to run the bare forward: a runtime, a precision and a thread layout.
+
+    ``kind`` is ``"torch"`` (``workers`` x ``threads``, see :func:`time_bare`) or
+    ``"openvino"`` (``workers`` = streams, each driven by one Python thread, ``threads``
+    = OpenVINO's CPU threads in all, see :func:`time_openvino`). An OpenVINO network is
+    converted (or read from the cache) and compiled on first use and kept.
+    """
+
+    def __init__(self, kind: str, model: nn.Module, window: tuple[int, ...], precision: str,
+                 workers: int, threads: int) -> None:
+        self.kind, self.model, self.window, self.precision = kind, model, window, precision
+        self.workers, self.threads = workers, threads
+        self.forward: Any = None
+        self.details: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        if self.kind == "torch":
+            return f"torch {self.workers}x{self.threads}"
+        return f"openvino {self.workers} stream(s)"
+
+    def describe(self) -> str:
+        if self.kind == "torch":
+            return (f"torch, {self.workers} thread(s) x {self.threads} torch thread(s), "
+                    f"{self.precision}")
+        extra = ""
+        if self.details:
+            extra = (f"; OpenVINO reports inference precision {self.details['ov_precision']}, "
+                     f"{self.details['ov_streams']} stream(s)")
+        return (f"OpenVINO, {self.workers} stream(s) x {self.workers} Python thread(s), "
+                f"{self.threads} CPU thread(s) in all, {self.precision}{extra}")
+
+    def build(self) -> None:
+        if self.kind != "openvino" or self.forward is not None:
+            return
+        from tilerseg.engine.openvino_backend import openvino_forward
+
+        start = time.perf_counter()
+        self.forward = openvino_forward(self.model, (1, 1, *self.window), self.precision,
+                                        streams=self.workers, threads=self.threads)
+        self.details = {"ov_precision": self.forward.precision,
+                        "ov_streams": self.forward.streams,
+                        "build_s": round(time.perf_counter() - start, 3)}
+
+    def time(self, windows: list[torch.Tensor]) -> float:
+        """Seconds of the bare forward over ``windows``."""
+        if self.kind == "torch":
+            return time_bare(self.model, windows, self.workers, self.threads, self.precision)
+        self.build()
+        return time_openvino(self.forward, windows, self.workers)
+
+    def release(self) -> None:
+        """Drop a compiled OpenVINO network (its memory) unless it is the reference."""
+        self.forward = None
+
+
+def bare_candidates(model: nn.Module, window: tuple[int, ...], precision: str
+                    ) -> list[BareCandidate]:
+    """The torch thread configurations, and OpenVINO with 1 and 2 streams if installed."""
+    from tilerseg.engine.backends import openvino_available
+    from tilerseg.engine.cores import available_cores
+
+    out = [BareCandidate("torch", model, window, precision, w, t) for w, t in thread_configs()]
+    if openvino_available():
+        cores = available_cores()
+        out += [BareCandidate("openvino", model, window, precision, s, cores)
+                for s in dict.fromkeys((1, min(2, cores)))]
+    return out
+
+
+def choose_fastest(candidates: list[BareCandidate], windows: list[torch.Tensor], pixels: int,
+                   count: int | None = None) -> tuple[BareCandidate, dict[str, float]]:
+    """Warm up every candidate, time each once on all ``windows``; the fastest and all times.
+
+    The others' OpenVINO networks are released. ``count`` images (if given) are reported
+    as images/s besides Mpx/s.
+    """
+    for c in candidates:  # untimed: conversion/compilation, first inferences
+        c.build()
+        c.time(windows[:max(2, c.workers)])
+    times: dict[str, float] = {}
+    for c in candidates:
+        seconds = c.time(windows)
+        times[c.name] = seconds
+        images = f"{count / seconds:.2f} images/s, " if count else ""
+        print(f"bare forward, {c.describe()}: {seconds:.2f} s "
+              f"({images}{pixels / seconds / 1e6:.3f} Mpx/s)", flush=True)
+    best = min(candidates, key=lambda c: times[c.name])
+    for c in candidates:
+        if c is not best:
+            c.release()
+    print(f"reference: the fastest bare forward, {best.name}", flush=True)
+    return best, times
+
+
+class EngineLog(logging.Handler):
+    """Collects tilerseg's INFO log during a call: which runtime ran, and any warning.
+
+    Warnings (a runtime that failed its check and fell back to eager torch) are printed
+    at once. :meth:`engine` is the runtime of the last pipeline started (the local
+    executor logs ``... with ENGINE, N writer(s)``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        self.warnings: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        self.lines.append(f"{record.name}: {message}")
+        if record.levelno >= logging.WARNING:
+            self.warnings.append(message)
+            print(f"  [{record.levelname} {record.name}] {message}", flush=True)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[EngineLog]:
+        logger = logging.getLogger("tilerseg")
+        previous = logger.level
+        logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+        try:
+            yield self
+        finally:
+            logger.removeHandler(self)
+            logger.setLevel(previous)
+
+    def take(self) -> list[str]:
+        lines, self.lines = self.lines, []
+        return lines
+
+    @staticmethod
+    def engine(lines: list[str]) -> str | None:
+        found = None
+        for line in lines:
+            m = re.search(r"compute worker\(s\) on .* with (\S+), \d+ writer", line)
+            if m:
+                found = m.group(1)
+        return found
+
+    @staticmethod
+    def runtime_lines(lines: list[str]) -> list[str]:
+        keys = ("runs the model", "OpenVINO: compiled", "OpenVINO: converted", "failed on",
+                "changed the probabilities", "compute worker(s)")
+        return [line for line in lines if any(k in line for k in keys)]
 
 
 def thread_configs() -> list[tuple[int, int]]:
@@ -289,10 +519,34 @@ def profile_line(profile: dict[str, Any]) -> str:
 
 
 def environment() -> dict[str, Any]:
-    """Versions and core count, for the JSON record."""
+    """Versions, core count and the CPU's bf16 units, for the JSON record."""
+    from tilerseg.engine.backends import cpu_features, openvino_available
+
+    openvino_version = None
+    if openvino_available():
+        import openvino
+
+        openvino_version = openvino.get_version()
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "tilerseg": tilerseg.__version__, "cores": os.cpu_count(),
-            "machine": platform.machine(), "processor": platform.processor()}
+            "tilerseg": tilerseg.__version__, "openvino": openvino_version,
+            "cores": os.cpu_count(), "machine": platform.machine(),
+            "processor": platform.processor(), "cpu_features": cpu_features(),
+            "cache_dir": os.environ.get("TILERSEG_CACHE_DIR")}
+
+
+def amx_line(mpx_s: float) -> tuple[str, bool | None]:
+    """The bf16 second target (>= 8 Mpx/s end to end on an AMX Xeon), judged only with AMX."""
+    from tilerseg.engine.backends import cpu_features
+
+    features = cpu_features()
+    head = (f"bf16 end to end {mpx_s:.3f} Mpx/s; second target >= {TARGET_AMX_BF16_MPX_S:g} "
+            f"Mpx/s on an AMX Xeon: ")
+    if features["amx_bf16"]:
+        met = mpx_s >= TARGET_AMX_BF16_MPX_S
+        return head + ("met" if met else "NOT met") + f" (this CPU has AMX, {os.cpu_count()} "\
+            "cores)", met
+    return head + (f"not judged here: this CPU has no AMX (avx512_bf16: "
+                   f"{features['avx512_bf16']}, {os.cpu_count()} cores)"), None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,43 +563,72 @@ def main(argv: list[str] | None = None) -> int:
 
     import tifffile
 
+    from tilerseg.engine.backends import cache_dir, resolve_backend
+
     image = tifffile.imread(slide)
     windows = build_windows(image, plan)
+    backend = resolve_backend(args.backend, "cpu")
     print(f"torch {torch.__version__}, {os.cpu_count()} cores; unet depth {DEPTH}, "
-          f"base {args.base_channels} (seed {MODEL_SEED})")
+          f"base {args.base_channels} (seed {MODEL_SEED}); precision {args.precision}, "
+          f"backend {args.backend} (-> {backend}); cache {cache_dir()}")
     print(f"plan: tile {plan.tile}, window {plan.window}, grid {plan.grid}, {len(plan)} tiles; "
           f"windows in memory {sum(w.nbytes for w in windows) / MIB:.0f} MiB", flush=True)
 
-    # warm-up: one tile through each path
-    crop = np.ascontiguousarray(image[: args.tile, : args.tile])
-    warm = time_end_to_end(crop, model, workdir / "end-to-end-warm-up.zarr", args.tile)[0]
-    configs = thread_configs()
-    for w, t in configs:
-        time_bare(model, windows[:max(1, w)], w, t)
-    shutil.rmtree(workdir / "end-to-end-warm-up.zarr", ignore_errors=True)
-    print(f"warm-up (one tile): end to end {warm:.2f} s", flush=True)
+    log = EngineLog()
+    with log.active():
+        # warm-up, untimed: one full end-to-end call on a crop with the slide's window shape
+        side = min(args.size, 2 * args.tile)
+        crop = np.ascontiguousarray(image[:side, :side])
+        crop_plan = tilerseg.plan(crop.shape, model, tile=args.tile)
+        if tuple(crop_plan.window) != tuple(plan.window):
+            raise SystemExit(f"warm-up crop {crop.shape} has window {crop_plan.window}, "
+                             f"not the slide's {plan.window}")
+        warm_out = workdir / "end-to-end-warm-up.zarr"
+        warm = time_end_to_end(crop, model, warm_out, args.tile, args.precision,
+                               args.backend)[0]
+        shutil.rmtree(warm_out, ignore_errors=True)
+        warm_lines = log.take()
+        warm_engine = log.engine(warm_lines)
+        print(f"warm-up (one end-to-end call on a {side}^2 crop, {len(crop_plan)} tiles of "
+              f"window {crop_plan.window}): {warm:.2f} s, runtime {warm_engine}", flush=True)
+        for line in log.runtime_lines(warm_lines):
+            print(f"  {line}")
 
-    best, choice = choose_reference(model, windows, configs, pixels)
+        candidates = bare_candidates(model, tuple(plan.window), args.precision)
+        best, choice = choose_fastest(candidates, windows, pixels)
 
-    rounds: list[dict[str, Any]] = []
-    for r in range(args.repeats):
-        if r % 2 == 0:  # alternate the order so that neither path always runs second
-            total, profile, commit = time_end_to_end(slide, model, out, args.tile)
-            bare = time_bare(model, windows, *best)
-        else:
-            bare = time_bare(model, windows, *best)
-            total, profile, commit = time_end_to_end(slide, model, out, args.tile)
-        after = total - profile["wall"] - profile["setup"]
-        rounds.append({"end_to_end_s": total, "bare_s": bare, "ratio": bare / total,
-                       "after_tiles_s": after, "commit_s": commit,
-                       "other_s": after - commit, "profile": profile})
-        print(f"round {r + 1}/{args.repeats}: end to end {total:.2f} s "
-              f"({pixels / total / 1e6:.3f} Mpx/s), bare {bare:.2f} s "
-              f"({pixels / bare / 1e6:.3f} Mpx/s), ratio {bare / total:.3f}")
-        print(f"  {profile_line(profile)}")
-        print(f"  after tiles (total - wall - setup) {after:.2f} s = pyramid + metadata "
-              f"(commit) {commit:.2f} s + open/probe/normalisation set-up {after - commit:.2f} s",
-              flush=True)
+        rounds: list[dict[str, Any]] = []
+        for r in range(args.repeats):
+            if r % 2 == 0:  # alternate the order so that neither path always runs second
+                log.take()
+                total, profile, commit = time_end_to_end(slide, model, out, args.tile,
+                                                         args.precision, args.backend)
+                lines = log.take()
+                bare = best.time(windows)
+            else:
+                bare = best.time(windows)
+                log.take()
+                total, profile, commit = time_end_to_end(slide, model, out, args.tile,
+                                                         args.precision, args.backend)
+                lines = log.take()
+            engine = log.engine(lines)
+            after = total - profile["wall"] - profile["setup"]
+            rounds.append({"end_to_end_s": total, "bare_s": bare, "ratio": bare / total,
+                           "after_tiles_s": after, "commit_s": commit,
+                           "other_s": after - commit, "profile": profile, "engine": engine,
+                           "runtime_log": log.runtime_lines(lines),
+                           "first": "end_to_end" if r % 2 == 0 else "bare"})
+            print(f"round {r + 1}/{args.repeats}: end to end {total:.2f} s "
+                  f"({pixels / total / 1e6:.3f} Mpx/s, {engine}), bare {bare:.2f} s "
+                  f"({pixels / bare / 1e6:.3f} Mpx/s, {best.name}), ratio {bare / total:.3f}")
+            print(f"  {profile_line(profile)}")
+            print(f"  after tiles (total - wall - setup) {after:.2f} s = pyramid + metadata "
+                  f"(commit) {commit:.2f} s + other {after - commit:.2f} s", flush=True)
+            for line in log.runtime_lines(lines):
+                if "runs the model" in line or "compiled" in line:
+                    print(f"  {line}")
+            if backend != "torch" and engine != backend:
+                print(f"  WARNING: {backend} was asked for but {engine} ran", flush=True)
     shutil.rmtree(out, ignore_errors=True)
 
     e2e_med = statistics.median(x["end_to_end_s"] for x in rounds)
@@ -353,35 +636,51 @@ def main(argv: list[str] | None = None) -> int:
     ratio_med = statistics.median(x["ratio"] for x in rounds)
     ok = ratio_med >= TARGET
     print()
+    engines = ", ".join(sorted({str(x["engine"]) for x in rounds}))
+    print(f"{args.size}^2 = {pixels / 1e6:.1f} Mpx, tile {args.tile}, precision {args.precision},"
+          f" end to end with backend {args.backend} ({engines}), bare reference {best.name}")
     header = f"{'round':>5} {'e2e s':>8} {'e2e Mpx/s':>10} {'bare s':>8} {'bare Mpx/s':>11} " \
-             f"{'ratio':>6} {'wall s':>7} {'after s':>8} {'model_share':>12}"
+             f"{'ratio':>6} {'wall s':>7} {'setup s':>8} {'after s':>8} {'model_share':>12}"
     print(header)
     print("-" * len(header))
     for i, x in enumerate(rounds, 1):
         print(f"{i:>5} {x['end_to_end_s']:>8.2f} {pixels / x['end_to_end_s'] / 1e6:>10.3f} "
               f"{x['bare_s']:>8.2f} {pixels / x['bare_s'] / 1e6:>11.3f} {x['ratio']:>6.3f} "
-              f"{x['profile']['wall']:>7.2f} {x['after_tiles_s']:>8.2f} "
-              f"{x['profile']['model_share']:>12.3f}")
+              f"{x['profile']['wall']:>7.2f} {x['profile']['setup']:>8.2f} "
+              f"{x['after_tiles_s']:>8.2f} {x['profile']['model_share']:>12.3f}")
     print(f"median end to end: {e2e_med:.2f} s ({pixels / e2e_med / 1e6:.3f} Mpx/s)")
-    print(f"median bare ({best[0]} x {best[1]}): {bare_med:.2f} s "
-          f"({pixels / bare_med / 1e6:.3f} Mpx/s)")
-    print(f"median of paired ratios (end-to-end / bare throughput): {ratio_med:.3f}")
+    print(f"median bare ({best.name}): {bare_med:.2f} s ({pixels / bare_med / 1e6:.3f} Mpx/s)")
+    print(f"median of paired ratios (end-to-end / fastest bare throughput): {ratio_med:.3f}")
     print(f"target >= {TARGET:.2f}: {'met' if ok else 'NOT met'}")
+    amx_met = None
+    if args.precision == "bf16":
+        text, amx_met = amx_line(pixels / e2e_med / 1e6)
+        print(text)
 
     if args.json:
         record = {
             "benchmark": "end_to_end", "command": [sys.executable, *sys.argv],
             "environment": environment(), "args": vars(args),
-            "slide": str(slide), "pixels": pixels,
+            "backend_resolved": backend, "slide": str(slide), "pixels": pixels,
             "plan": {"tile": list(plan.tile), "window": list(plan.window),
                      "grid": list(plan.grid), "tiles": len(plan)},
-            "bare_configs_s": choice, "reference_config": list(best),
+            "warm_up": {"crop": side, "seconds": warm, "engine": warm_engine,
+                        "runtime_log": log.runtime_lines(warm_lines)},
+            "bare_candidates_s": choice,
+            "bare_candidates": {c.name: {"kind": c.kind, "workers": c.workers,
+                                         "threads": c.threads, **c.details}
+                                for c in candidates},
+            "reference": best.name,
             "rounds": rounds,
             "median": {"end_to_end_s": e2e_med, "bare_s": bare_med,
                        "end_to_end_mpx_s": pixels / e2e_med / 1e6,
                        "bare_mpx_s": pixels / bare_med / 1e6, "paired_ratio": ratio_med},
             "target": TARGET, "met": ok,
+            "target_amx_bf16_mpx_s": TARGET_AMX_BF16_MPX_S if args.precision == "bf16" else None,
+            "met_amx_bf16": amx_met,
+            "warnings": log.warnings,
         }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0 if ok else 1

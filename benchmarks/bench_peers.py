@@ -66,8 +66,43 @@ Model: the bundled depth-4, 16-channel valid U-Net trained on ISBI 2012 EM
 (:func:`tilerseg.load_model`), else ``torch.manual_seed(0); create_model("unet",
 base_channels=16)``; float32, eval mode.
 
-MONAI is a benchmark-only dependency, not one of tilerseg's. Install it without letting
-it pull another torch::
+Whole processes (``--mode process``)
+-----------------------------------
+The figures above time the inference alone inside each child. ``--mode process`` times
+what a user waits for from the shell instead: the wall time of a fresh process from
+``Popen`` to its exit, interpreter start-up, imports, loading the model, reading the
+input and writing the output included, for
+
+``tilerseg-run``
+    ``python -m tilerseg run membrane-N.tif -o OUT.zarr --overwrite -q``: the command
+    line with its default options (bundled model, tile 512 on the CPU, uint8
+    probabilities with the pyramid, fp32, ``--backend auto``, which is OpenVINO on the
+    CPU when it is installed, 2 workers).
+``monai-process`` and ``monai-cl-process``
+    this script re-invoked as a MONAI user's script would run: import numpy, tifffile,
+    torch, MONAI and tilerseg (only for the model's class and bundled weights), build
+    the same-padded twin of the bundled model, read the same TIFF with
+    ``tifffile.imread``, scale to [0, 1], ``sliding_window_inference`` (roi ``--roi``,
+    overlap 0.25, Gaussian, ``sw_batch_size=4``, torch's default threads), softmax, and
+    save the probabilities of both classes as uint8 ``round(255 p)`` in a ``.npy`` (the
+    content of tilerseg's default output, without its pyramid or compression). The
+    ``-cl`` variant puts the model and input in channels-last.
+
+Caches are warm before the timed runs, and this is part of the protocol: tilerseg is run
+once, untimed, on the same image first, so its OpenVINO network for the 700 px window is
+already converted and cached under ``$TILERSEG_CACHE_DIR/openvino`` (the first run on a
+machine also converts it, a few seconds once); each MONAI variant is started once,
+untimed, up to its imports and model (``--imports-only``), so neither side pays cold
+file-system caches. Then every method runs ``--repeats`` times in rotated order. Peak
+RSS is the child's ``ru_maxrss`` from ``os.wait4`` (the parent of this mode imports
+neither torch nor tilerseg, so it is smaller than its children and the figure is the
+child's own). **Target: tilerseg's throughput (image pixels / median process wall time)
+>= 4x MONAI's** (default layout; the channels-last ratio is printed beside it). The
+exactness checks are not part of this mode (see the default mode).
+
+MONAI is a benchmark-only dependency, not one of tilerseg's. Install it into the
+virtual environment (MONAI 1.6.1 needs torch >= 2.8 and numpy < 3, which torch 2.13 and
+numpy 2.4 satisfy, so pip leaves them alone; ``--no-deps`` makes sure)::
 
     pip install monai --no-deps
 
@@ -78,8 +113,11 @@ Usage, from the repository root with the virtualenv active::
     python benchmarks/bench_peers.py                              # 4096^2, 1 repeat
     python benchmarks/bench_peers.py --repeats 3 --json peers.json
     python benchmarks/bench_peers.py --size 1024 --methods tilerseg dask
+    python benchmarks/bench_peers.py --mode process --repeats 3 --workdir /tmp/tilerseg-peers \
+        --json peers-process.json
 
-Options: ``--size`` (multiple of 16), ``--repeats``, ``--methods``, ``--tile``
+Options: ``--mode`` (``inference``, the default, or ``process``), ``--size`` (multiple of
+16), ``--repeats``, ``--methods`` (of the chosen mode), ``--tile``
 (tilerseg tile and dask chunk, 512), ``--roi`` (MONAI window, 512), ``--workdir``
 (scratch directory; default a fresh temporary one, removed at the end unless ``--keep``;
 an image of the right size already there is reused), ``--keep``, ``--json FILE``.
@@ -114,12 +152,17 @@ MONAI_BATCH = 4
 DASK_WORKERS = 2
 
 METHODS = ("tilerseg", "tilerseg-bf16", "monai", "monai-cl", "dask")
+PROCESS_METHODS = ("tilerseg-run", "monai-process", "monai-cl-process")
+PROCESS_TARGET = 4.0  # tilerseg run throughput / MONAI's, whole fresh processes
 REFERENCES = ("oneshot-valid", "oneshot-same")
 REFERENCE_OF = {"tilerseg": "oneshot-valid", "tilerseg-bf16": "oneshot-valid",
                 "dask": "oneshot-valid",
                 "monai": "oneshot-same", "monai-cl": "oneshot-same"}
 DESCRIPTION = {
     "tilerseg": "segment_to_zarr, pipeline, TIFF -> zarr",
+    "tilerseg-run": "tilerseg run, defaults, TIFF -> OME-Zarr",
+    "monai-process": "script: TIFF -> SWI -> uint8 .npy",
+    "monai-cl-process": "the same, channels_last",
     "tilerseg-bf16": "the same with precision='bf16' (opt-in)",
     "monai": "sliding_window_inference, default layout",
     "monai-cl": "sliding_window_inference, channels_last",
@@ -303,6 +346,47 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: KiB
 
 
+def monai_process(args: argparse.Namespace, channels_last: bool) -> None:
+    """A MONAI user's script, whole: imports, model, read the TIFF, infer, save uint8.
+
+    Run in a fresh process and timed from outside (``--mode process``); it also writes
+    its own stage times (seconds since this function started; the interpreter start-up
+    and this script's own imports come before) to its result JSON. With
+    ``--imports-only`` it stops after the imports and the model (the untimed warm-up).
+    """
+    begin = time.perf_counter()
+    stages: dict[str, float] = {}
+    import tifffile
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    stages["imports"] = time.perf_counter() - begin
+    _, same, _ = load_models()
+    if channels_last:
+        same = same.to(memory_format=torch.channels_last)
+    stages["model"] = time.perf_counter() - begin
+    workdir = Path(args.workdir)
+    name = args.method
+    if not args.imports_only:
+        _, tif = image_paths(workdir, args.size)
+        image = tifffile.imread(tif)
+        stages["read"] = time.perf_counter() - begin
+        x = torch.from_numpy(scaled(image))[None, None]
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            logits = sliding_window_inference(x, (args.roi, args.roi), MONAI_BATCH, same,
+                                              overlap=MONAI_OVERLAP, mode="gaussian")
+            probs = torch.softmax(logits, dim=1)[0]
+        stages["inference"] = time.perf_counter() - begin
+        encoded = np.rint(probs.numpy() * np.float32(255)).astype(np.uint8)
+        np.save(workdir / f"out-{name}.npy", encoded)
+        stages["write"] = time.perf_counter() - begin
+    result_path(workdir, name).write_text(json.dumps(
+        {"method": name, "stages_s": stages, "peak_rss_bytes": peak_rss_bytes(),
+         "imports_only": bool(args.imports_only)}))
+
+
 def child(args: argparse.Namespace) -> None:
     """Run one method, write its result JSON and its class-1 probabilities."""
     workdir = Path(args.workdir)
@@ -344,6 +428,15 @@ class Runs:
     @property
     def peak(self) -> float:
         return statistics.median(self.peak_rss_bytes)
+
+
+def make_workdir(args: argparse.Namespace) -> tuple[Path, bool]:
+    """``--workdir`` (created), or a new temporary folder; and whether to remove it after."""
+    if args.workdir is None:
+        return Path(tempfile.mkdtemp(prefix="tilerseg-bench-peers-")), not args.keep
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    return workdir, False
 
 
 def make_image(workdir: Path, size: int) -> tuple[Path, Path]:
@@ -428,14 +521,257 @@ def ratios(runs: dict[str, Runs]) -> dict[str, dict[str, float]]:
             for name, r in runs.items() if name != "tilerseg"}
 
 
+# -- --mode process: whole fresh processes ----------------------------------------------------
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a child: this checkout's tilerseg first on the path."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def timed_process(command: list[str], log: Path) -> tuple[float, int, int, str]:
+    """Run ``command`` to its exit; (wall s, peak RSS bytes, exit status, its output).
+
+    The wall time runs from ``Popen`` to the exit; the peak RSS is ``ru_maxrss`` of the
+    child from ``os.wait4`` (the child's own, as long as this parent is smaller). stdout
+    and stderr go to ``log``.
+    """
+    with open(log, "w") as out:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   env=child_env())
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+    process.returncode = code = os.waitstatus_to_exitcode(status)
+    return wall, usage.ru_maxrss * 1024, code, log.read_text(errors="replace")
+
+
+def tilerseg_command(tif: Path, out: Path, verbose: bool = False) -> list[str]:
+    """``tilerseg run`` with its default options (``-v`` only for the warm-up's log)."""
+    return [sys.executable, "-m", "tilerseg", *(["-v"] if verbose else []), "run", str(tif),
+            "-o", str(out), "--overwrite", "-q"]
+
+
+def monai_command(name: str, args: argparse.Namespace, workdir: Path,
+                  imports_only: bool = False) -> list[str]:
+    return [sys.executable, os.path.abspath(__file__), "--method", name, "--workdir",
+            str(workdir), "--size", str(args.size), "--roi", str(args.roi),
+            *(["--imports-only"] if imports_only else [])]
+
+
+def runtime_lines(text: str) -> list[str]:
+    """The lines of a tilerseg log that say which runtime ran, and any warning."""
+    keys = ("runs the model", "OpenVINO:", "compute worker(s)", "WARNING", "eagerly")
+    return [line for line in text.splitlines() if any(k in line for k in keys)]
+
+
+def output_attrs(out: Path, key: str) -> dict[str, Any] | None:
+    """``tilerseg/KEY`` (``profile``, ``runtime``) of an OME-Zarr output, from its
+    ``zarr.json``; None where it is missing."""
+    try:
+        attrs = json.loads((out / "zarr.json").read_text())["attributes"]
+        return dict(attrs["tilerseg"][key])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+
+
+def package_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def main_process(args: argparse.Namespace) -> int:
+    """``--mode process``: tilerseg run against a MONAI script, whole fresh processes."""
+    from importlib.util import find_spec
+
+    methods = [m for m in PROCESS_METHODS if m in args.methods]
+    skipped: dict[str, str] = {}
+    if find_spec("monai") is None:
+        for m in ("monai-process", "monai-cl-process"):
+            if m in methods:
+                methods.remove(m)
+                skipped[m] = "MONAI is not installed (pip install monai --no-deps)"
+    workdir, remove = make_workdir(args)
+    try:
+        cache = os.environ.get("TILERSEG_CACHE_DIR")
+        print(f"python {platform.python_version()}, torch {package_version('torch')}, "
+              f"openvino {package_version('openvino')}, MONAI {package_version('monai')}, "
+              f"{os.cpu_count()} CPUs; TILERSEG_CACHE_DIR={cache}")
+        print(f"image: {args.size} x {args.size} uint8 membrane_image(seed={SEED}); whole "
+              f"fresh processes; MONAI roi {args.roi}, overlap {MONAI_OVERLAP}, gaussian, "
+              f"sw_batch_size {MONAI_BATCH}; workdir {workdir}", flush=True)
+        _, tif = make_image(workdir, args.size)
+        out = workdir / "out-tilerseg-run.zarr"
+        logs = workdir / "logs"
+        logs.mkdir(exist_ok=True)
+
+        # warm caches, untimed: tilerseg once (converts and caches the OpenVINO network for
+        # its window if not cached yet), each MONAI variant up to its imports and model
+        warm: dict[str, Any] = {}
+        if "tilerseg-run" in methods:
+            shutil.rmtree(out, ignore_errors=True)
+            command = tilerseg_command(tif, out, verbose=True)
+            wall, _, code, text = timed_process(command, logs / "warm-tilerseg-run.log")
+            if code != 0:
+                print(text[-3000:])
+                raise SystemExit(f"tilerseg run failed with status {code}: {' '.join(command)}")
+            lines = runtime_lines(text)
+            warm["tilerseg-run"] = {"wall_s": wall, "command": command, "log": lines}
+            print(f"warm-up (untimed): {' '.join(command)}: {wall:.2f} s", flush=True)
+            for line in lines:
+                print(f"  {line}")
+        for m in [m for m in methods if m != "tilerseg-run"]:
+            command = monai_command(m, args, workdir, imports_only=True)
+            wall, _, code, text = timed_process(command, logs / f"warm-{m}.log")
+            if code != 0:
+                methods.remove(m)
+                skipped[m] = f"the MONAI script failed (status {code}): {text.strip()[-300:]}"
+                continue
+            warm[m] = {"wall_s": wall, "command": command}
+            print(f"warm-up (untimed, imports and model only): {m}: {wall:.2f} s", flush=True)
+        for m, why in skipped.items():
+            print(f"skipping {m}: {why}")
+        if not methods:
+            print("nothing to run")
+            return 1
+
+        commands = {m: tilerseg_command(tif, out) if m == "tilerseg-run"
+                    else monai_command(m, args, workdir) for m in methods}
+        for m in methods:
+            print(f"{m}: {' '.join(commands[m])}")
+        pixels = args.size * args.size
+        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+        warnings: list[str] = []
+        for r in range(args.repeats):
+            k = r % len(methods)  # rotate the order so no method always runs first
+            for name in methods[k:] + methods[:k]:
+                if name == "tilerseg-run":
+                    shutil.rmtree(out, ignore_errors=True)  # untimed
+                else:
+                    result_path(workdir, name).unlink(missing_ok=True)
+                wall, peak, code, text = timed_process(commands[name],
+                                                       logs / f"{name}-{r + 1}.log")
+                if code != 0:
+                    print(text[-3000:])
+                    raise SystemExit(f"{name} failed with status {code}: "
+                                     f"{' '.join(commands[name])}")
+                record: dict[str, Any] = {"wall_s": wall, "peak_rss_bytes": peak}
+                if name == "tilerseg-run":
+                    record["profile"] = output_attrs(out, "profile")
+                    record["runtime"] = output_attrs(out, "runtime")  # what ran the model
+                    flagged = [line for line in text.splitlines()
+                               if "WARNING" in line or "eagerly" in line]
+                    if flagged:
+                        warnings += flagged
+                        print("\n".join(f"  {line}" for line in flagged))
+                else:
+                    child = json.loads(result_path(workdir, name).read_text())
+                    record["stages_s"] = child["stages_s"]
+                    record["child_vmhwm_bytes"] = child["peak_rss_bytes"]
+                runs[name].append(record)
+                extra = ""
+                if name == "tilerseg-run" and record["profile"]:
+                    prof = record["profile"]
+                    used = record["runtime"] or {}
+                    extra = (f" ({used.get('engine', '?')}, {used.get('precision', '?')}); "
+                             f"pipeline wall {prof['wall']:.2f} s, set-up {prof['setup']:.2f} s,"
+                             f" model_share {prof['model_share']:.3f}, waited "
+                             f"{prof['starved']:.2f} s for input, {prof['blocked']:.2f} s for "
+                             f"the writers")
+                elif "stages_s" in record:
+                    st = record["stages_s"]
+                    extra = "; " + ", ".join(f"{k} at {v:.2f} s" for k, v in st.items())
+                print(f"repeat {r + 1}/{args.repeats} {name}: {wall:.2f} s "
+                      f"({pixels / wall / 1e6:.3f} Mpx/s), peak RSS {peak / MIB:.0f} MiB"
+                      f"{extra}", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+        for m in methods:
+            if m != "tilerseg-run":
+                (workdir / f"out-{m}.npy").unlink(missing_ok=True)
+
+        medians = {m: statistics.median(x["wall_s"] for x in runs[m]) for m in methods}
+        peaks = {m: statistics.median(x["peak_rss_bytes"] for x in runs[m]) for m in methods}
+        print()
+        print(f"{args.size} x {args.size} = {pixels / 1e6:.2f} Mpx; whole fresh processes "
+              f"(start-up, imports, model, read, inference, write), medians of "
+              f"{args.repeats}; caches warm (tilerseg's OpenVINO network converted by an "
+              f"untimed run first)")
+        header = (f"{'method':<17} {'what':<40} {'wall s':>8} {'Mpx/s':>7} "
+                  f"{'peak RSS MiB':>13}  runs (s)")
+        print(header)
+        print("-" * len(header))
+        for m in methods:
+            walls = ", ".join(f"{x['wall_s']:.2f}" for x in runs[m])
+            print(f"{m:<17} {DESCRIPTION[m]:<40} {medians[m]:>8.2f} "
+                  f"{pixels / medians[m] / 1e6:>7.3f} {peaks[m] / MIB:>13.0f}  {walls}")
+        ratios_: dict[str, float] = {}
+        met = None
+        if "tilerseg-run" in methods:
+            for m in methods:
+                if m != "tilerseg-run":
+                    ratios_[m] = medians[m] / medians["tilerseg-run"]
+                    print(f"tilerseg run / {m}: throughput x{ratios_[m]:.2f}, peak RSS "
+                          f"x{peaks['tilerseg-run'] / peaks[m]:.2f}")
+            if "monai-process" in ratios_:
+                met = ratios_["monai-process"] >= PROCESS_TARGET
+                print(f"target: >= {PROCESS_TARGET:g}x MONAI (default layout), whole "
+                      f"processes: {'met' if met else 'NOT met'}")
+        for m, why in skipped.items():
+            print(f"({m} skipped: {why})")
+
+        if args.json:
+            report = {
+                "benchmark": "bench_peers", "mode": "process",
+                "command": [sys.executable, *sys.argv],
+                "environment": {"python": platform.python_version(),
+                                "torch": package_version("torch"),
+                                "openvino": package_version("openvino"),
+                                "monai": package_version("monai"),
+                                "cpus": os.cpu_count(), "tilerseg_cache_dir": cache},
+                "config": {"size": args.size, "pixels": pixels, "repeats": args.repeats,
+                           "roi": args.roi, "overlap": MONAI_OVERLAP,
+                           "sw_batch_size": MONAI_BATCH, "tiff_tile": TIFF_TILE,
+                           "seed": SEED},
+                "warm_up": warm,
+                "commands": commands,
+                "methods": {m: {"description": DESCRIPTION[m], "runs": runs[m],
+                                "wall_s_median": medians[m],
+                                "mpx_per_s_median": pixels / medians[m] / 1e6,
+                                "peak_rss_bytes_median": peaks[m]} for m in methods},
+                "throughput_tilerseg_over": ratios_,
+                "target": PROCESS_TARGET, "met": met,
+                "warnings": warnings, "skipped": skipped,
+            }
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+            print(f"wrote {args.json}")
+        return 0 if met in (True, None) else 1
+    finally:
+        if remove:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=4096,
                         help=f"image side in px, a multiple of {STEP} (default 4096)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of each method, each in a fresh process (default 1)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                        help=f"methods to run (default: all of {', '.join(METHODS)})")
+    parser.add_argument("--mode", choices=("inference", "process"), default="inference",
+                        help="inference: time the inference inside each child (default); "
+                        "process: time whole fresh processes (tilerseg run vs a MONAI "
+                        "script), imports and set-up included")
+    parser.add_argument("--methods", nargs="+", choices=METHODS + PROCESS_METHODS,
+                        default=None,
+                        help=f"methods to run (default: all of the mode: inference "
+                        f"{', '.join(METHODS)}; process {', '.join(PROCESS_METHODS)})")
     parser.add_argument("--tile", type=int, default=512,
                         help="tilerseg output tile and dask chunk side (default 512, "
                         "tilerseg's CPU default)")
@@ -446,8 +782,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="keep the scratch directory (always kept when --workdir is given)")
     parser.add_argument("--json", metavar="FILE", default=None,
                         help="also write the results as JSON to FILE")
-    parser.add_argument("--method", choices=METHODS + REFERENCES, default=None,
+    parser.add_argument("--method", choices=METHODS + REFERENCES + PROCESS_METHODS,
+                        default=None,
                         help=argparse.SUPPRESS)  # internal: run one method in this process
+    parser.add_argument("--imports-only", action="store_true",
+                        help=argparse.SUPPRESS)  # internal: MONAI process warm-up
     args = parser.parse_args(argv)
     if args.size < 256 or args.size % STEP:
         parser.error(f"--size must be a multiple of {STEP} and at least 256")
@@ -459,14 +798,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--repeats must be at least 1")
     if args.method is not None and args.workdir is None:
         parser.error("--method needs --workdir")
+    allowed = PROCESS_METHODS if args.mode == "process" else METHODS
+    if args.methods is None:
+        args.methods = list(allowed)
+    elif args.method is None and any(m not in allowed for m in args.methods):
+        parser.error(f"--mode {args.mode} runs {', '.join(allowed)}")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.method in PROCESS_METHODS:
+        monai_process(args, channels_last=args.method == "monai-cl-process")
+        return 0
     if args.method is not None:
         child(args)
         return 0
+    if args.mode == "process":
+        return main_process(args)
 
     import torch
 
@@ -486,13 +835,7 @@ def main(argv: list[str] | None = None) -> int:
         print("nothing to run")
         return 1
 
-    if args.workdir is None:
-        workdir = Path(tempfile.mkdtemp(prefix="tilerseg-bench-peers-"))
-        remove = not args.keep
-    else:
-        workdir = Path(args.workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        remove = False
+    workdir, remove = make_workdir(args)
     try:
         valid, _, source = load_models()
         geometry = tilerseg.model_geometry(valid)

@@ -229,3 +229,45 @@ def test_tiled_bf16_equals_one_shot_bf16(model: torch.nn.Module, image: np.ndarr
         assert np.abs(tiled - reference).max() <= (1e-4 if backend == "torch" else 2e-3)
         # bf16 really computed in bf16: it differs from fp32, by at most a few hundredths
         assert 1e-4 < np.abs(tiled - fp32).max() < 0.1
+
+
+_FIRST_USE = """
+import sys, threading, torch, tilerseg
+from tilerseg.engine.openvino_backend import openvino_forward
+model = tilerseg.load_model(sys.argv[1])
+forward = openvino_forward(model, (1, 1, 68, 68), streams=2, threads=2)  # from the cache
+start = threading.Barrier(2)
+def first_call():
+    start.wait()
+    forward(torch.zeros(1, 1, 68, 68))
+threads = [threading.Thread(target=first_call) for _ in range(2)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print("done")
+"""
+
+
+@openvino
+def test_two_threads_using_a_cached_network_first_do_not_deadlock(tmp_path: Path,
+                                                                     model: torch.nn.Module
+                                                                     ) -> None:
+    """The first numpy view of an OpenVINO tensor, taken by two threads at once, can
+    deadlock OpenVINO's bindings; a network read from the cache skips the single-threaded
+    check, so the pipeline's compute threads may be first. Without the fix 1 process in
+    6-12 hung here, so 12 processes catch a regression more often than not."""
+    import subprocess
+    import sys
+
+    from tilerseg.engine.openvino_backend import openvino_forward
+
+    path = tilerseg.save_model(model, tmp_path / "m.pt")
+    openvino_forward(tilerseg.load_model(path), (1, 1, 68, 68))  # converted and cached
+    runs = [subprocess.Popen([sys.executable, "-c", _FIRST_USE, str(path)],
+                             stdout=subprocess.PIPE, text=True) for _ in range(12)]
+    for run in runs:
+        try:
+            out, _ = run.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            pytest.fail("two threads deadlocked on their first OpenVINO call")
+        assert run.returncode == 0 and out.strip() == "done"

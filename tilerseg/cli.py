@@ -503,9 +503,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    "model's tuned threshold, else argmax / 0.5)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="forward-pass precision (default: %(default)s). bf16 is the fast "
-                   "path: 3-5x fp32 on CPUs with bf16 units (see `tilerseg info`) and on "
-                   "recent GPUs, probabilities within a few hundredths; refused where the "
-                   "device cannot compute in it")
+                   "path on CPUs with bf16 units (see `tilerseg info`; 2x fp32 measured "
+                   "with AVX-512 bf16, more with AMX) and on recent GPUs; probabilities "
+                   "within a few hundredths. Refused where the device cannot compute in it")
     p.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
                    help="runtime of the forward pass: auto = OpenVINO on the CPU when "
                    "installed (pip install 'tilerseg[openvino]'), else torch; checked "

@@ -72,14 +72,23 @@ def default_batch_size(device: torch.device) -> int:
     return 1 if device.type == "cpu" else 4
 
 
-def default_tile(ndim: int, device: torch.device) -> int:
-    """Default output tile side: 512 px (2D) / 64 voxels (3D) on the CPU, twice on GPUs.
+def default_tile(ndim: int, device: torch.device, backend: str = "torch") -> int:
+    """Default output tile side: 512 px (2D) / 64 voxels (3D) on the CPU, twice on GPUs
+    and for 2D models on OpenVINO.
 
     On this project's reference CPU, output tiles of 516-772 px ran fastest for a
-    depth-4 U-Net; accelerators prefer larger tiles.
+    depth-4 U-Net on torch; OpenVINO ran 1.13x faster on 1024-px tiles (1212-px windows)
+    than on 512-px ones (``benchmarks/bench_small.py`` and ``bench_end_to_end.py``), and
+    accelerators prefer larger tiles.
+
+    Examples
+    --------
+    >>> default_tile(2, torch.device("cpu")), default_tile(2, torch.device("cpu"), "openvino")
+    (512, 1024)
     """
     side = 512 if ndim == 2 else 64
-    return side if device.type == "cpu" else 2 * side
+    larger = device.type != "cpu" or (backend == "openvino" and ndim == 2)
+    return 2 * side if larger else side
 
 
 def resolve_devices(device: str | torch.device | Sequence[str | torch.device] = "auto"

@@ -149,7 +149,13 @@ class OpenVINOForward:
         self.streams = int(compiled.get_property("NUM_STREAMS"))
         self._free: queue.Queue = queue.Queue()
         for _ in range(max(1, requests)):
-            self._free.put(compiled.create_infer_request())
+            request = compiled.create_infer_request()
+            # First use of a tensor's numpy view initialises static state in OpenVINO's
+            # bindings, which deadlocks when two threads do it at once (each holds what
+            # the other waits for: the GIL and a C++ static guard); do it here, once.
+            request.get_input_tensor(0).data
+            request.get_output_tensor(0).data
+            self._free.put(request)
 
     def path_exists(self) -> bool:
         """Whether the cached network this was compiled from is still on disk (a cache

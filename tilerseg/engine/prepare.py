@@ -63,6 +63,7 @@ def plan(
     model: nn.Module | ModelGeometry,
     tile: int | Sequence[int] | None = None,
     device: str | torch.device = "cpu",
+    backend: str = "auto",
 ) -> TilePlan:
     """Plan the tiles :func:`segment` would use for an image, without running anything.
 
@@ -76,6 +77,8 @@ def plan(
         Output tile side; the device's default when None.
     device : str or torch.device
         Only used to choose the default tile.
+    backend : {"auto", "torch", "openvino"}
+        The runtime; also only used to choose the default tile.
 
     Returns
     -------
@@ -91,7 +94,7 @@ def plan(
     geometry = model if isinstance(model, ModelGeometry) else check_model(model)
     if tile is None:
         kind = device if isinstance(device, torch.device) else resolve_device(device)
-        tile = default_tile(geometry.ndim, kind)
+        tile = default_tile(geometry.ndim, kind, resolve_backend(backend, kind.type))
     return plan_tiles(image_shape, geometry, tile)
 
 
@@ -247,13 +250,15 @@ def prepare(image: Any, model: nn.Module, options: RunOptions | None = None, *,
     devices = tuple(resolve_devices(options.device))
     dev = devices[0]
     tile_dev = torch.device(tile_device) if tile_device is not None else dev
+    backend = resolve_backend(options.backend, dev.type, options.compile)
+    tile_backend = resolve_backend(options.backend, tile_dev.type, options.compile)
     if planes:  # a 2D model on a z-stack: plane by plane
-        flat = plan(view.shape[2:], geometry, options.tile, tile_dev)
+        flat = plan(view.shape[2:], geometry, options.tile, tile_dev, tile_backend)
         run_geometry = geometry.per_plane()
         tile_plan = TilePlan(view.shape[1:], (1, *flat.tile), run_geometry)
     else:
         run_geometry = geometry
-        tile_plan = plan(view.shape[1:], geometry, options.tile, tile_dev)
+        tile_plan = plan(view.shape[1:], geometry, options.tile, tile_dev, tile_backend)
     norm = resolve_normalization(
         options.normalize, view.dtype, lambda: statistics_sample(source, view)
     )
@@ -263,7 +268,6 @@ def prepare(image: Any, model: nn.Module, options: RunOptions | None = None, *,
     resolve_precision(options.precision, dev)  # refuse one the device lacks, before any work
     runner = TileRunner(model, view, tile_plan, norm, dev, check_finite=view.dtype.kind == "f",
                         model_ndim=geometry.ndim, precision=options.precision,
-                        compile=options.compile,
-                        backend=resolve_backend(options.backend, dev.type, options.compile))
+                        compile=options.compile, backend=backend)
     return Prepared(source, view, run_geometry, geometry, tile_plan, norm, devices, options,
                     labels, runner)

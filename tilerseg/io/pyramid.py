@@ -23,7 +23,6 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
-import dask.array as da
 import numpy as np
 import zarr
 
@@ -157,6 +156,8 @@ def downsample(
     read_chunks = tuple(src.shape[:lead]) + tuple(
         min(2 * c, n) for c, n in zip(dst.chunks[lead:], src.shape[lead:], strict=True)
     )
+    import dask.array as da  # deferred: a run whose levels are all eager never needs it
+
     x = da.from_zarr(src, chunks=read_chunks)
     out_chunks = x.chunks[:lead] + tuple(
         tuple(math.ceil(b / 2) for b in axis) for axis in x.chunks[lead:]
