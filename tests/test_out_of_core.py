@@ -161,8 +161,8 @@ def test_failed_runs_leave_existing_output_untouched(
     before = _tree_digest(out)
     with pytest.raises(OutputError, match="exists"):
         tilerseg.segment_to_zarr(image, small_model, out, tile=64, device="cpu")
-    bad = image.astype(np.float32)
-    bad[250, 200] = np.nan  # found only when the tile holding it is read
+    bad = np.concatenate([image] * 4).astype(np.float32)  # 1200 rows: 19 rows of tasks
+    bad[1150, 200] = np.nan  # in the last row of tiles: found only when it is read
     np.save(tmp_path / "nan.npy", bad)
     with pytest.raises(InvalidImageError, match="NaN or Inf"):
         tilerseg.segment_to_zarr(tmp_path / "nan.npy", small_model, out, tile=64, device="cpu",
