@@ -21,12 +21,12 @@ for ``--repeats`` rounds:
 (b) **bare forward**: the model on exactly the same input windows (``tilerseg.plan`` of
     one image: one tile of 512 from a 700 x 700 window; windows read with ``read_window``
     from each image in memory, mirror-filled, divided by 255, pre-built as float32
-    channels-last tensors, as in ``bench_end_to_end.build_windows``), ``model(x)`` only,
-    under ``torch.inference_mode()``, with W Python threads each with
-    ``torch.set_num_threads(T)`` taking the next window from a shared counter (as the
-    pipeline's model workers do). Both 2 x 1 and 1 x 2 (threads x torch threads on 2
-    cores) are timed once before the rounds and the faster is the reference of every
-    round.
+    channels-last tensors, as in ``bench_end_to_end.build_windows``), the forward only:
+    torch with W Python threads each with ``torch.set_num_threads(T)`` (2 x 1 and 1 x 2
+    on 2 cores), and OpenVINO with 1 and 2 streams when it is installed, each thread
+    taking the next window from a shared counter (as the pipeline's model workers do).
+    Every candidate is timed once before the rounds and the fastest is the reference of
+    every round (``bench_end_to_end.bare_candidates``).
 
 Throughput is images per second and output pixels (count x side^2) per second. The figure
 of merit is the per-round (paired) ratio ``batch throughput / bare throughput = bare time
@@ -64,14 +64,13 @@ from typing import Any
 
 import torch
 
-# the bare forward and its thread configurations are those of bench_end_to_end.py
+# the bare forward candidates (runtimes, thread layouts) are those of bench_end_to_end.py
 from bench_end_to_end import (
+    bare_candidates,
     build_windows,
-    choose_reference,
+    choose_fastest,
     environment,
     open_workdir,
-    thread_configs,
-    time_bare,
 )
 
 import tilerseg
@@ -195,20 +194,19 @@ def main(argv: list[str] | None = None) -> int:
                       warm_dir, args.tile)
     check_done(warm[1], min(2, count))
     shutil.rmtree(warm_dir, ignore_errors=True)
-    configs = thread_configs()
-    for w, t in configs:
-        time_bare(model, windows[:max(1, w)], w, t)
     print(f"warm-up (two images): batch {warm[0]:.2f} s", flush=True)
 
-    best, choice = choose_reference(model, windows, configs, pixels, count)
+    # the fastest bare forward of any runtime (torch thread layouts, OpenVINO streams)
+    best, choice = choose_fastest(bare_candidates(model, plan.window, "fp32"), windows,
+                                  pixels, count)
 
     rounds: list[dict[str, Any]] = []
     for r in range(args.repeats):
         if r % 2 == 0:  # alternate the order so that neither path always runs second
             batch, results = time_batch([str(folder)], model, out_dir, args.tile)
-            bare = time_bare(model, windows, *best)
+            bare = best.time(windows)
         else:
-            bare = time_bare(model, windows, *best)
+            bare = best.time(windows)
             batch, results = time_batch([str(folder)], model, out_dir, args.tile)
         statuses = check_done(results, count)
         per_image = [x.seconds for x in results]
@@ -243,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{x['ratio']:>6.3f} {x['overhead_ms_per_image']:>9.1f}")
     print(f"median batch: {batch_med:.2f} s ({count / batch_med:.2f} images/s, "
           f"{pixels / batch_med / 1e6:.3f} Mpx/s)")
-    print(f"median bare ({best[0]} x {best[1]}): {bare_med:.2f} s ({count / bare_med:.2f} "
+    print(f"median bare ({best.name}): {bare_med:.2f} s ({count / bare_med:.2f} "
           f"images/s, {pixels / bare_med / 1e6:.3f} Mpx/s)")
     print(f"median per-image overhead (batch - bare) / count: {overhead_med:.1f} ms")
     print(f"median of paired ratios (batch / bare throughput): {ratio_med:.3f}")
@@ -256,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             "images": count, "pixels": pixels,
             "plan": {"tile": list(plan.tile), "window": list(plan.window),
                      "grid": list(plan.grid), "tiles_per_image": len(plan)},
-            "warm_up_s": warm[0], "bare_configs_s": choice, "reference_config": list(best),
+            "warm_up_s": warm[0], "bare_configs_s": choice, "reference_config": best.name,
             "rounds": rounds,
             "median": {"batch_s": batch_med, "bare_s": bare_med,
                        "batch_images_s": count / batch_med, "bare_images_s": count / bare_med,
