@@ -271,3 +271,46 @@ def test_two_threads_using_a_cached_network_first_do_not_deadlock(tmp_path: Path
             run.kill()
             pytest.fail("two threads deadlocked on their first OpenVINO call")
         assert run.returncode == 0 and out.strip() == "done"
+
+
+@openvino
+def test_lazy_result_with_a_partial_batch_computed_first(model: torch.nn.Module) -> None:
+    """Dask may run the last, partial batch first: the runtime is still built for full
+    batches, and every block equals the one-shot reference."""
+    import dask.array as da
+
+    image = np.random.default_rng(4).random((1, 150, 118), dtype=np.float32)
+    lazy = tilerseg.segment(da.from_array(image[0], chunks=64), model, tile=32, batch_size=4,
+                            normalize=False, backend="openvino")
+    reference = one_shot_reference(image, model)
+    last = lazy.blocks[:, -1, -1].compute()  # 5 x 4 tiles in batches of 4: the 20th alone
+    np.testing.assert_allclose(last, reference[:, 128:, 96:], rtol=0, atol=1e-4)
+    assert np.abs(lazy.compute() - reference).max() <= 1e-4
+
+
+@openvino
+def test_other_model_code_gets_its_own_converted_network(model: torch.nn.Module) -> None:
+    from tilerseg.engine.openvino_backend import converted_model_path
+    from tilerseg.models.unet import UNet
+
+    class Negated(UNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return -super().forward(x)
+
+    other = Negated(**model.config)
+    other.load_state_dict(model.state_dict())
+    shape = (1, 1, 68, 68)
+    assert converted_model_path(other, shape) != converted_model_path(model, shape)
+
+
+@openvino
+def test_openvino_refuses_a_precision_it_does_not_compute_in(model: torch.nn.Module) -> None:
+    """fp16 where the CPU has no fp16 units: OpenVINO would pick bf16 or f32 instead."""
+    from tilerseg.engine.openvino_backend import openvino_forward
+
+    try:
+        forward = openvino_forward(model, (1, 1, 68, 68), "fp16")
+    except RuntimeError as err:
+        assert "not in f16" in str(err)
+    else:
+        assert "f16" in forward.precision or "float16" in forward.precision

@@ -143,15 +143,16 @@ class Replica:
         self.model = model.to(device=device, memory_format=self.fmt)
         self.compile_requested = compile
         self.backend = backend
-        self.engine = "torch"
+        self._engines: set[str] = set()  # what runs each input shape set up so far
         # per input shape (C, *window): the callable that runs it and its static batch
         self._runtimes: dict[tuple[int, ...], tuple[Any, int | None]] = {}
         self._setup: dict[str, Any] = {"batch_size": 1, "streams": 1, "threads": None}
         self._warm_lock = threading.Lock()
         cuda = device.type == "cuda"
-        if cuda and self.autocast_dtype is None and torch.backends.cudnn.allow_tf32:
+        if cuda and self.autocast_dtype is None:
             # cuDNN convolutions default to TF32 (10-bit mantissas), which breaks the 1e-4
-            # exactness of fp32; bf16/fp16 are the fast paths that trade precision
+            # exactness of fp32; bf16/fp16 are the fast paths that trade precision. For the
+            # rest of the process (torch's flags are global).
             log.info("fp32 on %s: TF32 turned off for cuDNN and matmuls (exact fp32)", device)
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
@@ -160,9 +161,15 @@ class Replica:
         self.compute_stream = torch.cuda.Stream(device) if cuda else None
 
     @property
+    def engine(self) -> str:
+        """What runs the forward pass: ``"torch"`` (eager), ``"torch.compile"``,
+        ``"openvino"``, or several joined by ``+`` when input shapes differ in it."""
+        return "+".join(sorted(self._engines)) or "torch"
+
+    @property
     def compiled(self) -> bool:
-        """Whether something faster than eager torch runs the forward pass."""
-        return self.engine != "torch"
+        """Whether something faster than eager torch runs every input shape set up."""
+        return "torch" not in self.engine.split("+")
 
     # -- set-up -----------------------------------------------------------------------
 
@@ -216,6 +223,9 @@ class Replica:
         candidates = []
         if self.backend == "openvino":
             candidates.append("openvino")
+            if self.compile_requested:
+                log.warning("compile applies to the torch backend; OpenVINO compiles the "
+                            "model itself (use backend=torch to torch.compile it)")
         if self.compile_requested and self.backend == "torch":
             candidates.append("torch.compile")
         if not candidates:
@@ -247,11 +257,12 @@ class Replica:
                 log.warning("%s failed on %s (%s: %s); running torch eagerly", engine,
                             self.device, type(err).__name__, first[:300])
                 continue
-            self.engine = engine
+            self._engines.add(engine)
             log.info("%s runs the model on %s for input %s in %s (set up in %.2f s; %s "
                      "%.1e)", engine, self.device, list(shape), self.precision,
                      time.perf_counter() - start, how, deviation)
             return fast_model, shape[0]
+        self._engines.add("torch")
         return self.model, None
 
     def _reference(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -328,6 +339,11 @@ class Replica:
             x = x[:, :, 0]
         model, static_batch = self._runtime(x) if runtime is None else runtime
         n = x.shape[0]
+        if static_batch is not None and n > static_batch:  # built for smaller batches
+            parts = [self._forward(x[k:k + static_batch], (model, static_batch), autocast)
+                     for k in range(0, n, static_batch)]
+            y = torch.cat(parts)
+            return y[:, :, None] if planes else y
         if static_batch is not None and n < static_batch:
             # the last partial batch runs through the same compiled graph, padded
             x = torch.cat([x, x.new_zeros((static_batch - n, *x.shape[1:]))])

@@ -41,6 +41,8 @@ def lazy_probabilities(runner: TileRunner, batch_size: int = 1) -> da.Array:
     dask.array.Array of float32, shape (num_classes, *spatial), chunks = output tiles
     """
     plan: TilePlan = runner.plan
+    # set the runtime up now, for full batches (Dask may run the last, partial one first)
+    runner.replica.warm_up(runner.model_window, runner.image.shape[0], batch_size)
     name = f"tilerseg-probabilities-{uuid.uuid4().hex}"
     chunks = ((plan.geometry.out_channels,),) + tuple(
         tuple(min(t, n - k * t) for k in range(g))

@@ -15,7 +15,9 @@ GIL while it infers).
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -56,6 +58,7 @@ def converted_model_path(model: nn.Module, input_shape: Sequence[int]) -> Path:
 
     key = json.dumps({
         "weights": weights_digest(model),
+        "code": _code_digest(model),
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "config": getattr(model, "config", None),
         "shape": [int(s) for s in input_shape],
@@ -65,6 +68,27 @@ def converted_model_path(model: nn.Module, input_shape: Sequence[int]) -> Path:
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     shape = "x".join(str(int(s)) for s in input_shape)
     return cache_dir() / "openvino" / f"{digest}-{shape}.xml"
+
+
+def _code_digest(model: nn.Module) -> str:
+    """SHA-256 of the source of every module class in ``model`` (the bytecode of its
+    ``forward`` where the source cannot be read): a network converted from other code is
+    not reused, even with the same weights and configuration."""
+    parts = []
+    for cls in sorted({type(m) for m in model.modules()}, key=lambda c: c.__qualname__):
+        parts.append(f"{cls.__module__}.{cls.__qualname__}")
+        parts.append(_class_code(cls))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=256)
+def _class_code(cls: type) -> str:
+    try:
+        return inspect.getsource(cls)
+    except (OSError, TypeError):
+        forward = getattr(cls, "forward", None)
+        code = getattr(forward, "__code__", None)
+        return code.co_code.hex() if code is not None else ""
 
 
 def _convert(model: nn.Module, input_shape: tuple[int, ...]) -> Any:
@@ -153,8 +177,7 @@ class OpenVINOForward:
             # First use of a tensor's numpy view initialises static state in OpenVINO's
             # bindings, which deadlocks when two threads do it at once (each holds what
             # the other waits for: the GIL and a C++ static guard); do it here, once.
-            request.get_input_tensor(0).data
-            request.get_output_tensor(0).data
+            _ = request.get_input_tensor(0).data, request.get_output_tensor(0).data
             self._free.put(request)
 
     def path_exists(self) -> bool:
@@ -244,6 +267,10 @@ def openvino_forward(
         config["INFERENCE_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
     compiled = core.compile_model(network, "CPU", config)
+    actual = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+    if actual != _HINTS[precision]:  # e.g. no bf16/fp16 units: OpenVINO picks another
+        raise RuntimeError(f"OpenVINO computes this network in {actual} on this CPU, not "
+                           f"in {_HINTS[precision]}")
     record = path.with_suffix(".json") if path.is_file() else None
     forward = OpenVINOForward(compiled, shape, streams, record, precision)
     if not cached:

@@ -316,7 +316,9 @@ def _validate(model: nn.Module, pairs: Sequence[Pair], foreground: int) -> dict[
     from ..engine.inference import segment
     from ..metrics import isbi_scores
 
-    probs = [segment(p.image, model, tile=256, device="cpu")[foreground] for p in pairs]
+    # torch: the weights change every epoch, so a converted network would not be reused
+    probs = [segment(p.image, model, tile=256, device="cpu", backend="torch")[foreground]
+             for p in pairs]
     truth = [(p.mask == foreground).astype(np.uint8) for p in pairs]
     scores = isbi_scores(np.stack(probs), np.stack(truth))
     return {k: float(scores[k]) for k in ("pixel_error", "pixel_threshold", "rand_error",
