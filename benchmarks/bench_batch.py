@@ -66,6 +66,7 @@ import torch
 
 # the bare forward candidates (runtimes, thread layouts) are those of bench_end_to_end.py
 from bench_end_to_end import (
+    add_output_arguments,
     bare_candidates,
     build_windows,
     choose_fastest,
@@ -86,11 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tile", type=int, default=512, help="output tile side (default 512)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed rounds of both paths (default 3)")
-    parser.add_argument("--workdir", default="/tmp/tilerseg-bench",
-                        help="directory for the cached images and the outputs "
-                        "(default /tmp/tilerseg-bench)")
-    parser.add_argument("--json", metavar="FILE", default=None,
-                        help="also write the figures to FILE as JSON")
+    add_output_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -93,7 +93,7 @@ from typing import Any
 import numpy as np
 
 # the cached slides are those of bench_memory.py (this directory is on sys.path)
-from bench_end_to_end import open_workdir
+from bench_end_to_end import add_output_arguments, open_workdir
 from bench_memory import make_slide
 
 TARGET = 0.85  # median paired ratio cluster / local throughput
@@ -120,11 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-malloc-trim", action="store_true",
                         help="diagnostic: spawn the workers without the MALLOC_TRIM_THRESHOLD_ "
                         "that distributed sets by default (see the module docstring)")
-    parser.add_argument("--workdir", default="/tmp/tilerseg-bench",
-                        help="directory for the cached slides and the outputs "
-                        "(default /tmp/tilerseg-bench)")
-    parser.add_argument("--json", metavar="FILE", default=None,
-                        help="also write the figures to FILE as JSON")
+    add_output_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -121,6 +121,15 @@ DEPTH = 4
 MIB = 1024**2
 
 
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--workdir`` (cached inputs and outputs) and ``--json``, as every benchmark has."""
+    parser.add_argument("--workdir", default="/tmp/tilerseg-bench",
+                        help="directory for the cached inputs and the outputs "
+                        "(default /tmp/tilerseg-bench)")
+    parser.add_argument("--json", metavar="FILE", default=None,
+                        help="also write the figures to FILE as JSON")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=8192, help="slide side in px (default 8192)")
@@ -134,11 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
                         help="runtime of the end-to-end path (default auto: OpenVINO when "
                         "installed); the bare reference is the fastest runtime whatever it is")
-    parser.add_argument("--workdir", default="/tmp/tilerseg-bench",
-                        help="directory for the cached slide and the output "
-                        "(default /tmp/tilerseg-bench)")
-    parser.add_argument("--json", metavar="FILE", default=None,
-                        help="also write the figures to FILE as JSON")
+    add_output_arguments(parser)
     return parser.parse_args(argv)
 
 

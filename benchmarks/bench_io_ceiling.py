@@ -78,7 +78,8 @@ import torch
 import zarr
 
 # helpers shared with benchmark 1 (this directory is on sys.path when a script in it runs)
-from bench_end_to_end import CommitTimer, environment, open_workdir, profile_line
+from bench_end_to_end import (CommitTimer, add_output_arguments, environment, open_workdir,
+                              profile_line)
 from bench_memory import make_slide
 from torch import nn
 
@@ -100,14 +101,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--copy", choices=(*COPIES, "both"), default="both",
                         help="how the plain copy is done (default both: the faster of the "
                         "round is the ceiling)")
-    parser.add_argument("--workdir", default="/tmp/tilerseg-bench",
-                        help="directory for the cached slide and the outputs "
-                        "(default /tmp/tilerseg-bench)")
+    add_output_arguments(parser)
     parser.add_argument("--no-pyramid", action="store_true",
                         help="tilerseg writes level 0 only (segment_to_zarr(pyramid=False)), "
                         "like the copy")
-    parser.add_argument("--json", metavar="FILE", default=None,
-                        help="also write the figures to FILE as JSON")
     return parser.parse_args(argv)
 
 

@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from bench_end_to_end import EngineLog, environment, open_workdir
+from bench_end_to_end import EngineLog, add_output_arguments, environment, open_workdir
 from bench_memory import make_slide
 
 import tilerseg
@@ -82,10 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--synthetic-crop", type=int, default=None,
                         help="segment only the top-left crop of this side")
     parser.add_argument("--tile", type=int, default=512, help="output tile (default 512)")
-    parser.add_argument("--workdir", default="/tmp/tilerseg-bench",
-                        help="directory of the cached slides (default /tmp/tilerseg-bench)")
-    parser.add_argument("--json", metavar="FILE", default=None,
-                        help="also write the figures to FILE as JSON")
+    add_output_arguments(parser)
     return parser.parse_args(argv)
 
 

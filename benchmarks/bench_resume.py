@@ -71,7 +71,7 @@ from typing import Any
 import numpy as np
 
 # the cached slides are those of bench_memory.py (this directory is on sys.path)
-from bench_end_to_end import open_workdir
+from bench_end_to_end import add_output_arguments, open_workdir
 from bench_memory import make_slide
 
 RESUME_TARGET = 0.6  # median resumed / full time
@@ -89,11 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="runs of (c) --resume on the complete output (default 5)")
     parser.add_argument("--warmup-size", type=int, default=1024,
                         help="side of the untimed warm-up slide (default 1024)")
-    parser.add_argument("--workdir", default="/tmp/tilerseg-bench",
-                        help="directory for the cached slides and the outputs "
-                        "(default /tmp/tilerseg-bench)")
-    parser.add_argument("--json", metavar="FILE", default=None,
-                        help="also write the figures to FILE as JSON")
+    add_output_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -54,7 +54,7 @@ import torch
 import zarr
 
 # helpers shared with benchmark 1 (this directory is on sys.path when a script in it runs)
-from bench_end_to_end import environment, open_workdir, profile_line
+from bench_end_to_end import add_output_arguments, environment, open_workdir, profile_line
 from bench_memory import make_slide
 from torch import nn
 
@@ -74,11 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="U-Net base channels (default 16; depth is 4)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs per size (default 1; the fit uses the median per size)")
-    parser.add_argument("--workdir", default="/tmp/tilerseg-bench",
-                        help="directory for the cached slides and the outputs "
-                        "(default /tmp/tilerseg-bench)")
-    parser.add_argument("--json", metavar="FILE", default=None,
-                        help="also write the figures to FILE as JSON")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     args.sizes = sorted(set(args.sizes))
     if len(args.sizes) < 2:

@@ -74,6 +74,7 @@ import numpy as np
 import torch
 from bench_batch import check_done, image_name, load_windows, make_images
 from bench_end_to_end import (
+    add_output_arguments,
     EngineLog,
     bare_candidates,
     choose_fastest,
@@ -99,10 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto")
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
                         help="paths to time (default all; bare is always the reference)")
-    parser.add_argument("--workdir", default="/tmp/tilerseg-bench",
-                        help="directory for the cached images and the outputs")
-    parser.add_argument("--json", metavar="FILE", default=None,
-                        help="also write the figures to FILE as JSON")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     if "bare" not in args.paths:
         args.paths.append("bare")

@@ -56,7 +56,7 @@ import torch
 import zarr
 
 # helpers shared with benchmark 1 (this directory is on sys.path when a script in it runs)
-from bench_end_to_end import environment, time_bare
+from bench_end_to_end import add_output_arguments, environment, time_bare
 from bench_memory import make_slide
 from torch import nn
 
@@ -108,11 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="side of the slide for the end-to-end runs (default 4096)")
     parser.add_argument("--no-segment", action="store_true",
                         help="time the bare forward only")
-    parser.add_argument("--workdir", default="/tmp/tilerseg-bench",
-                        help="directory for the cached slide and the outputs "
-                        "(default /tmp/tilerseg-bench)")
-    parser.add_argument("--json", metavar="FILE", default=None,
-                        help="also write the figures to FILE as JSON")
+    add_output_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -93,6 +93,10 @@ from tilerseg.engine import compute as engine_compute
 from tilerseg.models.checkpoint import model_from_spec
 from tilerseg.synthetic import membrane_tile
 
+# the one-shot reference of the tests (DESIGN section 1), independent of the engine
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.reference import one_shot_reference  # noqa: E402
+
 EXACT = 1e-4  # DESIGN section 1: fp32 probabilities within 1e-4 of the one-shot reference
 MEAN_DEVIATION = 1e-2  # b: mean |p - p_fp32| allowed under bf16 / fp16
 LABEL_CHANGE = 1e-2  # b: fraction of pixels whose argmax class may change
@@ -544,29 +548,6 @@ def bundled_model() -> torch.nn.Module:
     return model_from_spec(None).eval()
 
 
-def one_shot_reference(image: np.ndarray, model: torch.nn.Module) -> np.ndarray:
-    """DESIGN section 1's reference on the CPU in fp32 (as ``tests/conftest.py``).
-
-    Pad the whole ``(C, *spatial)`` float32 image by the halo with numpy
-    ``mode="reflect"``, extend the far sides (also by reflection) to an admissible size,
-    run the model once and crop to the image; softmax (sigmoid for one class).
-    """
-    g = tilerseg.model_geometry(model)
-    pads = [(0, 0)]
-    for axis, n in enumerate(image.shape[1:]):
-        size = n + 2 * g.halo[axis]
-        while not g.is_admissible(size, axis):
-            size += 1
-        pads.append((g.halo[axis], size - n - g.halo[axis]))
-    padded = np.pad(image, pads, mode="reflect")
-    model = model.cpu().eval()
-    with torch.inference_mode():
-        logits = model(torch.from_numpy(np.ascontiguousarray(padded))[None])[0]
-    crop = tuple(slice(g.crop_offset(a), g.crop_offset(a) + n)
-                 for a, n in enumerate(image.shape[1:]))
-    logits = logits[(slice(None),) + crop]
-    probs = torch.sigmoid(logits) if logits.shape[0] == 1 else torch.softmax(logits, dim=0)
-    return probs.numpy()
 
 
 def read_output(path: Path, region: tuple[slice, ...] | None = None) -> np.ndarray:

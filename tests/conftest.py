@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
 import tilerseg
 import tilerseg.engine.backends
+from tests.reference import one_shot_reference  # noqa: F401 - the tests import it from here
 
 # Deterministic by default (fixed seeds); HYPOTHESIS_PROFILE=explore searches randomly.
 settings.register_profile(
@@ -36,33 +36,6 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
 
 
-def one_shot_reference(image: np.ndarray, model: torch.nn.Module,
-                       precision: str = "fp32") -> np.ndarray:
-    """The reference of DESIGN section 1, written independently of the engine.
-
-    Pad the whole (C, *spatial) image by the halo with numpy ``mode="reflect"``, extend
-    the far sides (also by reflection) to an admissible size, run the model once and
-    crop to the image. ``image`` must already be normalised float32. ``precision="bf16"``
-    runs the model under bfloat16 autocast; the activation is computed in float32.
-    """
-    g = tilerseg.model_geometry(model)
-    pads = [(0, 0)]
-    for axis, n in enumerate(image.shape[1:]):
-        size = n + 2 * g.halo[axis]
-        while not g.is_admissible(size, axis):
-            size += 1
-        pads.append((g.halo[axis], size - n - g.halo[axis]))
-    padded = np.pad(image, pads, mode="reflect")
-    model = model.cpu().eval()
-    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
-    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-        logits = model(torch.from_numpy(np.ascontiguousarray(padded))[None])[0].float()
-    crop = tuple(
-        slice(g.crop_offset(a), g.crop_offset(a) + n) for a, n in enumerate(image.shape[1:])
-    )
-    logits = logits[(slice(None),) + crop]
-    probs = torch.sigmoid(logits) if logits.shape[0] == 1 else torch.softmax(logits, dim=0)
-    return probs.numpy()
 
 
 @pytest.fixture(scope="session")

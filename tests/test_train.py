@@ -87,10 +87,9 @@ def test_loss_falls_and_checkpoints_hold_the_tuned_threshold(tmp_path: Path) -> 
     assert [r["epoch"] for r in result["history"]] == [1, 2]
 
 
-def test_resume_continues_exactly(tmp_path: Path) -> None:
-    pairs = load_pairs(*_folders(tmp_path, count=2))
-    config = TrainConfig(model=SMALL, epochs=2, steps_per_epoch=4, batch_size=1, window=60,
-                         seed=3)
+def _straight_and_resumed(pairs, tmp_path: Path, config: TrainConfig) -> dict:
+    """Train straight, and again interrupted in epoch 2 then resumed: both end alike.
+    Returns the straight run's final weights."""
     train(pairs, tmp_path / "straight", config)
 
     def interrupt(epoch: int, step: int, steps: int, loss: float) -> None:
@@ -104,6 +103,14 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     b = tilerseg.load_model(tmp_path / "resumed" / "last.pt").state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    return a
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    pairs = load_pairs(*_folders(tmp_path, count=2))
+    config = TrainConfig(model=SMALL, epochs=2, steps_per_epoch=4, batch_size=1, window=60,
+                         seed=3)
+    _straight_and_resumed(pairs, tmp_path, config)
     state = json.loads((tmp_path / "resumed" / "state.json").read_text())
     assert state["epoch"] == 2 and len(state["history"]) == 2
 
@@ -162,19 +169,7 @@ def test_bf16_resume_continues_exactly(tmp_path: Path) -> None:
     pairs = load_pairs(*_folders(tmp_path, count=2))
     config = TrainConfig(model=SMALL, epochs=2, steps_per_epoch=3, batch_size=1, window=60,
                          seed=4, precision="bf16")
-    train(pairs, tmp_path / "straight", config)
-
-    def interrupt(epoch: int, step: int, steps: int, loss: float) -> None:
-        if epoch == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(pairs, tmp_path / "resumed", config, progress=interrupt)
-    train(pairs, tmp_path / "resumed", config, resume=True)
-    a = tilerseg.load_model(tmp_path / "straight" / "last.pt").state_dict()
-    b = tilerseg.load_model(tmp_path / "resumed" / "last.pt").state_dict()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    a = _straight_and_resumed(pairs, tmp_path, config)
     # and bf16 really computed in bfloat16: the same run in fp32 ends elsewhere
     train(pairs, tmp_path / "fp32", TrainConfig(**{**vars(config), "precision": "fp32"}))
     c = tilerseg.load_model(tmp_path / "fp32" / "last.pt").state_dict()

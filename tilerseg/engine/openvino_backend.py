@@ -100,8 +100,9 @@ def _convert(model: nn.Module, input_shape: tuple[int, ...]) -> Any:
 
 
 def _cached_network(core: Any, model: nn.Module, input_shape: tuple[int, ...]
-                    ) -> tuple[Any, Path, bool]:
-    """The converted network, its cache path, and whether it came from the cache."""
+                    ) -> tuple[Any, Path]:
+    """The converted network (from the cache when there, else converted and saved; a new
+    conversion drops the checks recorded for an older one) and its cache path."""
     import openvino
 
     path = converted_model_path(model, input_shape)
@@ -109,7 +110,7 @@ def _cached_network(core: Any, model: nn.Module, input_shape: tuple[int, ...]
         try:
             network = core.read_model(str(path))
             log.debug("OpenVINO: read the converted model from %s", path)
-            return network, path, True
+            return network, path
         except Exception as err:  # noqa: BLE001 - a damaged cache entry is rebuilt
             log.warning("OpenVINO: cannot read the cached model %s (%s); converting again",
                         path, err)
@@ -129,7 +130,7 @@ def _cached_network(core: Any, model: nn.Module, input_shape: tuple[int, ...]
     except OSError as err:
         log.warning("OpenVINO: cannot cache the converted model in %s (%s); the next run "
                     "converts it again", path.parent, err)
-    return network, path, False
+    return network, path
 
 
 class OpenVINOForward:
@@ -257,7 +258,7 @@ def openvino_forward(
             _COMPILED.move_to_end(key)
             return forward
     core = openvino.Core()
-    network, path, cached = _cached_network(core, model, shape)
+    network, path = _cached_network(core, model, shape)
     config = {
         "INFERENCE_PRECISION_HINT": _HINTS[precision],
         "PERFORMANCE_HINT": "THROUGHPUT" if streams > 1 else "LATENCY",
@@ -273,8 +274,6 @@ def openvino_forward(
                            f"in {_HINTS[precision]}")
     record = path.with_suffix(".json") if path.is_file() else None
     forward = OpenVINOForward(compiled, shape, streams, record, precision)
-    if not cached:
-        forward.verified = None  # a new conversion is always checked
     log.info("OpenVINO: compiled for %s, %s, %d stream(s), in %.2f s", list(shape),
              forward.precision, forward.streams, time.perf_counter() - start)
     if record is not None:  # reused by later calls in this process (e.g. one per image)

@@ -1,0 +1,42 @@
+"""The one-shot reference of DESIGN section 1, independent of the engine.
+
+Its own module (no pytest import) so that benchmarks/gpu_check.py uses the same code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import tilerseg
+
+__all__ = ["one_shot_reference"]
+
+
+def one_shot_reference(image: np.ndarray, model: torch.nn.Module,
+                       precision: str = "fp32") -> np.ndarray:
+    """The reference of DESIGN section 1, written independently of the engine.
+
+    Pad the whole (C, *spatial) image by the halo with numpy ``mode="reflect"``, extend
+    the far sides (also by reflection) to an admissible size, run the model once and
+    crop to the image. ``image`` must already be normalised float32. ``precision="bf16"``
+    runs the model under bfloat16 autocast; the activation is computed in float32.
+    """
+    g = tilerseg.model_geometry(model)
+    pads = [(0, 0)]
+    for axis, n in enumerate(image.shape[1:]):
+        size = n + 2 * g.halo[axis]
+        while not g.is_admissible(size, axis):
+            size += 1
+        pads.append((g.halo[axis], size - n - g.halo[axis]))
+    padded = np.pad(image, pads, mode="reflect")
+    model = model.cpu().eval()
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        logits = model(torch.from_numpy(np.ascontiguousarray(padded))[None])[0].float()
+    crop = tuple(
+        slice(g.crop_offset(a), g.crop_offset(a) + n) for a, n in enumerate(image.shape[1:])
+    )
+    logits = logits[(slice(None),) + crop]
+    probs = torch.sigmoid(logits) if logits.shape[0] == 1 else torch.softmax(logits, dim=0)
+    return probs.numpy()
