@@ -53,7 +53,6 @@ time. The exit status is 1 when the target fails or an image is not ``"done"``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -66,6 +65,7 @@ import torch
 
 # the bare forward candidates (runtimes, thread layouts) are those of bench_end_to_end.py
 from bench_end_to_end import (
+    write_json,
     add_output_arguments,
     bare_candidates,
     build_windows,
@@ -260,9 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                        "overhead_ms_per_image": overhead_med},
             "target": TARGET, "met": ok,
         }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, record)
     return 0 if ok else 1
 
 

@@ -80,7 +80,6 @@ target fails or two outputs differ. The entry point is guarded by ``if __name__ 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -93,7 +92,7 @@ from typing import Any
 import numpy as np
 
 # the cached slides are those of bench_memory.py (this directory is on sys.path)
-from bench_end_to_end import add_output_arguments, open_workdir
+from bench_end_to_end import add_output_arguments, open_workdir, write_json
 from bench_memory import make_slide
 
 TARGET = 0.85  # median paired ratio cluster / local throughput
@@ -401,9 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                          "target": MAX_RSS_RATIO, "met": rss_met if len(rss) >= 2 else None}
 
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, record)
     return 0 if ok else 1
 
 

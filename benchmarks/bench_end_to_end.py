@@ -121,6 +121,13 @@ DEPTH = 4
 MIB = 1024**2
 
 
+def write_json(path: str, record: dict[str, Any]) -> None:
+    """Write a benchmark's figures to ``path`` (its folder created) and say so."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(f"wrote {path}")
+
+
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     """``--workdir`` (cached inputs and outputs) and ``--json``, as every benchmark has."""
     parser.add_argument("--workdir", default="/tmp/tilerseg-bench",
@@ -685,9 +692,7 @@ def main(argv: list[str] | None = None) -> int:
             "met_amx_bf16": amx_met,
             "warnings": log.warnings,
         }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, record)
     return 0 if ok else 1
 
 

@@ -61,7 +61,6 @@ a quarter of a GiB, and each output up to as much again.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -79,7 +78,7 @@ import zarr
 
 # helpers shared with benchmark 1 (this directory is on sys.path when a script in it runs)
 from bench_end_to_end import (CommitTimer, add_output_arguments, environment, open_workdir,
-                              profile_line)
+                              profile_line, write_json)
 from bench_memory import make_slide
 from torch import nn
 
@@ -281,8 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             "median_mpx_s": {k[:-2]: mpx(v) for k, v in med.items() if k.endswith("_s")},
             "target": TARGET, "met": {"total": ok_total, "pipeline": ok_pipeline},
         }
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, record)
     return 0 if ok_total else 1
 
 

@@ -749,9 +749,9 @@ def main_process(args: argparse.Namespace) -> int:
                 "target": PROCESS_TARGET, "met": met,
                 "warnings": warnings, "skipped": skipped,
             }
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-            print(f"wrote {args.json}")
+            from bench_end_to_end import write_json  # not at import: MONAI's children
+
+            write_json(args.json, report)
         return 0 if met in (True, None) else 1
     finally:
         if remove:
@@ -924,8 +924,9 @@ def main(argv: list[str] | None = None) -> int:
                 "tilerseg_ratios": rat,
                 "skipped": skipped,
             }
-            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-            print(f"wrote {args.json}")
+            from bench_end_to_end import write_json  # not at import: MONAI's children
+
+            write_json(args.json, report)
         return 0
     finally:
         if remove:

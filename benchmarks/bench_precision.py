@@ -50,7 +50,6 @@ Options: ``--isbi``, ``--slices`` (20 21 22 23 24), ``--synthetic-size`` (4096),
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -58,7 +57,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from bench_end_to_end import EngineLog, add_output_arguments, environment, open_workdir
+from bench_end_to_end import EngineLog, add_output_arguments, environment, open_workdir, write_json
 from bench_memory import make_slide
 
 import tilerseg
@@ -234,9 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                   "environment": environment(), "args": vars(args),
                   "policy": policy.as_dict(), "recorded_validation": meta.get("validation"),
                   "results": results, "exact_tolerance": EXACT, "openvino_fp32_exact": ok}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=2, default=float) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, record)
     return 0 if ok else 1
 
 

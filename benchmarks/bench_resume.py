@@ -71,7 +71,7 @@ from typing import Any
 import numpy as np
 
 # the cached slides are those of bench_memory.py (this directory is on sys.path)
-from bench_end_to_end import add_output_arguments, open_workdir
+from bench_end_to_end import add_output_arguments, open_workdir, write_json
 from bench_memory import make_slide
 
 RESUME_TARGET = 0.6  # median resumed / full time
@@ -302,9 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             "targets": {"paired_ratio_max": RESUME_TARGET, "complete_s_max": COMPLETE_TARGET},
             "met": {"resume": resume_met, "complete": complete_met},
         }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, record)
     return 0 if ok else 1
 
 

@@ -39,7 +39,6 @@ the largest size: 16384^2 is 256 tiles of the model per repeat.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -54,7 +53,7 @@ import torch
 import zarr
 
 # helpers shared with benchmark 1 (this directory is on sys.path when a script in it runs)
-from bench_end_to_end import add_output_arguments, environment, open_workdir, profile_line
+from bench_end_to_end import add_output_arguments, environment, open_workdir, profile_line, write_json
 from bench_memory import make_slide
 from torch import nn
 
@@ -181,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                     "pipeline": {"k": k_wall, "a": a_wall}},
             "target": TARGET, "met": ok,
         }
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, record)
     return 0 if ok else 1
 
 

@@ -61,7 +61,6 @@ bytes (392 MB at the defaults).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import statistics
@@ -74,6 +73,7 @@ import numpy as np
 import torch
 from bench_batch import check_done, image_name, load_windows, make_images
 from bench_end_to_end import (
+    write_json,
     add_output_arguments,
     EngineLog,
     bare_candidates,
@@ -324,9 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                   "warm_up": {k: (v if isinstance(v, float) else v[0]) for k, v in warm.items()},
                   "bare_candidates_s": choice, "reference": best.name,
                   "rounds": rounds, "median": summary, "warnings": log.warnings}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=2, default=str) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, record)
     return 0
 
 

@@ -41,7 +41,6 @@ Options: ``--count``, ``--window``, ``--base-channels``, ``--repeats``, ``--conf
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -56,7 +55,7 @@ import torch
 import zarr
 
 # helpers shared with benchmark 1 (this directory is on sys.path when a script in it runs)
-from bench_end_to_end import add_output_arguments, environment, time_bare
+from bench_end_to_end import add_output_arguments, environment, time_bare, write_json
 from bench_memory import make_slide
 from torch import nn
 
@@ -259,8 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             "tiles": {str(w): t for w, t in tiles.items()},
             "results": {str(w): rows for w, rows in results.items()},
         }
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, record)
     return 0
 
 
