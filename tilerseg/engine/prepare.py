@@ -94,7 +94,8 @@ def plan(
     geometry = model if isinstance(model, ModelGeometry) else check_model(model)
     if tile is None:
         kind = device if isinstance(device, torch.device) else resolve_device(device)
-        tile = default_tile(geometry.ndim, kind, resolve_backend(backend, kind.type))
+        side = default_tile(geometry.ndim, kind, resolve_backend(backend, kind.type))
+        tile = tuple(-(-side // s) * s for s in geometry.step)  # on every axis's pooling grid
     return plan_tiles(image_shape, geometry, tile)
 
 

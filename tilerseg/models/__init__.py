@@ -10,11 +10,13 @@ from .._lazy import attach
 _LAZY = {
     "UNet": "unet", "create_model": "registry", "list_models": "registry",
     "register_model": "registry", "save_model": "checkpoint", "load_model": "checkpoint",
-    "model_geometry": "probe",
+    "model_geometry": "probe", "UNetPlusPlus": "unetpp", "FCN8s": "fcn",
 }
 
 __all__ = [
     "UNet",
+    "UNetPlusPlus",
+    "FCN8s",
     "create_model",
     "list_models",
     "register_model",

@@ -23,7 +23,7 @@ from ..errors import InvalidModelError, ModelNotFoundError
 from ..geometry import ModelGeometry
 from .catalog import BUNDLED, DEFAULT_MODEL, bundled_models, file_identity
 from .probe import model_geometry, trust_geometry
-from .registry import create_model, list_models
+from .registry import create_model, list_models, stored_config
 
 __all__ = ["save_model", "load_model", "model_from_spec", "model_to_bytes", "model_from_bytes",
            "weights_digest", "source_file", "file_identity", "bundled_models", "DEFAULT_MODEL",
@@ -217,7 +217,9 @@ def _from_payload(payload: Any, label: str) -> nn.Module:
             f"this tilerseg reads version {FORMAT_VERSION}"
         )
     try:
-        model = create_model(payload["architecture"], **payload["config"])
+        # files written before an argument existed left it out: their meaning filled in
+        config = stored_config(payload["architecture"], payload["config"])
+        model = create_model(payload["architecture"], **config)
         model.load_state_dict(payload["state_dict"], strict=True)
     except (KeyError, TypeError, RuntimeError, InvalidModelError) as exc:
         reason = str(exc).strip().splitlines()[0]

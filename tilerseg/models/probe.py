@@ -4,8 +4,9 @@ The model is run on shape-only ``meta`` tensors of increasing side ``n`` (no mem
 arithmetic, the real weights untouched). A forward pre-hook on every downsampling layer
 (strided convolution or pooling) checks arithmetically that it divides its input
 exactly: PyTorch pooling floors odd sizes silently, so a size that runs is not
-necessarily admissible. The first two admissible sides give the pooling step and the
-smallest admissible input; input minus output gives the shrink, hence the halo of a
+necessarily admissible. The first admissible sides give the pooling step and the
+smallest admissible input (walked further down per axis with the other axes fixed, for
+models that pool some axes less than others); input minus output gives the shrink, hence the halo of a
 valid-convolution model. The halo of a same-padded model (no shrink) is its receptive
 field radius, measured on a positive linear surrogate (see :func:`receptive_field_radius`)
 unless the model states it as ``model.halo``.
@@ -118,8 +119,9 @@ class _Prober:
         if self.stop_when_floored and all(self.floored):
             raise _Floored
 
-    def run(self, n: int, stop_when_floored: bool = False) -> _Result | None:
-        """Output shape, output channels and per-axis flooring for side ``n``.
+    def run(self, n: int | tuple[int, ...], stop_when_floored: bool = False) -> _Result | None:
+        """Output shape, output channels and per-axis flooring for side ``n`` on every
+        axis (or the spatial shape ``n``).
 
         Returns None when the model cannot run on side ``n`` (too small for some layer),
         and, with ``stop_when_floored``, as soon as every axis has been floored.
@@ -131,7 +133,8 @@ class _Prober:
             for m in self.model.modules()
             if isinstance(m, _DOWNSAMPLING)
         ]
-        x = torch.empty((1, self.cin) + (n,) * self.ndim, device="meta")
+        shape = (n,) * self.ndim if isinstance(n, int) else tuple(n)
+        x = torch.empty((1, self.cin) + shape, device="meta")
         try:
             with torch.no_grad(), eval_mode(self.model):
                 y = functional_call(self.model, self.state, (x,))
@@ -193,6 +196,17 @@ def _probe(model: nn.Module) -> ModelGeometry:
         min_input.append(n1)
         shrink.append(k)
         out_channels = r1.channels
+    for a in range(nd):
+        # an axis pooled less than the others (anisotropic pooling) admits sides too small
+        # for the others: walk it further down with the others at their smallest sides
+        while min_input[a] - step[a] >= 1:
+            shape = list(min_input)
+            shape[a] -= step[a]
+            r = prober.run(tuple(shape))
+            if (r is None or r.floored[a] or r.shape[a] < 1
+                    or shape[a] - r.shape[a] != shrink[a]):
+                break
+            min_input[a] = shape[a]
     geometry = ModelGeometry(nd, prober.cin, out_channels, tuple(step), tuple(min_input),
                              tuple(shrink), tuple(k // 2 for k in shrink))
     if any(k == 0 for k in shrink):

@@ -1,4 +1,12 @@
-"""The U-Net family (Ronneberger et al. 2015), 2D and 3D, valid or same padding."""
+"""The U-Net family (Ronneberger et al. 2015), 2D and 3D, valid or same padding.
+
+Geometry: with ``depth`` poolings of per-axis factors ``f[level][axis]`` the pooling step
+on an axis is the product of its factors (``2**depth`` for the default isotropic 2x2
+pooling); a valid model loses 4 px per level at that level's resolution on the way down,
+at the bottom and on the way up (``12 * 2**depth - 8`` px for isotropic pooling, halo 92
+for the paper's depth 4); a same-padded model keeps its input size and its halo is its
+receptive-field radius.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,7 @@ from torch import nn
 
 from ..errors import InvalidModelError
 
-__all__ = ["UNet"]
+__all__ = ["UNet", "pool_factors", "he_init"]
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -43,30 +51,35 @@ class _ConvBlock(nn.Sequential):
 
 
 class _Up(nn.Module):
-    """Double the resolution and halve the channels.
+    """Up-sample by ``factor`` per axis (2 by default) and change the channels.
 
-    ``"transpose"`` is the paper's 2x2 up-convolution. ``"bilinear"`` interpolates with
-    ``align_corners=False`` (translation-equivariant, unlike ``align_corners=True``) and
-    then applies a 1x1 convolution; in valid mode the outermost interpolated pixel on each
-    side, which interpolation clamps at the border, is cropped so the network stays free
-    of border effects.
+    ``"transpose"`` is the paper's 2x2 up-convolution (kernel = stride = factor).
+    ``"bilinear"`` interpolates with ``align_corners=False`` (translation-equivariant,
+    unlike ``align_corners=True``) and then applies a 1x1 convolution; in valid mode the
+    outermost ``factor // 2`` interpolated pixels on each side of every up-sampled axis,
+    which interpolation clamps at the border, are cropped so the network stays free of
+    border effects (1 px for a factor of 2, none on an axis with factor 1).
     """
 
-    def __init__(self, ndim: int, cin: int, cout: int, mode: str, valid: bool) -> None:
+    def __init__(self, ndim: int, cin: int, cout: int, mode: str, valid: bool,
+                 factor: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.mode = _INTERP[ndim] if mode == "bilinear" else None
         self.valid = valid
+        self.factor = tuple(factor) if factor is not None else (2,) * ndim
         if self.mode is None:
-            self.conv = _CONV_T[ndim](cin, cout, 2, stride=2)
+            self.conv = _CONV_T[ndim](cin, cout, self.factor, stride=self.factor)
         else:
             self.conv = _CONV[ndim](cin, cout, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode is None:
             return self.conv(x)
-        x = F.interpolate(x, scale_factor=2, mode=self.mode, align_corners=False)
+        x = F.interpolate(x, scale_factor=tuple(float(f) for f in self.factor), mode=self.mode,
+                          align_corners=False)
         if self.valid:
-            x = x[(slice(None), slice(None)) + (slice(1, -1),) * (x.ndim - 2)]
+            x = x[(slice(None), slice(None))
+                  + tuple(slice(f // 2, x.shape[2 + a] - f // 2) for a, f in enumerate(self.factor))]
         return self.conv(x)
 
 
@@ -85,7 +98,7 @@ class UNet(nn.Module):
     num_classes : int
         Output channels (logits). One class means a sigmoid output, more a softmax.
     depth : int
-        Number of 2x2 poolings (the pooling step is ``2**depth``).
+        Number of poolings (the pooling step is ``2**depth`` with the default ``pool``).
     base_channels : int
         Channels of the first level; each level doubles them.
     padding : {"valid", "same"}
@@ -99,6 +112,12 @@ class UNet(nn.Module):
         Up-sampling by transposed convolution or by interpolation plus a 1x1 convolution.
     ndim : {2, 3}
         Spatial dimensions: 2 for images, 3 for volumes.
+    pool : int or list of list of int
+        Pooling factor of every level on every axis (default 2: the paper's 2x2 pooling),
+        or one list of ``ndim`` factors per level (``depth`` lists, top level first), e.g.
+        ``[[1, 2, 2], [1, 2, 2], [2, 2, 2]]`` for a stack whose planes are further apart
+        than its pixels. Up-sampling mirrors the pooling level by level. The pooling step
+        on an axis is the product of its factors.
 
     Examples
     --------
@@ -121,6 +140,7 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         up: str = "transpose",
         ndim: int = 2,
+        pool: int | list[list[int]] = 2,
     ) -> None:
         super().__init__()
         _check_int("in_channels", in_channels, 1)
@@ -134,6 +154,7 @@ class UNet(nn.Module):
             raise InvalidModelError(f"batch_norm={batch_norm!r} must be True or False")
         if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise InvalidModelError(f"dropout={dropout!r} must be a number in [0, 1)")
+        factors = pool_factors(pool, depth, ndim)
         self.config: dict[str, Any] = dict(
             in_channels=in_channels,
             num_classes=num_classes,
@@ -144,6 +165,7 @@ class UNet(nn.Module):
             dropout=float(dropout),
             up=up,
             ndim=ndim,
+            pool=pool if isinstance(pool, int) else [list(f) for f in factors],
         )
         self.in_channels, self.num_classes, self.ndim = in_channels, num_classes, ndim
         self.depth = depth
@@ -155,44 +177,80 @@ class UNet(nn.Module):
         for w in widths:
             self.down.append(_ConvBlock(ndim, cin, w, pad, batch_norm))
             cin = w
-        self.pool = _POOL[ndim](2)
+        self.pool = nn.ModuleList(_POOL[ndim](f, stride=f) for f in factors)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.up = nn.ModuleList()
         self.decode = nn.ModuleList()
-        for w_low, w in zip(widths[:0:-1], widths[-2::-1]):
-            self.up.append(_Up(ndim, w_low, w, up, padding == "valid"))
+        for w_low, w, f in zip(widths[:0:-1], widths[-2::-1], factors[::-1]):
+            self.up.append(_Up(ndim, w_low, w, up, padding == "valid", f))
             self.decode.append(_ConvBlock(ndim, 2 * w, w, pad, batch_norm))
         self.head = _CONV[ndim](widths[0], num_classes, 1)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """He initialisation: weights ~ N(0, 2 / incoming connections), biases 0."""
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-                taps = math.prod(m.kernel_size)
-                if m.transposed:  # each output receives one tap per input channel and stride
-                    fan_in = m.in_channels * taps // math.prod(m.stride)
-                else:
-                    fan_in = m.in_channels // m.groups * taps
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_in))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        he_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``(N, in_channels, *spatial)`` to logits ``(N, num_classes, *spatial_out)``."""
         skips = []
-        for block in self.down[:-1]:
+        for block, pool in zip(self.down[:-1], self.pool):
             x = block(x)
             skips.append(x)
-            x = self.pool(x)
+            x = pool(x)
         x = self.dropout(self.down[-1](x))
         for up, block, skip in zip(self.up, self.decode, reversed(skips)):
             x = up(x)
             x = block(torch.cat([_center_crop(skip, x.shape[2:]), x], dim=1))
         return self.head(x)
+
+
+def he_init(model: nn.Module) -> None:
+    """He initialisation of every convolution of ``model``: weights ~ N(0, 2 / incoming
+    connections), biases 0; batch norm to the identity."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            taps = math.prod(m.kernel_size)
+            if m.transposed:  # each output receives taps / stride**ndim per input channel
+                fan_in = m.in_channels * taps // math.prod(m.stride)
+            else:
+                fan_in = m.in_channels // m.groups * taps
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_in))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def pool_factors(pool: object, depth: int, ndim: int) -> list[tuple[int, ...]]:
+    """Per-level, per-axis pooling factors of a ``pool`` argument (see :class:`UNet`).
+
+    Raises
+    ------
+    InvalidModelError
+        Not a positive integer, or not ``depth`` lists of ``ndim`` positive integers.
+
+    Examples
+    --------
+    >>> pool_factors(2, 2, 2)
+    [(2, 2), (2, 2)]
+    >>> pool_factors([[1, 2, 2], [2, 2, 2]], 2, 3)
+    [(1, 2, 2), (2, 2, 2)]
+    """
+    def positive(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    if positive(pool):
+        return [(int(pool),) * ndim for _ in range(depth)]
+    if (isinstance(pool, (list, tuple)) and len(pool) == depth
+            and all(isinstance(f, (list, tuple)) and len(f) == ndim and all(map(positive, f))
+                    for f in pool)):
+        return [tuple(int(v) for v in f) for f in pool]
+    raise InvalidModelError(
+        f"pool={pool!r} must be a positive integer or {depth} lists (one per level, "
+        f"depth={depth}) of {ndim} positive integers"
+    )
 
 
 def _check_int(name: str, value: object, low: int) -> None:
