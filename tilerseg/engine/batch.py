@@ -195,7 +195,7 @@ def segment_batch(
         try:
             commit(work.context.work, result.output, overwrite=overwrite,
                    attributes={"executor": runner.name, "batch": True},
-                   writer=work.context.writer)
+                   writer=work.context.writer, mapper=runner.map)
         finally:
             result._started.release()
         result.status, result.tiles = "done", work.tiles

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import OutputError
 from ..io.writers import OutputWriter, spec_from_dict
+from .instances import InstanceRun, Mapper
 from .jobs import WorkDir, read_final_manifest, work_path
 from .locks import FileLock, LockedError, live_locks
 
@@ -23,8 +24,9 @@ log = logging.getLogger(__name__)
 
 def commit(work: WorkDir, out: Path, *, overwrite: bool = False,
            attributes: dict[str, Any] | None = None,
-           writer: OutputWriter | None = None) -> bool:
-    """Finish a run whose tasks are all recorded: pyramid, metadata, move, clean up.
+           writer: OutputWriter | None = None, mapper: Mapper | None = None) -> bool:
+    """Finish a run whose tasks are all recorded: instances, pyramid, metadata, move,
+    clean up.
 
     Exactly once among processes finishing at the same time: under the commit lock,
     and only if the output is still in the work directory.
@@ -41,6 +43,9 @@ def commit(work: WorkDir, out: Path, *, overwrite: bool = False,
         Added to the output's ``tilerseg`` attributes (profile, executor...).
     writer : OutputWriter, optional
         The run's writer, already open on ``work.store`` (else one is opened).
+    mapper : callable, optional
+        Runs the instance passes over chunks (a cluster's ``map``); default: threads
+        here. See :meth:`~tilerseg.engine.instances.InstanceRun.run`.
 
     Returns
     -------
@@ -73,10 +78,15 @@ def commit(work: WorkDir, out: Path, *, overwrite: bool = False,
             writer = OutputWriter(out, spec_from_dict(work.manifest["spec"]), staging=work.store,
                                   existing=True)
         writer.overwrite = overwrite
+        instances = InstanceRun.of(work.path, work.manifest)
+        extra = dict(attributes or {})
+        if instances is not None:
+            extra["instances"] = instances.run(mapper)
         writer.update_attributes(manifest=work.manifest, config_hash=work.config_hash,
-                                 committed_by=f"{socket.gethostname()}:{os.getpid()}",
-                                 **(attributes or {}))
+                                 committed_by=f"{socket.gethostname()}:{os.getpid()}", **extra)
         writer.commit()
+        if instances is not None:
+            instances.place_table(out)
     finally:
         lock.release()
     work.remove()

@@ -360,8 +360,9 @@ def differences(manifest: dict[str, Any], options: RunOptions, *, version: str,
         differ("threshold", resolved["labels"], labels)
     now = options.output_options()
     for name in PLAIN_OUTPUT_OPTIONS:
-        if requested[name] != now[name]:
-            differ(name, requested[name], now[name])
+        then = requested.get(name, getattr(RunOptions, name))  # older runs lack newer options
+        if then != now[name]:
+            differ(name, then, now[name])
     return out
 
 

@@ -38,13 +38,16 @@ from .backends import BACKENDS
 __all__ = ["OUTPUTS", "DTYPES", "PRECISIONS", "RunOptions", "run_options", "OUTPUT_OPTIONS",
            "RESOLVED_OPTIONS", "PLAIN_OUTPUT_OPTIONS", "RUNTIME_OPTIONS"]
 
-OUTPUTS = ("probabilities", "labels", "both")
+OUTPUTS = ("probabilities", "labels", "both", "instances")
+INSTANCE_MODES = ("components", "split")
+TABLE_FORMATS = ("csv", "parquet")
 DTYPES = ("uint8", "float16", "float32")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 OUTPUT_OPTIONS = (
     "tile", "normalize", "output", "dtype", "threshold", "level", "channel", "precision",
     "skip_background", "background_tolerance", "background_value", "pyramid",
+    "instances", "split_radius", "split_context", "object_table",
 )
 """Options that decide the output's values; the others (device, batch size, workers,
 threads, compile, backend) only decide how fast it is computed. A run resumes only with the same
@@ -97,7 +100,8 @@ class RunOptions:
         ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or several.
     normalize : bool, str, (float, float), Normalization or None
         Global intensity normalisation.
-    output : {"probabilities", "labels", "both"}
+    output : {"probabilities", "labels", "both", "instances"}
+        ``"instances"``: the probabilities and an instance label image.
     dtype : {"uint8", "float16", "float32"}
     threshold : float or None
         Foreground threshold of the labels (see :mod:`tilerseg.labels`).
@@ -113,6 +117,15 @@ class RunOptions:
     background_tolerance : float
     background_value : float or None
     pyramid : bool
+    instances : {"components", "split"}
+        Instance labels: connected components of the foreground, or components split
+        by a seeded watershed (see :mod:`tilerseg.engine.instances`).
+    split_radius : int
+        Radius (px) of the disc that erodes the foreground into the split's markers.
+    split_context : int
+        Context (px) read around a chunk for the split; larger objects are kept whole.
+    object_table : {"csv", "parquet"} or None
+        Write a table of the objects beside the output.
     workers, threads : int or None
         CPU model workers and torch threads per worker.
     """
@@ -133,6 +146,10 @@ class RunOptions:
     background_tolerance: float = 0.05
     background_value: float | None = None
     pyramid: bool = True
+    instances: str = "components"
+    split_radius: int = 3
+    split_context: int = 64
+    object_table: str | None = None
     workers: int | None = None
     threads: int | None = None
 
@@ -185,6 +202,15 @@ class RunOptions:
                 f"background tolerance {self.background_tolerance!r} must be >= 0")
         set_("background_tolerance", tolerance)
         set_("background_value", _number("background_value", self.background_value))
+        set_("instances", _choice("instances", self.instances, INSTANCE_MODES))
+        if isinstance(self.split_radius, bool) or not isinstance(
+                self.split_radius, (int, np.integer)) or self.split_radius < 0:
+            raise InvalidArgumentError(
+                f"split_radius={self.split_radius!r} must be an integer >= 0")
+        set_("split_radius", int(self.split_radius))
+        set_("split_context", _positive_int("split_context", self.split_context, False))
+        if self.object_table is not None:
+            set_("object_table", _choice("object_table", self.object_table, TABLE_FORMATS))
         set_("workers", _positive_int("workers", self.workers))
         set_("threads", _positive_int("threads", self.threads))
 

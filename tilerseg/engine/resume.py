@@ -51,6 +51,7 @@ from .jobs import (
     work_path,
 )
 from .finish import leftover
+from .instances import check_table_format, create_provisional
 from .locks import FileLock, LockedError, live_locks
 from .options import RunOptions
 from .prepare import Prepared, is_lazy_input, prepare
@@ -224,6 +225,8 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
 
     out = Path(os.path.abspath(os.fspath(out)))
     check_output_folder(out)
+    if options.output == "instances":
+        check_table_format(options.object_table)
     remove_debris(out)
     joining = resume or shard is not None
     # on a cluster this process only plans (on the CPU); the workers run the model
@@ -278,14 +281,21 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
         spec = OutputSpec(
             spatial_axes=p.view.spatial, shape=p.plan.image_shape, chunks=p.plan.tile,
             num_classes=p.geometry.out_channels,
-            probabilities=options.dtype if options.output in ("probabilities", "both") else None,
+            probabilities=(options.dtype if options.output in ("probabilities", "both", "instances")
+                           else None),
             labels=options.output in ("labels", "both"), pixel_size=dict(p.source.pixel_size),
             attributes=_attributes(p, model_source), pyramid=options.pyramid, eager_levels=2,
+            instances=options.output == "instances",
         )
         grid = TaskGrid.for_grid(p.plan.grid)
         manifest = _manifest(p, out, identity, digest, model_source, background, spec, grid)
-        work, created = WorkDir.create(
-            wp, manifest, lambda staging: OutputWriter(out, spec, overwrite=True, staging=staging))
+
+        def make_store(staging: Path) -> None:
+            OutputWriter(out, spec, overwrite=True, staging=staging)
+            if spec.instances:
+                create_provisional(staging.parent, spec, options.instances)
+
+        work, created = WorkDir.create(wp, manifest, make_store)
         if not created:
             continue  # join (or refuse) the run another process created, as recorded
         locks = _lock(work, out, shard)

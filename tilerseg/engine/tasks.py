@@ -26,6 +26,7 @@ from ..io.writers import OutputWriter, spec_from_dict
 from ..labels import LabelPolicy
 from ..normalize import Normalization
 from .background import decode_skipped
+from .instances import InstanceRun
 from .jobs import Task, WorkDir, geometry_of
 from .options import PLAIN_OUTPUT_OPTIONS, RunOptions, run_options
 from .pipeline import Direct, StageTimes, run_pipeline
@@ -64,6 +65,7 @@ class RunContext:
         self.p, self.work, self.writer, self.image = prepared, work, writer, image
         self.skip = skip if skip is not None else np.zeros(prepared.plan.grid, dtype=bool)
         self.background = background
+        self.instances = InstanceRun.of(work.path, work.manifest)
         self._fill: np.ndarray | None = None
         self._lock = threading.Lock()
 
@@ -92,9 +94,12 @@ class RunContext:
         return self._fill[(slice(None), *(slice(0, s.stop - s.start) for s in tile.write))]
 
     def write(self, tile: Tile, probs: np.ndarray) -> None:
-        """Store a tile's probabilities and/or labels (and its eager pyramid levels)."""
+        """Store a tile's probabilities and/or labels (and its eager pyramid levels), and
+        label its instances chunk by chunk (the first instance pass)."""
         labels = self.p.labels(probs) if self.writer.labels is not None else None
         self.writer.write(tile.write, probs, labels=labels)
+        if self.instances is not None:
+            self.instances.first_pass(tile.write, probs)
 
 
 def recorded_options(manifest: dict[str, Any], options: RunOptions | None = None) -> RunOptions:
@@ -118,7 +123,7 @@ def recorded_options(manifest: dict[str, Any], options: RunOptions | None = None
         options, tile=tuple(resolved["tile"]),
         normalize=Normalization(**resolved["normalization"]),
         threshold=resolved["labels"]["threshold"], channel=tuple(resolved["channels"]),
-        **{k: requested[k] for k in PLAIN_OUTPUT_OPTIONS})
+        **{k: requested.get(k, getattr(RunOptions, k)) for k in PLAIN_OUTPUT_OPTIONS})
 
 
 def open_context(work: WorkDir, model: nn.Module, image: Any,

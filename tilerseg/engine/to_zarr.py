@@ -199,7 +199,8 @@ def _run(started: Started, runner: Any, shard: tuple[int, int] | None, overwrite
     if p.options.skip_background:
         attributes["background"] = work.manifest["resolved"]["background"]
     finishing = time.perf_counter()
-    commit(work, started.out, overwrite=overwrite, attributes=attributes, writer=ctx.writer)
+    commit(work, started.out, overwrite=overwrite, attributes=attributes, writer=ctx.writer,
+           mapper=runner.map)
     seconds = time.perf_counter() - begin
     pixels = int(np.prod(p.plan.image_shape))
     log.info("wrote %s in %.1f s (%.2f Mpx/s; set-up %.1f s, tiles %.1f s, pyramid and "

@@ -10,6 +10,8 @@ With probabilities (labels optional)::
         labels/                     only if labels were requested; "ome": {"labels": [...]}
             segmentation/           label image: multiscales (axes [z]yx) + "image-label"
                 0/ 1/ ...           with "source": {"image": "../../"}
+            instances/              instance labels (output "instances"): uint32 object
+                0/ 1/ ...           ids, uint64 when there are more; same metadata
 
 Labels only (no probabilities)::
 
@@ -86,6 +88,9 @@ PROBABILITY_DTYPES = ("uint8", "float16", "float32")
 LABEL_NAME = "segmentation"
 """Name of the label image under ``labels/``."""
 
+INSTANCE_NAME = "instances"
+"""Name of the instance label image under ``labels/`` (see :mod:`tilerseg.engine.instances`)."""
+
 _PALETTE = [
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
     (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
@@ -111,6 +116,11 @@ class OutputSpec:
         or None to write no probabilities.
     labels : bool
         Whether to write a label image.
+    instances : bool
+        Whether the output has an instance label image ``labels/instances`` (written by
+        :mod:`tilerseg.engine.instances`; needs probabilities). Its level 0 is created
+        there, once the number of objects gives its dtype; the writer builds its pyramid
+        (nearest) and metadata at :meth:`OutputWriter.commit`.
     pixel_size : dict of str to float
         Micrometres per spatial axis letter (``"Z"``, ``"Y"``, ``"X"``); may be partial.
     attributes : dict
@@ -137,6 +147,7 @@ class OutputSpec:
     attributes: dict = field(default_factory=dict)
     pyramid: bool = True
     eager_levels: int = 0
+    instances: bool = False
 
 
 def check_output_folder(path: str | os.PathLike) -> None:
@@ -280,6 +291,8 @@ def _check_spec(spec: OutputSpec) -> None:
         )
     if spec.probabilities is None and not spec.labels:
         raise InvalidArgumentError("nothing to write: neither probabilities nor labels requested")
+    if spec.instances and spec.probabilities is None:
+        raise InvalidArgumentError("instance labels are written with the probabilities")
 
 
 class OutputWriter:
@@ -367,6 +380,11 @@ class OutputWriter:
     # -- layout -------------------------------------------------------------------------
 
     @property
+    def _label_images(self) -> list[str]:
+        """The label images under ``labels/`` (with probabilities)."""
+        return [LABEL_NAME] * bool(self.spec.labels) + [INSTANCE_NAME] * bool(self.spec.instances)
+
+    @property
     def _labels_group(self) -> str:
         """Path of the label image inside the output ('' = the root)."""
         return f"labels/{LABEL_NAME}" if self.spec.probabilities is not None else ""
@@ -406,8 +424,10 @@ class OutputWriter:
     def _create(self) -> None:
         """Create the temporary output with level 0 and provisional metadata."""
         root = zarr.open_group(os.fspath(self.staging), mode="w-", zarr_format=3)
-        if self.spec.probabilities is not None and self.spec.labels:
-            root.create_group("labels").create_group(LABEL_NAME)
+        if self.spec.probabilities is not None and self._label_images:
+            group = root.create_group("labels")
+            for name in self._label_images:
+                group.create_group(name)
         self._create_level(0, self._shape)
         shapes = level_shapes(self._shape, self._chunks)
         self._eager_arrays = {k: self._create_level(k, shapes[k]) for k in range(1, self.eager + 1)}
@@ -486,12 +506,19 @@ class OutputWriter:
             "multiscales": [self._multiscale("probabilities", True, levels, "mean")],
         }
         root.update_attributes({"ome": ome, "tilerseg": info})
+        if self._label_images:
+            root["labels"].attrs["ome"] = {"version": "0.5", "labels": self._label_images}
         if self.spec.labels:
-            root["labels"].attrs["ome"] = {"version": "0.5", "labels": [LABEL_NAME]}
             root[f"labels/{LABEL_NAME}"].attrs["ome"] = {
                 "version": "0.5",
                 "multiscales": [label_ms],
                 "image-label": self._image_label(True),
+            }
+        if self.spec.instances:  # no colours: one per object is the viewer's job
+            root[f"labels/{INSTANCE_NAME}"].attrs["ome"] = {
+                "version": "0.5",
+                "multiscales": [self._multiscale(INSTANCE_NAME, False, levels, "nearest")],
+                "image-label": {"version": "0.5", "source": {"image": "../../"}},
             }
 
     # -- writing ------------------------------------------------------------------------
@@ -576,6 +603,14 @@ class OutputWriter:
         root = zarr.open_group(os.fspath(self.staging), mode="r+", zarr_format=3)
         nd = len(self._shape)
         for k in range(1, len(shapes)):
+            if self.spec.instances:  # created after the tiles: never eager
+                before = root[f"labels/{INSTANCE_NAME}/{k - 1}"]
+                level = zarr.create_array(
+                    os.fspath(self.staging), name=f"labels/{INSTANCE_NAME}/{k}", shape=shapes[k],
+                    chunks=level_chunks(self._chunks, shapes[k]), dtype=before.dtype,
+                    fill_value=0, dimension_names=before.metadata.dimension_names,
+                    zarr_format=3, overwrite=True)
+                downsample(before, level, "nearest", spatial_ndim=nd)
             if k <= self.eager:  # written tile by tile (write_levels)
                 continue
             self._create_level(k, shapes[k])
@@ -703,7 +738,8 @@ def open_output(path: str | os.PathLike) -> dict[str, Any]:
     -------
     dict
         ``"probabilities"``: level 0 of the probabilities (zarr.Array, stored dtype) or
-        None; ``"labels"``: level 0 of the labels or None; ``"attributes"``: the
+        None; ``"labels"``: level 0 of the labels or None; ``"instances"``: level 0 of
+        the instance labels or None; ``"attributes"``: the
         ``tilerseg`` attributes; ``"levels"``: number of pyramid levels.
 
     Raises
@@ -723,16 +759,19 @@ def open_output(path: str | os.PathLike) -> dict[str, Any]:
         ValueError,
     ) as err:  # zarr's not-found errors are both
         raise OutputError(f"'{path}' is not an OME-Zarr output: {err}") from err
-    probabilities = labels = None
+    probabilities = labels = instances = None
     if "image-label" in ome:
         labels = root["0"]
     else:
         probabilities = root["0"]
         if f"labels/{LABEL_NAME}/0" in root:
             labels = root[f"labels/{LABEL_NAME}/0"]
+        if f"labels/{INSTANCE_NAME}/0" in root:
+            instances = root[f"labels/{INSTANCE_NAME}/0"]
     return {
         "probabilities": probabilities,
         "labels": labels,
+        "instances": instances,
         "attributes": dict(root.attrs.get("tilerseg", {})),
         "levels": levels,
     }

@@ -50,6 +50,10 @@ class Executor(Protocol):
         """Run the tasks of ``works``; ``progress(tiles_written)``; ``record``: extra
         values for the completion records; see :func:`~tilerseg.engine.tasks.run_tasks`."""
 
+    def map(self, fn: Callable[..., Any], items: list) -> list:
+        """``[fn(*item) for item in items]`` where this executor runs work (plain
+        functions of plain data: the instance passes after the tiles)."""
+
 
 # the executors import torch: only when used
 __getattr__, __dir__ = attach(__name__, {"LocalExecutor": "local", "DaskExecutor": "dask",
@@ -65,7 +69,7 @@ def resolve_executor(executor: Any = None) -> Executor:
         None, ``"pipeline"`` or ``"local"``: :class:`LocalExecutor`; ``"dask"``: one Dask
         task per task on Dask's local threads; a ``distributed.Client``: its cluster; an
         :class:`Executor` (``name``, ``waits_for_all``, ``select``, ``plan_device``,
-        ``run``): itself.
+        ``run``, ``map``): itself.
 
     Examples
     --------

@@ -92,6 +92,21 @@ class DaskExecutor:
             computed = self._run_cluster(works, progress, isolate, record)
         return StageTimes(wall=time.perf_counter() - start, tiles=computed)
 
+    def map(self, fn: Callable[..., Any], items: list) -> list:
+        """``fn(*item)`` for each item: on the cluster's workers (retried like the tasks),
+        else on threads here."""
+        if self.client is None:
+            from ..instances import local_mapper
+
+            return local_mapper(fn, items)
+        futures = self.client.map(fn, *zip(*items), retries=self.retries, pure=False)
+        try:
+            return self.client.gather(futures)
+        except Exception as err:  # noqa: BLE001 - named as a cluster failure
+            raise _local_error(err, "instances") from err
+        finally:
+            self.client.cancel([f for f in futures if not f.done()])
+
     # -- Dask's local threads ---------------------------------------------------------
 
     def _run_threads(self, works: Iterable[Work], progress: Callable[[int], None] | None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -36,6 +37,12 @@ class LocalExecutor:
     def plan_device(self, requested: str | tuple[str, ...]) -> str | None:
         """None: the model runs in this process."""
         return None
+
+    def map(self, fn: Callable[..., Any], items: list) -> list:
+        """``fn(*item)`` for each item, on threads of this process."""
+        from ..instances import local_mapper
+
+        return local_mapper(fn, items)
 
     def run(self, works: Iterable[Work], *, progress: Callable[[int], None] | None = None,
             isolate: bool = False, record: dict | None = None) -> StageTimes:

@@ -90,6 +90,10 @@ class ShardExecutor:
         """The inner executor's."""
         return self.inner.plan_device(requested)
 
+    def map(self, fn: Callable[..., Any], items: list) -> list:
+        """The inner executor's."""
+        return self.inner.map(fn, items)
+
     def run(self, works: Iterable[Work], *, progress: Callable[[int], None] | None = None,
             isolate: bool = False, record: dict | None = None) -> StageTimes:
         """Run the share through the inner executor; records name the shard."""
