@@ -181,6 +181,20 @@ def test_components_equal_scipy_label_across_chunk_borders_and_corners(tmp_path,
             assert float(row[f"centroid_{letter}"]) == pytest.approx(centre[a], abs=1e-3)
 
 
+def test_a_z_stack_segmented_plane_by_plane_has_3d_objects(tmp_path):
+    """A 2D model on a z-stack: objects connect across planes (face connectivity in 3D)."""
+    image = (blobs((6, 70, 60), 20, seed=1, radius=(3, 6)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "stack.tif", image, photometric="minisblack")
+    out = tilerseg.segment_to_zarr(tmp_path / "stack.tif", Passthrough(2), tmp_path / "o.zarr",
+                                   tile=32, output="instances", backend="torch")
+    instances = open_output(out)["instances"]
+    assert instances.chunks == (1, 32, 32)
+    reference, n = ndimage.label(stored_probability(out) >= THRESHOLD)
+    planes = sum(len(np.unique(reference[z])) - 1 for z in range(6))
+    assert n > 5 and planes > n  # objects span planes
+    assert same_partition(instances[:], reference)
+
+
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_split_equals_the_same_watershed_on_the_whole_image(tmp_path, ndim):
     shape, tile, count = ((160, 140), 32, 70) if ndim == 2 else ((30, 41, 37), 16, 40)

@@ -26,7 +26,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -415,16 +415,25 @@ class InstanceRun:
                           zarr_format=3, overwrite=True)
 
     def _write_table(self) -> int:
-        """Merge the object rows; write the table into the work directory."""
-        parts, complete = ObjectStats(self.ndim), []
+        """Count the objects; write the table into the work directory when asked.
+
+        Rows stream out chunk by chunk (objects inside one chunk, in id order), then the
+        objects that cross chunks, merged from their parts: memory holds one chunk's rows
+        plus the parts of the crossing objects.
+        """
+        parts, count = ObjectStats(self.ndim), 0
         for _, record in self._records("final"):
-            complete.append(record["complete"])
+            count += len(record["complete"])
             parts.add(record["partial"])
-        rows = np.concatenate([*complete, parts.merged()])
-        rows = ObjectStats.finish(rows[np.argsort(rows[:, 0], kind="stable")], self.ndim)
+        merged = parts.merged()
         if self.table:
-            write_table(rows, self.spec.spatial_axes, self.path / f"objects.{self.table}")
-        return len(rows)
+            def rows() -> Iterator[np.ndarray]:
+                for _, record in self._records("final"):
+                    yield ObjectStats.finish(record["complete"], self.ndim)
+                yield ObjectStats.finish(merged, self.ndim)
+
+            write_table(rows(), self.spec.spatial_axes, self.path / f"objects.{self.table}")
+        return count + len(merged)
 
     def place_table(self, out: Path) -> Path | None:
         """Move the table beside the committed output ``out``."""
@@ -460,7 +469,8 @@ def _unpack(data: Any) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=4)
-def _opened(work: str, stamp: float) -> tuple[InstanceRun, dict[str, Any]]:
+def _opened(work: str, stamp: tuple[int, ...]) -> tuple[InstanceRun, dict[str, Any]]:
+    """The run and its id maps, once per process for each version of their files."""
     import json
 
     with open(Path(work) / "manifest.json", encoding="utf-8") as f:
@@ -475,8 +485,10 @@ def _opened(work: str, stamp: float) -> tuple[InstanceRun, dict[str, Any]]:
 
 def run_chunk(work: str, stage: str, chunk: int) -> None:
     """Run one pass on one chunk (a plain function of plain data, for cluster workers)."""
+    manifest = os.stat(Path(work) / "manifest.json")  # a new run has a new manifest
     ids = Path(work) / "instances" / "ids.npz"
-    stamp = ids.stat().st_mtime_ns if ids.is_file() else 0.0
+    stamp = (manifest.st_ino, manifest.st_mtime_ns,
+             ids.stat().st_mtime_ns if ids.is_file() else 0)
     run, maps = _opened(work, stamp)
     if stage == "markers":
         run.marker_pass(chunk)
@@ -486,24 +498,31 @@ def run_chunk(work: str, stage: str, chunk: int) -> None:
         raise InvalidArgumentError(f"unknown instance pass {stage!r}")
 
 
-def write_table(rows: np.ndarray, axes: str, path: Path) -> None:
-    """Write object rows (:meth:`ObjectStats.finish`) as CSV or Parquet, atomically."""
-    names = ["label", "area"]
+def write_table(batches: Iterable[np.ndarray], axes: str, path: Path) -> None:
+    """Write object rows (:meth:`ObjectStats.finish`, in batches) as CSV or Parquet,
+    atomically."""
     letters = axes.lower()
-    names += [f"bbox_min_{a}" for a in letters] + [f"bbox_max_{a}" for a in letters]
-    names += [f"centroid_{a}" for a in letters]
+    names = ["label", "area"] + [f"bbox_min_{a}" for a in letters]
+    names += [f"bbox_max_{a}" for a in letters] + [f"centroid_{a}" for a in letters]
     ints = 2 + 2 * len(letters)
     tmp = path.with_name(f".{path.name}.tmp")
     if path.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        columns = {n: (rows[:, k].astype(np.int64) if k < ints else rows[:, k])
-                   for k, n in enumerate(names)}
-        pq.write_table(pa.table(columns), tmp)
+        schema = pa.schema([(n, pa.int64() if k < ints else pa.float64())
+                            for k, n in enumerate(names)])
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for rows in batches:
+                columns = [rows[:, k].astype(np.int64) if k < ints else rows[:, k]
+                           for k in range(len(names))]
+                writer.write_table(pa.Table.from_arrays(columns, schema=schema))
     else:
         fmt = ["%d"] * ints + ["%.3f"] * len(letters)
-        np.savetxt(tmp, rows, fmt=fmt, delimiter=",", header=",".join(names), comments="")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(",".join(names) + "\n")
+            for rows in batches:
+                np.savetxt(f, rows, fmt=fmt, delimiter=",")
     os.replace(tmp, path)
 
 
