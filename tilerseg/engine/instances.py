@@ -537,4 +537,4 @@ def check_table_format(fmt: str | None) -> None:
             import pyarrow  # noqa: F401
         except ImportError:
             raise InvalidArgumentError(
-                "object_table='parquet' needs pyarrow (pip install pyarrow); use csv") from None
+                "object_table='parquet' needs pyarrow (pip install 'tilerseg[parquet]'); use csv") from None
