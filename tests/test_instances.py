@@ -364,3 +364,18 @@ def test_cli_prints_the_objects_and_refuses_bad_instance_flags(saved, tmp_path, 
     assert main(["run", str(saved["tif"]), "-o", str(tmp_path / "bad.zarr"), *saved["args"],
                  "--split-radius", "-2"]) == 2
     assert "split_radius" in capsys.readouterr().err
+
+
+def test_a_batch_writes_instances_for_every_image(tmp_path):
+    for k in range(2):
+        image = (blobs((70, 64), 12, seed=20 + k) * 255).astype(np.uint8)
+        tifffile.imwrite(tmp_path / f"img{k}.tif", image, photometric="minisblack")
+    results = tilerseg.segment_batch([tmp_path / "img0.tif", tmp_path / "img1.tif"],
+                                     Passthrough(2), tmp_path / "out", tile=32,
+                                     output="instances", object_table="csv", backend="torch")
+    assert [r.status for r in results] == ["done", "done"]
+    for r in results:
+        reference, n = ndimage.label(stored_probability(r.output) >= THRESHOLD)
+        assert n > 3 and same_partition(open_output(r.output)["instances"][:], reference)
+        assert sum(1 for _ in open(r.output.with_name(
+            r.output.name[: -len(".zarr")] + ".objects.csv"))) == n + 1
