@@ -379,3 +379,24 @@ def test_a_batch_writes_instances_for_every_image(tmp_path):
         assert n > 3 and same_partition(open_output(r.output)["instances"][:], reference)
         assert sum(1 for _ in open(r.output.with_name(
             r.output.name[: -len(".zarr")] + ".objects.csv"))) == n + 1
+
+
+def test_the_instance_output_validates_and_reads_as_a_labels_layer(tmp_path):
+    """ome-zarr-models validates it; ome-zarr's reader (napari-ome-zarr's) finds the
+    instances as a label image with its pyramid."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+    from ome_zarr_models.v05.image import Image
+
+    out = tilerseg.segment_to_zarr(blobs((100, 90), 15, seed=8), Passthrough(2),
+                                   tmp_path / "o.zarr", tile=32, output="instances",
+                                   normalize=False, backend="torch")
+    image = Image.from_zarr(zarr.open_group(out, mode="r"))
+    assert image.labels is not None and image.labels.label_paths == ["instances"]
+    label = image.labels.get_image_labels_group("instances")
+    assert label.attributes.ome.image_label.source.image == "../../"
+    nodes = list(Reader(parse_url(str(out)))())
+    specs = [sorted(type(s).__name__ for s in n.specs) for n in nodes]
+    assert specs == [["Multiscales"], ["Labels"], ["Label", "Multiscales"]]
+    assert [d.shape for d in nodes[2].data] == [(100, 90), (50, 45), (25, 23)]
+    assert nodes[2].data[0].dtype == np.uint32
