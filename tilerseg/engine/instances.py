@@ -5,8 +5,9 @@ process that commits (``tilerseg finalize`` too) runs them, on a cluster's worke
 there is one. The algorithm is :mod:`tilerseg.instances`; this module owns its files::
 
     OUT.zarr.partial/instances/
-        provisional.zarr/components     uint64 chunk-local ids (with each tile)
-        provisional.zarr/markers        uint64 marker ids ("split" only, pass 2)
+        provisional.zarr/components     uint32 chunk-local ids (with each tile); the
+                                        provisional id adds the chunk's base
+        provisional.zarr/markers        the same for the markers ("split", pass 2)
         first/K.npz                     chunk K: component count, face slabs, boxes of
                                         the components on its faces (with each tile)
         markers/K.npz                   chunk K: marker count and face slabs (pass 2)
@@ -94,7 +95,7 @@ def create_provisional(work_path: Path, spec: OutputSpec, mode: str) -> None:
     names = ["components"] + (["markers"] if mode == "split" else [])
     for name in names:
         zarr.create_array(store, name=name, shape=spec.shape, chunks=spec.chunks,
-                          dtype=np.uint64, fill_value=0, zarr_format=3)
+                          dtype=np.uint32, fill_value=0, zarr_format=3)
     for sub in ("first", "markers", "final"):
         (work_path / "instances" / sub).mkdir(parents=True, exist_ok=True)
 
@@ -215,9 +216,9 @@ class InstanceRun:
         chunk = self.chunk_of(region)
         mask, _ = foreground(probs, self.policy, self.spec.probabilities or "float32")
         labels, count = label_chunk(mask, chunk, self.span)
-        self.array("components")[tuple(region)] = labels
-        dense, _ = self._dense(labels, chunk)
-        boxes = ObjectStats.boxes(dense, _on_faces(dense), [s.start for s in region])
+        local = self._local(labels, chunk)
+        self.array("components")[tuple(region)] = local
+        boxes = ObjectStats.boxes(local, _on_faces(local), [s.start for s in region])
         boxes[:, 0] += chunk * self.span  # provisional ids
         _save(self.path / "first" / f"{chunk}.npz", count=count, boxes=boxes, **_faces(labels))
 
@@ -228,7 +229,7 @@ class InstanceRun:
         mask = self.array("components")[grown] > 0
         eroded = markers(mask, self.radius)[inner]
         labels, count = label_chunk(eroded, chunk, self.span)
-        self.array("markers")[self.region(chunk)] = labels
+        self.array("markers")[self.region(chunk)] = self._local(labels, chunk)
         _save(self.path / "markers" / f"{chunk}.npz", count=count, **_faces(labels))
 
     # -- between the passes: the id maps -------------------------------------------------------
@@ -284,8 +285,7 @@ class InstanceRun:
         region = self.region(chunk)
         comps: IdMap = maps["components"]
         if self.mode == "components":
-            provisional = self.array("components")[region]
-            dense, count = self._dense(provisional, chunk)
+            dense, count = self._dense(self.array("components")[region])
             table = comps.lookup(chunk * self.span + np.arange(count + 1, dtype=np.uint64))
             table[0] = 0
             final = table[dense]
@@ -296,10 +296,15 @@ class InstanceRun:
         edge = np.isin(rows[:, 0], _on_faces(final))
         _save(self.path / "final" / f"{chunk}.npz", complete=rows[~edge], partial=rows[edge])
 
-    def _dense(self, provisional: np.ndarray, chunk: int) -> tuple[np.ndarray, int]:
-        """Chunk-local ids ``0..count`` of the chunk's own provisional ids."""
+    def _local(self, provisional: np.ndarray, chunk: int) -> np.ndarray:
+        """The chunk-local ids (as stored) of a chunk's provisional ids."""
         base = np.uint64(chunk * self.span)
-        dense = np.where(provisional > 0, provisional - base, 0).astype(np.int64)
+        return np.where(provisional > 0, provisional - base, 0).astype(np.uint32)
+
+    @staticmethod
+    def _dense(stored: np.ndarray) -> tuple[np.ndarray, int]:
+        """Stored chunk-local ids as int64, and the largest."""
+        dense = stored.astype(np.int64)
         return dense, int(dense.max(initial=0))
 
     def _lookup(self, name: str, ids: IdMap, window: tuple[slice, ...]) -> np.ndarray:
@@ -307,7 +312,7 @@ class InstanceRun:
         out = np.zeros(tuple(s.stop - s.start for s in window), np.int64)
         array = self.array(name)
         for chunk, image, local in self.parts(window):
-            dense, count = self._dense(array[image], chunk)
+            dense, count = self._dense(array[image])
             table = ids.lookup(chunk * self.span + np.arange(count + 1, dtype=np.uint64))
             table[0] = 0
             out[local] = table[dense]
