@@ -14,15 +14,18 @@ __all__ = ["one_shot_reference"]
 
 
 def one_shot_reference(image: np.ndarray, model: torch.nn.Module,
-                       precision: str = "fp32") -> np.ndarray:
+                       precision: str = "fp32",
+                       geometry: tilerseg.ModelGeometry | None = None) -> np.ndarray:
     """The reference of DESIGN section 1, written independently of the engine.
 
     Pad the whole (C, *spatial) image by the halo with numpy ``mode="reflect"``, extend
     the far sides (also by reflection) to an admissible size, run the model once and
     crop to the image. ``image`` must already be normalised float32. ``precision="bf16"``
     runs the model under bfloat16 autocast; the activation is computed in float32.
+    ``geometry`` (halo and admissible sizes) defaults to the engine's probe of the model;
+    tests/test_architectures.py passes one derived without it (tests/closed_forms.py).
     """
-    g = tilerseg.model_geometry(model)
+    g = tilerseg.model_geometry(model) if geometry is None else geometry
     pads = [(0, 0)]
     for axis, n in enumerate(image.shape[1:]):
         size = n + 2 * g.halo[axis]

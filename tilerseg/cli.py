@@ -87,11 +87,16 @@ def _cmd_models(args: argparse.Namespace) -> int:
               f"step {g.step[0]}, threshold {meta.get('threshold')}; {figures}")
     if not bundled_models():
         print("  (none installed)")
-    print("registered architectures (untrained; tilerseg.create_model(NAME)):")
+    print("registered architectures (untrained; tilerseg.create_model(NAME), tilerseg train "
+          "--arch NAME), geometry per axis at their defaults:")
     for name in list_models():
-        g = model_geometry(create_model(name, base_channels=1))
-        print(f"  {name:<20} {g.ndim}D, default depth 4: halo {g.halo[0]}, pooling step "
-              f"{g.step[0]}, admissible inputs {g.admissible_inputs(3)}...")
+        model = create_model(name, base_channels=1)  # the geometry does not depend on width
+        g, config = model_geometry(model), model.config
+        shape = ", ".join(f"{k} {config[k]}" for k in ("depth", "padding", "pool")
+                          if k in config)
+        admissible = " x ".join(str(g.admissible_inputs(3, a)) for a in range(g.ndim))
+        print(f"  {name:<11} {g.ndim}D ({shape or 'padding same'}): halo {list(g.halo)}, "
+              f"step {list(g.step)}, admissible inputs {admissible} ...")
     return 0
 
 
@@ -435,12 +440,20 @@ def _indices(text: str | None, what: str) -> list[int] | None:
     return out
 
 
+_TRAIN_DEFAULTS = {"unet": {"base_channels": 16}}
+"""``tilerseg train`` defaults that differ from the architecture's own (the paper's 64
+channels are slow to train on a CPU)."""
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, load_pairs, train
 
+    given = {"depth": args.depth, "base_channels": args.base_channels, "dropout": args.dropout,
+             "batch_norm": args.batch_norm, "padding": args.padding}
+    model = {"name": args.arch, **_TRAIN_DEFAULTS.get(args.arch, {}),
+             **{k: v for k, v in given.items() if v is not None}}
     config = TrainConfig(
-        model={"name": "unet", "depth": args.depth, "base_channels": args.base_channels,
-               "dropout": args.dropout, "batch_norm": args.batch_norm},
+        model=model,
         epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch_size,
         window=args.window, optimizer=args.optimizer, lr=args.lr,
         weight_map=not args.no_weight_map, elastic=not args.no_elastic,
@@ -635,10 +648,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(info)
     info.set_defaults(func=_cmd_info)
 
-    tr = sub.add_parser("train", help="train a U-Net on image/mask pairs",
-                        description="Train a U-Net with the paper's recipe (weight map, elastic "
-                        "deformation, flips/rotations, grey values) on tiles cut with the "
-                        "engine's geometry. Checkpoints best.pt / last.pt go to --out.")
+    tr = sub.add_parser("train", help="train a model (U-Net by default) on image/mask pairs",
+                        description="Train a 2D architecture (--arch, see tilerseg models) "
+                        "with the U-Net paper's recipe (weight map, elastic deformation, "
+                        "flips/rotations, grey values) on tiles cut with the engine's "
+                        "geometry. Checkpoints best.pt / last.pt go to --out.")
     tr.add_argument("--images", required=True, help="folder of training images")
     tr.add_argument("--masks", required=True,
                     help="folder of masks (class maps, or 0/255), same names as the images")
@@ -651,11 +665,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=int, default=100, help="optimiser steps per epoch (100)")
     tr.add_argument("--batch-size", type=int, default=2)
     tr.add_argument("--window", type=int, default=None,
-                    help="training input side, rounded up to admissible (default 380)")
-    tr.add_argument("--depth", type=int, default=4)
-    tr.add_argument("--base-channels", type=int, default=16)
-    tr.add_argument("--dropout", type=float, default=0.0)
-    tr.add_argument("--batch-norm", action="store_true")
+                    help="training input side, rounded up to admissible (default 380, or "
+                    "twice the halo plus one pooling step where that is more)")
+    tr.add_argument("--arch", default="unet", metavar="NAME",
+                    help="registered architecture: unet, unet-keras, unetpp, fcn8s "
+                    "(default: %(default)s)")
+    tr.add_argument("--depth", type=int, default=None,
+                    help="poolings (default: the architecture's; 4 for unet)")
+    tr.add_argument("--base-channels", type=int, default=None,
+                    help="channels of the first level (default: 16 for unet, else the "
+                    "architecture's)")
+    tr.add_argument("--dropout", type=float, default=None,
+                    help="dropout probability (default: the architecture's)")
+    tr.add_argument("--batch-norm", action="store_true", default=None,
+                    help="batch normalisation after every convolution")
+    tr.add_argument("--padding", choices=("valid", "same"), default=None,
+                    help="valid or zero-padded convolutions (default: the architecture's)")
     tr.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     tr.add_argument("--lr", type=float, default=None)
     tr.add_argument("--no-weight-map", action="store_true")
@@ -680,7 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list bundled models and architectures",
                             description="List the bundled (trained) models with their "
                             "geometry and validation figures, and the registered "
-                            "architectures.")
+                            "architectures with their geometry per axis (halo, pooling "
+                            "step, admissible input sides).")
     models.set_defaults(func=_cmd_models)
 
     demo = sub.add_parser("demo", help="write a synthetic slide and segment it",

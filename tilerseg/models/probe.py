@@ -260,7 +260,11 @@ def receptive_field_radius(model: nn.Module, geometry: ModelGeometry) -> list[in
     on. For a same-padded model the returned radius is the halo: zero padding cannot
     reach a kept pixel that has this much context.
     """
-    surrogate = _positive_surrogate(model)
+    with torch.enable_grad():  # also when called under no_grad
+        return _radius(_positive_surrogate(model), model, geometry)
+
+
+def _radius(surrogate: nn.Module, model: nn.Module, geometry: ModelGeometry) -> list[int]:
     nd, radius = geometry.ndim, []
     for axis in range(nd):
         side = max(8 * geometry.step[axis], geometry.min_input[axis])

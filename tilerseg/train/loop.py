@@ -21,7 +21,7 @@ from torch import nn
 
 from ..engine.compute import PRECISIONS, memory_format, resolve_precision
 from ..engine.windows import read_window
-from ..errors import InvalidArgumentError, InvalidImageError
+from ..errors import InvalidArgumentError, InvalidImageError, InvalidModelError
 from ..models import create_model, load_model, model_geometry, save_model
 from ..normalize import resolve_normalization
 from .augment import augment
@@ -48,7 +48,8 @@ class TrainConfig:
         Length of the run; one step is one optimiser update on ``batch_size`` tiles.
     window : int or None
         Training input side (rounded up to an admissible size); default: the smallest
-        admissible side of at least 380 px (output 196 px for a depth-4 valid U-Net).
+        admissible side of at least 380 px (output 196 px for a depth-4 valid U-Net), or
+        of twice the halo plus one pooling step where that is more (FCN-8s).
     optimizer : {"adam", "sgd"}
         Adam, or SGD with the paper's momentum 0.99.
     lr : float or None
@@ -160,8 +161,26 @@ class PatchSampler:
         return tuple(torch.from_numpy(np.stack(parts)) for parts in zip(*tiles))
 
 
-def weighted_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Pixel-weighted cross-entropy (softmax), or binary cross-entropy for one class."""
+def _centre_crop(logits: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """The centre ``shape`` of the spatial axes of ``logits`` ``(B, C, *spatial)``."""
+    index = [slice(None), slice(None)]
+    for have, want in zip(logits.shape[2:], shape):
+        lo = (have - want) // 2
+        index.append(slice(lo, lo + want))
+    return logits[tuple(index)]
+
+
+def weighted_loss(logits: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor,
+                  weights: torch.Tensor) -> torch.Tensor:
+    """Pixel-weighted cross-entropy (softmax), or binary cross-entropy for one class.
+
+    ``logits`` larger than ``target`` (a same-padded model's output) are centre-cropped
+    to it; a list of logits (deep supervision) gives the mean of their losses, each
+    centre-cropped to the target.
+    """
+    if isinstance(logits, (list, tuple)):
+        return torch.stack([weighted_loss(x, target, weights) for x in logits]).mean()
+    logits = _centre_crop(logits.float(), target.shape[1:])
     if logits.shape[1] == 1:
         per_pixel = F.binary_cross_entropy_with_logits(logits[:, 0], target.float(),
                                                        reduction="none")
@@ -215,8 +234,10 @@ class TrainStep:
     Attributes
     ----------
     net : callable
-        What the forward pass runs through: ``model``, or its compiled wrapper after a
-        successful :meth:`compile`.
+        What the forward pass runs through: ``model`` (or, for a model with
+        ``deep_supervision`` and ``supervised_outputs``, a wrapper returning every head's
+        logits, whose losses are averaged), or its compiled wrapper after a successful
+        :meth:`compile`.
     compiled : bool
         Whether the steps run through ``torch.compile``.
     scaler : torch.amp.GradScaler
@@ -246,7 +267,11 @@ class TrainStep:
                             "AMX): computed by emulation, likely slower than fp32")
         self.fmt = memory_format(model_geometry(model).ndim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.net: Any = model
+        # deep supervision (U-Net++): the loss averages every head's
+        self.forward_module: nn.Module = (
+            _Supervised(model) if getattr(model, "deep_supervision", False)
+            and hasattr(model, "supervised_outputs") else model)
+        self.net: Any = self.forward_module
         self.compiled = False
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
@@ -257,7 +282,7 @@ class TrainStep:
                    else torch.autocast(self.device.type, dtype=self.dtype))
         with context:
             logits = net(x.contiguous(memory_format=self.fmt))
-            return weighted_loss(logits.float(), y, w)
+            return weighted_loss(logits, y, w)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """One step on the batch ``x`` ``(B, C, n, n)``, ``y``, ``w`` ``(B, s, s)``; its loss."""
@@ -293,7 +318,7 @@ class TrainStep:
         try:
             log.info("torch.compile: compiled kernels are cached in %s", torch_compile_cache())
             with torch.random.fork_rng(devices=[]):
-                wrapped = torch.compile(model, dynamic=False)
+                wrapped = torch.compile(self.forward_module, dynamic=False)
                 self.loss(x, y, w, net=wrapped).backward()
         except Exception as err:  # noqa: BLE001 - compilers fail in many ways; fall back
             first = str(err).splitlines()[0] if str(err) else ""
@@ -310,6 +335,17 @@ class TrainStep:
         log.info("compiled the model for training with torch.compile in %.1f s",
                  time.perf_counter() - start)
         return True
+
+
+class _Supervised(nn.Module):
+    """``model.supervised_outputs`` as a module's forward (so that it compiles)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.model.supervised_outputs(x)
 
 
 def _validate(model: nn.Module, pairs: Sequence[Pair], foreground: int) -> dict[str, float]:
@@ -387,6 +423,10 @@ def train(
     else:
         model = create_model(**{"name": "unet", **config.model})
         state = {"epoch": 0, "history": [], "best": None, "config": dataclasses.asdict(config)}
+    if model_geometry(model).ndim != 2:
+        raise InvalidModelError(
+            f"model={config.model!r} is {model_geometry(model).ndim}D; training takes 2D "
+            "models (image/mask pairs)")
     num_classes = model_geometry(model).out_channels
     classes = max(2, num_classes)
     weights = None
@@ -394,8 +434,14 @@ def train(
         cw = class_weights([p.mask for p in train_pairs], classes)
         weights = [weight_map(p.mask, cw, config.foreground_class, config.w0, config.sigma)
                    for p in train_pairs]
-    window = config.window or 380
+    g = model_geometry(model)
+    # default: 380 px, or more where the halo leaves less than one pooling step of output
+    window = config.window or max(380, 2 * g.halo[0] + g.step[0])
     sampler = PatchSampler(train_pairs, weights, model, window, config, rng)
+    if sampler.out < 1:
+        raise InvalidArgumentError(
+            f"window={config.window} leaves no output for this model (halo {g.halo[0]} px "
+            f"on each side); use a window of at least {g.admissible_input(2 * g.halo[0] + 1)}")
     for pair in [*train_pairs, *val_pairs]:
         if min(pair.mask.shape) < sampler.out:
             raise InvalidImageError(
