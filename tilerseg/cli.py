@@ -117,6 +117,8 @@ def _run_options(args: argparse.Namespace, cluster: Any = None) -> Any:
         backend=args.backend,
         skip_background=args.skip_background, background_tolerance=args.background_tolerance,
         background_value=args.background_value, pyramid=not args.no_pyramid,
+        instances=args.instances, split_radius=args.split_radius,
+        split_context=args.split_context, object_table=args.object_table,
         workers=args.workers, threads=threads)
 
 
@@ -182,6 +184,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"{out} is already complete")
         return 0
     from .engine.finish import status
+    from .engine.instances import table_path
     from .engine.to_zarr import segment_to_zarr
     from .io import open_image
     from .models.checkpoint import model_from_spec
@@ -222,6 +225,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     if not args.quiet:
         print(f"wrote {path} in {seconds:.1f} s")
+        instances = after.get("instances")
+        if instances:
+            print(f"{instances['objects']} objects ({instances['mode']}) in "
+                  f"{path}/labels/instances"
+                  + (f", {instances['kept_whole']} kept whole (larger than --split-context)"
+                     if instances.get("kept_whole") else "")
+                  + (f"; table {table_path(path, options.object_table)}"
+                     if options.object_table else ""))
     if args.profile:
         print(_profile_report(path, seconds))
     return 0
@@ -507,8 +518,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """The options of a run (shared by run and batch)."""
     p.add_argument("--batch-size", type=int, default=None, metavar="N", help="tiles per forward pass")
-    p.add_argument("--output", choices=("probabilities", "labels", "both"),
-                   default="probabilities", help="what to write (default: %(default)s)")
+    p.add_argument("--output", choices=("probabilities", "labels", "both", "instances"),
+                   default="probabilities", help="what to write: instances = the "
+                   "probabilities and an instance label image, labels/instances "
+                   "(default: %(default)s)")
     p.add_argument("--dtype", choices=("uint8", "float16", "float32"), default="uint8",
                    help="probability storage type; uint8 = round(255 p) (default)")
     p.add_argument("--threshold", type=float, default=None, metavar="P",
@@ -543,6 +556,19 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    "(default: the cores shared out)")
     p.add_argument("--no-pyramid", action="store_true",
                    help="write full resolution only, no lower-resolution levels")
+    g = p.add_argument_group("instances", "with --output instances (see docs/instances.md)")
+    g.add_argument("--instances", choices=("components", "split"), default="components",
+                   help="components: connected components of the foreground; split: "
+                   "touching objects separated by a seeded watershed (default: %(default)s)")
+    g.add_argument("--split-radius", type=int, default=3, metavar="R",
+                   help="split: markers are the foreground eroded by a disc of radius R px "
+                   "(default: %(default)s)")
+    g.add_argument("--split-context", type=int, default=64, metavar="PX",
+                   help="split: context read around each chunk; objects larger than this "
+                   "are kept whole (default: %(default)s)")
+    g.add_argument("--object-table", choices=("csv", "parquet"), default=None,
+                   help="write a table of the objects (id, area, bounding box, centroid) "
+                   "beside the output, e.g. slide.objects.csv")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output (once the new one is complete) and start "
                    "an unfinished run again")
