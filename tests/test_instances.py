@@ -30,7 +30,6 @@ from tilerseg.io.writers import decode_probabilities, open_output
 
 from .test_resume import assert_same_arrays, done_count, kill_when
 
-CLI = [sys.executable, "-m", "tilerseg"]
 THRESHOLD = 0.5
 
 
@@ -82,20 +81,25 @@ def disc(radius: int, ndim: int) -> np.ndarray:
 
 def reference_split(p: np.ndarray, radius: int) -> np.ndarray:
     """The documented split on the whole image: markers = components of the foreground
-    eroded by a disc, watershed of 1 - p from them within each component; components
-    without a marker stay whole."""
+    eroded by a disc; a component with one marker is that object, one with several is
+    flooded from them (watershed of 1 - p on its bounding box, outside it the top of the
+    relief); components without a marker stay whole (id offset by the marker count)."""
     fg = p >= THRESHOLD
-    comps, n = ndimage.label(fg)
+    comps, _ = ndimage.label(fg)
     seeds, m = ndimage.label(ndimage.binary_erosion(fg, disc(radius, p.ndim), border_value=0))
     relief = np.rint((1 - p) * 65534).astype(np.uint16)
-    relief[~fg] = 65535
-    seeded = np.zeros(n + 1, bool)
-    seeded[np.unique(comps[seeds > 0])] = True
-    start = seeds.astype(np.int32)
-    whole = fg & ~seeded[comps]
-    start[whole] = comps[whole] + m
-    out = ndimage.watershed_ift(relief, start)
-    out[~fg] = 0
+    out = np.where(fg, comps + m, 0)
+    for k, box in enumerate(ndimage.find_objects(comps), start=1):
+        inside = comps[box] == k
+        marks = np.unique(seeds[box][inside & (seeds[box] > 0)])
+        if len(marks) == 1:
+            out[box][inside] = marks[0]
+        elif len(marks) > 1:
+            local = np.where(inside, seeds[box], 0)
+            values, compact = np.unique(local, return_inverse=True)
+            flooded = ndimage.watershed_ift(np.where(inside, relief[box], 65535).astype(np.uint16),
+                                            compact.reshape(local.shape).astype(np.int32))
+            out[box][inside] = values[flooded][inside]
     return out
 
 
@@ -197,13 +201,16 @@ def test_a_z_stack_segmented_plane_by_plane_has_3d_objects(tmp_path):
 
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_split_equals_the_same_watershed_on_the_whole_image(tmp_path, ndim):
-    shape, tile, count = ((160, 140), 32, 70) if ndim == 2 else ((30, 41, 37), 16, 40)
-    image = blobs(shape, count, seed=10 + ndim if ndim == 2 else 5,
+    # windows (chunk + context) smaller than the image on y and x: the context rule works
+    shape, tile, count, context = (((160, 140), 32, 70, 40) if ndim == 2 else
+                                   ((24, 72, 72), 16, 90, 20))
+    image = blobs(shape, count, seed=10 + ndim if ndim == 2 else 0,
                   radius=(4, 9) if ndim == 2 else (3, 6))
+    assert all(tile + 2 * context < n for n in shape[-2:])
     radius = 2
     out = tilerseg.segment_to_zarr(image, Passthrough(ndim), tmp_path / "o.zarr", tile=tile,
                                    output="instances", instances="split", split_radius=radius,
-                                   split_context=40, normalize=False, backend="torch")
+                                   split_context=context, normalize=False, backend="torch")
     instances = open_output(out)["instances"][:]
     p = stored_probability(out)
     reference = reference_split(p, radius)
@@ -238,7 +245,43 @@ def test_instance_options_are_checked(tmp_path):
         with pytest.raises(InvalidArgumentError):
             tilerseg.segment_to_zarr(image, Passthrough(2), tmp_path / "x.zarr",
                                      output="instances", normalize=False, **bad)
+    for ignored in (dict(instances="split"), dict(object_table="csv"), dict(split_radius=1)):
+        with pytest.raises(InvalidArgumentError, match="needs output='instances'"):
+            tilerseg.segment_to_zarr(image, Passthrough(2), tmp_path / "x.zarr",
+                                     output="both", normalize=False, **ignored)
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_ids_beyond_uint32_are_written_as_uint64(tmp_path, monkeypatch):
+    """The dtype follows the id count (here forced, as 2**32 objects cannot be drawn)."""
+    import tilerseg.engine.instances as engine_instances
+
+    monkeypatch.setattr(engine_instances, "id_dtype", lambda count: np.dtype(np.uint64))
+    image = blobs((100, 90), 20, seed=6)
+    out = tilerseg.segment_to_zarr(image, Passthrough(2), tmp_path / "o.zarr", tile=32,
+                                   output="instances", object_table="csv", normalize=False,
+                                   backend="torch")
+    instances = open_output(out)["instances"]
+    assert instances.dtype == np.uint64
+    assert zarr.open_array(out / "labels" / "instances" / "1", mode="r").dtype == np.uint64
+    reference, n = ndimage.label(stored_probability(out) >= THRESHOLD)
+    assert same_partition(instances[:], reference)
+
+
+def test_overwriting_removes_the_old_outputs_table(tmp_path):
+    pytest.importorskip("pyarrow")
+    image = blobs((64, 64), 8, seed=2)
+    options = dict(tile=32, normalize=False, backend="torch")
+    out = tmp_path / "o.zarr"
+    tilerseg.segment_to_zarr(image, Passthrough(2), out, output="instances",
+                             object_table="csv", **options)
+    assert (tmp_path / "o.objects.csv").is_file()
+    tilerseg.segment_to_zarr(image, Passthrough(2), out, output="instances",
+                             object_table="parquet", overwrite=True, **options)
+    assert (tmp_path / "o.objects.parquet").is_file()
+    assert not (tmp_path / "o.objects.csv").exists()
+    tilerseg.segment_to_zarr(image, Passthrough(2), out, overwrite=True, **options)
+    assert not list(tmp_path.glob("o.objects.*"))
 
 
 def test_parquet_table_equals_the_csv_table(tmp_path):
@@ -302,6 +345,20 @@ def test_a_failure_in_the_instance_passes_resumes_to_the_same_output(saved, tmp_
     assert instances.max() > 50
 
 
+# the command line, with every marker pass made 20 ms slower so that a kill lands in it
+SLOW_MARKERS = (
+    "import sys, time\n"
+    "from tilerseg.engine.instances import InstanceRun\n"
+    "real = InstanceRun.marker_pass\n"
+    "def slow(self, chunk):\n"
+    "    time.sleep(0.02)\n"
+    "    return real(self, chunk)\n"
+    "InstanceRun.marker_pass = slow\n"
+    "from tilerseg.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
 def kill_at_files(process: subprocess.Popen, folder, target: int) -> bool:
     """SIGKILL ``process`` once ``folder`` holds ``target`` files (False: it ended first)."""
     while len(list(folder.glob("*.npz"))) < target:
@@ -315,22 +372,25 @@ def kill_at_files(process: subprocess.Popen, folder, target: int) -> bool:
 
 def test_killed_run_with_instances_resumes_to_the_same_output(saved, tmp_path):
     """A real CLI process SIGKILLed while computing tiles, the resumed one SIGKILLed in
-    the instance passes, then resumed to the end: identical to one run."""
+    the instance passes, then resumed to the end: identical to one run, table included."""
+    flags = ["--instances", "split", "--object-table", "csv"]
     reference = tmp_path / "reference.zarr"
-    assert run_cli(saved, reference, "--instances", "split") == 0
+    assert run_cli(saved, reference, *flags) == 0
     out = tmp_path / "killed.zarr"
-    command = [*CLI, "run", str(saved["tif"]), "-o", str(out), *saved["args"], "--instances",
-               "split", "--resume"]
+    command = [sys.executable, "-c", SLOW_MARKERS, "run", str(saved["tif"]), "-o", str(out),
+               *saved["args"], *flags, "--resume"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert kill_when(process, out, 8, signal.SIGKILL, random.Random(2)), process.stderr.read()
     assert 0 < done_count(out) and not out.exists()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert kill_at_files(process, work_path(out) / "instances" / "markers", 20), \
-        process.stderr.read()
-    assert not out.exists()
+    markers = work_path(out) / "instances" / "markers"
+    assert kill_at_files(process, markers, 20), process.stderr.read()
+    assert not out.exists() and 20 <= len(list(markers.glob("*.npz"))) < 90
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert_same_arrays(out, reference)
+    assert (tmp_path / "killed.objects.csv").read_text() == \
+        (tmp_path / "reference.objects.csv").read_text()
 
 
 def test_instances_on_a_local_cluster_equal_the_local_run(saved, tmp_path):

@@ -563,9 +563,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split-radius", type=int, default=3, metavar="R",
                    help="split: markers are the foreground eroded by a disc of radius R px "
                    "(default: %(default)s)")
-    g.add_argument("--split-context", type=int, default=64, metavar="PX",
+    g.add_argument("--split-context", type=int, default=None, metavar="PX",
                    help="split: context read around each chunk; objects larger than this "
-                   "are kept whole (default: %(default)s)")
+                   "are kept whole (default: 128 in 2D, 32 in 3D)")
     g.add_argument("--object-table", choices=("csv", "parquet"), default=None,
                    help="write a table of the objects (id, area, bounding box, centroid) "
                    "beside the output, e.g. slide.objects.csv")

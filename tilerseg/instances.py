@@ -13,12 +13,12 @@ The algorithm (see docs/instances.md):
    (:meth:`IdMap.lookup`): the final ids of a chunk follow those of the chunks before it,
    in chunk order, then local order.
 
-The optional split of touching objects (:func:`split_window`) is a seeded watershed
+The optional split of touching objects (:func:`split_components`) is a seeded watershed
 within each connected component: markers are the connected components of the
 foreground eroded by a disc (ball) of radius ``r``, and the flood follows the
-foreground probability (:func:`elevation`). It is computed per chunk on a window of
-context around it, which is exact for every component whose extent is at most that
-context (larger components are kept whole).
+foreground probability (:func:`elevation`) on the component's own bounding box. It is
+computed per chunk on a window of context around it, which is exact for every component
+whose extent is at most that context (larger components are kept whole).
 
 Examples
 --------
@@ -34,14 +34,14 @@ Examples
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["label_chunk", "face_pairs", "IdMap", "ball", "markers", "elevation",
-           "split_window", "id_dtype", "ObjectStats", "span_of"]
+__all__ = ["label_chunk", "label_local", "provisional_ids", "face_pairs", "IdMap", "ball", "markers", "elevation",
+           "split_components", "id_dtype", "ObjectStats", "span_of"]
 
 BACKGROUND_ELEVATION = np.uint16(65535)
 
@@ -54,6 +54,19 @@ def span_of(chunk_shape: Sequence[int]) -> int:
 def id_dtype(count: int) -> np.dtype:
     """``uint32`` for up to 2**32 - 1 ids, else ``uint64``."""
     return np.dtype(np.uint32) if count < 2**32 else np.dtype(np.uint64)
+
+
+def label_local(foreground: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected components of one chunk (face connectivity), ids ``1..count`` (uint32)."""
+    local, count = ndimage.label(foreground)
+    return local.astype(np.uint32, copy=False), int(count)
+
+
+def provisional_ids(local: np.ndarray, chunk: int, span: int) -> np.ndarray:
+    """Chunk-local ids made unique across chunks: ``chunk * span + local`` (0 stays 0)."""
+    out = local.astype(np.uint64)
+    out[local > 0] += np.uint64(chunk * span)
+    return out
 
 
 def label_chunk(foreground: np.ndarray, chunk: int, span: int) -> tuple[np.ndarray, int]:
@@ -75,10 +88,8 @@ def label_chunk(foreground: np.ndarray, chunk: int, span: int) -> tuple[np.ndarr
     count : int
         Number of components.
     """
-    local, count = ndimage.label(foreground)
-    out = local.astype(np.uint64)
-    out[local > 0] += np.uint64(chunk * span)
-    return out, int(count)
+    local, count = label_local(foreground)
+    return provisional_ids(local, chunk, span), count
 
 
 def face_pairs(last: np.ndarray, first: np.ndarray) -> np.ndarray:
@@ -214,40 +225,70 @@ def elevation(probability: np.ndarray, foreground: np.ndarray) -> np.ndarray:
     return out
 
 
-def split_window(relief: np.ndarray, seeds: np.ndarray, fixed: np.ndarray) -> np.ndarray:
-    """Seeded watershed of the foreground of one window.
+def split_components(components: np.ndarray, seeds: np.ndarray, relief: np.ndarray,
+                     whole: Callable[[np.ndarray], np.ndarray], offset: int,
+                     region: tuple[slice, ...] | None = None) -> np.ndarray:
+    """Split the connected components of a window by a seeded watershed, one at a time.
 
     Parameters
     ----------
-    relief : numpy.ndarray of uint16
-        :func:`elevation` (65535 = background).
+    components : numpy.ndarray of int64
+        Final component id of every pixel (0 = background); every component that
+        ``region`` intersects must lie entirely inside the window.
     seeds : numpy.ndarray of int64
-        Final object id of every marker pixel to flood from (0 elsewhere).
-    fixed : numpy.ndarray of int64
-        Final id of foreground pixels that are not split (0 elsewhere).
+        Final marker id of every marker pixel (0 elsewhere); markers lie in components.
+    relief : numpy.ndarray of uint16
+        :func:`elevation`.
+    whole : callable
+        ``whole(ids) -> bool array``: components to keep whole (too large to split).
+    offset : int
+        A component kept whole, or without a marker, gets id ``offset + component id``.
+    region : tuple of slice, optional
+        The part of the window wanted (default all of it); only components meeting it
+        are flooded.
 
     Returns
     -------
     numpy.ndarray of int64
-        The final id of every foreground pixel (0 on the background). Foreground pixels
-        without a seed in their component get 0 too; callers fix such components.
-
-    Notes
-    -----
-    :func:`scipy.ndimage.watershed_ift` floods from the seeds in order of the minimax
-    relief of the path (the image foresting transform, face connectivity). Background
-    pixels are the highest (65535), so every foreground pixel is reached from a seed of
-    its own component before any path through the background is taken.
+        Object ids over ``region``: a component with one marker takes that marker's id; one
+        with several is flooded from them by :func:`scipy.ndimage.watershed_ift`, on its
+        own bounding box with everything outside the component at the top of the relief
+        (65535) and unseeded. Each flood sees only its component's box, so the result
+        does not depend on the window around it: the same on a chunk's window as on the
+        whole image.
     """
-    start = np.where(fixed > 0, fixed, seeds)
-    values, inverse = np.unique(start, return_inverse=True)  # values[0] == 0 if present
-    compact = inverse.reshape(start.shape).astype(np.int32)
-    if values[0] != 0:
-        compact += 1
-        values = np.concatenate([[0], values])
-    flooded = ndimage.watershed_ift(relief, compact)
-    out = values[flooded]
-    out[relief == BACKGROUND_ELEVATION] = 0
+    region = region or tuple(slice(0, n) for n in components.shape)
+    present, index = np.unique(components, return_inverse=True)
+    index = index.reshape(components.shape)
+    at_seed = seeds > 0
+    pairs = np.unique(np.stack([index[at_seed], seeds[at_seed]], axis=1), axis=0)
+    count = np.bincount(pairs[:, 0], minlength=len(present))
+    first = np.zeros(len(present), np.int64)
+    seeded, where = np.unique(pairs[:, 0], return_index=True)
+    first[seeded] = pairs[where, 1]  # the smallest marker id of each seeded component
+    keep = whole(present) | (count == 0)
+    ids = np.where(keep, present + offset, first)
+    ids[present == 0] = 0
+    out = ids[index[region]]
+    wanted = np.unique(index[region])
+    split = wanted[(count[wanted] > 1) & ~keep[wanted] & (present[wanted] != 0)]
+    boxes = ndimage.find_objects(index + 1)  # label k + 1 is window index k
+    for k in split:
+        box = boxes[k]
+        inside = index[box] == k
+        local = np.where(inside, seeds[box], 0)
+        values, compact = np.unique(local, return_inverse=True)  # values[0] == 0
+        flooded = ndimage.watershed_ift(np.where(inside, relief[box], BACKGROUND_ELEVATION),
+                                        compact.reshape(local.shape).astype(np.int32))
+        labels = values[flooded]
+        # write the component's pixels that fall in the region
+        cut = tuple(slice(max(b.start, r.start), min(b.stop, r.stop)) for b, r in zip(box, region))
+        if any(c.start >= c.stop for c in cut):
+            continue
+        in_box = tuple(slice(c.start - b.start, c.stop - b.start) for c, b in zip(cut, box))
+        in_region = tuple(slice(c.start - r.start, c.stop - r.start) for c, r in zip(cut, region))
+        mine = inside[in_box]
+        out[in_region][mine] = labels[in_box][mine]
     return out
 
 

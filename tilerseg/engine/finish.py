@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import OutputError
 from ..io.writers import OutputWriter, spec_from_dict
-from .instances import InstanceRun, Mapper
+from .instances import InstanceRun, Mapper, place_tables
 from .jobs import WorkDir, read_final_manifest, work_path
 from .locks import FileLock, LockedError, live_locks
 
@@ -84,9 +84,10 @@ def commit(work: WorkDir, out: Path, *, overwrite: bool = False,
             extra["instances"] = instances.run(mapper)
         writer.update_attributes(manifest=work.manifest, config_hash=work.config_hash,
                                  committed_by=f"{socket.gethostname()}:{os.getpid()}", **extra)
+        exists = os.path.lexists(out)
+        if overwrite or not exists:  # else the writer refuses to replace ``out``
+            place_tables(instances, out, replacing=exists)
         writer.commit()
-        if instances is not None:
-            instances.place_table(out)
     finally:
         lock.release()
     work.remove()

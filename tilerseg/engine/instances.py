@@ -36,8 +36,8 @@ import numpy as np
 import zarr
 
 from ..errors import InvalidArgumentError
-from ..instances import (IdMap, ObjectStats, elevation, face_pairs, id_dtype, label_chunk,
-                         markers, span_of, split_window)
+from ..instances import (IdMap, ObjectStats, elevation, face_pairs, id_dtype, label_local,
+                         markers, provisional_ids, span_of, split_components)
 from ..io.writers import INSTANCE_NAME, OutputSpec, decode_probabilities, encode_probabilities
 from ..labels import LabelPolicy
 from .options import INSTANCE_MODES, TABLE_FORMATS
@@ -48,14 +48,17 @@ __all__ = ["INSTANCE_MODES", "TABLE_FORMATS", "InstanceRun", "create_provisional
 log = logging.getLogger(__name__)
 
 PROVISIONAL = "provisional.zarr"
+DEFAULT_CONTEXT = {2: 128, 3: 32}
+"""``split_context`` by number of spatial axes, when not given."""
 
 Mapper = Callable[[Callable[..., Any], list], list]
 """``mapper(fn, items) -> [fn(*item) for item in items]``, possibly in parallel."""
 
 
 def local_mapper(fn: Callable[..., Any], items: list) -> list:
-    """Run ``fn(*item)`` for each item on this process's threads (one per core)."""
-    with ThreadPoolExecutor(max_workers=min(len(items), os.cpu_count() or 1) or 1,
+    """Run ``fn(*item)`` for each item on this process's threads (one per core it may use)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    with ThreadPoolExecutor(max_workers=max(1, min(len(items), cores or 1)),
                             thread_name_prefix="tilerseg-instances") as pool:
         return list(pool.map(lambda item: fn(*item), items))
 
@@ -81,11 +84,15 @@ def foreground(probs: np.ndarray, policy: LabelPolicy, dtype: str) -> tuple[np.n
     stored = decode_probabilities(encode_probabilities(probs, dtype))
     labels = policy(stored)
     mask = labels == policy.foreground if policy.num_classes <= 2 else labels != 0
+    return mask, foreground_probability(stored, policy)
+
+
+def foreground_probability(probs: np.ndarray, policy: LabelPolicy) -> np.ndarray:
+    """The probability of the instance foreground: the foreground class of a one- or
+    two-class model, 1 - p(class 0) of a larger one."""
     if policy.num_classes > 2:
-        probability = 1.0 - stored[0]
-    else:
-        probability = policy.foreground_probability(stored)
-    return mask, np.asarray(probability, np.float32)
+        return np.asarray(1.0 - probs[0], np.float32)
+    return np.asarray(policy.foreground_probability(probs), np.float32)
 
 
 def create_provisional(work_path: Path, spec: OutputSpec, mode: str) -> None:
@@ -101,11 +108,11 @@ def create_provisional(work_path: Path, spec: OutputSpec, mode: str) -> None:
 
 
 def _save(path: Path, **arrays: Any) -> None:
-    """Write an npz atomically."""
+    """Write a compressed npz atomically."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez_compressed(f, **arrays)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -145,12 +152,12 @@ class InstanceRun:
         self.store = Path(work_path) / "output.zarr"
         self.spec = spec_from_dict(manifest["spec"])
         options = manifest["options"]
+        self.shape = tuple(self.spec.shape)
         self.mode = options.get("instances", "components")
         self.radius = int(options.get("split_radius", 3))
-        self.context = int(options.get("split_context", 64))
+        self.context = int(options.get("split_context") or DEFAULT_CONTEXT[len(self.shape)])
         self.table = options.get("object_table")
         self.policy = LabelPolicy(self.spec.num_classes, **manifest["resolved"]["labels"])
-        self.shape = tuple(self.spec.shape)
         self.chunks = tuple(min(c, n) for c, n in zip(self.spec.chunks, self.shape))
         self.grid = tuple(-(-n // c) for n, c in zip(self.shape, self.chunks))
         self.span = span_of(self.chunks)
@@ -214,13 +221,12 @@ class InstanceRun:
     def first_pass(self, region: Sequence[slice], probs: np.ndarray) -> None:
         """Label one chunk of a tile's probabilities and record its faces."""
         chunk = self.chunk_of(region)
-        mask, _ = foreground(probs, self.policy, self.spec.probabilities or "float32")
-        labels, count = label_chunk(mask, chunk, self.span)
-        local = self._local(labels, chunk)
+        mask, _ = foreground(probs, self.policy, self.spec.probabilities)
+        local, count = label_local(mask)
         self.array("components")[tuple(region)] = local
         boxes = ObjectStats.boxes(local, _on_faces(local), [s.start for s in region])
         boxes[:, 0] += chunk * self.span  # provisional ids
-        _save(self.path / "first" / f"{chunk}.npz", count=count, boxes=boxes, **_faces(labels))
+        _save(self.path / "first" / f"{chunk}.npz", count=count, boxes=boxes, **_faces(local))
 
     # -- pass 2: markers ("split") -------------------------------------------------------------
     def marker_pass(self, chunk: int) -> None:
@@ -228,9 +234,9 @@ class InstanceRun:
         grown, inner = self.window(chunk, self.radius)
         mask = self.array("components")[grown] > 0
         eroded = markers(mask, self.radius)[inner]
-        labels, count = label_chunk(eroded, chunk, self.span)
-        self.array("markers")[self.region(chunk)] = self._local(labels, chunk)
-        _save(self.path / "markers" / f"{chunk}.npz", count=count, **_faces(labels))
+        local, count = label_local(eroded)
+        self.array("markers")[self.region(chunk)] = local
+        _save(self.path / "markers" / f"{chunk}.npz", count=count, **_faces(local))
 
     # -- between the passes: the id maps -------------------------------------------------------
     def _records(self, sub: str) -> Iterator[tuple[int, Any]]:
@@ -258,9 +264,10 @@ class InstanceRun:
                     before = list(index)
                     before[a] -= 1
                     prev = int(np.ravel_multi_index(tuple(before), self.grid))
-                    pairs.append(face_pairs(his.pop((prev, a)), record[f"lo{a}"]))
+                    pairs.append(face_pairs(his.pop((prev, a)),
+                                            provisional_ids(record[f"lo{a}"], k, self.span)))
                 if index[a] + 1 < self.grid[a]:
-                    his[(k, a)] = record[f"hi{a}"]
+                    his[(k, a)] = provisional_ids(record[f"hi{a}"], k, self.span)
         ids = IdMap.build(counts, pairs, self.span)
         box = (np.concatenate(boxes) if boxes else np.zeros((0, 1 + 2 * self.ndim)))
         return ids, box
@@ -296,11 +303,6 @@ class InstanceRun:
         edge = np.isin(rows[:, 0], _on_faces(final))
         _save(self.path / "final" / f"{chunk}.npz", complete=rows[~edge], partial=rows[edge])
 
-    def _local(self, provisional: np.ndarray, chunk: int) -> np.ndarray:
-        """The chunk-local ids (as stored) of a chunk's provisional ids."""
-        base = np.uint64(chunk * self.span)
-        return np.where(provisional > 0, provisional - base, 0).astype(np.uint32)
-
     @staticmethod
     def _dense(stored: np.ndarray) -> tuple[np.ndarray, int]:
         """Stored chunk-local ids as int64, and the largest."""
@@ -327,23 +329,14 @@ class InstanceRun:
         mask = components > 0
         probs = decode_probabilities(zarr.open_array(
             os.fspath(self.store), path="0", mode="r", zarr_format=3)[(slice(None), *grown)])
-        if self.policy.num_classes > 2:
-            probability = 1.0 - probs[0]
-        else:
-            probability = self.policy.foreground_probability(probs)
-        relief = elevation(probability, mask)
-        # components kept whole: larger than the context, or without a marker
-        whole = np.zeros(comps.count + 1, bool)
-        if len(maps["oversized"]):
-            big = comps.lookup(maps["oversized"])
-            whole[big] = True
-        seeded = np.zeros(comps.count + 1, bool)
-        seeded[np.unique(components[seeds > 0])] = True
-        whole |= ~seeded
-        keep = mask & whole[components]
-        fixed = np.where(keep, components + marks.count, 0)
-        seeds = np.where(keep, 0, seeds)
-        final = split_window(relief, seeds, fixed)[inner]
+        relief = elevation(foreground_probability(probs, self.policy), mask)
+        big = maps["oversized"]  # sorted final ids of the components kept whole
+
+        def whole(ids: np.ndarray) -> np.ndarray:
+            at = np.minimum(np.searchsorted(big, ids), max(len(big) - 1, 0))
+            return big[at] == ids if len(big) else np.zeros(len(ids), bool)
+
+        final = split_components(components, seeds, relief, whole, marks.count, inner)
         values, inverse = np.unique(final, return_inverse=True)
         if values[0] != 0:
             values = np.concatenate([[0], values])
@@ -384,7 +377,7 @@ class InstanceRun:
         info: dict[str, Any] = {"mode": self.mode}
         if self.mode == "split":
             maps["markers"], _ = self.build_ids("markers")
-            maps["oversized"] = self.oversized(comps, boxes)
+            maps["oversized"] = np.sort(comps.lookup(self.oversized(comps, boxes)))
             count += maps["markers"].count
             info["kept_whole"] = int(len(maps["oversized"]))
             if len(maps["oversized"]):
@@ -440,13 +433,29 @@ class InstanceRun:
             write_table(rows(), self.spec.spatial_axes, self.path / f"objects.{self.table}")
         return count + len(merged)
 
-    def place_table(self, out: Path) -> Path | None:
-        """Move the table beside the committed output ``out``."""
-        if not self.table:
-            return None
-        target = table_path(out, self.table)
-        os.replace(self.path / f"objects.{self.table}", target)
-        return target
+
+
+def place_tables(run: InstanceRun | None, out: Path, replacing: bool) -> None:
+    """Move a run's object table beside ``out`` (before the output itself moves there, so
+    that a commit killed in between and resumed writes it again) and, when the run
+    replaces an existing output, remove that output's other tables.
+
+    Parameters
+    ----------
+    run : InstanceRun or None
+        The run's instance passes (None: it writes no instances).
+    out : Path
+        The final output path.
+    replacing : bool
+        Whether the run replaces an existing output at ``out`` (``--overwrite``).
+    """
+    keep = run.table if run is not None else None
+    if keep:
+        os.replace(run.path / f"objects.{keep}", table_path(out, keep))
+    if replacing:
+        for fmt in TABLE_FORMATS:
+            if fmt != keep:
+                table_path(out, fmt).unlink(missing_ok=True)
 
 
 def _pack(maps: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -122,8 +122,9 @@ class RunOptions:
         by a seeded watershed (see :mod:`tilerseg.engine.instances`).
     split_radius : int
         Radius (px) of the disc that erodes the foreground into the split's markers.
-    split_context : int
+    split_context : int or None
         Context (px) read around a chunk for the split; larger objects are kept whole.
+        None: 128 px for 2D images, 32 for 3D.
     object_table : {"csv", "parquet"} or None
         Write a table of the objects beside the output.
     workers, threads : int or None
@@ -148,7 +149,7 @@ class RunOptions:
     pyramid: bool = True
     instances: str = "components"
     split_radius: int = 3
-    split_context: int = 64
+    split_context: int | None = None
     object_table: str | None = None
     workers: int | None = None
     threads: int | None = None
@@ -208,9 +209,15 @@ class RunOptions:
             raise InvalidArgumentError(
                 f"split_radius={self.split_radius!r} must be an integer >= 0")
         set_("split_radius", int(self.split_radius))
-        set_("split_context", _positive_int("split_context", self.split_context, False))
+        set_("split_context", _positive_int("split_context", self.split_context))
         if self.object_table is not None:
             set_("object_table", _choice("object_table", self.object_table, TABLE_FORMATS))
+        if self.output != "instances":
+            for name in ("instances", "split_radius", "split_context", "object_table"):
+                if getattr(self, name) != getattr(RunOptions, name):
+                    raise InvalidArgumentError(
+                        f"{name}={getattr(self, name)!r} needs output='instances' (output is "
+                        f"{self.output!r})")
         set_("workers", _positive_int("workers", self.workers))
         set_("threads", _positive_int("threads", self.threads))
 

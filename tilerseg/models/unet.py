@@ -11,6 +11,7 @@ receptive-field radius.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 
 from ..errors import InvalidModelError
 
-__all__ = ["UNet", "pool_factors", "he_init"]
+__all__ = ["UNet", "pool_factors", "he_init", "center_crop"]
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -28,7 +29,7 @@ _NORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _INTERP = {2: "bilinear", 3: "trilinear"}
 
 
-def _center_crop(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def center_crop(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Crop the spatial axes of ``x`` to ``shape`` around the centre."""
     index = [slice(None), slice(None)]
     for have, want in zip(x.shape[2:], shape):
@@ -201,7 +202,7 @@ class UNet(nn.Module):
         x = self.dropout(self.down[-1](x))
         for up, block, skip in zip(self.up, self.decode, reversed(skips)):
             x = up(x)
-            x = block(torch.cat([_center_crop(skip, x.shape[2:]), x], dim=1))
+            x = block(torch.cat([center_crop(skip, x.shape[2:]), x], dim=1))
         return self.head(x)
 
 

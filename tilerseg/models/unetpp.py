@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidModelError
-from .unet import (_CONV, _POOL, _ConvBlock, _Up, _center_crop, _check_choice, _check_int,
+from .unet import (_CONV, _POOL, _ConvBlock, _Up, center_crop, _check_choice, _check_int,
                    he_init, pool_factors)
 
 __all__ = ["UNetPlusPlus"]
@@ -143,7 +143,7 @@ class UNetPlusPlus(nn.Module):
         for j in range(1, depth + 1):
             for i in range(depth + 1 - j):
                 u = self.up[f"{i}_{j}"](nodes[i + 1, j - 1])
-                parts = [_center_crop(nodes[i, k], u.shape[2:]) for k in range(j)]
+                parts = [center_crop(nodes[i, k], u.shape[2:]) for k in range(j)]
                 nodes[i, j] = self.node[f"{i}_{j}"](torch.cat([*parts, u], dim=1))
         return nodes
 
@@ -174,6 +174,8 @@ class UNetPlusPlus(nn.Module):
         """
         copy = type(self)(**{**self.config, "prune": prune})
         copy.load_state_dict(self.state_dict())
+        source = next(self.parameters())
+        copy.to(device=source.device, dtype=source.dtype)
         copy.registry_name = getattr(self, "registry_name", "unetpp")
         copy.train(self.training)
         return copy

@@ -23,6 +23,7 @@ from ..engine.compute import PRECISIONS, memory_format, resolve_precision
 from ..engine.windows import read_window
 from ..errors import InvalidArgumentError, InvalidImageError, InvalidModelError
 from ..models import create_model, load_model, model_geometry, save_model
+from ..models.unet import center_crop
 from ..normalize import resolve_normalization
 from .augment import augment
 from .data import Pair
@@ -161,15 +162,6 @@ class PatchSampler:
         return tuple(torch.from_numpy(np.stack(parts)) for parts in zip(*tiles))
 
 
-def _centre_crop(logits: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """The centre ``shape`` of the spatial axes of ``logits`` ``(B, C, *spatial)``."""
-    index = [slice(None), slice(None)]
-    for have, want in zip(logits.shape[2:], shape):
-        lo = (have - want) // 2
-        index.append(slice(lo, lo + want))
-    return logits[tuple(index)]
-
-
 def weighted_loss(logits: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor,
                   weights: torch.Tensor) -> torch.Tensor:
     """Pixel-weighted cross-entropy (softmax), or binary cross-entropy for one class.
@@ -180,7 +172,7 @@ def weighted_loss(logits: torch.Tensor | Sequence[torch.Tensor], target: torch.T
     """
     if isinstance(logits, (list, tuple)):
         return torch.stack([weighted_loss(x, target, weights) for x in logits]).mean()
-    logits = _centre_crop(logits.float(), target.shape[1:])
+    logits = center_crop(logits.float(), target.shape[1:])
     if logits.shape[1] == 1:
         per_pixel = F.binary_cross_entropy_with_logits(logits[:, 0], target.float(),
                                                        reduction="none")
