@@ -225,16 +225,18 @@ def elevation(probability: np.ndarray, foreground: np.ndarray) -> np.ndarray:
     return out
 
 
-def split_components(components: np.ndarray, seeds: np.ndarray, relief: np.ndarray,
-                     whole: Callable[[np.ndarray], np.ndarray], offset: int,
-                     region: tuple[slice, ...] | None = None) -> np.ndarray:
+def split_components(index: np.ndarray, present: np.ndarray, seeds: np.ndarray,
+                     relief: np.ndarray, whole: Callable[[np.ndarray], np.ndarray], offset: int,
+                     region: tuple[slice, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Split the connected components of a window by a seeded watershed, one at a time.
 
     Parameters
     ----------
-    components : numpy.ndarray of int64
-        Final component id of every pixel (0 = background); every component that
-        ``region`` intersects must lie entirely inside the window.
+    index : numpy.ndarray of int
+        Every pixel's component as an index into ``present`` (0 = background); every
+        component that ``region`` meets must lie entirely inside the window.
+    present : numpy.ndarray of int64
+        The final ids of the window's components, ``present[0] == 0``.
     seeds : numpy.ndarray of int64
         Final marker id of every marker pixel (0 elsewhere); markers lie in components.
     relief : numpy.ndarray of uint16
@@ -249,47 +251,50 @@ def split_components(components: np.ndarray, seeds: np.ndarray, relief: np.ndarr
 
     Returns
     -------
-    numpy.ndarray of int64
-        Object ids over ``region``: a component with one marker takes that marker's id; one
+    (dense, ids)
+        Over ``region``, local labels ``dense`` (0 = background) and each local label's
+        object id ``ids[dense]``: a component with one marker takes that marker's id; one
         with several is flooded from them by :func:`scipy.ndimage.watershed_ift`, on its
         own bounding box with everything outside the component at the top of the relief
         (65535) and unseeded. Each flood sees only its component's box, so the result
         does not depend on the window around it: the same on a chunk's window as on the
         whole image.
     """
-    region = region or tuple(slice(0, n) for n in components.shape)
-    present, index = np.unique(components, return_inverse=True)
-    index = index.reshape(components.shape)
+    region = region or tuple(slice(0, n) for n in index.shape)
     at_seed = seeds > 0
-    pairs = np.unique(np.stack([index[at_seed], seeds[at_seed]], axis=1), axis=0)
-    count = np.bincount(pairs[:, 0], minlength=len(present))
+    top = np.int64(seeds.max(initial=0)) + 1
+    keys = np.unique(index[at_seed].astype(np.int64) * top + seeds[at_seed])
+    owner, marker = keys // top, keys % top  # (component, marker) pairs, sorted
+    count = np.bincount(owner, minlength=len(present))
     first = np.zeros(len(present), np.int64)
-    seeded, where = np.unique(pairs[:, 0], return_index=True)
-    first[seeded] = pairs[where, 1]  # the smallest marker id of each seeded component
+    seeded, where = np.unique(owner, return_index=True)
+    first[seeded] = marker[where]  # the smallest marker id of each seeded component
     keep = whole(present) | (count == 0)
     ids = np.where(keep, present + offset, first)
-    ids[present == 0] = 0
-    out = ids[index[region]]
-    wanted = np.unique(index[region])
-    split = wanted[(count[wanted] > 1) & ~keep[wanted] & (present[wanted] != 0)]
-    boxes = ndimage.find_objects(index + 1)  # label k + 1 is window index k
+    ids[0] = 0
+    dense = index[region].astype(np.int64)
+    wanted = np.flatnonzero(np.bincount(dense.ravel(), minlength=len(present)))
+    split = wanted[(count[wanted] > 1) & ~keep[wanted] & (wanted != 0)]
+    if not len(split):
+        return dense, ids
+    boxes = ndimage.find_objects(index)  # component index k is label k
+    extra = [ids]
     for k in split:
-        box = boxes[k]
+        box = boxes[k - 1]
         inside = index[box] == k
         local = np.where(inside, seeds[box], 0)
         values, compact = np.unique(local, return_inverse=True)  # values[0] == 0
         flooded = ndimage.watershed_ift(np.where(inside, relief[box], BACKGROUND_ELEVATION),
                                         compact.reshape(local.shape).astype(np.int32))
-        labels = values[flooded]
-        # write the component's pixels that fall in the region
+        # the component's pixels that fall in the region get new local labels
         cut = tuple(slice(max(b.start, r.start), min(b.stop, r.stop)) for b, r in zip(box, region))
-        if any(c.start >= c.stop for c in cut):
-            continue
         in_box = tuple(slice(c.start - b.start, c.stop - b.start) for c, b in zip(cut, box))
         in_region = tuple(slice(c.start - r.start, c.stop - r.start) for c, r in zip(cut, region))
         mine = inside[in_box]
-        out[in_region][mine] = labels[in_box][mine]
-    return out
+        base = sum(len(e) for e in extra)
+        dense[in_region][mine] = base + flooded[in_box][mine] - 1  # watershed labels 1..
+        extra.append(values[1:])
+    return dense, np.concatenate(extra)
 
 
 class ObjectStats:

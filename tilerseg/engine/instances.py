@@ -292,7 +292,8 @@ class InstanceRun:
         region = self.region(chunk)
         comps: IdMap = maps["components"]
         if self.mode == "components":
-            dense, count = self._dense(self.array("components")[region])
+            dense = self.array("components")[region]
+            count = int(dense.max(initial=0))
             table = comps.lookup(chunk * self.span + np.arange(count + 1, dtype=np.uint64))
             table[0] = 0
             final = table[dense]
@@ -303,45 +304,54 @@ class InstanceRun:
         edge = np.isin(rows[:, 0], _on_faces(final))
         _save(self.path / "final" / f"{chunk}.npz", complete=rows[~edge], partial=rows[edge])
 
-    @staticmethod
-    def _dense(stored: np.ndarray) -> tuple[np.ndarray, int]:
-        """Stored chunk-local ids as int64, and the largest."""
-        dense = stored.astype(np.int64)
-        return dense, int(dense.max(initial=0))
+    def _tables(self, name: str, ids: IdMap, window: tuple[slice, ...]
+                ) -> list[tuple[tuple[slice, ...], np.ndarray, np.ndarray]]:
+        """The chunk parts of a provisional array over a window: (where in the window,
+        stored local ids, final id of each local id)."""
+        array, out = self.array(name), []
+        for chunk, image, local in self.parts(window):
+            stored = array[image]
+            count = int(stored.max(initial=0))
+            table = ids.lookup(chunk * self.span + np.arange(count + 1, dtype=np.uint64))
+            table[0] = 0
+            out.append((local, stored, table))
+        return out
 
     def _lookup(self, name: str, ids: IdMap, window: tuple[slice, ...]) -> np.ndarray:
         """Final ids of a provisional array over a window, chunk by chunk."""
         out = np.zeros(tuple(s.stop - s.start for s in window), np.int64)
-        array = self.array(name)
-        for chunk, image, local in self.parts(window):
-            dense, count = self._dense(array[image])
-            table = ids.lookup(chunk * self.span + np.arange(count + 1, dtype=np.uint64))
-            table[0] = 0
-            out[local] = table[dense]
+        for local, stored, table in self._tables(name, ids, window):
+            out[local] = table[stored]
         return out
+
+    def _compact(self, name: str, ids: IdMap, window: tuple[slice, ...]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """A window's ids as indices into its sorted final ids (``present[0] == 0``)."""
+        parts = self._tables(name, ids, window)
+        present = np.unique(np.concatenate([np.zeros(1, np.int64)] + [t for _, _, t in parts]))
+        index = np.zeros(tuple(s.stop - s.start for s in window), np.int32)
+        for local, stored, table in parts:
+            index[local] = np.searchsorted(present, table).astype(np.int32)[stored]
+        return index, present
 
     def _split(self, chunk: int, maps: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, int,
                                                                 np.ndarray]:
         grown, inner = self.window(chunk, self.context)
         comps, marks = maps["components"], maps["markers"]
-        components = self._lookup("components", comps, grown)
+        index, present = self._compact("components", comps, grown)
         seeds = self._lookup("markers", marks, grown)
-        mask = components > 0
         probs = decode_probabilities(zarr.open_array(
             os.fspath(self.store), path="0", mode="r", zarr_format=3)[(slice(None), *grown)])
-        relief = elevation(foreground_probability(probs, self.policy), mask)
+        relief = elevation(foreground_probability(probs, self.policy), index > 0)
         big = maps["oversized"]  # sorted final ids of the components kept whole
 
         def whole(ids: np.ndarray) -> np.ndarray:
             at = np.minimum(np.searchsorted(big, ids), max(len(big) - 1, 0))
             return big[at] == ids if len(big) else np.zeros(len(ids), bool)
 
-        final = split_components(components, seeds, relief, whole, marks.count, inner)
-        values, inverse = np.unique(final, return_inverse=True)
-        if values[0] != 0:
-            values = np.concatenate([[0], values])
-            inverse = inverse + 1
-        return final, inverse.reshape(final.shape), len(values) - 1, values
+        dense, table = split_components(index, present, seeds, relief, whole, marks.count,
+                                        inner)
+        return table[dense], dense, len(table) - 1, table
 
     # -- driving the passes ------------------------------------------------------------------------
     def missing(self, sub: str) -> list[int]:
