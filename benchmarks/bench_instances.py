@@ -37,6 +37,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import zarr
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_end_to_end import write_json  # noqa: E402
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         walls = {m: [] for m in MODES}
         peaks = {m: [] for m in MODES}
         overheads = {m: [] for m in MODES if m != "probabilities"}
+        objects: dict = {}
         names = list(MODES)
         for r in range(args.repeats):
             order = names[r % len(names):] + names[: r % len(names)]
@@ -91,14 +94,17 @@ def main(argv: list[str] | None = None) -> int:
                 this[mode] = wall
                 walls[mode].append(wall)
                 peaks[mode].append(peak)
+                info = zarr.open_group(out, mode="r").attrs["tilerseg"].get("instances")
+                objects[mode] = info
                 print(f"  {size}^2 round {r + 1} {mode}: {wall:.1f} s, peak RSS "
-                      f"{peak / MIB:.0f} MiB", flush=True)
+                      f"{peak / MIB:.0f} MiB" + (f", {info}" if info else ""), flush=True)
                 shutil.rmtree(out, ignore_errors=True)
             for mode in overheads:
                 overheads[mode].append(this[mode] / this["probabilities"] - 1)
         record["sizes"][size] = {
             m: {"wall_s": walls[m], "peak_rss_mib": [p / MIB for p in peaks[m]],
-                **({"overhead": overheads[m]} if m in overheads else {})} for m in MODES}
+                **({"overhead": overheads[m], "instances": objects[m]} if m in overheads
+                   else {})} for m in MODES}
     print()
     print(f"{'size':>8} {'mode':>14} {'wall s':>8} {'Mpx/s':>7} {'overhead':>9} "
           f"{'peak MiB':>9} {'vs 4096':>8}")
