@@ -144,15 +144,9 @@ class UNet(nn.Module):
         pool: int | list[list[int]] = 2,
     ) -> None:
         super().__init__()
-        _check_int("in_channels", in_channels, 1)
-        _check_int("num_classes", num_classes, 1)
-        _check_int("depth", depth, 1)
-        _check_int("base_channels", base_channels, 1)
-        _check_choice("padding", padding, ("valid", "same"))
-        _check_choice("up", up, ("transpose", "bilinear"))
-        _check_choice("ndim", ndim, (2, 3))
-        if not isinstance(batch_norm, bool):
-            raise InvalidModelError(f"batch_norm={batch_norm!r} must be True or False")
+        check_family(in_channels=in_channels, num_classes=num_classes, depth=depth,
+                     base_channels=base_channels, padding=padding, up=up, ndim=ndim,
+                     batch_norm=batch_norm)
         if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise InvalidModelError(f"dropout={dropout!r} must be a number in [0, 1)")
         factors = pool_factors(pool, depth, ndim)
@@ -252,6 +246,23 @@ def pool_factors(pool: object, depth: int, ndim: int) -> list[tuple[int, ...]]:
         f"pool={pool!r} must be a positive integer or {depth} lists (one per level, "
         f"depth={depth}) of {ndim} positive integers"
     )
+
+
+def check_family(*, in_channels: object, num_classes: object, depth: object,
+                 base_channels: object, padding: object, up: object, ndim: object,
+                 **flags: object) -> None:
+    """Check the arguments the U-Net family shares (and boolean ``flags``), naming the
+    first that is not usable (:class:`InvalidModelError`)."""
+    _check_int("in_channels", in_channels, 1)
+    _check_int("num_classes", num_classes, 1)
+    _check_int("depth", depth, 1)
+    _check_int("base_channels", base_channels, 1)
+    _check_choice("padding", padding, ("valid", "same"))
+    _check_choice("up", up, ("transpose", "bilinear"))
+    _check_choice("ndim", ndim, (2, 3))
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise InvalidModelError(f"{name}={value!r} must be True or False")
 
 
 def _check_int(name: str, value: object, low: int) -> None:

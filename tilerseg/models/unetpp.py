@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidModelError
-from .unet import (_CONV, _POOL, _ConvBlock, _Up, center_crop, _check_choice, _check_int,
+from .unet import (_CONV, _POOL, _ConvBlock, _Up, center_crop, check_family,
                    he_init, pool_factors)
 
 __all__ = ["UNetPlusPlus"]
@@ -94,16 +94,9 @@ class UNetPlusPlus(nn.Module):
         deep_supervision: bool = True,
     ) -> None:
         super().__init__()
-        _check_int("in_channels", in_channels, 1)
-        _check_int("num_classes", num_classes, 1)
-        _check_int("depth", depth, 1)
-        _check_int("base_channels", base_channels, 1)
-        _check_choice("padding", padding, ("valid", "same"))
-        _check_choice("up", up, ("transpose", "bilinear"))
-        _check_choice("ndim", ndim, (2, 3))
-        for name, value in (("batch_norm", batch_norm), ("deep_supervision", deep_supervision)):
-            if not isinstance(value, bool):
-                raise InvalidModelError(f"{name}={value!r} must be True or False")
+        check_family(in_channels=in_channels, num_classes=num_classes, depth=depth,
+                     base_channels=base_channels, padding=padding, up=up, ndim=ndim,
+                     batch_norm=batch_norm, deep_supervision=deep_supervision)
         if prune is not None and (not isinstance(prune, int) or isinstance(prune, bool)
                                   or not 1 <= prune <= depth):
             raise InvalidModelError(
