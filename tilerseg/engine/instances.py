@@ -69,22 +69,16 @@ def table_path(out: Path, fmt: str) -> Path:
     return out.with_name(f"{name}.objects.{fmt}")
 
 
-def foreground(probs: np.ndarray, policy: LabelPolicy, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """The instance foreground of ``(C, *spatial)`` float probabilities, as stored.
+def foreground(probs: np.ndarray, policy: LabelPolicy, dtype: str) -> np.ndarray:
+    """The instance foreground (boolean, ``(*spatial)``) of ``(C, *spatial)`` float
+    probabilities, as stored.
 
     The probabilities are first rounded as the output stores them (``dtype``), so that
     the instances can be recomputed from the output. The foreground is the foreground
     class of a two-class (or sigmoid) model, and every class but 0 of a larger one.
-
-    Returns
-    -------
-    (foreground, probability)
-        The boolean mask and the foreground probability (float32), ``(*spatial)``.
     """
-    stored = decode_probabilities(encode_probabilities(probs, dtype))
-    labels = policy(stored)
-    mask = labels == policy.foreground if policy.num_classes <= 2 else labels != 0
-    return mask, foreground_probability(stored, policy)
+    labels = policy(decode_probabilities(encode_probabilities(probs, dtype)))
+    return labels == policy.foreground if policy.num_classes <= 2 else labels != 0
 
 
 def foreground_probability(probs: np.ndarray, policy: LabelPolicy) -> np.ndarray:
@@ -128,9 +122,9 @@ def _faces(labels: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def _on_faces(labels: np.ndarray) -> np.ndarray:
-    """The distinct nonzero ids on the faces of a chunk."""
-    ids = np.unique(np.concatenate([f.ravel() for f in _faces(labels).values()]))
+def _on_faces(faces: dict[str, np.ndarray]) -> np.ndarray:
+    """The distinct nonzero ids of a chunk's faces (:func:`_faces`)."""
+    ids = np.unique(np.concatenate([f.ravel() for f in faces.values()]))
     return ids[ids != 0]
 
 
@@ -206,27 +200,27 @@ class InstanceRun:
             yield int(np.ravel_multi_index(cell, self.grid)), image, local
 
     def array(self, name: str) -> zarr.Array:
-        """A provisional array (``components``, ``markers``) or ``instances`` (final)."""
+        """A provisional array (``components``, ``markers``), ``instances`` (the final
+        level 0) or ``probabilities`` (level 0 of the output), opened once."""
         if name not in self._arrays:
-            if name == "instances":
-                self._arrays[name] = zarr.open_array(
-                    os.fspath(self.store), path=f"labels/{INSTANCE_NAME}/0", mode="r+",
-                    zarr_format=3)
-            else:
-                self._arrays[name] = zarr.open_array(
-                    os.fspath(self.path / PROVISIONAL), path=name, mode="r+", zarr_format=3)
+            store, path = {
+                "instances": (self.store, f"labels/{INSTANCE_NAME}/0"),
+                "probabilities": (self.store, "0"),
+            }.get(name, (self.path / PROVISIONAL, name))
+            self._arrays[name] = zarr.open_array(os.fspath(store), path=path, mode="r+",
+                                                 zarr_format=3)
         return self._arrays[name]
 
     # -- pass 1: with each tile --------------------------------------------------------------
     def first_pass(self, region: Sequence[slice], probs: np.ndarray) -> None:
         """Label one chunk of a tile's probabilities and record its faces."""
         chunk = self.chunk_of(region)
-        mask, _ = foreground(probs, self.policy, self.spec.probabilities)
-        local, count = label_local(mask)
+        local, count = label_local(foreground(probs, self.policy, self.spec.probabilities))
         self.array("components")[tuple(region)] = local
-        boxes = ObjectStats.boxes(local, _on_faces(local), [s.start for s in region])
+        faces = _faces(local)
+        boxes = ObjectStats.boxes(local, _on_faces(faces), [s.start for s in region])
         boxes[:, 0] += chunk * self.span  # provisional ids
-        _save(self.path / "first" / f"{chunk}.npz", count=count, boxes=boxes, **_faces(local))
+        _save(self.path / "first" / f"{chunk}.npz", count=count, boxes=boxes, **faces)
 
     # -- pass 2: markers ("split") -------------------------------------------------------------
     def marker_pass(self, chunk: int) -> None:
@@ -301,7 +295,7 @@ class InstanceRun:
             final, dense, count, table = self._split(chunk, maps)
         self.array("instances")[region] = final.astype(self.array("instances").dtype)
         rows = ObjectStats.of_dense(dense, count, table, [s.start for s in region])
-        edge = np.isin(rows[:, 0], _on_faces(final))
+        edge = np.isin(rows[:, 0], _on_faces(_faces(final)))
         _save(self.path / "final" / f"{chunk}.npz", complete=rows[~edge], partial=rows[edge])
 
     def _tables(self, name: str, ids: IdMap, window: tuple[slice, ...]
@@ -340,8 +334,7 @@ class InstanceRun:
         comps, marks = maps["components"], maps["markers"]
         index, present = self._compact("components", comps, grown)
         seeds = self._lookup("markers", marks, grown)
-        probs = decode_probabilities(zarr.open_array(
-            os.fspath(self.store), path="0", mode="r", zarr_format=3)[(slice(None), *grown)])
+        probs = decode_probabilities(self.array("probabilities")[(slice(None), *grown)])
         relief = elevation(foreground_probability(probs, self.policy), index > 0)
         big = maps["oversized"]  # sorted final ids of the components kept whole
 
@@ -551,11 +544,7 @@ def write_table(batches: Iterable[np.ndarray], axes: str, path: Path) -> None:
 
 
 def check_table_format(fmt: str | None) -> None:
-    """Refuse a table format that cannot be written here."""
-    if fmt is None:
-        return
-    if fmt not in TABLE_FORMATS:
-        raise InvalidArgumentError(f"object_table={fmt!r} must be one of csv, parquet")
+    """Refuse a table format (checked by :class:`RunOptions`) that cannot be written here."""
     if fmt == "parquet":
         try:
             import pyarrow  # noqa: F401
