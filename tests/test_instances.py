@@ -457,6 +457,6 @@ def test_the_instance_output_validates_and_reads_as_a_labels_layer(tmp_path):
     assert label.attributes.ome.image_label.source.image == "../../"
     nodes = list(Reader(parse_url(str(out)))())
     specs = [sorted(type(s).__name__ for s in n.specs) for n in nodes]
-    assert specs == [["Multiscales"], ["Labels"], ["Label", "Multiscales"]]
+    assert specs == [["Multiscales", "OMERO"], ["Labels"], ["Label", "Multiscales"]]
     assert [d.shape for d in nodes[2].data] == [(100, 90), (50, 45), (25, 23)]
     assert nodes[2].data[0].dtype == np.uint32

@@ -214,8 +214,11 @@ def test_valid_ome_zarr_with_labels(tmp_path: Path) -> None:
 
     nodes = list(Reader(parse_url(str(out)))())
     specs = [sorted(type(s).__name__ for s in n.specs) for n in nodes]
-    assert specs == [["Multiscales"], ["Labels"], ["Label", "Multiscales"]]
+    assert specs == [["Multiscales", "OMERO"], ["Labels"], ["Label", "Multiscales"]]
     assert [d.shape for d in nodes[0].data] == [(2, 100, 70), (2, 50, 35), (2, 25, 18)]
+    # the display settings viewers use: a named channel per class, the stored range
+    assert nodes[0].metadata["channel_names"] == ["class 0", "class 1"]
+    assert nodes[0].metadata["contrast_limits"] == [[0, 255], [0, 255]]
     assert [d.shape for d in nodes[2].data] == [(100, 70), (50, 35), (25, 18)]
 
 

@@ -473,6 +473,22 @@ class OutputWriter:
         ]
         return {"name": name, "axes": axes, "datasets": datasets, "type": method}
 
+    def _omero(self) -> dict:
+        """Display settings of the probability channels (OME-NGFF's transitional
+        ``omero``), which viewers such as napari use: one named channel per class, the
+        colour of its value in the label image (white for class 0), the window of the
+        stored values."""
+        top = 255 if self.spec.probabilities == "uint8" else 1.0
+        colors = [(255, 255, 255)] + [_PALETTE[(k - 1) % len(_PALETTE)]
+                                      for k in range(1, int(self.spec.num_classes))]
+        channels = [
+            {"label": f"class {k}", "color": "%02X%02X%02X" % tuple(colors[k]),
+             "active": True, "coefficient": 1.0, "family": "linear", "inverted": False,
+             "window": {"min": 0, "max": top, "start": 0, "end": top}}
+            for k in range(int(self.spec.num_classes))
+        ]
+        return {"channels": channels, "rdefs": {"model": "color"}}
+
     def _image_label(self, source: bool) -> dict:
         """The ``image-label`` metadata (colours: 0 transparent, classes from a palette)."""
         values = max(int(self.spec.num_classes), 2)
@@ -504,6 +520,7 @@ class OutputWriter:
         ome = {
             "version": "0.5",
             "multiscales": [self._multiscale("probabilities", True, levels, "mean")],
+            "omero": self._omero(),
         }
         root.update_attributes({"ome": ome, "tilerseg": info})
         if self._label_images:
