@@ -19,7 +19,8 @@ from ..errors import InvalidArgumentError
 
 __all__ = [
     "require_pillow", "grey", "colormap", "blend", "outlines", "class_colors",
-    "instance_colors", "nice_length", "scale_bar", "draw_text", "save_png",
+    "instance_colors", "nice_length", "length_label", "scale_bar", "draw_text", "resize",
+    "save_png",
 ]
 
 _VIRIDIS = np.array([
@@ -282,18 +283,19 @@ def nice_length(longest: float) -> float:
 
 
 def length_label(um: float) -> str:
-    """A length in micrometres as text: ``"50 µm"``, ``"2 mm"``, ``"500 nm"``.
+    """A length in micrometres as text: ``"50 um"``, ``"2 mm"``, ``"500 nm"`` (ASCII:
+    Pillow's default font has no micro sign).
 
     Examples
     --------
     >>> length_label(50.0), length_label(2000.0), length_label(0.5)
-    ('50 µm', '2 mm', '500 nm')
+    ('50 um', '2 mm', '500 nm')
     """
     if um >= 1000:
         return f"{um / 1000:g} mm"
     if um < 1:
         return f"{um * 1000:g} nm"
-    return f"{um:g} µm"
+    return f"{um:g} um"
 
 
 def _font(size: int) -> Any:
@@ -313,7 +315,7 @@ def draw_text(picture: np.ndarray, lines: Sequence[str], *, corner: str = "top-l
     lines : sequence of str
     corner : {"top-left", "top-right", "bottom-left", "bottom-right"}
     size : int, optional
-        Font size in px (default: about 1/60 of the picture's longest side, 10 to 24).
+        Font size in px (default: about 1/60 of the picture's longest side, 12 to 24).
     swatches : sequence of RGB triples or None, optional
         A colour square before each line (None: no square on that line).
 
@@ -323,7 +325,7 @@ def draw_text(picture: np.ndarray, lines: Sequence[str], *, corner: str = "top-l
         A new picture.
     """
     PIL = require_pillow()
-    size = size or int(np.clip(max(picture.shape[:2]) / 60, 10, 24))
+    size = size or int(np.clip(max(picture.shape[:2]) / 60, 12, 24))
     font = _font(size)
     image = PIL.Image.fromarray(picture)
     draw = PIL.ImageDraw.Draw(image, "RGBA")
@@ -367,7 +369,7 @@ def scale_bar(picture: np.ndarray, pixel_size: float, *, fraction: float = 0.2) 
         return picture
     length = nice_length(fraction * w * pixel_size)
     bar = max(1, int(round(length / pixel_size)))
-    size = int(np.clip(max(h, w) / 60, 10, 24))
+    size = int(np.clip(max(h, w) / 60, 12, 24))
     font = _font(size)
     image = PIL.Image.fromarray(picture)
     draw = PIL.ImageDraw.Draw(image, "RGBA")

@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import InvalidArgumentError
 from . import draw
 
-__all__ = ["plot_plan", "plot_tile", "GRID_COLOR", "MIRROR_TINT", "WINDOW_COLORS"]
+__all__ = ["plot_plan", "plot_tile", "save_plan", "check_plot_path", "GRID_COLOR", "MIRROR_TINT", "WINDOW_COLORS"]
 
 GRID_COLOR = (255, 255, 0)
 """Colour of the write regions' borders (pure yellow)."""
@@ -371,3 +371,38 @@ def plot_tile(
                     (255, 255, 255)]
         picture = draw.draw_text(picture, lines, corner="bottom-right", swatches=swatches)
     return picture
+
+
+def check_plot_path(path: str, image: Any = None) -> None:
+    """Refuse a picture path that cannot be written as PNG, or a plot without an image.
+
+    Raises
+    ------
+    InvalidArgumentError
+        No image, ``path`` not ending in ``.png``, or Pillow missing.
+    """
+    draw.require_pillow()
+    if image is None:
+        raise InvalidArgumentError("--plot needs an IMAGE: tilerseg info IMAGE --plot PLAN.png")
+    if not str(path).lower().endswith(".png"):
+        raise InvalidArgumentError(f"--plot {str(path)!r} must end in .png")
+
+
+def save_plan(path: str | Any, image: Any, model: Any, **options: Any) -> str:
+    """Draw the tile plan (:func:`plot_plan`) and write it as a PNG file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A ``.png`` file.
+    image, model, **options
+        As for :func:`plot_plan`.
+
+    Returns
+    -------
+    str
+        ``path``, with the picture's size: ``"plan.png (1024 x 768 px)"``.
+    """
+    picture = plot_plan(image, model, **options)
+    written = draw.save_png(picture, path)
+    return f"{written} ({picture.shape[1]} x {picture.shape[0]} px)"
