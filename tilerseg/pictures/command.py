@@ -85,8 +85,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--region", default=None, metavar="Y0:Y1,X0:X1",
                    help="a crop in full-resolution rows and columns (read at full "
                    "resolution when it fits --size)")
-    p.add_argument("--show", choices=("probabilities", "labels", "instances"), default=None,
-                   help="the layer (default: instances if present, else labels, else "
+    p.add_argument("--show", default=None, metavar="LAYER",
+                   help="probabilities, labels or instances (default: instances if present, "
+                   "else labels, else "
                    "probabilities)")
     p.add_argument("--class", dest="class_index", type=int, default=None, metavar="K",
                    help="the class whose probability is shown (default: the run's "

@@ -139,12 +139,18 @@ def _read_input(path: str, run_level: int, level: int, shape0: Sequence[int],
     from ..io import open_image
 
     notes: list[str] = []
-    try:  # the input level of the same resolution, when the pyramid halves like the output
-        source = open_image(path, level=run_level + level)
-    except InvalidArgumentError:
-        source = open_image(path, level=run_level)
+    # the input level of the same resolution where the pyramid halves like the output's,
+    # else its coarsest level above the run's: a level that does not exist is refused
+    # before any pixel is read, and opening one reads two pixels of it
+    for guess in range(run_level + level, run_level - 1, -1):
+        try:
+            source = open_image(path, level=guess)
+            break
+        except InvalidArgumentError:
+            if guess == run_level:
+                raise
     axes, levels = source.axes, source.levels
-    y, x = axes.index("Y"), axes.index("X")
+    y = axes.index("Y")
     base = levels[run_level]
     wanted = 2.0**level  # downsampling relative to the run's level
     factors = [base[y] / s[y] for s in levels]
