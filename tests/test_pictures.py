@@ -123,6 +123,35 @@ def test_preview_reads_only_the_level_that_fits(run, monkeypatch, size, level, s
     assert result.input_level == min(level, 2) and result.input_stride == (2 if level == 3 else 1)
 
 
+def test_preview_reads_only_the_level_it_needs_of_an_ome_tiff_pyramid(tmp_path, monkeypatch):
+    from tifffile.zarr import ZarrTiffStore
+
+    image, _ = membrane_image(SHAPE, cell_size=24, seed=4)
+    with tifffile.TiffWriter(tmp_path / "in.ome.tif") as tif:  # levels as SubIFDs
+        tif.write(image, subifds=2, tile=(CHUNK, CHUNK),
+                  metadata={"axes": "YX", "PhysicalSizeX": PIXEL, "PhysicalSizeY": PIXEL})
+        for k in (1, 2):
+            tif.write(image[:: 2**k, :: 2**k], subfiletype=1, tile=(CHUNK, CHUNK))
+    out = tilerseg.segment_to_zarr(tmp_path / "in.ome.tif", PerPixel(), tmp_path / "o.zarr",
+                                   tile=CHUNK, output="labels", backend="torch")
+    shapes: list[tuple[int, ...]] = []
+    original = ZarrTiffStore.get
+
+    async def get(store, key, *args, **kwargs):
+        if not key.endswith(("zarr.json", ".zarray", ".zattrs", ".zgroup")):
+            shapes.append(tuple(store._data[0].shape))  # the level this store reads
+        return await original(store, key, *args, **kwargs)
+
+    monkeypatch.setattr(ZarrTiffStore, "get", get)
+    for size, level, read in ((100, 2, (80, 64)), (200, 1, (160, 128)), (50, 3, (80, 64)),
+                              (2048, 0, (320, 256))):
+        shapes.clear()
+        result = render_preview(out, size=size)
+        assert result.level == level and result.picture.shape[:2] == (-(-320 // 2**level),
+                                                                       -(-256 // 2**level))
+        assert shapes and set(shapes) == {read}, (size, set(shapes))
+
+
 def test_preview_region_reads_the_overlapping_full_resolution_chunks(run, monkeypatch):
     folder, out = run
     reads = ChunkReads(monkeypatch)
