@@ -149,7 +149,7 @@ def plot_plan(
     >>> model = tilerseg.create_model("unet", depth=2, base_channels=2)
     >>> image = np.zeros((500, 300), np.uint8)
     >>> plot_plan(image, model, tile=128, size=400, device="cpu").shape
-    (400, 260, 3)
+    (400, 307, 3)
     """
     PIL = draw.require_pillow()
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 64:
