@@ -7,7 +7,9 @@
 * :func:`plot_tile`: one tile's geometry up close (window, halo, crop, pooling grid);
 * :func:`save_png`: write a picture.
 
-Submodules are imported when first used, so importing this package costs nothing.
+Submodules (:mod:`~tilerseg.pictures.previews`, :mod:`~tilerseg.pictures.plan`,
+:mod:`~tilerseg.pictures.draw`) are imported when first used, so importing this package
+costs nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,6 @@ __all__ = ["preview", "render_preview", "Preview", "plot_plan", "plot_tile", "sa
            "draw"]
 
 __getattr__, __dir__ = attach(__name__, {
-    "preview": "preview", "render_preview": "preview", "Preview": "preview",
+    "preview": "previews", "render_preview": "previews", "Preview": "previews",
     "plot_plan": "plan", "plot_tile": "plan", "save_png": "draw", "draw": "",
 }, globals())

@@ -22,7 +22,7 @@ examples:
 
 def _run(args: argparse.Namespace) -> int:
     from .draw import require_pillow, save_png
-    from .preview import parse_region, render_preview
+    from .previews import parse_region, render_preview
 
     require_pillow()
     if not args.out.lower().endswith(".png"):
