@@ -351,3 +351,43 @@ def test_save_png_round_trips(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "x.png")), picture)
     with pytest.raises(InvalidArgumentError, match=".png"):
         save_png(picture, tmp_path / "x.jpg")
+
+
+# --- the bundled model and the documentation's figures ---------------------------------------
+
+
+def test_preview_of_a_bundled_model_run_colours_the_cells_over_the_grey_slide(tmp_path):
+    image, mask = membrane_image((384, 384), seed=2)
+    np.save(tmp_path / "slide.npy", image)
+    out = tilerseg.segment_to_zarr(tmp_path / "slide.npy", tilerseg.load_model(),
+                                   tmp_path / "o.zarr", tile=384, output="instances",
+                                   backend="torch", device="cpu")
+    result = render_preview(out, legend=False, scale_bar=False)
+    assert result.layer == "instances" and result.input_level == 0
+    picture = result.picture.astype(int)
+    assert picture.shape == (384, 384, 3)
+    instances = tilerseg.io.writers.open_output(out)["instances"][:]
+    assert instances.max() > 20  # the cells were found
+    colour = picture.max(axis=-1) - picture.min(axis=-1)  # 0 for grey
+    assert np.median(colour[instances > 0]) > 60  # cells are coloured
+    assert np.median(colour[instances == 0]) < 10  # membranes show the grey slide
+    np.testing.assert_array_equal(result.picture[instances == 0],
+                                  draw.grey(image)[instances == 0])
+
+
+@pytest.mark.slow  # 3.5 to 6.5 s measured; the bundled model's preview is tested above
+def test_the_documentation_figures_are_generated(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "gen_figures.py"
+    spec = importlib.util.spec_from_file_location("gen_figures", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    paths = module.generate(tmp_path / "figures")
+    assert [p.name for p in paths] == ["geometry.png", "plan.png", "preview.png",
+                                       "instances.png"]
+    assert Image.open(paths[0]).size == (800, 800)
+    assert max(Image.open(paths[1]).size) == 900
+    assert Image.open(paths[2]).size == (768, 1024)
+    assert Image.open(paths[3]).size == (512, 384)

@@ -17,7 +17,8 @@ import numpy as np
 from ..errors import InvalidArgumentError
 from . import draw
 
-__all__ = ["plot_plan", "plot_tile", "save_plan", "check_plot_path", "GRID_COLOR", "MIRROR_TINT", "WINDOW_COLORS"]
+__all__ = ["plot_plan", "plot_tile", "save_plan", "check_plot_path", "GRID_COLOR",
+           "MIRROR_TINT", "WINDOW_COLORS"]
 
 GRID_COLOR = (255, 255, 0)
 """Colour of the write regions' borders (pure yellow)."""
@@ -228,7 +229,8 @@ def plot_plan(
         zs = f", plane {z} of {plan.image_shape[0]}" if nd == 3 else ""
         lines = [f"image {H} x {W} px{zs} (level {p.source.level}; drawn from level {j}"
                  + (f", every {stride} px" if stride > 1 else "") + ")",
-                 f"write regions: {len(plan)} tiles of {ty} x {tx} px ({gy} x {gx}"
+                 f"write regions: {len(plan)} tile{'s' if len(plan) > 1 else ''} of {ty} x "
+                 f"{tx} px ({gy} x {gx}"
                  + (f" x {plan.grid[0]}" if nd == 3 and plan.grid[0] > 1 else "") + ")"
                  + (f", every {every}th border drawn" if every > 1 else "")]
         swatches: list[Any] = [None, GRID_COLOR]
