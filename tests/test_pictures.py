@@ -255,6 +255,9 @@ def test_preview_refuses_what_it_cannot_draw(run, tmp_path):
         preview(out, show="instances")
     with pytest.raises(InvalidArgumentError, match="classes"):
         preview(out, show="probabilities", class_index=2)
+    np.save(tmp_path / "other.npy", np.zeros((100, 100), np.uint8))
+    with pytest.raises(tilerseg.TilersegError, match="the output is 320 x 256"):
+        preview(out, image=tmp_path / "other.npy")
 
 
 def test_cli_preview_writes_the_png_and_errors_are_one_line(run, tmp_path, capsys):

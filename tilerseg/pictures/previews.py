@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidArgumentError, OutputError, TilersegError
+from ..errors import InvalidArgumentError, InvalidImageError, OutputError, TilersegError
 from . import draw
 
 __all__ = ["preview", "render_preview", "Preview", "LAYERS", "parse_region"]
@@ -152,6 +152,10 @@ def _read_input(path: str, run_level: int, level: int, shape0: Sequence[int],
     axes, levels = source.axes, source.levels
     y = axes.index("Y")
     base = levels[run_level]
+    if (base[y], base[axes.index("X")]) != tuple(shape0[-2:]):
+        raise InvalidImageError(
+            f"image {path} level {run_level} is {base[y]} x {base[axes.index('X')]} px; the "
+            f"output is {shape0[-2]} x {shape0[-1]} px")
     wanted = 2.0**level  # downsampling relative to the run's level
     factors = [base[y] / s[y] for s in levels]
     finer = [j for j in range(len(levels)) if j >= run_level and factors[j] <= wanted * 1.01]
