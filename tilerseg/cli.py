@@ -380,12 +380,23 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .info import describe, describe_machine
     from .models.checkpoint import model_from_spec
 
+    if args.plot:  # before the model loads: a missing extra or a bad path fails at once
+        from .pictures.plan import check_plot_path
+
+        check_plot_path(args.plot, args.image)
     if args.image is None:
         print(describe_machine())
         return 0
     model = model_from_spec(args.model)
     print(describe(args.image, model, tile=args.tile, level=args.level,
                    channel=_channels(args.channel), device=args.device))
+    if args.plot:
+        from .pictures.plan import save_plan
+
+        path = save_plan(args.plot, args.image, model, tile=args.tile, level=args.level,
+                         channel=_channels(args.channel), device=args.device,
+                         size=args.plot_size)
+        print(f"plan picture {path}")
     return 0
 
 
@@ -672,6 +683,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "Without an image, only the latter.")
     info.add_argument("image", nargs="?", default=None, help="image file, folder or glob")
     _add_common(info)
+    info.add_argument("--plot", default=None, metavar="PLAN.png",
+                      help="also draw the tile plan over the image (needs tilerseg[plot])")
+    info.add_argument("--plot-size", type=int, default=1024, metavar="N",
+                      help="longest side of the --plot picture in px (default: %(default)s)")
     info.set_defaults(func=_cmd_info)
 
     tr = sub.add_parser("train", help="train a model (U-Net by default) on image/mask pairs",
@@ -727,6 +742,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import add_parser as add_eval_parser
 
     add_eval_parser(sub)
+
+    from .pictures.command import add_parser as add_preview_parser
+
+    add_preview_parser(sub)
 
     models = sub.add_parser("models", help="list bundled models and architectures",
                             description="List the bundled (trained) models with their "
