@@ -241,6 +241,16 @@ def test_preview_without_its_input_draws_the_result_alone(run, tmp_path, caplog)
     assert any("gone" in r.getMessage() for r in caplog.records)
 
 
+def test_preview_finds_an_input_given_by_a_relative_path_from_elsewhere(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    np.save(tmp_path / "a" / "img.npy", membrane_image((64, 64), seed=1)[0])
+    monkeypatch.chdir(tmp_path / "a")
+    out = tilerseg.segment_to_zarr("img.npy", PerPixel(), tmp_path / "o.zarr", tile=CHUNK,
+                                   output="labels", backend="torch")
+    monkeypatch.chdir(tmp_path)
+    assert render_preview(out).input_level == 0
+
+
 def test_preview_refuses_what_it_cannot_draw(run, tmp_path):
     folder, out = run
     with pytest.raises(OutputError, match="not a tilerseg output"):
