@@ -349,7 +349,7 @@ def test_cli_info_plot(tmp_path, capsys):
     png = tmp_path / "plan.png"
     assert main(["info", str(tmp_path / "img.npy"), "--model", "unet", "--tile", "64",
                  "--device", "cpu", "--plot", str(png), "--plot-size", "300"]) == 0
-    assert f"plan picture {png}" in capsys.readouterr().out
+    assert f"picture     {png}" in capsys.readouterr().out
     assert max(Image.open(png).size) == 300
     for argv in (["info", "--plot", str(png)],
                  ["info", str(tmp_path / "img.npy"), "--plot", str(tmp_path / "plan.gif")]):
