@@ -21,7 +21,7 @@ from zarr.storage import LocalStore
 import tilerseg
 from tilerseg.cli import main
 from tilerseg.errors import InvalidArgumentError, OutputError
-from tilerseg.pictures import draw, plot_plan, preview, render_preview, save_png
+from tilerseg.pictures import draw, plot_plan, plot_tile, preview, render_preview, save_png
 from tilerseg.pictures.plan import GRID_COLOR, MIRROR_TINT, WINDOW_COLORS
 from tilerseg.synthetic import membrane_image
 
@@ -341,6 +341,30 @@ def test_plan_picture_draws_a_few_read_windows_of_a_huge_plan(small_model):
     for colour in WINDOW_COLORS[:3]:
         assert np.all(picture == colour, axis=-1).any()
     assert not np.all(picture == WINDOW_COLORS[3], axis=-1).any()
+
+
+def test_tile_picture_places_window_crop_and_grid_origin(small_model):
+    g = tilerseg.model_geometry(small_model)
+    h, step = g.halo[0], g.step[0]
+    window = g.window_for_tile(64)
+    picture = plot_tile(np.zeros((200, 200), np.uint8), small_model, tile=64, size=400,
+                        legend=False)
+    scale = 400 / (window + 2 * step)  # the window and a pooling step of margin each side
+
+    def box(colour):
+        rows, cols = np.nonzero(np.all(picture == colour, axis=-1))
+        return rows.min(), rows.max(), cols.min(), cols.max()
+
+    lo, hi = round(step * scale), round((step + window) * scale) - 1
+    assert box((255, 64, 64)) == (lo, hi, lo, hi)  # the input window
+    lo, hi = round((step + h) * scale), round((step + h + 64) * scale) - 1
+    r0, r1, c0, c1 = box(GRID_COLOR)  # the output crop, h inside the window
+    assert (r1, c1) == (hi, hi)  # its top and left lie under the image's edge (2 px wide)
+    assert lo <= r0 <= lo + 2 and lo <= c0 <= lo + 2
+    assert np.all(picture[lo, lo + 10:hi - 10] == 255)  # the image's edge, white
+    r0, r1, c0, c1 = box((64, 255, 64))  # the pooling grid's origin: the window's corner
+    centre = round(step * scale)
+    assert r0 < centre < r1 and c0 < centre < c1
 
 
 def test_cli_info_plot(tmp_path, capsys):
