@@ -21,7 +21,7 @@ from zarr.storage import LocalStore
 import tilerseg
 from tilerseg.cli import main
 from tilerseg.errors import InvalidArgumentError, OutputError
-from tilerseg.pictures import draw, plot_plan, preview, render_preview, save_png
+from tilerseg.pictures import draw, plot_plan, plot_tile, preview, render_preview, save_png
 from tilerseg.pictures.plan import GRID_COLOR, MIRROR_TINT, WINDOW_COLORS
 from tilerseg.synthetic import membrane_image
 
@@ -241,6 +241,16 @@ def test_preview_without_its_input_draws_the_result_alone(run, tmp_path, caplog)
     assert any("gone" in r.getMessage() for r in caplog.records)
 
 
+def test_preview_finds_an_input_given_by_a_relative_path_from_elsewhere(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    np.save(tmp_path / "a" / "img.npy", membrane_image((64, 64), seed=1)[0])
+    monkeypatch.chdir(tmp_path / "a")
+    out = tilerseg.segment_to_zarr("img.npy", PerPixel(), tmp_path / "o.zarr", tile=CHUNK,
+                                   output="labels", backend="torch")
+    monkeypatch.chdir(tmp_path)
+    assert render_preview(out).input_level == 0
+
+
 def test_preview_refuses_what_it_cannot_draw(run, tmp_path):
     folder, out = run
     with pytest.raises(OutputError, match="not a tilerseg output"):
@@ -333,13 +343,37 @@ def test_plan_picture_draws_a_few_read_windows_of_a_huge_plan(small_model):
     assert not np.all(picture == WINDOW_COLORS[3], axis=-1).any()
 
 
+def test_tile_picture_places_window_crop_and_grid_origin(small_model):
+    g = tilerseg.model_geometry(small_model)
+    h, step = g.halo[0], g.step[0]
+    window = g.window_for_tile(64)
+    picture = plot_tile(np.zeros((200, 200), np.uint8), small_model, tile=64, size=400,
+                        legend=False)
+    scale = 400 / (window + 2 * step)  # the window and a pooling step of margin each side
+
+    def box(colour):
+        rows, cols = np.nonzero(np.all(picture == colour, axis=-1))
+        return rows.min(), rows.max(), cols.min(), cols.max()
+
+    lo, hi = round(step * scale), round((step + window) * scale) - 1
+    assert box((255, 64, 64)) == (lo, hi, lo, hi)  # the input window
+    lo, hi = round((step + h) * scale), round((step + h + 64) * scale) - 1
+    r0, r1, c0, c1 = box(GRID_COLOR)  # the output crop, h inside the window
+    assert (r1, c1) == (hi, hi)  # its top and left lie under the image's edge (2 px wide)
+    assert lo <= r0 <= lo + 2 and lo <= c0 <= lo + 2
+    assert np.all(picture[lo, lo + 10:hi - 10] == 255)  # the image's edge, white
+    r0, r1, c0, c1 = box((64, 255, 64))  # the pooling grid's origin: the window's corner
+    centre = round(step * scale)
+    assert r0 < centre < r1 and c0 < centre < c1
+
+
 def test_cli_info_plot(tmp_path, capsys):
     image, _ = membrane_image((300, 200), seed=0)
     np.save(tmp_path / "img.npy", image)
     png = tmp_path / "plan.png"
     assert main(["info", str(tmp_path / "img.npy"), "--model", "unet", "--tile", "64",
                  "--device", "cpu", "--plot", str(png), "--plot-size", "300"]) == 0
-    assert f"plan picture {png}" in capsys.readouterr().out
+    assert f"picture     {png}" in capsys.readouterr().out
     assert max(Image.open(png).size) == 300
     for argv in (["info", "--plot", str(png)],
                  ["info", str(tmp_path / "img.npy"), "--plot", str(tmp_path / "plan.gif")]):

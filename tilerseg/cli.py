@@ -34,6 +34,8 @@ examples:
   tilerseg run sections/ --model em.pt    a folder of 2D slices, segmented plane by plane
   tilerseg run stack.tif --model model3d.pt --tile 64
   tilerseg info slide.svs --tile 1024    shape, axes, levels, pixel size, plan, memory
+  tilerseg info slide.svs --plot plan.png              the tile plan drawn over the slide
+  tilerseg preview slide.tilerseg.zarr -o preview.png  the result over the input, as a PNG
   tilerseg run slide.tif --resume        continue a killed run (or start; exit if complete)
   tilerseg run slide.tif --cluster local:4              4 worker processes on this machine
   tilerseg run slide.tif -o out.zarr --shard auto       one job of a SLURM job array
@@ -396,7 +398,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         path = save_plan(args.plot, args.image, model, tile=args.tile, level=args.level,
                          channel=_channels(args.channel), device=args.device,
                          size=args.plot_size)
-        print(f"plan picture {path}")
+        print(f"picture     {path}")
     return 0
 
 

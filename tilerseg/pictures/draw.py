@@ -215,7 +215,8 @@ def instance_colors(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Each id starts with a colour from its own value (the same object keeps its colour
     from one picture to the next); where two touching objects (4-connectivity) got the
-    same colour, the later one takes the first colour none of its neighbours has.
+    same colour, the later one takes the first colour none of its neighbours has (there
+    is one whenever it has fewer neighbours than :data:`INSTANCE_PALETTE` has colours).
 
     Parameters
     ----------

@@ -118,6 +118,17 @@ def _pixel_size(output: str, layer: list[Any], level: int) -> float | None:
         return None
 
 
+def _recorded_input(attrs: dict[str, Any]) -> str | None:
+    """The run's input path: the absolute path its manifest records where that exists
+    (a relative path given to the run was relative to where the run was started), else the
+    path as given."""
+    given = attrs.get("input", {}).get("path")
+    absolute = attrs.get("manifest", {}).get("input", {}).get("path")
+    if given is not None and absolute is not None and os.path.exists(absolute):
+        return absolute
+    return given
+
+
 def _choose_level(extents: Sequence[int], levels: int, size: int) -> int:
     """The finest level at which ``extents`` (level-0 rows, columns) fit ``size`` px."""
     for k in range(levels):
@@ -270,7 +281,7 @@ def render_preview(
         values = np.asarray(level[tuple(key)])
     picture_shape = values.shape
     base, input_level, stride = None, None, 1
-    source = os.fspath(image) if image is not None else attrs.get("input", {}).get("path")
+    source = os.fspath(image) if image is not None else _recorded_input(attrs)
     if source is None:
         notes.append("the input was an in-memory array: the result is drawn alone")
     elif not os.path.exists(source) and not any(c in source for c in "*?["):
