@@ -41,6 +41,7 @@ API_SECTIONS: dict[str, list[str]] = {
 missing here stops the build."""
 
 API_MODULES: dict[str, list[str]] = {
+    "Pictures": ["tilerseg.pictures.previews", "tilerseg.pictures.plan"],
     "Normalisation": ["tilerseg.normalize"],
     "Training": ["tilerseg.train"],
     "Metrics": ["tilerseg.metrics"],
