@@ -63,7 +63,8 @@ def preprocessing_steps(normalize: NormalizeSpec) -> list[Any]:
     Returns
     -------
     list
-        ``EnsureDtypeDescr`` (float32) then the scaling step, if any.
+        ``EnsureDtypeDescr`` (float32), the scaling step if any, ``EnsureDtypeDescr``
+        (float32).
 
     Raises
     ------
@@ -91,7 +92,8 @@ def preprocessing_steps(normalize: NormalizeSpec) -> list[Any]:
         steps.append(bio.ZeroMeanUnitVarianceDescr(kwargs=bio.ZeroMeanUnitVarianceKwargs()))
     elif not (normalize is None or normalize is False or normalize == "none"):
         raise InvalidModelError(f"normalize={normalize!r} cannot be exported")
-    return steps
+    steps.append(bio.EnsureDtypeDescr(kwargs=bio.EnsureDtypeKwargs(dtype="float32")))
+    return steps  # bioimageio.spec would end it with the input's dtype otherwise
 
 
 def _scalar(value: Any, what: str) -> float:
@@ -141,6 +143,11 @@ def normalization_of(steps: Sequence[Any], in_channels: int, label: str) -> Norm
     for step in steps:
         name, kw = str(step.id), getattr(step, "kwargs", None)
         if name == "ensure_dtype":
+            if (gain, offset) != (1.0, 0.0) or stats is not None:
+                if not str(kw.dtype).startswith("float"):
+                    raise InvalidModelError(
+                        f"{label}: preprocessing ensure_dtype {kw.dtype} after scaling (a "
+                        "rounding step) is not supported; tilerseg feeds float32")
             continue  # tilerseg feeds float32
         if stats is not None:
             raise InvalidModelError(
