@@ -142,7 +142,6 @@ def test_3d_model_exports_with_three_parameterized_axes(tmp_path: Path) -> None:
     assert tilerseg.models.model_geometry(loaded) == g
 
 
-@pytest.mark.slow
 def test_bundled_model_exports_and_validates(tmp_path: Path) -> None:
     model = tilerseg.load_model()
     path = export_bioimageio(model, tmp_path / "isbi.zip")
