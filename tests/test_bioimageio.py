@@ -166,7 +166,8 @@ class _Net(nn.Module):
 
 
 def _foreign(tmp_path: Path, *, pad: int = 1, halo: int = 0, preprocessing=None,
-             postprocessing=None, axes=None, name: str = "foreign.zip") -> Path:
+             postprocessing=None, axes=None, name: str = "foreign.zip",
+             weights=None) -> Path:
     """A package of :class:`_Net` (TorchScript) as another tool would write it."""
     net = _Net(pad).eval()
     side = 32
@@ -202,7 +203,7 @@ def _foreign(tmp_path: Path, *, pad: int = 1, halo: int = 0, preprocessing=None,
             id=bio.TensorId("prob"), axes=out_axes,
             test_tensor=bio.FileDescr(source=tmp_path / "out.npy"),
             data=bio.IntervalOrRatioDataDescr(type="float32"), postprocessing=postprocessing)],
-        weights=bio.WeightsDescr(torchscript=bio.TorchscriptWeightsDescr(
+        weights=weights or bio.WeightsDescr(torchscript=bio.TorchscriptWeightsDescr(
             source=tmp_path / "net.pt", pytorch_version=bio.Version("2.0"))))
     return save_bioimageio_package(descr, output_path=tmp_path / name)
 
@@ -348,3 +349,43 @@ def test_cli_exports_a_model_file_that_runs_like_the_original(tmp_path: Path, ca
     a = zarr.open_array(str(tmp_path / "a.zarr" / "0"), mode="r")[:]
     b = zarr.open_array(str(tmp_path / "b.zarr" / "0"), mode="r")[:]
     assert np.abs(a - b).max() <= TOL
+
+
+def _state_dict_weights(tmp_path: Path, import_from: str, callable_: str,
+                        kwargs: dict) -> object:
+    conv = nn.Conv2d(1, 1, 5)
+    torch.manual_seed(6)
+    nn.init.normal_(conv.weight)
+    torch.save(conv.state_dict(), tmp_path / "sd.pt")
+    return bio.WeightsDescr(pytorch_state_dict=bio.PytorchStateDictWeightsDescr(
+        source=tmp_path / "sd.pt", pytorch_version=bio.Version("2.0"),
+        architecture=bio.ArchitectureFromLibraryDescr(
+            import_from=import_from, callable=bio.Identifier(callable_), kwargs=kwargs)))
+
+
+def test_foreign_state_dict_of_a_library_module_runs_exactly(tmp_path: Path) -> None:
+    weights = _state_dict_weights(tmp_path, "torch.nn", "Conv2d",
+                                  {"in_channels": 1, "out_channels": 1, "kernel_size": 5})
+    # one 5x5 convolution crops 4 px; the two-conv test tensors do not matter to tilerseg
+    path = _foreign(tmp_path, pad=0, weights=weights, name="sd.zip")
+    model = load_bioimageio(path)
+    assert isinstance(model.network, nn.Conv2d)
+    g = tilerseg.models.model_geometry(model)
+    assert (g.shrink, g.halo) == ((4, 4), (2, 2))
+    image = np.random.default_rng(4).integers(0, 4096, (50, 45)).astype(np.float32)
+    conv = nn.Conv2d(1, 1, 5)
+    conv.load_state_dict(torch.load(tmp_path / "sd.pt"))
+    x = np.pad(image / np.float32(4096), 2, mode="reflect")
+    with torch.no_grad():
+        expected = torch.sigmoid(conv(torch.from_numpy(x)[None, None]))[0].numpy()
+    assert np.abs(_segment(image, model, tile=16) - expected).max() <= TOL
+
+
+def test_foreign_architecture_that_is_no_module_class_is_never_called(tmp_path: Path) -> None:
+    marker = tmp_path / "called"
+    weights = _state_dict_weights(tmp_path, "subprocess", "run",
+                                  {"args": ["touch", str(marker)]})
+    path = _foreign(tmp_path, pad=0, weights=weights, name="evil.zip")
+    with pytest.raises(InvalidModelError, match="subprocess.run is not a torch.nn.Module class"):
+        load_bioimageio(path)
+    assert not marker.exists()

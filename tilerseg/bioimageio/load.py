@@ -319,6 +319,7 @@ def _network(descr: Any, weights: str | None, label: str) -> nn.Module:
     """The package's network: TorchScript, or state dict with a library architecture."""
     w = descr.weights
     order = [weights] if weights else ["torchscript", "pytorch_state_dict"]
+    skipped = ""
     for kind in order:
         entry = getattr(w, kind, None)
         if entry is None:
@@ -331,28 +332,36 @@ def _network(descr: Any, weights: str | None, label: str) -> nn.Module:
                                         f"({str(exc).strip().splitlines()[0][:200]})") from None
         arch = entry.architecture
         if not hasattr(arch, "import_from"):
-            if weights:
-                raise InvalidModelError(
-                    f"{label}: its state-dict architecture is Python source in the package; "
-                    "tilerseg does not run code from a package (use its TorchScript weights)")
+            skipped = ("; its state-dict architecture is Python source in the package, which "
+                       "tilerseg does not run")
             continue
+        where = f"{arch.import_from}.{arch.callable}"
         try:
             factory = getattr(importlib.import_module(arch.import_from), str(arch.callable))
+        except (ImportError, AttributeError) as exc:
+            raise InvalidModelError(f"{label}: its architecture {where} cannot be imported "
+                                    f"({exc})") from None
+        if not (isinstance(factory, type) and issubclass(factory, nn.Module)):
+            raise InvalidModelError(
+                f"{label}: its architecture {where} is not a torch.nn.Module class; tilerseg "
+                "calls no other code a package names")
+        try:
             network = factory(**dict(arch.kwargs))
             state = torch.load(io.BytesIO(_read(entry)), map_location="cpu", weights_only=True)
             network.load_state_dict(state, strict=bool(getattr(entry, "strict", True)))
         except Exception as exc:
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else \
+                type(exc).__name__
             raise InvalidModelError(
-                f"{label}: its state-dict weights with {arch.import_from}.{arch.callable} do "
-                f"not load ({str(exc).strip().splitlines()[0][:200]})") from None
+                f"{label}: its state-dict weights with {where} do not load ({reason})") from None
         return network.eval()
     present = [k for k in ("keras_hdf5", "keras_v3", "onnx", "pytorch_state_dict",
                            "tensorflow_js", "tensorflow_saved_model_bundle", "torchscript")
                if getattr(w, k, None) is not None]
     wanted = f"{weights} weights" if weights else "TorchScript or PyTorch state-dict weights"
-    raise InvalidModelError(f"{label} has no usable {wanted} (it has: {', '.join(present)}); "
-                            "tilerseg runs TorchScript and PyTorch state dicts of library "
-                            "architectures")
+    raise InvalidModelError(f"{label} has no usable {wanted} (it has: {', '.join(present)})"
+                            f"{skipped}; tilerseg runs TorchScript, and PyTorch state dicts "
+                            "of torch.nn.Module classes of installed libraries")
 
 
 def load_bioimageio(
