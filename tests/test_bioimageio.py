@@ -167,9 +167,9 @@ class _Net(nn.Module):
 
 def _foreign(tmp_path: Path, *, pad: int = 1, halo: int = 0, preprocessing=None,
              postprocessing=None, axes=None, name: str = "foreign.zip",
-             weights=None) -> Path:
+             weights=None, net=None, out_range=None) -> Path:
     """A package of :class:`_Net` (TorchScript) as another tool would write it."""
-    net = _Net(pad).eval()
+    net = (net or _Net(pad)).eval()
     side = 32
     x = np.random.default_rng(0).integers(0, 4096, (1, 1, side, side)).astype(np.float32)
     with torch.no_grad():
@@ -202,7 +202,8 @@ def _foreign(tmp_path: Path, *, pad: int = 1, halo: int = 0, preprocessing=None,
         outputs=[bio.OutputTensorDescr(
             id=bio.TensorId("prob"), axes=out_axes,
             test_tensor=bio.FileDescr(source=tmp_path / "out.npy"),
-            data=bio.IntervalOrRatioDataDescr(type="float32"), postprocessing=postprocessing)],
+            data=bio.IntervalOrRatioDataDescr(type="float32", range=out_range or (None, None)),
+            postprocessing=postprocessing)],
         weights=weights or bio.WeightsDescr(torchscript=bio.TorchscriptWeightsDescr(
             source=tmp_path / "net.pt", pytorch_version=bio.Version("2.0"))))
     return save_bioimageio_package(descr, output_path=tmp_path / name)
@@ -389,3 +390,18 @@ def test_foreign_architecture_that_is_no_module_class_is_never_called(tmp_path: 
     with pytest.raises(InvalidModelError, match="subprocess.run is not a torch.nn.Module class"):
         load_bioimageio(path)
     assert not marker.exists()
+
+
+def test_foreign_network_with_its_own_sigmoid_keeps_its_probabilities(tmp_path: Path) -> None:
+    net = nn.Sequential(_Net(0), nn.Sigmoid())
+    path = _foreign(tmp_path, pad=0, net=net, postprocessing=[], out_range=(0.0, 1.0))
+    model = load_bioimageio(path)
+    image = np.random.default_rng(5).integers(0, 4096, (40, 36)).astype(np.float32)
+    x = np.pad(image / np.float32(4096), 2, mode="reflect")
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)[None, None])[0].numpy()
+    assert np.abs(_segment(image, model, tile=16) - expected).max() <= TOL
+    # without the declared [0, 1] range its outputs could be anything: refused
+    other = _foreign(tmp_path, pad=0, net=net, postprocessing=[], name="raw.zip")
+    with pytest.raises(InvalidModelError, match=r"postprocessing \[none\] with 1 channel"):
+        load_bioimageio(other)
