@@ -405,3 +405,59 @@ def test_foreign_network_with_its_own_sigmoid_keeps_its_probabilities(tmp_path: 
     other = _foreign(tmp_path, pad=0, net=net, postprocessing=[], name="raw.zip")
     with pytest.raises(InvalidModelError, match=r"postprocessing \[none\] with 1 channel"):
         load_bioimageio(other)
+
+
+_RDF_04 = """format_version: 0.4.10
+type: model
+name: v04 net
+description: a package in format 0.4
+authors: [{name: Someone}]
+cite: [{text: x, doi: 10.1007/978-3-319-24574-4_28}]
+license: MIT
+documentation: README.md
+timestamp: 2024-01-01T00:00:00
+test_inputs: [in.npy]
+test_outputs: [out.npy]
+inputs:
+  - name: raw
+    axes: bcyx
+    data_type: float32
+    data_range: [-.inf, .inf]
+    shape: {min: [1, 1, 16, 16], step: [0, 0, 4, 4]}
+    preprocessing:
+      - name: zero_mean_unit_variance
+        kwargs: {mode: fixed, axes: xy, mean: 10.0, std: 2.0}
+outputs:
+  - name: prob
+    axes: bcyx
+    data_type: float32
+    data_range: [0, 1]
+    shape: {reference_tensor: raw, scale: [1, 1, 1, 1], offset: [0, 0, 0, 0]}
+    halo: [0, 0, 2, 2]
+    postprocessing:
+      - name: sigmoid
+weights:
+  torchscript:
+    source: net.pt
+    pytorch_version: "2.0"
+"""
+
+
+def test_format_04_folder_with_fixed_statistics_and_halo(tmp_path: Path) -> None:
+    net = _Net(1).eval()
+    torch.jit.save(torch.jit.script(net), str(tmp_path / "net.pt"))
+    x = np.random.default_rng(0).normal(10, 2, (1, 1, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        np.save(tmp_path / "out.npy", torch.sigmoid(net(torch.from_numpy((x - 10) / 2))).numpy())
+    np.save(tmp_path / "in.npy", x)
+    (tmp_path / "README.md").write_text("# v04 net\n")
+    (tmp_path / "rdf.yaml").write_text(_RDF_04)
+    assert load_description(str(tmp_path / "rdf.yaml"), perform_io_checks=True
+                            ).validation_summary.status == "valid-format"
+    assert is_package(tmp_path)
+    model = load_bioimageio(tmp_path)  # the folder; converted to 0.5 by bioimageio.spec
+    assert model.metadata["normalize"] == [10.0, 12.0]  # (x - 10) / 2
+    assert tilerseg.models.model_geometry(model).halo == (2, 2)
+    image = np.random.default_rng(1).normal(10, 2, (60, 50)).astype(np.float32)
+    expected = _reference(image, 10, 12, pad=1, halo=2)
+    assert np.abs(_segment(image, model, tile=16)[0] - expected).max() <= TOL
