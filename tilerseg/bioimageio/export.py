@@ -403,6 +403,13 @@ def validate_package(path: str | os.PathLike) -> str:
     ------
     InvalidModelError
         The package does not validate; the first error is named.
+
+    Examples
+    --------
+    >>> import os, tempfile, tilerseg
+    >>> model = tilerseg.create_model("unet-keras", base_channels=2, depth=2)
+    >>> validate_package(export_bioimageio(model, os.path.join(tempfile.mkdtemp(), "k.zip")))
+    'valid-format'
     """
     require_spec()
     from bioimageio.spec import load_description

@@ -397,6 +397,17 @@ def load_bioimageio(
         The path does not exist.
     InvalidModelError
         Not a valid model package, or something tilerseg cannot run exactly (named).
+
+    Examples
+    --------
+    >>> import os, tempfile, tilerseg
+    >>> from tilerseg.bioimageio import export_bioimageio
+    >>> path = export_bioimageio(tilerseg.create_model(base_channels=2, depth=2),
+    ...                          os.path.join(tempfile.mkdtemp(), "unet.zip"))
+    >>> type(load_bioimageio(path)).__name__
+    'UNet'
+    >>> type(load_bioimageio(path, weights="torchscript")).__name__
+    'PackagedNetwork'
     """
     label = repr(str(path))
     if weights not in (None, "torchscript", "pytorch_state_dict"):

@@ -47,7 +47,13 @@ def _affine(normalize: NormalizeSpec) -> tuple[float, float] | None:
 
 def input_dtype(normalize: NormalizeSpec) -> str:
     """The input tensor's data type: ``uint8`` for tilerseg's 8-bit ``"auto"``, else
-    ``float32``."""
+    ``float32``.
+
+    Examples
+    --------
+    >>> input_dtype("auto"), input_dtype((0.0, 4095.0))
+    ('uint8', 'float32')
+    """
     return "uint8" if normalize is True or normalize in ("auto", "range") else "float32"
 
 
@@ -70,6 +76,11 @@ def preprocessing_steps(normalize: NormalizeSpec) -> list[Any]:
     ------
     InvalidModelError
         A normalisation bioimage.io cannot state.
+
+    Examples
+    --------
+    >>> [str(step.id) for step in preprocessing_steps("percentile")]
+    ['ensure_dtype', 'scale_range', 'ensure_dtype']
     """
     from bioimageio.spec.model import v0_5 as bio
 
@@ -138,6 +149,13 @@ def normalization_of(steps: Sequence[Any], in_channels: int, label: str) -> Norm
     InvalidModelError
         A step that is not one global affine map (clip, binarize, sigmoid...), statistics
         combined with further scaling, or per-channel values.
+
+    Examples
+    --------
+    >>> from bioimageio.spec.model import v0_5 as bio
+    >>> normalization_of([bio.ScaleLinearDescr(kwargs=bio.ScaleLinearKwargs(
+    ...     gain=0.5, offset=-1.0))], 1, "m.zip")  # 0.5 x - 1 = (x - 2) / (4 - 2)
+    (2.0, 4.0)
     """
     gain, offset, stats = 1.0, 0.0, None
     for step in steps:
@@ -217,6 +235,12 @@ def activation_of(steps: Sequence[Any], out_channels: int, probability_range: bo
     InvalidModelError
         Postprocessing the engine cannot apply per pixel, or an output that is not a
         probability.
+
+    Examples
+    --------
+    >>> from bioimageio.spec.model import v0_5 as bio
+    >>> activation_of([bio.SoftmaxDescr()], 2, False, "m.zip")
+    'logits'
     """
     names = [str(s.id) for s in steps if str(s.id) != "ensure_dtype"]
     if names == ["sigmoid"] and out_channels == 1:
