@@ -461,3 +461,14 @@ def test_format_04_folder_with_fixed_statistics_and_halo(tmp_path: Path) -> None
     image = np.random.default_rng(1).normal(10, 2, (60, 50)).astype(np.float32)
     expected = _reference(image, 10, 12, pad=1, halo=2)
     assert np.abs(_segment(image, model, tile=16)[0] - expected).max() <= TOL
+
+
+def test_without_the_extra_the_error_names_it(tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bioimageio.spec", None)  # import fails
+    with pytest.raises(InvalidModelError, match=r'pip install "tilerseg\[bioimageio\]"'):
+        load_bioimageio(tmp_path / "rdf.yaml")
+    with pytest.raises(InvalidModelError, match=r'pip install "tilerseg\[bioimageio\]"'):
+        export_bioimageio(tilerseg.create_model(base_channels=2, depth=2), tmp_path / "m.zip")
+    assert not (tmp_path / "m.zip").exists()

@@ -88,7 +88,11 @@ def _description(path: str | os.PathLike, label: str) -> Any:
     if not p.exists():
         raise ModelNotFoundError(f"bioimage.io package {str(path)!r} does not exist")
     if p.is_dir():
-        p = next(p / n for n in _YAML_NAMES if (p / n).is_file())
+        found = [p / n for n in _YAML_NAMES if (p / n).is_file()]
+        if not found:
+            raise InvalidModelError(f"{label} is a folder without an rdf.yaml or "
+                                    "bioimageio.yaml: not a bioimage.io package")
+        p = found[0]
     try:
         descr = load_model_description(str(p), format_version="latest",
                                        perform_io_checks=False)
