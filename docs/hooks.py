@@ -42,6 +42,7 @@ missing here stops the build."""
 
 API_MODULES: dict[str, list[str]] = {
     "Pictures": ["tilerseg.pictures.previews", "tilerseg.pictures.plan"],
+    "bioimage.io": ["tilerseg.bioimageio.export", "tilerseg.bioimageio.load"],
     "Normalisation": ["tilerseg.normalize"],
     "Training": ["tilerseg.train"],
     "Metrics": ["tilerseg.metrics"],

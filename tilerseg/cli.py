@@ -42,6 +42,8 @@ examples:
   tilerseg run slide.tif --cluster slurm --jobs 8 --cores 8 --memory 32GB --gpus-per-job 1
   tilerseg status slide.tilerseg.zarr    complete? tasks done, parameters, shards
   tilerseg batch slides/ -o results/     every image of a folder, one model load
+  tilerseg export em.pt -o em.zip --format bioimageio   a bioimage.io package
+  tilerseg run slide.tif --model em.zip  run a bioimage.io package (.zip, rdf.yaml, folder)
 """
 
 
@@ -744,6 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import add_parser as add_eval_parser
 
     add_eval_parser(sub)
+    from .bioimageio.command import add_parser as add_export_parser
+
+    add_export_parser(sub)
 
     from .pictures.command import add_parser as add_preview_parser
 

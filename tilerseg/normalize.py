@@ -62,11 +62,32 @@ def _dtype_range(dtype: np.dtype) -> tuple[float, float]:
     return float(info.min), float(info.max)
 
 
-def _percentiles(sample: np.ndarray) -> tuple[float, float]:
-    low, high = np.percentile(sample, _PERCENTILES)
+def _percentiles(sample: np.ndarray,
+                 percentiles: tuple[float, float] = _PERCENTILES) -> tuple[float, float]:
+    low, high = np.percentile(sample, percentiles)
     if high <= low:  # a flat image: map it to 0 rather than divide by zero
         high = low + 1.0
     return float(low), float(high)
+
+
+def _percentile_pair(spec: str) -> tuple[float, float]:
+    """The percentiles of a ``"percentile:LOW:HIGH"`` spec, checked."""
+    try:
+        low, high = (float(v) for v in spec.split(":")[1:])
+    except ValueError:
+        low = high = float("nan")
+    if not 0.0 <= low < high <= 100.0:
+        raise InvalidArgumentError(
+            f"normalize={spec!r} is not understood; expected 'percentile:LOW:HIGH' with "
+            "0 <= LOW < HIGH <= 100")
+    return low, high
+
+
+def _mean_std(sample: np.ndarray) -> tuple[float, float]:
+    """(mean, mean + std) of the sample: the range mapped to [0, 1] by ``"meanstd"``."""
+    values = np.asarray(sample, dtype=np.float64)
+    mean, std = float(values.mean()), float(values.std())
+    return mean, mean + (std if std > 0 else 1.0)  # a flat image: map it to 0
 
 
 def resolve_normalization(
@@ -84,6 +105,9 @@ def resolve_normalization(
         - ``"range"``: the dtype range (uint16 / 65535...), for integer images only.
         - ``"percentile"``: the 1st and 99.8th percentiles of the image, estimated from
           ``sample()``, map to 0 and 1, for any dtype.
+        - ``"percentile:LOW:HIGH"``: the same with the LOW-th and HIGH-th percentiles.
+        - ``"meanstd"``: the image's mean maps to 0 and its standard deviation to 1
+          (estimated from ``sample()``).
         - ``(low, high)``: an explicit range mapped to [0, 1].
         - ``False`` or ``None``: values are only cast to float32.
         - a :class:`Normalization`: used as it is.
@@ -106,6 +130,10 @@ def resolve_normalization(
     'percentile'
     >>> resolve_normalization(False, np.dtype(np.uint8), lambda: None).method
     'none'
+    >>> resolve_normalization("percentile:0:100", np.dtype(np.uint16), lambda: np.arange(11))
+    Normalization(method='percentile:0:100', low=0.0, high=10.0)
+    >>> resolve_normalization("meanstd", np.dtype(np.float32), lambda: np.array([1.0, 3.0]))
+    Normalization(method='meanstd', low=2.0, high=3.0)
     """
     if isinstance(normalize, Normalization):  # already resolved (e.g. recorded by a run)
         return normalize
@@ -128,6 +156,10 @@ def resolve_normalization(
         return Normalization("range", *_dtype_range(dtype))
     if normalize == "percentile":
         return Normalization("percentile", *_percentiles(sample()))
+    if isinstance(normalize, str) and normalize.startswith("percentile:"):
+        return Normalization(normalize, *_percentiles(sample(), _percentile_pair(normalize)))
+    if normalize == "meanstd":
+        return Normalization("meanstd", *_mean_std(sample()))
     if (
         isinstance(normalize, (tuple, list))
         and len(normalize) == 2

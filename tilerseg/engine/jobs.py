@@ -297,6 +297,8 @@ def _normalization_differs(spec: Any, dtype: str, recorded: dict[str, Any]) -> b
     try:
         now = resolve_normalization(spec, np.dtype(dtype), sample)
     except _NeedsStatistics:  # percentiles: the recorded ones are those of this input
+        if isinstance(spec, str) and spec not in ("auto", "percentile"):
+            return recorded["method"] != spec  # "percentile:LOW:HIGH", "meanstd"
         return recorded["method"] != "percentile"
     return now != Normalization(**recorded)
 

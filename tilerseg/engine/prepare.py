@@ -31,7 +31,8 @@ from .options import RunOptions, run_options
 from .runner import TileRunner
 from .view import ChannelFirstView, model_view
 
-__all__ = ["Prepared", "prepare", "plan", "is_lazy_input", "check_model", "statistics_sample"]
+__all__ = ["Prepared", "prepare", "plan", "is_lazy_input", "check_model", "statistics_sample",
+           "model_normalize"]
 
 _AXES = {2: "(Y, X) or (C, Y, X)", 3: "(Z, Y, X) or (C, Z, Y, X)"}
 
@@ -48,6 +49,32 @@ def check_model(model: Any) -> ModelGeometry:
     """The geometry of ``model``, or a clear error if it is not a model."""
     _check_module(model)
     return model_geometry(model)
+
+
+def model_normalize(options: RunOptions, model: Any) -> RunOptions:
+    """``options`` with the model's own normalisation where the caller left ``"auto"``.
+
+    A model states it as ``model.metadata["normalize"]`` (any ``normalize=`` value, e.g.
+    the fixed range or the statistics a bioimage.io package declares); ``"auto"`` (what
+    trained tilerseg models record) changes nothing.
+
+    Examples
+    --------
+    >>> import tilerseg
+    >>> m = tilerseg.create_model(base_channels=2)
+    >>> m.metadata = {"normalize": [0.0, 4095.0]}
+    >>> model_normalize(run_options(), m).normalize
+    (0.0, 4095.0)
+    >>> model_normalize(run_options(normalize="none"), m).normalize
+    'none'
+    """
+    metadata = getattr(model, "metadata", None)
+    stated = metadata.get("normalize") if isinstance(metadata, dict) else None
+    if stated is None or stated == "auto" or stated is True:
+        return options
+    if options.normalize == "auto" or options.normalize is True:
+        return options.replace(normalize=stated)
+    return options
 
 
 def _check_module(model: Any) -> None:
@@ -226,7 +253,7 @@ def prepare(image: Any, model: nn.Module, options: RunOptions | None = None, *,
     -------
     Prepared
     """
-    options = run_options(options)
+    options = model_normalize(run_options(options), model)
     if geometry is None:
         geometry = check_model(model)
     else:

@@ -54,7 +54,7 @@ from .finish import leftover
 from .instances import check_table_format, create_provisional
 from .locks import FileLock, LockedError, live_locks
 from .options import RunOptions
-from .prepare import Prepared, is_lazy_input, prepare
+from .prepare import Prepared, is_lazy_input, model_normalize, prepare
 from .tasks import RunContext, open_context
 
 __all__ = ["Started", "start"]
@@ -223,6 +223,7 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
     """
     from .. import __version__
 
+    options = model_normalize(options, model)  # the model's own normalisation, if it states one
     out = Path(os.path.abspath(os.fspath(out)))
     check_output_folder(out)
     if options.output == "instances":

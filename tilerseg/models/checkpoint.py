@@ -161,7 +161,9 @@ def model_from_spec(spec: str | os.PathLike | None = None) -> nn.Module:
     ----------
     spec : str or os.PathLike, optional
         A tilerseg model file, the name of a bundled model, or a registered architecture
-        name (an untrained model with random weights from seed 0, logged as a warning).
+        name (an untrained model with random weights from seed 0, logged as a warning),
+        or a bioimage.io model package (``.zip``, ``rdf.yaml``/``bioimageio.yaml`` or an
+        unpacked folder; see :func:`tilerseg.bioimageio.load_bioimageio`).
         Default: the bundled default model (an untrained U-Net if none is installed).
 
     Returns
@@ -177,6 +179,12 @@ def model_from_spec(spec: str | os.PathLike | None = None) -> nn.Module:
         log.warning("model %r is an untrained architecture (random weights, seed 0); pass "
                     "--model FILE.pt for meaningful results", str(spec))
         return create_model(str(spec))
+    from ..bioimageio.load import is_package  # reads no more than a zip's directory
+
+    if is_package(spec):  # a bioimage.io package (.zip, rdf.yaml, folder)
+        from ..bioimageio.load import load_bioimageio
+
+        return load_bioimageio(spec)
     return load_model(spec)
 
 

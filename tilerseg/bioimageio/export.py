@@ -1,0 +1,423 @@
+"""Write a tilerseg model as a bioimage.io model package (spec 0.5): :func:`export_bioimageio`.
+
+The package holds the PyTorch state dict with the architecture (``create_model`` of
+``tilerseg.models.registry`` with the model's configuration) and TorchScript weights
+traced from it, the tensors' axes and sizes from the model's geometry (see
+:mod:`tilerseg.bioimageio.sizes`), tilerseg's normalisation as fixed preprocessing and
+its sigmoid/softmax as postprocessing (see :mod:`tilerseg.bioimageio.processing`), a test
+input and output, a cover image and a README.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import InvalidArgumentError, InvalidModelError
+from ..geometry import ModelGeometry
+from ..normalize import NormalizeSpec, resolve_normalization
+from .load import require_spec
+from .processing import input_dtype, preprocessing_steps
+from .sizes import AxisSizes, axis_sizes
+
+__all__ = ["export_bioimageio", "validate_package", "CITATIONS"]
+
+log = logging.getLogger(__name__)
+
+_UNET = ("Ronneberger, O., Fischer, P., Brox, T. (2015). U-Net: Convolutional Networks for "
+         "Biomedical Image Segmentation. MICCAI 2015.", "10.1007/978-3-319-24574-4_28")
+CITATIONS = {
+    "unet": [_UNET],
+    "unet-keras": [_UNET],
+    "unet3d": [_UNET, ("Cicek, O., Abdulkadir, A., Lienkamp, S. S., Brox, T., Ronneberger, O. "
+                       "(2016). 3D U-Net: Learning Dense Volumetric Segmentation from Sparse "
+                       "Annotation. MICCAI 2016.", "10.1007/978-3-319-46723-8_49")],
+    "unetpp": [_UNET, ("Zhou, Z., Rahman Siddiquee, M. M., Tajbakhsh, N., Liang, J. (2018). "
+                       "UNet++: A Nested U-Net Architecture for Medical Image Segmentation. "
+                       "DLMIA 2018.", "10.1007/978-3-030-00889-5_1")],
+    "fcn8s": [_UNET, ("Long, J., Shelhamer, E., Darrell, T. (2015). Fully Convolutional "
+                      "Networks for Semantic Segmentation. CVPR 2015.",
+                      "10.1109/CVPR.2015.7298965")],
+}
+"""The papers a package of each architecture cites (text, DOI)."""
+
+ARCHITECTURE = ("tilerseg.models.registry", "create_model")
+"""Where the state-dict weights' architecture is imported from (module, callable)."""
+
+
+def _plain(value: Any) -> Any:
+    """JSON/YAML plain values (tuples as lists, numpy scalars as numbers)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _test_input(geometry: ModelGeometry, sizes: list[AxisSizes], side: int | None,
+                normalize: NormalizeSpec) -> np.ndarray:
+    """A synthetic membrane image ``(1, C, *spatial)`` at an admissible size."""
+    from ..synthetic import membrane_image
+
+    shape = []
+    for a, s in enumerate(sizes):
+        want = max(side or 64, s.min)
+        shape.append(s.min + -(-(want - s.min) // s.step) * s.step)
+    image, _ = membrane_image(tuple(shape), cell_size=max(8.0, min(shape) / 4), seed=0)
+    if input_dtype(normalize) == "uint8":
+        x = image
+    else:
+        scale = np.float32(image) / 255
+        if isinstance(normalize, (tuple, list)):
+            low, high = float(normalize[0]), float(normalize[1])
+            scale = np.float32(low) + scale * np.float32(high - low)
+        x = scale.astype(np.float32)
+    return np.ascontiguousarray(np.repeat(x[None, None], geometry.in_channels, axis=1))
+
+
+def _probabilities(model: nn.Module, x: np.ndarray, normalize: NormalizeSpec) -> np.ndarray:
+    """What tilerseg computes for the test input: normalised, logits, sigmoid/softmax."""
+    spec = (0.0, 255.0) if input_dtype(normalize) == "uint8" else normalize
+    norm = resolve_normalization(spec, x.dtype, lambda: x)
+    with torch.no_grad():
+        y = model(torch.from_numpy(norm(x)))
+        y = torch.sigmoid(y) if y.shape[1] == 1 else torch.softmax(y, dim=1)
+    return y.numpy().astype(np.float32)
+
+
+def _torchscript(model: nn.Module, x: np.ndarray, sizes: list[AxisSizes], path: Path) -> None:
+    """Trace ``model`` and check the trace at a second, larger admissible size."""
+    example = torch.from_numpy(x.astype(np.float32))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer and deprecation warnings
+        traced = torch.jit.trace(model, example, check_trace=False)
+        bigger = torch.rand(1, x.shape[1], *(n + s.step for n, s in zip(x.shape[2:], sizes)),
+                            generator=torch.Generator().manual_seed(0))
+        expected, got = model(bigger), traced(bigger)
+    if expected.shape != got.shape or not torch.allclose(expected, got, atol=1e-5, rtol=0):
+        raise InvalidModelError(
+            f"the TorchScript trace of {type(model).__name__} does not reproduce it at another "
+            "size; it cannot be exported")
+    torch.jit.save(traced, str(path))
+
+
+def _cover(x: np.ndarray, y: np.ndarray, shrink: tuple[int, ...], foreground: int,
+           path: Path) -> None:
+    """Input (cropped to the output's region) and foreground probability side by side."""
+    import imageio.v3 as iio
+
+    crop = tuple(slice(k // 2, n - k // 2) for k, n in zip(shrink, x.shape[2:]))
+    image = x[0, 0][crop].astype(np.float64)
+    prob = y[0, min(foreground, y.shape[1] - 1)].astype(np.float64)
+    while image.ndim > 2:  # a volume: its middle plane
+        image, prob = image[image.shape[0] // 2], prob[prob.shape[0] // 2]
+    low, high = float(image.min()), float(image.max())
+    grey = (image - low) / (high - low) if high > low else np.zeros_like(image)
+    both = np.concatenate([grey, prob], axis=1)
+    iio.imwrite(path, np.round(np.clip(both, 0, 1) * 255).astype(np.uint8))
+
+
+def _readme(name: str, description: str, architecture: str, config: dict,
+            geometry: ModelGeometry, sizes: list[AxisSizes], normalize: NormalizeSpec,
+            metadata: dict, classes: list[str]) -> str:
+    """The package's documentation (Markdown)."""
+    axes = ", ".join(s.id for s in sizes)
+    lines = [
+        f"# {name}", "", description, "",
+        "Exported by tilerseg. It is a fully convolutional network: it runs on images of any "
+        "admissible size and can be applied tile by tile with exactly the result of one pass "
+        "over the whole image.", "",
+        "## Architecture", "",
+        f"`{architecture}` from tilerseg's model registry, configuration:", "",
+        "```", *(f"{k}: {v}" for k, v in config.items()), "```", "",
+        "The state-dict weights rebuild it with "
+        f"`tilerseg.models.registry.create_model(name={architecture!r}, **config)`; the "
+        "TorchScript weights were traced from it and checked at a second size.", "",
+        "## Inputs and outputs", "",
+        f"Input `input`: batch, {geometry.in_channels} channel(s), spatial axes {axes}. "
+        f"Output `output`: batch, {geometry.out_channels} channel(s) "
+        f"({', '.join(classes)}), the same spatial axes.", "",
+        "| axis | admissible input sides | output side | halo to crop |",
+        "|---|---|---|---|",
+        *(f"| {s.id} | {s.min} + n * {s.step} | input {s.offset:+d} | {s.halo} |" for s in sizes),
+        "",
+        "## Tiling it exactly", "",
+        f"The network needs {', '.join(str(h) for h in geometry.halo)} px of context on each "
+        f"side of an output pixel (axes {axes}). To tile an image: mirror-pad it (numpy "
+        "`mode='reflect'`) by that context, cut windows of an admissible size whose origins "
+        f"in the padded image are multiples of {', '.join(str(s) for s in geometry.step)} "
+        "(the pooling grid), run the network on each, crop each output by the declared halo "
+        "and keep the centre. `tilerseg run IMAGE --model THIS.zip` does this.", "",
+        "## Normalisation and outputs", "",
+    ]
+    if input_dtype(normalize) == "uint8":
+        lines.append("8-bit input, scaled by 1/255 (`scale_linear`), as in training.")
+    elif isinstance(normalize, (tuple, list)):
+        lines.append(f"Input values {normalize[0]:g}..{normalize[1]:g} map to 0..1 "
+                     "(`scale_linear`).")
+    elif normalize in (None, False, "none"):
+        lines.append("Input used as it is (float32).")
+    else:
+        lines.append(f"Input normalised by global statistics ({normalize}): tilerseg computes "
+                     "them once over the whole image.")
+    lines += ["", "The output is class probabilities: "
+              + ("a sigmoid of the network's one channel." if geometry.out_channels == 1 else
+                 "a softmax over the channels of the network's logits."), ""]
+    training = metadata.get("training") if isinstance(metadata.get("training"), dict) else None
+    if metadata.get("data") or training:
+        lines += ["## Training", ""]
+        if metadata.get("data"):
+            lines.append(f"Data: {metadata['data']}.")
+        if training:
+            lines.append(f"{training.get('epochs', '?')} epochs, window "
+                         f"{training.get('window', '?')} px.")
+        lines.append("")
+    validation = metadata.get("validation")
+    lines += ["## Validation", ""]
+    if isinstance(validation, dict) and validation:
+        lines += ["Figures on the validation images, from the model's metadata:", "",
+                  "| figure | value |", "|---|---|",
+                  *(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                    for k, v in validation.items()), ""]
+    else:
+        lines += ["The model's metadata records no validation figures.", ""]
+    lines += ["The test output is what tilerseg computes for the test input.", ""]
+    if metadata.get("threshold") is not None:
+        lines += [f"Foreground threshold tuned on validation: {metadata['threshold']}.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def export_bioimageio(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    authors: list[str] | None = None,
+    license: str | None = None,
+    normalize: NormalizeSpec = None,
+    test_size: int | None = None,
+    cover: str | os.PathLike | None = None,
+    tags: list[str] | None = None,
+) -> Path:
+    """Write ``model`` as a bioimage.io model package (spec 0.5, a ``.zip``).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model built by :func:`tilerseg.create_model` or loaded by
+        :func:`tilerseg.load_model` (it needs ``registry_name`` and ``config``).
+    path : str or os.PathLike
+        The package to write (conventionally ``*.zip``); replaced if it exists.
+    name, description : str, optional
+        Default: from the architecture and the model's metadata.
+    authors : list of str, optional
+        Author names (default: ``["tilerseg"]``).
+    license : str, optional
+        SPDX licence id; default the model's metadata ``license``, else ``"CC-BY-4.0"``.
+    normalize : "auto", "none", "percentile", "percentile:LOW:HIGH", "meanstd" or (low, high), optional
+        The input normalisation; default the model's metadata ``normalize`` (``"auto"``
+        for trained tilerseg models: 8-bit input scaled by 1/255).
+    test_size : int, optional
+        Side of the test input (rounded up to an admissible size; default 64 or the
+        smallest admissible).
+    cover : str or os.PathLike, optional
+        A PNG/JPEG cover; default input and output of the test side by side.
+    tags : list of str, optional
+        Extra tags.
+
+    Returns
+    -------
+    pathlib.Path
+        The written package; it validates with ``bioimageio.spec`` (see
+        :func:`validate_package`).
+
+    Raises
+    ------
+    InvalidModelError
+        A model that is not registered, or whose trace differs from it.
+    InvalidArgumentError
+        An unusable option (licence, test size, cover).
+
+    Examples
+    --------
+    >>> import os, tempfile, tilerseg
+    >>> from tilerseg.bioimageio import export_bioimageio, load_bioimageio
+    >>> model = tilerseg.create_model(base_channels=2, depth=2)
+    >>> package = export_bioimageio(model, os.path.join(tempfile.mkdtemp(), "unet.zip"))
+    >>> validate_package(package)
+    'valid-format'
+    >>> load_bioimageio(package).config == model.config
+    True
+    """
+    require_spec()
+    from bioimageio.spec import ValidationContext, save_bioimageio_package
+    from bioimageio.spec.model import v0_5 as bio
+
+    from .. import __version__
+    from ..models.probe import model_geometry
+
+    architecture, config = getattr(model, "registry_name", None), getattr(model, "config", None)
+    if not isinstance(architecture, str) or not isinstance(config, dict):
+        raise InvalidModelError(
+            f"cannot export {type(model).__name__}: only models built by create_model() or "
+            "loaded by load_model() (with registry_name and config) can be exported")
+    if test_size is not None and (isinstance(test_size, bool) or not isinstance(test_size, int)
+                                  or test_size < 1):
+        raise InvalidArgumentError(f"test_size={test_size!r} must be a positive integer")
+    model = model.eval()
+    metadata = dict(getattr(model, "metadata", None) or {})
+    if normalize is None:
+        normalize = metadata.get("normalize", "auto")
+    if isinstance(normalize, list):
+        normalize = tuple(normalize)
+    geometry = model_geometry(model)
+    sizes = axis_sizes(geometry)
+    classes = metadata.get("classes")
+    if not (isinstance(classes, list) and len(classes) == geometry.out_channels):
+        classes = [f"class{c}" for c in range(geometry.out_channels)]
+    name = name or metadata.get("name") or f"tilerseg {architecture}"
+    description = description or (
+        f"A {geometry.ndim}D {architecture} segmentation network exported by tilerseg "
+        f"{__version__}: {geometry.out_channels} class probabilities per pixel"
+        + (f", trained on {metadata['data']}" if metadata.get("data") else "") + ".")
+    license = license or metadata.get("license") or "CC-BY-4.0"
+    out = Path(path)
+    if out.is_dir():
+        raise InvalidArgumentError(f"the package path {str(out)!r} is a folder")
+    with tempfile.TemporaryDirectory(prefix="tilerseg-bioimageio-") as tmp:
+        root = Path(tmp)
+        x = _test_input(geometry, sizes, test_size, normalize)
+        y = _probabilities(model, x, normalize)
+        np.save(root / "test_input.npy", x)
+        np.save(root / "test_output.npy", y)
+        torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                   root / "weights.pt")
+        _torchscript(model, x, sizes, root / "weights_torchscript.pt")
+        if cover is None:
+            cover_path = root / "cover.png"
+            _cover(x, y, geometry.shrink, int(metadata.get("foreground_class", 1)), cover_path)
+        else:
+            cover_path = Path(cover)
+            if not cover_path.is_file() or cover_path.suffix.lower() not in (".png", ".jpg",
+                                                                             ".jpeg", ".gif"):
+                raise InvalidArgumentError(
+                    f"cover={str(cover)!r} must be an existing PNG, JPEG or GIF file")
+        (root / "README.md").write_text(_readme(name, description, architecture, config,
+                                                geometry, sizes, normalize, metadata, classes))
+        tensor = bio.TensorId("input")
+        in_axes: list[Any] = [bio.BatchAxis(), bio.ChannelAxis(channel_names=[
+            bio.Identifier(f"channel{c}") for c in range(geometry.in_channels)])]
+        out_axes: list[Any] = [bio.BatchAxis(), bio.ChannelAxis(channel_names=[
+            bio.Identifier(_identifier(c)) for c in classes])]
+        for s in sizes:
+            in_axes.append(bio.SpaceInputAxis(
+                id=bio.AxisId(s.id), size=bio.ParameterizedSize(min=s.min, step=s.step)))
+            ref = bio.SizeReference(tensor_id=tensor, axis_id=bio.AxisId(s.id), offset=s.offset)
+            out_axes.append(bio.SpaceOutputAxisWithHalo(id=bio.AxisId(s.id), size=ref, halo=s.halo)
+                            if s.halo > 0 else bio.SpaceOutputAxis(id=bio.AxisId(s.id), size=ref))
+        dtype = input_dtype(normalize)
+        with ValidationContext(root=root, perform_io_checks=True):
+            inputs = [bio.InputTensorDescr(
+                id=tensor, axes=in_axes, test_tensor=bio.FileDescr(source=root / "test_input.npy"),
+                data=bio.IntervalOrRatioDataDescr(type=dtype),
+                preprocessing=preprocessing_steps(normalize),
+                description="image; " + ("8-bit" if dtype == "uint8" else "float32"))]
+            post = (bio.SigmoidDescr() if geometry.out_channels == 1 else
+                    bio.SoftmaxDescr(kwargs=bio.SoftmaxKwargs(axis=bio.AxisId("channel"))))
+            outputs = [bio.OutputTensorDescr(
+                id=bio.TensorId("output"), axes=out_axes,
+                test_tensor=bio.FileDescr(source=root / "test_output.npy"),
+                data=bio.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
+                postprocessing=[post], description="class probabilities")]
+            torch_version = bio.Version(torch.__version__.split("+")[0])
+            weights = bio.WeightsDescr(
+                pytorch_state_dict=bio.PytorchStateDictWeightsDescr(
+                    source=root / "weights.pt",
+                    architecture=bio.ArchitectureFromLibraryDescr(
+                        import_from=ARCHITECTURE[0], callable=bio.Identifier(ARCHITECTURE[1]),
+                        kwargs=_plain({"name": architecture, **config})),
+                    pytorch_version=torch_version),
+                torchscript=bio.TorchscriptWeightsDescr(
+                    source=root / "weights_torchscript.pt", pytorch_version=torch_version,
+                    parent="pytorch_state_dict", comment="traced by tilerseg"))
+            descr = bio.ModelDescr(
+                name=name, description=description,
+                authors=[bio.Author(name=a) for a in (authors or ["tilerseg"])],
+                cite=[bio.CiteEntry(text=t, doi=bio.Doi(d))
+                      for t, d in CITATIONS.get(architecture, [_UNET])],
+                license=license,
+                tags=["tilerseg", "segmentation", "unet" if "unet" in architecture else
+                      architecture, f"{geometry.ndim}d", *(tags or [])],
+                documentation=bio.FileDescr(source=root / "README.md"),
+                covers=[bio.FileDescr(source=cover_path)],
+                inputs=inputs, outputs=outputs, weights=weights,
+                config={"tilerseg": _plain({
+                    "version": __version__, "architecture": architecture, "config": config,
+                    "geometry": geometry.as_dict(), "normalize": normalize,
+                    "metadata": {k: v for k, v in metadata.items() if k != "normalize"}})})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_name(f".{out.name}.partial")
+        save_bioimageio_package(descr, output_path=partial)
+        os.replace(partial, out)
+    log.info("wrote the bioimage.io package %s", out)
+    return out
+
+
+def _identifier(text: str) -> str:
+    """A bioimage.io identifier (letters, digits, underscores) of a class name."""
+    ident = "".join(c if c.isalnum() or c == "_" else "_" for c in str(text)).strip("_")
+    return ident if ident and not ident[0].isdigit() else f"c_{ident}"
+
+
+def validate_package(path: str | os.PathLike) -> str:
+    """Validate a bioimage.io package with ``bioimageio.spec``; return its status.
+
+    Format validation with the files' checksums checked (``perform_io_checks``); it
+    reads the package only, nothing from the network. The model itself is not run
+    (that is ``bioimageio.core``'s test).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A ``.zip`` package, an unpacked folder or its ``rdf.yaml``/``bioimageio.yaml``.
+
+    Returns
+    -------
+    str
+        ``"valid-format"`` (or ``"passed"``).
+
+    Raises
+    ------
+    InvalidModelError
+        The package does not validate; the first error is named.
+
+    Examples
+    --------
+    >>> import os, tempfile, tilerseg
+    >>> model = tilerseg.create_model("unet-keras", base_channels=2, depth=2)
+    >>> validate_package(export_bioimageio(model, os.path.join(tempfile.mkdtemp(), "k.zip")))
+    'valid-format'
+    """
+    require_spec()
+    from bioimageio.spec import load_description
+
+    descr = load_description(str(path), perform_io_checks=True)
+    summary = descr.validation_summary
+    if summary.status not in ("valid-format", "passed"):
+        errors = [f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in summary.errors]
+        raise InvalidModelError(f"{str(path)!r} is not a valid bioimage.io package ("
+                                f"{errors[0] if errors else summary.status})")
+    return str(summary.status)

@@ -1,0 +1,141 @@
+"""How a :class:`~tilerseg.geometry.ModelGeometry` maps onto a bioimage.io tensor's axes,
+and back. Plain integer arithmetic; the bioimage.io classes are built by the callers.
+
+The mapping, per spatial axis ``a`` of a model with pooling step ``s``, smallest
+admissible input ``m``, shrink ``k`` (input minus output) and halo ``h``:
+
+* the input axis has ``ParameterizedSize(min=M, step=s)``: the admissible sides
+  ``M + n s``. ``M`` is ``m``, raised by whole steps where needed so that the output at
+  ``M`` keeps at least one pixel after its halo is cropped (bioimage.io requires it);
+* the output axis has ``SizeReference(input, a, offset=-k)``: output = input - k;
+* the context the network does not crop itself, ``h - k / 2``, is the output axis's
+  ``halo`` (bioimage.io: crop it from both sides of the output). A valid-convolution
+  U-Net crops its own context (``h = k / 2``): no ``halo``, offset ``-2h``. A
+  same-padded network (``k = 0``) has ``halo = h``, its receptive-field radius.
+
+Back from a package: ``step = s``, ``min_input = M``, ``shrink = -offset`` and
+``halo = -offset / 2 + halo``. Tiles are exact when their origins sit on the grid of
+``step`` (the package's step is taken as the network's total downsampling factor) and the
+halo covers the receptive field, as the package declares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import InvalidModelError
+from ..geometry import ModelGeometry
+
+__all__ = ["AxisSizes", "axis_sizes", "geometry_from_sizes", "SPATIAL_IDS"]
+
+SPATIAL_IDS = {2: ("y", "x"), 3: ("z", "y", "x")}
+"""bioimage.io axis ids of tilerseg's spatial axes (rows are ``y``), per dimensionality."""
+
+
+@dataclass(frozen=True)
+class AxisSizes:
+    """One spatial axis as bioimage.io declares it.
+
+    Attributes
+    ----------
+    id : str
+        Axis id (``"z"``, ``"y"`` or ``"x"``).
+    min, step : int
+        The input's ``ParameterizedSize``.
+    offset : int
+        The output's ``SizeReference`` offset (minus the shrink).
+    halo : int
+        The output's halo to crop (0: none declared).
+    """
+
+    id: str
+    min: int
+    step: int
+    offset: int
+    halo: int
+
+
+def axis_sizes(geometry: ModelGeometry) -> list[AxisSizes]:
+    """The bioimage.io sizes of each spatial axis of ``geometry``.
+
+    Parameters
+    ----------
+    geometry : ModelGeometry
+        The model's geometry (2D or 3D).
+
+    Returns
+    -------
+    list of AxisSizes
+        In tilerseg's axis order (``z``, ``y``, ``x``).
+
+    Raises
+    ------
+    InvalidModelError
+        A geometry of other than 2 or 3 spatial axes.
+
+    Examples
+    --------
+    The paper's valid U-Net (depth 4) crops its own context:
+
+    >>> g = ModelGeometry(2, 1, 2, (16, 16), (188, 188), (184, 184), (92, 92))
+    >>> axis_sizes(g)[0]
+    AxisSizes(id='y', min=188, step=16, offset=-184, halo=0)
+
+    A same-padded one (receptive-field radius 22) declares its halo; its smallest
+    input is raised so that one pixel is left after cropping it:
+
+    >>> g = ModelGeometry(2, 1, 1, (4, 4), (4, 4), (0, 0), (22, 22))
+    >>> axis_sizes(g)[1]
+    AxisSizes(id='x', min=48, step=4, offset=0, halo=22)
+    """
+    if geometry.ndim not in SPATIAL_IDS:
+        raise InvalidModelError(
+            f"a bioimage.io package needs a 2D or 3D model, not {geometry.ndim}D")
+    out = []
+    for a, axis_id in enumerate(SPATIAL_IDS[geometry.ndim]):
+        shrink, halo = geometry.shrink[a], geometry.halo[a]
+        extra = halo - shrink // 2
+        smallest = geometry.admissible_input(shrink + 2 * extra + 1, a)
+        out.append(AxisSizes(axis_id, smallest, geometry.step[a], -shrink, extra))
+    return out
+
+
+def geometry_from_sizes(sizes: list[AxisSizes], in_channels: int,
+                        out_channels: int) -> ModelGeometry:
+    """The tiling geometry a package's declared sizes mean (see the module notes).
+
+    Parameters
+    ----------
+    sizes : list of AxisSizes
+        Per spatial axis, in the order the engine feeds them.
+    in_channels, out_channels : int
+        Channels of the input and output tensors.
+
+    Returns
+    -------
+    ModelGeometry
+
+    Raises
+    ------
+    InvalidModelError
+        Sizes no tiling can use (an odd or negative shrink, an output of no pixel).
+
+    Examples
+    --------
+    >>> s = [AxisSizes("y", 188, 16, -184, 0), AxisSizes("x", 188, 16, -184, 0)]
+    >>> g = geometry_from_sizes(s, 1, 2)
+    >>> g.halo, g.output_size(572)
+    ((92, 92), 388)
+    """
+    shrink, halo = [], []
+    for s in sizes:
+        if s.offset > 0 or s.offset % 2:
+            raise InvalidModelError(
+                f"output axis {s.id!r} is input {s.offset:+d} px: tilerseg tiles networks "
+                "whose output is as large as the input or smaller by the same number of px "
+                "on both sides (an even offset <= 0)")
+        shrink.append(-s.offset)
+        halo.append(-s.offset // 2 + s.halo)
+    return ModelGeometry(len(sizes), in_channels, out_channels,
+                         tuple(s.step for s in sizes), tuple(s.min for s in sizes),
+                         tuple(shrink), tuple(halo))
