@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -224,10 +223,10 @@ def _check_decoder(pydicom: Any, ds: Any, label: str) -> None:
             f"installed: {needs}")
 
 
-def _read_header(path: str, label: str) -> _Header:
+def _read_header(path: str) -> _Header:
     """Parse one file's header (no pixel data) and check its pixel data is there."""
-    pydicom = _pydicom(label)
-    name = path if label == path else f"{label}: {os.path.basename(path)}"
+    pydicom = _pydicom(path)
+    name = path
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -311,7 +310,7 @@ class DicomFrames:
     stack : bool
         Whether the array has a leading Z axis (else it has one frame and none).
     label : str
-        What to name in errors.
+        The file or folder, for the repr.
     """
 
     def __init__(self, frames: Sequence[tuple[str, int | None, float, float]],
@@ -350,13 +349,12 @@ class DicomFrames:
         path, index, slope, intercept = self.frames[k]
         from pydicom.pixels import pixel_array
 
-        name = path if path == self.label else f"{self.label}: {os.path.basename(path)}"
         try:
             array = np.asarray(pixel_array(path, index=index))
         except Exception as exc:
-            raise unreadable(name, f"cannot decode pixel data ({short_reason(exc)})") from None
+            raise unreadable(path, f"cannot decode pixel data ({short_reason(exc)})") from None
         if array.shape != self.frame_shape:
-            raise unreadable(name, f"decoded frame has shape {array.shape}, expected "
+            raise unreadable(path, f"decoded frame has shape {array.shape}, expected "
                              f"{self.frame_shape}")
         if self.invert is not None:
             array = (self.invert - array.astype(np.int64)).astype(array.dtype)
@@ -430,7 +428,13 @@ def _position_step(positions: Sequence[Sequence[float]], normal: Sequence[float]
     along = np.sort(np.asarray(positions, float) @ np.asarray(normal, float))
     steps = np.diff(along)
     steps = steps[steps > 0]
-    return float(np.median(steps)) if steps.size else None
+    if not steps.size:
+        return None
+    step = float(np.median(steps))
+    if steps.max() - steps.min() > 0.01 * step:
+        log.warning("DICOM slices are not evenly spaced (steps %.4g to %.4g mm); the Z pixel "
+                    "size is their median, %.4g mm", steps.min(), steps.max(), step)
+    return step
 
 
 def read_dicom(path: str) -> RawImage:
@@ -454,7 +458,7 @@ def read_dicom(path: str) -> RawImage:
         compressed transfer syntax without an installed decoder, or an unsupported pixel
         format.
     """
-    header = _read_header(path, path)
+    header = _read_header(path)
     if header.frames > 1:
         frames = [(path, k, *header.rescale[k]) for k in range(header.frames)]
     else:
@@ -513,7 +517,7 @@ def read_dicom_series(files: Sequence[str], label: str) -> RawImage:
     if len(files) == 1:
         raw = read_dicom(files[0])
         return raw
-    headers = [_read_header(f, label) for f in files]
+    headers = [_read_header(f) for f in files]
     series = sorted({h.series for h in headers if h.series is not None})
     if len(series) > 1:
         raise InvalidImageError(
