@@ -157,7 +157,8 @@ def test_run_on_a_series_through_the_cli(tmp_path: Path, model_file: Path,
     out = tmp_path / "out.zarr"
     status, printed, err = _run(
         ["run", str(tmp_path / "series"), "-o", str(out), "--model", str(model_file),
-         "--tile", "32", "--window", "dicom", "--dtype", "float32", "--device", "cpu", "-q"],
+         "--tile", "32", "--window", "dicom", "--dtype", "float32", "--device", "cpu",
+         "--backend", "torch", "-q"],
         capsys)
     assert status == 0, err
     result = tilerseg.open_image(out)
@@ -185,7 +186,8 @@ def test_window_dicom_preset_and_explicit_match_numpy(tmp_path: Path) -> None:
                                        ("window", "lung"): (-600, 1500),
                                        ("window", "bone"): (400, 1800),
                                        ("window", -100.0, 300.0): (-100, 300)}.items():
-        p = tilerseg.segment(str(path), conv, tile=16, normalize=normalize, device="cpu")
+        p = tilerseg.segment(str(path), conv, tile=16, normalize=normalize, device="cpu",
+                             backend="torch")
         x = _windowed(hu, center, width)
         np.testing.assert_allclose(p[0], 1 / (1 + np.exp(-x)), atol=1e-6)
 
@@ -194,13 +196,15 @@ def test_window_dicom_without_tags_is_refused(tmp_path: Path, model_file: Path,
                                               capsys: pytest.CaptureFixture) -> None:
     path = write_dicom(tmp_path / "plain.dcm", np.zeros((40, 40), np.uint16))
     status, _, err = _run(["run", str(path), "--model", str(model_file), "--tile", "32",
-                           "--window", "dicom", "--device", "cpu", "-q"], capsys)
+                           "--window", "dicom", "--device", "cpu", "--backend", "torch", "-q"],
+                          capsys)
     line = _one_error_line(status, err)
     assert "WindowCenter/WindowWidth" in line and "has none" in line
     assert not (tmp_path / "plain.tilerseg.zarr").exists()
     with pytest.raises(InvalidArgumentError, match="has none"):
         tilerseg.segment(np.zeros((40, 40), np.uint16), tilerseg.load_model(model_file),
-                         normalize=("window", "dicom"), tile=32, device="cpu")
+                         normalize=("window", "dicom"), tile=32, device="cpu",
+                         backend="torch")
 
 
 def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
@@ -224,7 +228,7 @@ def test_bad_dicom_is_one_line_and_exit_status_2(tmp_path: Path, model_file: Pat
                                                  capsys: pytest.CaptureFixture) -> None:
     for name, (path, reason) in _bad_files(tmp_path).items():
         status, _, err = _run(["run", str(path), "--model", str(model_file), "--tile", "32",
-                               "--device", "cpu", "-q"], capsys)
+                               "--device", "cpu", "--backend", "torch", "-q"], capsys)
         line = _one_error_line(status, err)
         assert str(path) in line and reason in line, (name, line)
         with pytest.raises(InvalidImageError, match=reason):
@@ -274,15 +278,15 @@ def test_resume_refuses_a_changed_window(tmp_path: Path, model_file: Path, monke
                         if tile.index == (2, 2) else real(self, tile, probs))
     with pytest.raises(KeyboardInterrupt):
         tilerseg.segment_to_zarr(path, model, out, tile=32, normalize=("window", "dicom"),
-                                 device="cpu")
+                                 device="cpu", backend="torch")
     monkeypatch.setattr(tasks.RunContext, "write", real)
     for changed in [("window", "lung"), ("window", 40.0, 500.0), "auto"]:
         with pytest.raises(InvalidArgumentError, match=r"other parameters: normalize \("):
             tilerseg.segment_to_zarr(path, model, out, tile=32, normalize=changed,
-                                     device="cpu", resume=True)
+                                     device="cpu", backend="torch", resume=True)
     # the same window given explicitly is the same run
     tilerseg.segment_to_zarr(path, model, out, tile=32, normalize=("window", 40, 400),
-                             device="cpu", resume=True)
+                             device="cpu", backend="torch", resume=True)
     expected = one_shot_reference(_windowed(stored.astype(np.int64) - 1024, 40, 400)[None],
                                   model)
     got = open_output(out)["probabilities"][:].astype(np.float32) / 255
