@@ -190,11 +190,10 @@ def path_identity(path: str) -> dict[str, Any]:
     """An input path's identity without opening it: absolute path, and the number, total
     size and latest modification time of the files that make it up.
 
-    A file is itself; a folder of slices is its TIFF slices (else its DICOM files); a Zarr
-    store is its metadata
+    A file is itself; a folder of slices is its TIFF slices; a Zarr store is its metadata
     files (``zarr.json``, ``.zarray``, ``.zgroup``, ``.zattrs``, two levels deep), not its
     chunks; a glob is the files it matches. Other files in a folder (an output written
-    beside the slices) do not count.
+    beside the slices) do not count. A folder without TIFF slices is its DICOM files.
     """
     out: dict[str, Any] = {"path": os.path.abspath(path)}
     if os.path.isdir(path):

@@ -284,13 +284,13 @@ def open_image(source: Any, level: int = 0) -> ImageSource:
     Parameters
     ----------
     source : str, os.PathLike or array
-        A file (TIFF, BigTIFF, OME-TIFF, SVS, ImageJ TIFF, ``.npy``, PNG, JPEG, DICOM), a
-        Zarr array or OME-Zarr image directory, a folder or glob pattern of 2-D TIFF slices
-        (read as a z-stack in natural name order), a folder of one DICOM series (a
-        z-stack ordered by slice position: see :mod:`tilerseg.io.dicom`), or a numpy, dask
-        or zarr array (axes
+        A file (TIFF, BigTIFF, OME-TIFF, SVS, ImageJ TIFF, ``.npy``, PNG, JPEG), a Zarr
+        array or OME-Zarr image directory, a folder or glob pattern of 2-D TIFF slices
+        (read as a z-stack in natural name order), or a numpy, dask or zarr array (axes
         guessed: ``"YX"``, ``"CYX"`` (``"YXS"`` if shaped like RGB), ``"CZYX"``,
         ``"TCZYX"`` with T=1).
+        Also a DICOM file, or a folder of one DICOM series read as a z-stack ordered by
+        slice position (see :mod:`tilerseg.io.dicom`; needs ``tilerseg[dicom]``).
     level : int
         Pyramid level to read, 0 for full resolution.
 
