@@ -84,6 +84,36 @@ def test_multi_frame_file_is_a_lazy_z_stack(tmp_path: Path, monkeypatch) -> None
     np.testing.assert_array_equal(image.data[:], stored * 0.5 + 2.25)
 
 
+def test_enhanced_multi_frame_functional_groups(tmp_path: Path) -> None:
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    def item(**tags) -> Dataset:
+        ds = Dataset()
+        for name, value in tags.items():
+            setattr(ds, name, value)
+        return ds
+
+    stored = np.random.default_rng(8).integers(0, 1000, (3, 10, 12)).astype(np.uint16)
+    shared = item(PixelMeasuresSequence=Sequence([item(PixelSpacing=[0.3, 0.4],
+                                                       SliceThickness=5.0)]),
+                  PlaneOrientationSequence=Sequence([item(
+                      ImageOrientationPatient=[1, 0, 0, 0, 1, 0])]),
+                  FrameVOILUTSequence=Sequence([item(WindowCenter=30, WindowWidth=300)]))
+    per_frame = [item(PlanePositionSequence=Sequence([item(ImagePositionPatient=[0, 0, 2.0 * k])]),
+                      PixelValueTransformationSequence=Sequence([item(
+                          RescaleSlope=1 + k, RescaleIntercept=-100, RescaleType="HU")]))
+                 for k in range(3)]
+    path = write_dicom(tmp_path / "enhanced.dcm", stored, frames=True,
+                       SharedFunctionalGroupsSequence=Sequence([shared]),
+                       PerFrameFunctionalGroupsSequence=Sequence(per_frame))
+    image = tilerseg.open_image(path)
+    assert (image.axes, image.dtype, image.window) == ("ZYX", np.int32, (30.0, 300.0))
+    assert image.pixel_size == pytest.approx({"Z": 2000.0, "Y": 300.0, "X": 400.0})
+    expected = stored.astype(np.int64) * np.array([1, 2, 3])[:, None, None] - 100
+    np.testing.assert_array_equal(image.data[:], expected)
+
+
 def test_series_in_shuffled_file_order_is_ordered_by_position(tmp_path: Path) -> None:
     volume = np.random.default_rng(2).integers(0, 3000, (5, 24, 16)).astype(np.uint16)
     order = [3, 0, 4, 1, 2]  # file f holds plane order[f]; names and InstanceNumber follow f
