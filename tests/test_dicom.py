@@ -296,7 +296,8 @@ def test_without_pydicom_the_error_names_the_extra(tmp_path: Path, monkeypatch) 
         tilerseg.open_image(path)
 
 
-def test_resume_refuses_a_changed_window(tmp_path: Path, model_file: Path, monkeypatch) -> None:
+def test_resume_refuses_a_changed_window(tmp_path: Path, model_file: Path, monkeypatch,
+                                         capsys: pytest.CaptureFixture) -> None:
     import tilerseg.engine.tasks as tasks
 
     stored = np.random.default_rng(6).integers(0, 4096, (96, 96)).astype(np.uint16)
@@ -316,6 +317,10 @@ def test_resume_refuses_a_changed_window(tmp_path: Path, model_file: Path, monke
         with pytest.raises(InvalidArgumentError, match=r"other parameters: normalize \("):
             tilerseg.segment_to_zarr(path, model, out, tile=32, normalize=changed,
                                      device="cpu", backend="torch", resume=True)
+    status = main(["run", str(path), "-o", str(out), "--model", str(model_file), "--tile", "32",
+                   "--window", "bone", "--device", "cpu", "--backend", "torch", "--resume", "-q"])
+    line = _one_error_line(status, capsys.readouterr().err)
+    assert "other parameters: normalize (" in line
     # the same window given explicitly is the same run
     tilerseg.segment_to_zarr(path, model, out, tile=32, normalize=("window", 40, 400),
                              device="cpu", backend="torch", resume=True)
@@ -323,3 +328,30 @@ def test_resume_refuses_a_changed_window(tmp_path: Path, model_file: Path, monke
                                   model)
     got = open_output(out)["probabilities"][:].astype(np.float32) / 255
     assert np.abs(got - expected).max() <= 0.5 / 255 + 1e-4
+
+
+def test_compressed_dicom_decodes_or_names_the_missing_decoder(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    import pydicom
+    import pydicom.pixels
+    from pydicom.uid import JPEGLSLossless, RLELossless
+
+    stored = np.random.default_rng(9).integers(0, 4096, (3, 16, 24)).astype(np.uint16)
+    path = write_dicom(tmp_path / "plain.dcm", stored, frames=True)
+    ds = pydicom.dcmread(path)
+    ds.compress(RLELossless, stored)  # pydicom's own RLE encoder
+    ds.save_as(tmp_path / "rle.dcm")
+    image = tilerseg.open_image(tmp_path / "rle.dcm")
+    np.testing.assert_array_equal(image.data[1], stored[1])
+    np.testing.assert_array_equal(image.data[:], stored)
+
+    class Unavailable:
+        is_available = False
+        missing_dependencies = ["pylibjpeg - requires pylibjpeg>=2.0"]
+
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    ds.save_as(tmp_path / "jpegls.dcm")
+    monkeypatch.setattr(pydicom.pixels, "get_decoder", lambda uid: Unavailable())
+    with pytest.raises(InvalidImageError, match=r"compressed DICOM \(JPEG-LS Lossless Image "
+                       r"Compression\) needs a decoder that is not installed: pylibjpeg"):
+        tilerseg.open_image(tmp_path / "jpegls.dcm")
