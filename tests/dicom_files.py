@@ -8,9 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 __all__ = ["write_dicom", "write_series"]
 
@@ -23,6 +20,10 @@ def write_dicom(path: Path, pixels: np.ndarray, *, frames: bool = False,
     ``pixels`` is ``(rows, columns)``, ``(rows, columns, 3)`` (RGB) or, with
     ``frames=True``, ``(frames, rows, columns)``.
     """
+    import pydicom  # here, so that collecting this module needs no pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
     pixels = np.ascontiguousarray(pixels)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
@@ -59,6 +60,8 @@ def write_series(folder: Path, volume: np.ndarray, order: Sequence[int], *,
     """Write the planes of ``volume`` as one series, in the file order ``order``: file
     ``f`` holds plane ``order[f]`` (names and InstanceNumber follow the file order, so
     only the positions tell the planes' order)."""
+    from pydicom.uid import generate_uid
+
     folder.mkdir(parents=True, exist_ok=True)
     series = generate_uid()
     paths = []
