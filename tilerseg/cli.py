@@ -114,7 +114,13 @@ def _run_options(args: argparse.Namespace, cluster: Any = None) -> Any:
         from .engine.executors.cluster import threads_per_worker
 
         threads = threads_per_worker(cluster)
+    normalize: Any = "auto"
+    if args.window is not None:
+        from .normalize import parse_window
+
+        normalize = parse_window(args.window)
     return run_options(
+        normalize=normalize,
         tile=args.tile, batch_size=args.batch_size, device=args.device, output=args.output,
         dtype=args.dtype, threshold=args.threshold, level=args.level,
         channel=_channels(args.channel), precision=args.precision, compile=args.compile,
@@ -542,6 +548,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=None, metavar="P",
                    help="foreground probability threshold for labels (default: the "
                    "model's tuned threshold, else argmax / 0.5)")
+    p.add_argument("--window", default=None, metavar="dicom|NAME|C,W",
+                   help="display-window normalisation: [C - W/2, C + W/2] maps to [0, 1], "
+                   "values outside are clipped. dicom = the file's WindowCenter/WindowWidth; "
+                   "NAME = a CT preset in Hounsfield units (lung, mediastinum, soft-tissue, "
+                   "bone, brain, liver); C,W = centre and width, e.g. 40,400 (default: "
+                   "automatic: 8-bit by range, wider integers by percentiles)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="forward-pass precision (default: %(default)s). bf16 is the fast "
                    "path on CPUs with bf16 units (see `tilerseg info`; 2x fp32 measured "

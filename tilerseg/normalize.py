@@ -3,6 +3,11 @@
 Tiling invariance requires that nothing applied to a tile depends on the tile, so the
 scale is computed once from the image (or a strided sample of it) and every tile is
 mapped by the same ``(x - low) / (high - low)``.
+
+A display window (``normalize=("window", centre, width)``, a named CT preset of
+:data:`WINDOW_PRESETS` or the DICOM file's own window) maps ``[centre - width / 2,
+centre + width / 2]`` to [0, 1] and clips the values outside, as a DICOM viewer displays
+the image; clipping is per pixel, so tiling stays exact.
 """
 
 from __future__ import annotations
@@ -15,19 +20,41 @@ import numpy as np
 
 from .errors import InvalidArgumentError
 
-__all__ = ["Normalization", "NormalizeSpec", "resolve_normalization"]
+__all__ = ["Normalization", "NormalizeSpec", "WINDOW_PRESETS", "parse_window",
+           "resolve_normalization"]
 
-NormalizeSpec = Union[bool, str, tuple[float, float], None]
+NormalizeSpec = Union[bool, str, tuple[float, float], tuple[str, str],
+                      tuple[str, float, float], None]
 """What callers may pass as ``normalize=``: see :func:`resolve_normalization`."""
 
 _PERCENTILES = (1.0, 99.8)
+
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "soft-tissue": (40.0, 400.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+    "liver": (30.0, 150.0),
+}
+"""Named CT windows ``(centre, width)`` in Hounsfield units: the usual values listed by
+Radiopaedia's "Windowing (CT)" article (W:1500 L:-600 lungs, W:350 L:50 mediastinum,
+W:400 L:40 soft tissues, W:1800 L:400 bone, W:80 L:40 brain, W:150 L:30 liver)."""
 
 
 @dataclass(frozen=True)
 class Normalization:
     """The affine map ``(x - low) / (high - low)`` applied to every tile.
 
-    ``low = 0, high = 1`` is the identity (the input is only cast to float32).
+    ``low = 0, high = 1`` is the identity (the input is only cast to float32). With
+    ``method="window"`` the result is also clipped to [0, 1] (a display window of centre
+    ``(low + high) / 2`` and width ``high - low``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> Normalization("window", -160.0, 240.0)(np.array([-1000, 40, 1000]))
+    array([0. , 0.5, 1. ], dtype=float32)
     """
 
     method: str
@@ -48,6 +75,8 @@ class Normalization:
         if (self.low, self.high) != (0.0, 1.0):
             out -= np.float32(self.low)
             out /= np.float32(self.high - self.low)
+        if self.method == "window":
+            np.clip(out, 0.0, 1.0, out=out)
         return out
 
     def as_dict(self) -> dict[str, float | str]:
@@ -90,8 +119,62 @@ def _mean_std(sample: np.ndarray) -> tuple[float, float]:
     return mean, mean + (std if std > 0 else 1.0)  # a flat image: map it to 0
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
+
+def _window(center: float, width: float, what: str) -> Normalization:
+    if not (np.isfinite(center) and np.isfinite(width)) or width <= 0:
+        raise InvalidArgumentError(
+            f"window {what} must have a finite centre and a width > 0, got centre {center:g}, "
+            f"width {width:g}")
+    return Normalization("window", float(center) - float(width) / 2,
+                         float(center) + float(width) / 2)
+
+
+def parse_window(text: str) -> tuple[str, str] | tuple[str, float, float]:
+    """The ``normalize=`` value of a ``--window`` argument.
+
+    Parameters
+    ----------
+    text : str
+        ``"dicom"`` (the image's own window), a name of :data:`WINDOW_PRESETS` or
+        ``"C,W"`` (centre and width, in the image's units).
+
+    Returns
+    -------
+    tuple
+        ``("window", "dicom")``, ``("window", NAME)`` or ``("window", C, W)``.
+
+    Raises
+    ------
+    InvalidArgumentError
+        Anything else, or a width <= 0.
+
+    Examples
+    --------
+    >>> parse_window("40,400"), parse_window("Lung")
+    (('window', 40.0, 400.0), ('window', 'lung'))
+    """
+    name = text.strip().lower()
+    if name == "dicom" or name in WINDOW_PRESETS:
+        return ("window", name)
+    parts = name.split(",")
+    try:
+        center, width = (float(p) for p in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        center = width = None
+    if center is None or width is None:
+        raise InvalidArgumentError(
+            f"--window {text!r} is not understood; expected dicom, a preset "
+            f"({', '.join(WINDOW_PRESETS)}) or CENTRE,WIDTH such as 40,400")
+    _window(center, width, repr(text))
+    return ("window", center, width)
+
+
 def resolve_normalization(
-    normalize: NormalizeSpec, dtype: np.dtype, sample: Callable[[], np.ndarray]
+    normalize: NormalizeSpec, dtype: np.dtype, sample: Callable[[], np.ndarray],
+    window: Callable[[], tuple[float, float] | None] | None = None,
 ) -> Normalization:
     """Turn a ``normalize=`` argument into one global :class:`Normalization`.
 
@@ -109,6 +192,11 @@ def resolve_normalization(
         - ``"meanstd"``: the image's mean maps to 0 and its standard deviation to 1
           (estimated from ``sample()``).
         - ``(low, high)``: an explicit range mapped to [0, 1].
+        - ``("window", centre, width)``: the display window ``[centre - width / 2,
+          centre + width / 2]`` mapped to [0, 1], values outside clipped;
+          ``("window", NAME)`` a CT preset of :data:`WINDOW_PRESETS` (Hounsfield units);
+          ``("window", "dicom")`` the image's own window (DICOM WindowCenter and
+          WindowWidth, first values), from ``window()``.
         - ``False`` or ``None``: values are only cast to float32.
         - a :class:`Normalization`: used as it is.
     dtype : numpy.dtype
@@ -116,10 +204,19 @@ def resolve_normalization(
     sample : callable
         Returns a representative sample of the image (a low-resolution level or a strided
         subsample); only called for percentiles.
+    window : callable, optional
+        Returns the image's own window ``(centre, width)`` or None; only called for
+        ``("window", "dicom")``.
 
     Returns
     -------
     Normalization
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``normalize`` is not understood, or ``("window", "dicom")`` is asked of an image
+        without a window.
 
     Examples
     --------
@@ -134,6 +231,8 @@ def resolve_normalization(
     Normalization(method='percentile:0:100', low=0.0, high=10.0)
     >>> resolve_normalization("meanstd", np.dtype(np.float32), lambda: np.array([1.0, 3.0]))
     Normalization(method='meanstd', low=2.0, high=3.0)
+    >>> resolve_normalization(("window", "lung"), np.dtype(np.int32), lambda: None)
+    Normalization(method='window', low=-1350.0, high=150.0)
     """
     if isinstance(normalize, Normalization):  # already resolved (e.g. recorded by a run)
         return normalize
@@ -166,7 +265,23 @@ def resolve_normalization(
         and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in normalize)
     ):
         return Normalization("fixed", float(normalize[0]), float(normalize[1]))
+    if isinstance(normalize, (tuple, list)) and normalize and normalize[0] == "window":
+        args = tuple(normalize[1:])
+        if len(args) == 2 and all(_is_number(v) for v in args):
+            return _window(float(args[0]), float(args[1]), repr(tuple(normalize)))
+        if len(args) == 1 and isinstance(args[0], str) and args[0].lower() in WINDOW_PRESETS:
+            return _window(*WINDOW_PRESETS[args[0].lower()], repr(args[0]))
+        if args == ("dicom",):
+            found = window() if window is not None else None
+            if found is None:
+                raise InvalidArgumentError(
+                    "normalize=('window', 'dicom') needs the image's own window (DICOM "
+                    "WindowCenter/WindowWidth) and the image has none; give a window as "
+                    "CENTRE,WIDTH or a preset")
+            return _window(float(found[0]), float(found[1]), "from the image")
     raise InvalidArgumentError(
         f"normalize={normalize!r} is not understood; expected True/'auto', 'range', "
-        "'percentile', False/'none' or a (low, high) pair"
+        "'percentile', 'percentile:LOW:HIGH', 'meanstd', False/'none', a (low, high) pair, "
+        "('window', centre, width), "
+        f"('window', 'dicom') or ('window', NAME) with NAME one of {', '.join(WINDOW_PRESETS)}"
     )

@@ -89,6 +89,8 @@ def segment(
         Global intensity normalisation, see :func:`tilerseg.normalize.resolve_normalization`:
         by default integer images are scaled from their dtype range to [0, 1] and float
         images are used unchanged; ``False`` feeds values unchanged.
+        ``("window", centre, width)``, ``("window", NAME)`` (a CT preset) or
+        ``("window", "dicom")`` (the DICOM file's window) apply a clipped display window.
     progress : callable, optional
         Called as ``progress(tiles_done, tiles_total)`` after every batch (numpy input).
     level : int

@@ -45,6 +45,7 @@ import numpy as np
 from ..errors import OutputError
 from ..geometry import ModelGeometry, normalize_tile
 from ..io.formats import SLICE_EXTENSIONS, is_zarr_dir, strip_image_suffix
+from ..io.dicom import dicom_files
 from ..normalize import Normalization, resolve_normalization
 from .options import PLAIN_OUTPUT_OPTIONS, RunOptions
 
@@ -192,7 +193,7 @@ def path_identity(path: str) -> dict[str, Any]:
     A file is itself; a folder of slices is its TIFF slices; a Zarr store is its metadata
     files (``zarr.json``, ``.zarray``, ``.zgroup``, ``.zattrs``, two levels deep), not its
     chunks; a glob is the files it matches. Other files in a folder (an output written
-    beside the slices) do not count.
+    beside the slices) do not count. A folder without TIFF slices is its DICOM files.
     """
     out: dict[str, Any] = {"path": os.path.abspath(path)}
     if os.path.isdir(path):
@@ -203,6 +204,8 @@ def path_identity(path: str) -> dict[str, Any]:
                      for p in base.glob(pattern + n)]
         else:
             files = [p for p in base.iterdir() if p.name.lower().endswith(SLICE_EXTENSIONS)]
+            if not files:  # a DICOM series
+                files = [Path(f) for f in dicom_files(path)]
     elif os.path.exists(path):
         files = [Path(path)]
     else:  # a glob
@@ -239,6 +242,8 @@ def input_identity(image: Any, source: Any = None) -> dict[str, Any]:
     out: dict[str, Any] = {"format": source.format, "axes": source.axes,
                            "shape": list(source.shape), "dtype": str(source.dtype),
                            "level": source.level}
+    if getattr(source, "window", None) is not None:  # the display window a file records
+        out["window"] = [float(v) for v in source.window]
     if source.path is not None:
         out.update(path_identity(source.path))
         return out
@@ -288,14 +293,17 @@ class _NeedsStatistics(Exception):
     pass
 
 
-def _normalization_differs(spec: Any, dtype: str, recorded: dict[str, Any]) -> bool:
-    """Whether ``normalize=spec`` would map the input otherwise than ``recorded`` did."""
+def _normalization_differs(spec: Any, dtype: str, recorded: dict[str, Any],
+                           window: Any = None) -> bool:
+    """Whether ``normalize=spec`` would map the input otherwise than ``recorded`` did
+    (``window``: the input's own display window, as its identity records it)."""
 
     def sample() -> np.ndarray:
         raise _NeedsStatistics
 
     try:
-        now = resolve_normalization(spec, np.dtype(dtype), sample)
+        now = resolve_normalization(spec, np.dtype(dtype), sample,
+                                    window=lambda: tuple(window) if window else None)
     except _NeedsStatistics:  # percentiles: the recorded ones are those of this input
         if isinstance(spec, str) and spec not in ("auto", "percentile"):
             return recorded["method"] != spec  # "percentile:LOW:HIGH", "meanstd"
@@ -349,8 +357,9 @@ def differences(manifest: dict[str, Any], options: RunOptions, *, version: str,
             tile = f"{options.tile!r}: {err}"
         if tile != resolved["tile"]:
             differ("tile", resolved["tile"], tile)
+    window = identity["window"] if "window" in identity else recorded_input.get("window")
     if _normalization_differs(options.normalize, recorded_input["dtype"],
-                              resolved["normalization"]):
+                              resolved["normalization"], window):
         differ("normalize", requested["normalize"], options.normalize)
     channels = (list(options.channel) if options.channel is not None
                 else list(range(resolved["available_channels"])))

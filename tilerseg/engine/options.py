@@ -100,6 +100,8 @@ class RunOptions:
         ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or several.
     normalize : bool, str, (float, float), Normalization or None
         Global intensity normalisation.
+        ``("window", centre, width)``, ``("window", NAME)`` or ``("window", "dicom")``:
+        a display window (see :func:`tilerseg.normalize.resolve_normalization`).
     output : {"probabilities", "labels", "both", "instances"}
         ``"instances"``: the probabilities and an instance label image.
     dtype : {"uint8", "float16", "float32"}

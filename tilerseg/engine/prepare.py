@@ -271,9 +271,11 @@ def prepare(image: Any, model: nn.Module, options: RunOptions | None = None, *,
     if min(view.shape) == 0:
         raise InvalidImageError(f"image is empty, shape {view.shape}")
     if view.shape[0] != geometry.in_channels:
+        hint = ("; pick the model's channel(s) with --channel / channel=" if view.shape[0] >
+                geometry.in_channels else "")
         raise InvalidImageError(
             f"image has {view.shape[0]} channel(s) (axes {source.axes!r}, shape "
-            f"{source.shape}); the model takes {geometry.in_channels}"
+            f"{source.shape}); the model takes {geometry.in_channels}{hint}"
         )
     devices = tuple(resolve_devices(options.device))
     dev = devices[0]
@@ -288,7 +290,8 @@ def prepare(image: Any, model: nn.Module, options: RunOptions | None = None, *,
         run_geometry = geometry
         tile_plan = plan(view.shape[1:], geometry, options.tile, tile_dev, tile_backend)
     norm = resolve_normalization(
-        options.normalize, view.dtype, lambda: statistics_sample(source, view)
+        options.normalize, view.dtype, lambda: statistics_sample(source, view),
+        window=lambda: source.window,
     )
     labels = LabelPolicy.for_model(geometry.out_channels, getattr(model, "metadata", None),
                                    options.threshold)

@@ -32,6 +32,7 @@ FORMAT_BY_EXTENSION = {
     ".tif": "tiff", ".tiff": "tiff", ".btf": "tiff", ".tf8": "tiff", ".svs": "tiff",
     ".ndpi": "tiff", ".lsm": "tiff", ".qptiff": "tiff", ".scn": "tiff",
     ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".npy": "npy",
+    ".dcm": "dicom", ".dicom": "dicom",
 }  # fmt: skip
 """Single-file image formats by (lower-case) extension; the reader checks the magic bytes."""
 

@@ -30,6 +30,7 @@ class RawImage:
     name for anything else (dropped if of length 1, rejected otherwise).
     ``pixel_size`` is in micrometres at level 0, unless ``level_pixel_sizes`` gives it
     for every level. ``keep`` is kept alive with the arrays (e.g. an open TiffFile).
+    ``window`` is the display window ``(centre, width)`` the file records (DICOM), if any.
     """
 
     levels: list[Any]
@@ -38,6 +39,7 @@ class RawImage:
     pixel_size: dict[str, float] = field(default_factory=dict)
     level_pixel_sizes: list[dict[str, float]] | None = None
     keep: Any = None
+    window: tuple[float, float] | None = None
 
 
 def unreadable(label: str, reason: str) -> InvalidImageError:

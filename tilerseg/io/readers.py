@@ -25,7 +25,7 @@ from tilerseg.errors import (
     InvalidImageError,
     TilersegError,
 )
-from tilerseg.io import tiff, zarr_input
+from tilerseg.io import dicom, tiff, zarr_input
 from tilerseg.io.formats import FORMAT_BY_EXTENSION, SLICE_EXTENSIONS, is_zarr_dir
 from tilerseg.io.raw import RawImage, guess_axes, short_reason, unreadable
 from tilerseg.io.source import AXES, ImageSource
@@ -189,6 +189,7 @@ def _finish(raw: RawImage, label: str, path: str | None, level: Any, probe: bool
     return ImageSource(
         data=data, axes=axes, pixel_size={a: float(pixel_size[a]) for a in "ZYX" if a in pixel_size},
         levels=shapes, level=level, format=raw.format, path=path, level_data=tuple(arrays),
+        window=raw.window,
     )
 
 
@@ -231,7 +232,7 @@ def _open_plain_file(path: str, kind: str) -> RawImage:
 
 
 def _open_folder(path: str) -> RawImage:
-    """A Zarr directory, a folder of TIFF slices or a folder holding one .zarr."""
+    """A Zarr directory, a folder of TIFF slices or DICOM files, or holding one .zarr."""
     if is_zarr_dir(path):
         return zarr_input.read_zarr(path)
     names = sorted(n for n in os.listdir(path) if not n.startswith("."))
@@ -244,19 +245,25 @@ def _open_folder(path: str) -> RawImage:
     zarrs = [os.path.join(path, n) for n in names if n.lower().endswith(".zarr")]
     if len(zarrs) == 1 and os.path.isdir(zarrs[0]):
         return zarr_input.read_zarr(zarrs[0])
-    raise ImageNotFoundError(f"folder {path} contains no TIFF slices and no single .zarr image")
+    dicoms = dicom.dicom_files(path)
+    if dicoms:
+        return dicom.read_dicom_series(dicoms, path)
+    raise ImageNotFoundError(
+        f"folder {path} contains no TIFF slices, no DICOM files and no single .zarr image")
 
 
 def _open_file(path: str) -> RawImage:
     """A single file, its format told by its first bytes, else by its extension."""
     try:
         with open(path, "rb") as f:
-            head = f.read(16)
+            head = f.read(132)
     except OSError as exc:
         raise unreadable(path, short_reason(exc)) from None
     if not head:
         raise unreadable(path, "empty file (0 bytes)")
     kind = next((k for magic, k in _MAGIC if head.startswith(magic)), None)
+    if kind is None and head[128:132] == b"DICM":
+        kind = "dicom"
     if kind is None:
         lower = path.lower()
         expected = next((k for ext, k in FORMAT_BY_EXTENSION.items() if lower.endswith(ext)), None)
@@ -266,6 +273,8 @@ def _open_file(path: str) -> RawImage:
         raise unreadable(path, f"not a {expected.upper()} file (starts with {head[:8]!r})")
     if kind == "tiff":
         return tiff.read_tiff(path)
+    if kind == "dicom":
+        return dicom.read_dicom(path)
     return _open_plain_file(path, kind)
 
 
@@ -280,6 +289,8 @@ def open_image(source: Any, level: int = 0) -> ImageSource:
         (read as a z-stack in natural name order), or a numpy, dask or zarr array (axes
         guessed: ``"YX"``, ``"CYX"`` (``"YXS"`` if shaped like RGB), ``"CZYX"``,
         ``"TCZYX"`` with T=1).
+        Also a DICOM file, or a folder of one DICOM series read as a z-stack ordered by
+        slice position (see :mod:`tilerseg.io.dicom`; needs ``tilerseg[dicom]``).
     level : int
         Pyramid level to read, 0 for full resolution.
 

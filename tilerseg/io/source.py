@@ -43,12 +43,16 @@ class ImageSource:
         Index of the chosen level in ``levels``.
     format : str
         ``"tiff"``, ``"ome-tiff"``, ``"svs"``, ``"tiff-sequence"``, ``"zarr"``,
-        ``"ome-zarr"``, ``"npy"``, ``"png"``, ``"jpeg"``, ``"array"`` or ``"dask"``.
+        ``"ome-zarr"``, ``"npy"``, ``"png"``, ``"jpeg"``, ``"dicom"``, ``"dicom-series"``,
+        ``"array"`` or ``"dask"``.
     path : str or None
         Where it was read from.
     level_data : tuple
         Lazy arrays of every level (same axes), e.g. to estimate statistics from a
         low-resolution level.
+    window : (float, float) or None
+        The display window ``(centre, width)`` the file records (DICOM WindowCenter and
+        WindowWidth, in rescaled units), used by ``normalize=("window", "dicom")``.
     """
 
     data: ArrayLike
@@ -59,6 +63,7 @@ class ImageSource:
     format: str = "array"
     path: str | None = None
     level_data: tuple[ArrayLike, ...] = ()
+    window: tuple[float, float] | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
