@@ -44,6 +44,7 @@ API_MODULES: dict[str, list[str]] = {
     "Pictures": ["tilerseg.pictures.previews", "tilerseg.pictures.plan"],
     "bioimage.io": ["tilerseg.bioimageio.export", "tilerseg.bioimageio.load"],
     "Normalisation": ["tilerseg.normalize"],
+    "DICOM": ["tilerseg.io.dicom"],
     "Training": ["tilerseg.train"],
     "Metrics": ["tilerseg.metrics"],
     "Instance labels (algorithm)": ["tilerseg.instances"],
