@@ -41,7 +41,8 @@ API_SECTIONS: dict[str, list[str]] = {
 missing here stops the build."""
 
 API_MODULES: dict[str, list[str]] = {
-    "Pictures": ["tilerseg.pictures.previews", "tilerseg.pictures.plan"],
+    "Pictures": ["tilerseg.pictures.previews", "tilerseg.pictures.plan",
+                 "tilerseg.pictures.draw"],
     "bioimage.io": ["tilerseg.bioimageio.export", "tilerseg.bioimageio.load"],
     "Normalisation": ["tilerseg.normalize"],
     "DICOM": ["tilerseg.io.dicom"],
