@@ -44,6 +44,7 @@ import numpy as np
 
 from ..errors import OutputError
 from ..geometry import ModelGeometry, normalize_tile
+from ..io import remote
 from ..io.formats import SLICE_EXTENSIONS, is_zarr_dir, strip_image_suffix
 from ..normalize import Normalization, resolve_normalization
 from .options import PLAIN_OUTPUT_OPTIONS, RunOptions
@@ -192,8 +193,12 @@ def path_identity(path: str) -> dict[str, Any]:
     A file is itself; a folder of slices is its TIFF slices; a Zarr store is its metadata
     files (``zarr.json``, ``.zarray``, ``.zgroup``, ``.zattrs``, two levels deep), not its
     chunks; a glob is the files it matches. Other files in a folder (an output written
-    beside the slices) do not count.
+    beside the slices) do not count. A ``file://`` URL is its local path; another URL
+    is recorded as it is (see :func:`tilerseg.io.remote.identity`).
     """
+    path = remote.local_path(path)
+    if remote.is_url(path):
+        return remote.identity(path)
     out: dict[str, Any] = {"path": os.path.abspath(path)}
     if os.path.isdir(path):
         base = Path(path)
