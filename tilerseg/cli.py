@@ -154,7 +154,9 @@ def _finished(path: Path) -> dict | None:
 
     from .engine.jobs import read_final_manifest
 
-    if not path.exists() or read_final_manifest(path) is None:
+    from .io.remote import exists
+
+    if not exists(path) or read_final_manifest(path) is None:
         return None
     return dict(zarr.open_group(os.fspath(path), mode="r").attrs["tilerseg"])
 
@@ -178,7 +180,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(job_script(spec))
         return 0
     options = _run_options(args, spec)
-    out = Path(args.output_path or default_output_path(args.image))
+    from .io.remote import output_location
+
+    out = output_location(args.output_path or default_output_path(args.image))
     if (args.resume or args.shard) and _quick_complete(out, args, options):
         if not args.quiet:
             print(f"{out} is already complete")

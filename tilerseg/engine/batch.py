@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import InvalidArgumentError, OutputError, TilersegError
+from ..io import remote
 from ..io.formats import image_paths
 from .executors import parse_shard, resolve_executor
 from .options import RunOptions, run_options
@@ -160,7 +161,11 @@ def segment_batch(
     images = batch_inputs(inputs)
     if not images:
         raise InvalidArgumentError("the batch names no images")
-    out_dir = Path(out_dir)
+    if remote.is_remote(out_dir):
+        raise InvalidArgumentError(
+            f"a batch writes to a local output folder, not {out_dir}: each image is resumable, "
+            "which a remote output cannot be")
+    out_dir = Path(remote.local_path(out_dir))
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OutputError
+from ..io import remote
 from ..io.writers import OutputWriter, spec_from_dict
 from .instances import InstanceRun, Mapper, place_tables
 from .jobs import WorkDir, read_final_manifest, work_path
@@ -68,7 +69,7 @@ def commit(work: WorkDir, out: Path, *, overwrite: bool = False,
         log.info("%s is being (or was) committed by another process", out)
         return False
     try:
-        if not work.store.is_dir():
+        if not remote.exists(work.store):
             return False
         missing = work.missing()
         if missing:
@@ -84,7 +85,7 @@ def commit(work: WorkDir, out: Path, *, overwrite: bool = False,
             extra["instances"] = instances.run(mapper)
         writer.update_attributes(manifest=work.manifest, config_hash=work.config_hash,
                                  committed_by=f"{socket.gethostname()}:{os.getpid()}", **extra)
-        exists = os.path.lexists(out)
+        exists = remote.exists(out)
         if overwrite or not exists:  # else the writer refuses to replace ``out``
             place_tables(instances, out, replacing=exists)
         writer.commit()

@@ -222,19 +222,24 @@ def exists(location: Path | str) -> bool:
     return os.path.lexists(location)
 
 
-def remove(location: Path | str) -> None:
+def remove(location: Path | str, *, ignore_errors: bool = False) -> None:
     """Delete whatever is at ``location`` (a folder or prefix recursively); nothing if
-    nothing is there."""
-    if is_url(location):
-        fs, path = filesystem(str(location))
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-        return
-    path = Path(location)
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        path.unlink()
+    nothing is there. A local folder is removed ignoring errors, as ``shutil.rmtree``
+    does with ``ignore_errors``; ``ignore_errors`` extends that to everything."""
+    try:
+        if is_url(location):
+            fs, path = filesystem(str(location))
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+            return
+        path = Path(location)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            path.unlink()
+    except Exception:
+        if not ignore_errors:
+            raise
 
 
 def move(source: Path | str, target: Path | str) -> None:
