@@ -295,6 +295,8 @@ def test_cli_errors_are_one_line_with_status_2(prefix: str, image: np.ndarray,
         ([url], "has no default output"),
         ([url, "-o", f"memory://{prefix}/o.zarr", "--resume"], "--resume is not supported"),
         ([url, "-o", f"memory://{prefix}/o.zarr", "--shard", "1/2"], "--shard is not supported"),
+        ([url, "-o", f"memory://{prefix}/o.zarr", "--cluster", "local:1"],
+         "a cluster is not supported"),
     ]
     missing = _missing_protocol()
     if missing is not None:
@@ -320,3 +322,21 @@ def test_cli_leaves_an_existing_memory_output_alone(prefix: str, image: np.ndarr
                            str(model_file), "--tile", "64", "--device", "cpu", "-q"], capsys)
     assert status == 2 and "exists; pass --overwrite to replace it" in err
     assert _memory_files(prefix) == before
+
+
+def test_status_of_a_remote_output_and_what_batch_and_finalize_refuse(
+        prefix: str, image: np.ndarray, small_model: torch.nn.Module, tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    url = f"memory://{prefix}/out.zarr"
+    segment_to_zarr(image, small_model, url, tile=64)
+    tifffile.imwrite(tmp_path / "in.tif", image)
+    status, out, err = _cli(["status", url], capsys)
+    assert status == 0 and "state       complete" in out, err
+    for args, message in [
+        (["status", f"memory://{prefix}/none.zarr"], "there is no output"),
+        (["finalize", url], "a remote output has no unfinished runs"),
+        (["batch", f"memory://{prefix}/in.tif", "-o", str(tmp_path)], "a batch reads local"),
+        (["batch", str(tmp_path), "-o", f"memory://{prefix}/outs"], "a batch writes to a local"),
+    ]:
+        status, _, err = _cli(args, capsys)
+        assert status == 2 and err.count("\n") == 1 and message in err, (args, err)

@@ -180,9 +180,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(job_script(spec))
         return 0
     options = _run_options(args, spec)
-    from .io.remote import output_location
+    from .io.remote import check_remote_run, is_url, output_location
 
     out = output_location(args.output_path or default_output_path(args.image))
+    if is_url(out):  # before a cluster starts or a model loads
+        check_remote_run(out, resume=args.resume, shard=args.shard, in_process=spec is None,
+                         instances=args.output == "instances")
     if (args.resume or args.shard) and _quick_complete(out, args, options):
         if not args.quiet:
             print(f"{out} is already complete")

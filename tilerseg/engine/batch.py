@@ -81,12 +81,17 @@ def batch_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
     ------
     ImageNotFoundError
         A path that does not exist, a folder without images, a glob matching nothing.
+    InvalidArgumentError
+        A remote URL (``file://`` URLs are local paths).
     """
     if isinstance(inputs, (str, os.PathLike)):  # one path, not a sequence of characters
         inputs = [inputs]
     found: list[str] = []
     for entry in inputs:
-        entry = os.fspath(entry)
+        entry = remote.local_path(entry)
+        if remote.is_url(entry):
+            raise InvalidArgumentError(f"a batch reads local images, not {entry}; segment a "
+                                       "remote image with 'tilerseg run URL -o OUT'")
         if entry.lower().endswith(".txt") and os.path.isfile(entry):
             base = os.path.dirname(os.path.abspath(entry))
             with open(entry, encoding="utf-8") as f:
