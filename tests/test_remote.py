@@ -4,6 +4,8 @@ output as local files, lazy TIFF reads, one-line errors, existing outputs untouc
 from __future__ import annotations
 
 import io
+import os
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,8 @@ from fsspec.implementations.memory import MemoryFileSystem
 import tilerseg
 from tilerseg import open_image, segment_to_zarr
 from tilerseg.cli import main
-from tilerseg.errors import ImageNotFoundError, InvalidArgumentError, OutputError
+from tilerseg.errors import (ImageNotFoundError, InvalidArgumentError, InvalidImageError,
+                             OutputError)
 from tilerseg.io.writers import open_output
 from tilerseg.synthetic import membrane_image
 
@@ -228,6 +231,28 @@ def test_an_existing_memory_output_is_untouched_without_overwrite(
     after = zarr.open_group(url, mode="r")
     assert after.attrs["tilerseg"]["output"] == "probabilities" and "labels" not in after
     assert {p.split("/")[2] for p in MEMORY.find(prefix)} == {"out.zarr"}
+
+
+def test_a_failed_remote_run_leaves_the_old_output_and_no_debris(
+        prefix: str, image: np.ndarray, small_model: torch.nn.Module) -> None:
+    url = f"memory://{prefix}/out.zarr"
+    segment_to_zarr(image, small_model, url, tile=64)
+    before = _memory_files(prefix)
+    bad = np.random.default_rng(0).random((150, 130)).astype(np.float32)
+    bad[100, 120] = np.nan  # found while the tiles are computed
+    broken = zarr.create_array(f"memory://{prefix}-in/in.zarr", shape=bad.shape, chunks=(64, 64),
+                               dtype=bad.dtype)
+    broken[...] = bad
+    temporary = set(os.listdir(tempfile.gettempdir()))
+    try:
+        with pytest.raises(InvalidImageError, match="NaN"):
+            segment_to_zarr(f"memory://{prefix}-in/in.zarr", small_model, url, tile=64,
+                            overwrite=True)
+    finally:
+        MEMORY.rm(f"{prefix}-in", recursive=True)
+    assert _memory_files(prefix) == before  # no staging prefix, the old output as it was
+    assert not [n for n in set(os.listdir(tempfile.gettempdir())) - temporary
+                if n.startswith("tilerseg-") and n.endswith(".partial")]
 
 
 @pytest.mark.parametrize("kwargs, refused", [
