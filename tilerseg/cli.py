@@ -624,9 +624,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Segment IMAGE (TIFF/BigTIFF/OME-TIFF/SVS, Zarr/OME-Zarr, a folder or "
         "glob of TIFF slices, .npy, PNG/JPEG) tile by tile into an OME-Zarr (v0.5) store.")
-    run.add_argument("image", help="image file, folder or glob")
+    run.add_argument("image", help="image file, folder, glob or fsspec URL (s3://...)")
     run.add_argument("-o", "--out", dest="output_path", default=None, metavar="OUT.zarr",
-                     help="output .zarr (default: beside the input, NAME.tilerseg.zarr)")
+                     help="output .zarr or fsspec URL (default: beside the input, "
+                     "NAME.tilerseg.zarr)")
     _add_common(run)
     _add_run_options(run)
     run.add_argument("--resume", action="store_true",
