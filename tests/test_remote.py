@@ -150,6 +150,10 @@ def test_memory_tiff_input_gives_the_local_output(tmp_path: Path, prefix: str,
     assert info["input"]["path"] == url
     assert info["manifest"]["input"]["path"] == url
     assert info["manifest"]["input"]["size"] == len(data)
+    # the URL's identity is stable: resuming finds the output complete, computes nothing
+    segment_to_zarr(url, small_model, tmp_path / "remote.zarr", tile=64, resume=True)
+    again = zarr.open_group(str(tmp_path / "remote.zarr"), mode="r").attrs["tilerseg"]
+    assert again["manifest"]["run_id"] == info["manifest"]["run_id"]
 
 
 class CountingMemoryFileSystem(MemoryFileSystem):

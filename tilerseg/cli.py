@@ -153,7 +153,6 @@ def _finished(path: Path) -> dict | None:
     import zarr
 
     from .engine.jobs import read_final_manifest
-
     from .io.remote import exists
 
     if not exists(path) or read_final_manifest(path) is None:

@@ -123,9 +123,9 @@ def segment_to_zarr(
     Returns
     -------
     pathlib.Path or str
-        The written store (also when it was already complete); the URL of a remote one. Timings are stored under
-        ``tilerseg/profile`` in its metadata. A shard returns it even when other shards
-        still have tasks to do (see :func:`tilerseg.status`).
+        The written store (also when it was already complete); the URL of a remote one.
+        Timings are stored under ``tilerseg/profile`` in its metadata. A shard returns it
+        even when other shards still have tasks to do (see :func:`tilerseg.status`).
 
     Raises
     ------

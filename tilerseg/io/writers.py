@@ -358,8 +358,9 @@ class OutputWriter:
         self._chunks = level_chunks(spec.chunks, self._shape)
         self.eager = eager_level_count(self._shape, self._chunks, spec) if spec.pyramid else 0
         self._state = "open"
-        self.staging = (remote.output_location(staging) if staging is not None else
-                        remote.sibling(self.path, f".{_name(self.path)}.partial-{uuid.uuid4().hex}"))
+        hidden = f".{_name(self.path)}.partial-{uuid.uuid4().hex}"
+        self.staging = (remote.output_location(staging) if staging is not None
+                        else remote.sibling(self.path, hidden))
         self.probabilities: zarr.Array | None = None
         self.labels: zarr.Array | None = None
         if existing:
