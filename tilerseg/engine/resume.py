@@ -325,6 +325,9 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
         except BaseException:
             for lock in locks:
                 lock.release()
+            if private:  # nobody can resume it: leave nothing behind
+                remote.remove(work.store, ignore_errors=True)
+                work.remove()
             raise
         skip = background.skip if background is not None else None
         value = background.value if background is not None else None
