@@ -223,6 +223,20 @@ def test_memory_output_equals_a_local_run(tmp_path: Path, prefix: str, image: np
     assert open_output(url)["labels"].shape == image.shape
 
 
+def test_memory_instances_and_object_table_equal_a_local_run(
+        tmp_path: Path, prefix: str, image: np.ndarray,
+        small_model: torch.nn.Module) -> None:
+    url = f"memory://{prefix}/out.zarr"
+    options = {"tile": 64, "output": "instances", "instances": "split", "object_table": "csv"}
+    segment_to_zarr(image, small_model, url, **options)
+    segment_to_zarr(image, small_model, tmp_path / "local.zarr", **options)
+    assert_same_store(url, str(tmp_path / "local.zarr"))
+    assert zarr.open_group(url, mode="r").attrs["tilerseg"]["instances"]["objects"] > 0
+    assert MEMORY.cat_file(f"{prefix}/out.objects.csv") == (
+        tmp_path / "local.objects.csv").read_bytes()
+    assert {p.split("/")[2] for p in MEMORY.find(prefix)} == {"out.zarr", "out.objects.csv"}
+
+
 def test_an_existing_memory_output_is_untouched_without_overwrite(
         prefix: str, image: np.ndarray, small_model: torch.nn.Module) -> None:
     url = f"memory://{prefix}/out.zarr"
@@ -261,11 +275,15 @@ def test_a_failed_remote_run_leaves_the_old_output_and_no_debris(
 
 @pytest.mark.parametrize("kwargs, refused", [
     ({"resume": True}, "--resume"), ({"shard": "1/2"}, "--shard"),
-    ({"output": "instances"}, "--output instances"),
+    ({"executor": "client", "device": "cpu"}, "a cluster"),
 ])
 def test_unsafe_combinations_with_a_remote_output_are_refused(
         prefix: str, image: np.ndarray, small_model: torch.nn.Module, kwargs: dict,
         refused: str) -> None:
+    if kwargs.get("executor") == "client":  # refused before the client is ever used
+        from tilerseg.engine.executors.dask import DaskExecutor
+
+        kwargs = {**kwargs, "executor": DaskExecutor(client=object())}
     with pytest.raises(InvalidArgumentError, match=f"^{refused} is not supported with a remote"):
         segment_to_zarr(image, small_model, f"memory://{prefix}/out.zarr", tile=64, **kwargs)
     assert not MEMORY.exists(prefix)

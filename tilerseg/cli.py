@@ -183,8 +183,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     out = output_location(args.output_path or default_output_path(args.image))
     if is_url(out):  # before a cluster starts or a model loads
-        check_remote_run(out, resume=args.resume, shard=args.shard, in_process=spec is None,
-                         instances=args.output == "instances")
+        check_remote_run(out, resume=args.resume, shard=args.shard, in_process=spec is None)
     if (args.resume or args.shard) and _quick_complete(out, args, options):
         if not args.quiet:
             print(f"{out} is already complete")

@@ -146,7 +146,7 @@ class InstanceRun:
         from ..io.writers import spec_from_dict
 
         self.path = Path(work_path) / "instances"
-        self.store = Path(work_path) / "output.zarr"
+        self.store = manifest.get("store") or Path(work_path) / "output.zarr"  # remote: a URL
         self.spec = spec_from_dict(manifest["spec"])
         options = manifest["options"]
         self.shape = tuple(self.spec.shape)
@@ -457,7 +457,7 @@ def place_tables(run: InstanceRun | None, out: Path, replacing: bool) -> None:
     """
     keep = run.table if run is not None else None
     if keep:
-        os.replace(run.path / f"objects.{keep}", table_path(out, keep))
+        remote.move_file(run.path / f"objects.{keep}", table_path(out, keep))
     if replacing:
         for fmt in TABLE_FORMATS:
             if fmt != keep:

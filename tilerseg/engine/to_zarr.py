@@ -61,8 +61,8 @@ def segment_to_zarr(
         Output store; default beside a path input, ``slide.tif`` -> ``slide.tilerseg.zarr``.
         An fsspec URL (``"s3://bucket/out.zarr"``, ``"memory://out.zarr"``) writes the
         store through fsspec: into a staging prefix beside it, moved into place when
-        complete; ``resume``, ``shard``, a cluster and ``output="instances"`` are then
-        refused (they need local locks and renames). ``file://`` is a local path.
+        complete; ``resume``, ``shard`` and a cluster are then refused (they need local
+        locks and renames). ``file://`` is a local path.
     options : RunOptions, optional
         The options below as one object (keywords override it).
     resume : bool
@@ -148,8 +148,7 @@ def segment_to_zarr(
     out = remote.output_location(out)
     if remote.is_url(out):
         remote.check_remote_run(out, resume=resume, shard=shard_at,
-                                in_process=plan_device is None,
-                                instances=options.output == "instances")
+                                in_process=plan_device is None)
     started = start(image, model, out, options, resume=resume, overwrite=overwrite,
                     shard=shard_at, model_source=model_source, plan_device=plan_device)
     if started.complete:

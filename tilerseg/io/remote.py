@@ -33,7 +33,8 @@ from tilerseg.errors import ImageNotFoundError, InvalidArgumentError, OutputErro
 
 __all__ = [
     "check_remote_run", "exists", "filesystem", "identity", "is_remote", "is_url",
-    "local_path", "move", "open_file", "output_location", "protocol", "remove", "sibling",
+    "local_path", "move", "move_file", "open_file", "output_location", "protocol", "remove",
+    "sibling",
 ]
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*(?:::[A-Za-z][A-Za-z0-9+.\-]*)*)://")
@@ -256,6 +257,17 @@ def move(source: Path | str, target: Path | str) -> None:
     fs.mv(src, dst, recursive=True)
 
 
+def move_file(source: Path, target: Path | str) -> None:
+    """Move the local file ``source`` to ``target``, replacing a file there: ``os.replace``
+    on a local disk; for a URL an upload, then the deletion of ``source``."""
+    if not is_url(target):
+        os.replace(source, target)
+        return
+    fs, path = filesystem(str(target))
+    fs.put_file(os.fspath(source), path)
+    os.unlink(source)
+
+
 def sibling(location: Path | str, name: str) -> Path | str:
     """The location named ``name`` in the same folder (or prefix) as ``location``."""
     if is_url(location):
@@ -263,21 +275,18 @@ def sibling(location: Path | str, name: str) -> Path | str:
     return Path(location).with_name(name)
 
 
-def check_remote_run(out: str, *, resume: bool, shard: Any, in_process: bool,
-                     instances: bool) -> None:
+def check_remote_run(out: str, *, resume: bool, shard: Any, in_process: bool) -> None:
     """Refuse, in one line, what a run cannot do safely on a remote (non-``file://``)
     output: resuming, sharding and clusters need lock files created atomically and a
-    work directory that other processes see, and object tables are written locally.
+    work directory that other processes see.
 
     Raises
     ------
     InvalidArgumentError
-        For ``resume``, a ``shard``, an executor whose tasks run outside this process, or
-        instance labels.
+        For ``resume``, a ``shard``, or an executor whose tasks run outside this process.
     """
     what = ("--resume" if resume else "--shard" if shard is not None
-            else "a cluster" if not in_process else "--output instances" if instances
-            else None)
+            else "a cluster" if not in_process else None)
     if what is not None:
         raise InvalidArgumentError(
             f"{what} is not supported with a remote output ({out}): it needs the atomic "
