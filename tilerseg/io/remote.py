@@ -97,7 +97,9 @@ def filesystem(url: str) -> tuple[Any, str]:
                                    ) from None
     name = protocol(url)
     try:
-        return fsspec.core.url_to_fs(url)
+        fs, path = fsspec.core.url_to_fs(url)
+        fs.invalidate_cache()  # listings cached earlier miss what zarr's own instance wrote
+        return fs, path
     except ImportError as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InvalidArgumentError(
@@ -245,8 +247,8 @@ def remove(location: Path | str, *, ignore_errors: bool = False) -> None:
 
 def move(source: Path | str, target: Path | str) -> None:
     """Move ``source`` to ``target`` (which must not exist): a rename on a local disk; on
-    a remote filesystem whatever fsspec's ``mv`` does there (on object stores a copy of
-    every object, then the deletion of the originals: not atomic)."""
+    a remote filesystem a copy of every file under ``source`` (server-side on object
+    stores), then the deletion of ``source``: not atomic."""
     if is_url(source) != is_url(target):
         raise OutputError(f"cannot move '{source}' to '{target}': not on one filesystem")
     if not is_url(source):
@@ -254,7 +256,11 @@ def move(source: Path | str, target: Path | str) -> None:
         return
     fs, src = filesystem(str(source))
     _, dst = filesystem(str(target))
-    fs.mv(src, dst, recursive=True)
+    files = [src] if fs.isfile(src) else sorted(fs.find(src))
+    if not files:
+        raise FileNotFoundError(f"nothing to move at {source}")
+    fs.copy(files, [dst + f[len(src):] for f in files])
+    fs.rm(src, recursive=True)
 
 
 def move_file(source: Path, target: Path | str) -> None:
