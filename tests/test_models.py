@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import tilerseg
-from tilerseg import InvalidModelError, ModelNotFoundError, create_model, list_models, model_geometry
+from tilerseg import InvalidModelError, ModelNotFoundError, create_model, model_geometry
 
 VARIANTS = [
     {},

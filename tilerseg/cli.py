@@ -163,8 +163,9 @@ def _finished(path: Path) -> dict | None:
     import zarr
 
     from .engine.jobs import read_final_manifest
+    from .io.remote import exists
 
-    if not path.exists() or read_final_manifest(path) is None:
+    if not exists(path) or read_final_manifest(path) is None:
         return None
     return dict(zarr.open_group(os.fspath(path), mode="r").attrs["tilerseg"])
 
@@ -188,7 +189,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(job_script(spec))
         return 0
     options = _run_options(args, spec)
-    out = Path(args.output_path or default_output_path(args.image))
+    from .io.remote import check_remote_run, is_url, output_location
+
+    out = output_location(args.output_path or default_output_path(args.image))
+    if is_url(out):  # before a cluster starts or a model loads
+        check_remote_run(out, resume=args.resume, shard=args.shard, in_process=spec is None)
     if (args.resume or args.shard) and _quick_complete(out, args, options):
         if not args.quiet:
             print(f"{out} is already complete")
@@ -644,9 +649,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Segment IMAGE (TIFF/BigTIFF/OME-TIFF/SVS, Zarr/OME-Zarr, a folder or "
         "glob of TIFF slices, .npy, PNG/JPEG) tile by tile into an OME-Zarr (v0.5) store.")
-    run.add_argument("image", help="image file, folder or glob")
+    run.add_argument("image", help="image file, folder, glob or fsspec URL (s3://...)")
     run.add_argument("-o", "--out", dest="output_path", default=None, metavar="OUT.zarr",
-                     help="output .zarr (default: beside the input, NAME.tilerseg.zarr)")
+                     help="output .zarr or fsspec URL (default: beside the input, "
+                     "NAME.tilerseg.zarr)")
     _add_common(run)
     _add_run_options(run)
     run.add_argument("--resume", action="store_true",

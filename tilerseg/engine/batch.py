@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import InvalidArgumentError, OutputError, TilersegError
+from ..io import remote
 from ..io.formats import image_paths
 from .executors import parse_shard, resolve_executor
 from .options import RunOptions, run_options
@@ -80,12 +81,17 @@ def batch_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
     ------
     ImageNotFoundError
         A path that does not exist, a folder without images, a glob matching nothing.
+    InvalidArgumentError
+        A remote URL (``file://`` URLs are local paths).
     """
     if isinstance(inputs, (str, os.PathLike)):  # one path, not a sequence of characters
         inputs = [inputs]
     found: list[str] = []
     for entry in inputs:
-        entry = os.fspath(entry)
+        entry = remote.local_path(entry)
+        if remote.is_url(entry):
+            raise InvalidArgumentError(f"a batch reads local images, not {entry}; segment a "
+                                       "remote image with 'tilerseg run URL -o OUT'")
         if entry.lower().endswith(".txt") and os.path.isfile(entry):
             base = os.path.dirname(os.path.abspath(entry))
             with open(entry, encoding="utf-8") as f:
@@ -160,7 +166,11 @@ def segment_batch(
     images = batch_inputs(inputs)
     if not images:
         raise InvalidArgumentError("the batch names no images")
-    out_dir = Path(out_dir)
+    if remote.is_remote(out_dir):
+        raise InvalidArgumentError(
+            f"a batch writes to a local output folder, not {out_dir}: each image is resumable, "
+            "which a remote output cannot be")
+    out_dir = Path(remote.local_path(out_dir))
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:

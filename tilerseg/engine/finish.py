@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OutputError
+from ..io import remote
 from ..io.writers import OutputWriter, spec_from_dict
 from .instances import InstanceRun, Mapper, place_tables
 from .jobs import WorkDir, read_final_manifest, work_path
@@ -68,7 +69,7 @@ def commit(work: WorkDir, out: Path, *, overwrite: bool = False,
         log.info("%s is being (or was) committed by another process", out)
         return False
     try:
-        if not work.store.is_dir():
+        if not remote.exists(work.store):
             return False
         missing = work.missing()
         if missing:
@@ -84,7 +85,7 @@ def commit(work: WorkDir, out: Path, *, overwrite: bool = False,
             extra["instances"] = instances.run(mapper)
         writer.update_attributes(manifest=work.manifest, config_hash=work.config_hash,
                                  committed_by=f"{socket.gethostname()}:{os.getpid()}", **extra)
-        exists = os.path.lexists(out)
+        exists = remote.exists(out)
         if overwrite or not exists:  # else the writer refuses to replace ``out``
             place_tables(instances, out, replacing=exists)
         writer.commit()
@@ -115,8 +116,9 @@ def status(out: str | os.PathLike) -> dict[str, Any]:
 
     Parameters
     ----------
-    out : path
-        The output (``OUT.zarr``) or its work directory (``OUT.zarr.partial``).
+    out : path or URL
+        The output (``OUT.zarr``) or its work directory (``OUT.zarr.partial``); a remote
+        output (a URL) is either finished or not there.
 
     Returns
     -------
@@ -131,9 +133,9 @@ def status(out: str | os.PathLike) -> dict[str, Any]:
         Neither a finished output nor an unfinished run is there.
     """
     out = _output_path(out)
-    wp = work_path(out)
-    final = read_final_manifest(out) if out.exists() else None
-    if wp.is_dir() and leftover(out, final) is None:
+    wp = None if remote.is_url(out) else work_path(out)  # a remote output is never unfinished
+    final = read_final_manifest(out) if remote.exists(out) else None
+    if wp is not None and wp.is_dir() and leftover(out, final) is None:
         work = WorkDir.open(wp)
         return {"output": str(out), "complete": False, "tasks": len(work.grid),
                 "done": len(work.done()), "manifest": work.manifest, "shards": work.shards(),
@@ -143,9 +145,10 @@ def status(out: str | os.PathLike) -> dict[str, Any]:
         count = int(final["tasks"]["count"])
         return {"output": str(out), "complete": True, "tasks": count, "done": count,
                 "manifest": final, "shards": [], "work": None, "running": []}
-    if out.exists():
+    if remote.exists(out):
         raise OutputError(f"'{out}' is not a finished tilerseg output and has no unfinished run")
-    raise OutputError(f"there is no output '{out}' and no unfinished run '{wp}'")
+    raise OutputError(f"there is no output '{out}'" + (f" and no unfinished run '{wp}'" if wp
+                                                       else ""))
 
 
 def finalize(out: str | os.PathLike, *, overwrite: bool = False) -> bool:
@@ -171,6 +174,8 @@ def finalize(out: str | os.PathLike, *, overwrite: bool = False) -> bool:
         without ``overwrite``.
     """
     out = _output_path(out)
+    if remote.is_url(out):
+        raise OutputError(f"'{out}' is remote: a remote output has no unfinished runs to finish")
     wp = work_path(out)
     final = read_final_manifest(out) if out.exists() else None
     left = leftover(out, final)
@@ -191,9 +196,12 @@ def finalize(out: str | os.PathLike, *, overwrite: bool = False) -> bool:
     return commit(work, out, overwrite=overwrite, attributes={"executor": "finalize"})
 
 
-def _output_path(out: str | os.PathLike) -> Path:
-    """``OUT.zarr`` as an absolute path, also when given ``OUT.zarr.partial``."""
-    out = Path(os.path.abspath(os.fspath(out)))
+def _output_path(out: str | os.PathLike) -> Path | str:
+    """``OUT.zarr`` as an absolute path, also when given ``OUT.zarr.partial`` (a remote
+    output: its URL)."""
+    if remote.is_remote(out):
+        return remote.output_location(out)
+    out = Path(os.path.abspath(remote.local_path(out)))
     if out.name.endswith(".partial"):
         out = out.with_name(out.name[: -len(".partial")])
     return out

@@ -38,6 +38,7 @@ import zarr
 from ..errors import InvalidArgumentError
 from ..instances import (IdMap, ObjectStats, elevation, face_pairs, id_dtype, label_local,
                          markers, provisional_ids, span_of, split_components)
+from ..io import remote
 from ..io.writers import INSTANCE_NAME, OutputSpec, decode_probabilities, encode_probabilities
 from ..labels import LabelPolicy
 from .options import INSTANCE_MODES, TABLE_FORMATS
@@ -63,10 +64,12 @@ def local_mapper(fn: Callable[..., Any], items: list) -> list:
         return list(pool.map(lambda item: fn(*item), items))
 
 
-def table_path(out: Path, fmt: str) -> Path:
-    """Where the object table of output ``out`` goes: ``slide.zarr`` -> ``slide.objects.csv``."""
-    name = out.name[: -len(".zarr")] if out.name.endswith(".zarr") else out.name
-    return out.with_name(f"{name}.objects.{fmt}")
+def table_path(out: Path | str, fmt: str) -> Path | str:
+    """Where the object table of output ``out`` goes: ``slide.zarr`` -> ``slide.objects.csv``
+    (a URL beside a remote output)."""
+    name = str(out).rstrip("/").rsplit("/", 1)[-1] if remote.is_url(out) else Path(out).name
+    name = name[: -len(".zarr")] if name.endswith(".zarr") else name
+    return remote.sibling(out, f"{name}.objects.{fmt}")
 
 
 def foreground(probs: np.ndarray, policy: LabelPolicy, dtype: str) -> np.ndarray:
@@ -143,7 +146,7 @@ class InstanceRun:
         from ..io.writers import spec_from_dict
 
         self.path = Path(work_path) / "instances"
-        self.store = Path(work_path) / "output.zarr"
+        self.store = manifest.get("store") or Path(work_path) / "output.zarr"  # remote: a URL
         self.spec = spec_from_dict(manifest["spec"])
         options = manifest["options"]
         self.shape = tuple(self.spec.shape)
@@ -454,11 +457,11 @@ def place_tables(run: InstanceRun | None, out: Path, replacing: bool) -> None:
     """
     keep = run.table if run is not None else None
     if keep:
-        os.replace(run.path / f"objects.{keep}", table_path(out, keep))
+        remote.move_file(run.path / f"objects.{keep}", table_path(out, keep))
     if replacing:
         for fmt in TABLE_FORMATS:
             if fmt != keep:
-                table_path(out, fmt).unlink(missing_ok=True)
+                remote.remove(table_path(out, fmt))
 
 
 def _pack(maps: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -42,8 +42,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import OutputError
+from ..errors import InvalidArgumentError, OutputError
 from ..geometry import ModelGeometry, normalize_tile
+from ..io import remote
 from ..io.formats import SLICE_EXTENSIONS, is_zarr_dir, strip_image_suffix
 from ..io.dicom import dicom_files
 from ..normalize import Normalization, resolve_normalization
@@ -76,8 +77,14 @@ def default_output_path(image: str | os.PathLike) -> Path:
     '/data/slide.tilerseg.zarr'
     >>> default_output_path("/data/stack/*.tif").as_posix()
     '/data/stack.tilerseg.zarr'
+    >>> default_output_path("file:///data/slide.tif").as_posix()
+    '/data/slide.tilerseg.zarr'
     """
-    path = Path(os.fspath(image))
+    if remote.is_remote(image):
+        raise InvalidArgumentError(
+            f"a remote input ({image}) has no default output: give one (-o/--out, "
+            "out=), a local path or a URL")
+    path = Path(remote.local_path(image))
     if any(c in path.name for c in "*?["):  # a glob: name it after its folder
         path = path.parent
     return path.with_name(f"{strip_image_suffix(path.name)}.tilerseg.zarr")
@@ -193,8 +200,12 @@ def path_identity(path: str) -> dict[str, Any]:
     A file is itself; a folder of slices is its TIFF slices; a Zarr store is its metadata
     files (``zarr.json``, ``.zarray``, ``.zgroup``, ``.zattrs``, two levels deep), not its
     chunks; a glob is the files it matches. Other files in a folder (an output written
-    beside the slices) do not count. A folder without TIFF slices is its DICOM files.
+    beside the slices) do not count. A folder without TIFF slices is its DICOM files. A ``file://`` URL is its
+    local path; another URL is recorded as it is (see :func:`tilerseg.io.remote.identity`).
     """
+    path = remote.local_path(path)
+    if remote.is_url(path):
+        return remote.identity(path)
     out: dict[str, Any] = {"path": os.path.abspath(path)}
     if os.path.isdir(path):
         base = Path(path)
@@ -261,7 +272,7 @@ def geometry_of(manifest: dict[str, Any]) -> ModelGeometry:
 def _hash(manifest: dict[str, Any]) -> str:
     """SHA-256 of the manifest's content, without its creation time and the hash."""
     content = {k: v for k, v in manifest.items()
-               if k not in ("created", "run_id", "config_hash", "spec")}
+               if k not in ("created", "run_id", "config_hash", "spec", "store")}
     text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -396,9 +407,10 @@ class WorkDir:
         return str(self.manifest["config_hash"])
 
     @property
-    def store(self) -> Path:
-        """The Zarr store being written."""
-        return self.path / STORE
+    def store(self) -> Path | str:
+        """The Zarr store being written: ``output.zarr`` here, or for a remote output the
+        staging URL beside it recorded as the manifest's ``store``."""
+        return self.manifest.get("store") or self.path / STORE
 
     @property
     def done_dir(self) -> Path:

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
+import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -33,6 +34,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import InvalidArgumentError, OutputError
+from ..io import remote
 from ..io.readers import open_image
 from ..io.source import ImageSource
 from ..io.writers import OutputSpec, OutputWriter, check_output_folder, spec_to_dict
@@ -79,13 +81,24 @@ class Started:
         its input or arguments before finishing).
     locks : list of FileLock
         Held until :meth:`release`.
+    private : bool
+        The work directory is this process's own, in the temporary folder (a remote
+        output's): :meth:`discard` removes it, and the remote staging store, when the run
+        ends, however it ends.
     """
 
-    out: Path
+    out: Path | str
     complete: bool = False
     context: RunContext | None = None
     created: bool = False
     locks: list[FileLock] = field(default_factory=list)
+    private: bool = False
+
+    def discard(self) -> None:
+        """Remove a private run's work directory and staging store (if still there)."""
+        if self.private and self.context is not None:
+            remote.remove(self.work.store, ignore_errors=True)
+            self.work.remove()
 
     @property
     def work(self) -> WorkDir:
@@ -191,8 +204,10 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
         The input.
     model : torch.nn.Module
         The model.
-    out : Path
-        The final output path.
+    out : Path or str
+        The final output path, or a URL (see :mod:`tilerseg.io.remote`; the caller
+        refuses what a remote output cannot do: see
+        :func:`~tilerseg.io.remote.check_remote_run`).
     options : RunOptions
         The run's options.
     resume : bool
@@ -224,11 +239,13 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
     from .. import __version__
 
     options = model_normalize(options, model)  # the model's own normalisation, if it states one
-    out = Path(os.path.abspath(os.fspath(out)))
+    out = remote.output_location(out)
+    private = remote.is_url(out)  # bookkeeping in a private local folder, no resume
     check_output_folder(out)
     if options.output == "instances":
         check_table_format(options.object_table)
-    remove_debris(out)
+    if not private:
+        remove_debris(out)
     joining = resume or shard is not None
     # on a cluster this process only plans (on the CPU); the workers run the model
     local = options if plan_device is None else options.replace(device="cpu")
@@ -244,8 +261,9 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
         return differences(manifest, options, version=__version__, digest=digest,
                            identity=identity, labels=labels.as_dict())
 
-    wp = work_path(out)
-    if os.path.lexists(out):
+    wp = work_path(out) if not private else Path(
+        tempfile.gettempdir()) / f"tilerseg-{uuid.uuid4().hex}.partial"
+    if remote.exists(out):
         final = read_final_manifest(out)
         if joining and final is not None:
             changed = diffs(final)
@@ -290,9 +308,12 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
         )
         grid = TaskGrid.for_grid(p.plan.grid)
         manifest = _manifest(p, out, identity, digest, model_source, background, spec, grid)
+        if private:  # the store is written beside the remote output, moved at the commit
+            name = str(out).rsplit("/", 1)[-1]
+            manifest["store"] = remote.sibling(out, f".{name}.partial-{uuid.uuid4().hex}")
 
         def make_store(staging: Path) -> None:
-            OutputWriter(out, spec, overwrite=True, staging=staging)
+            OutputWriter(out, spec, overwrite=True, staging=manifest.get("store") or staging)
             if spec.instances:
                 create_provisional(staging.parent, spec, options.instances)
 
@@ -305,12 +326,15 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
         except BaseException:
             for lock in locks:
                 lock.release()
+            if private:  # nobody can resume it: leave nothing behind
+                remote.remove(work.store, ignore_errors=True)
+                work.remove()
             raise
         skip = background.skip if background is not None else None
         value = background.value if background is not None else None
         context = RunContext(dataclasses.replace(p, options=options), work, writer, skip, value,
                              image=path)
-        return Started(out, context=context, created=True, locks=locks)
+        return Started(out, context=context, created=True, locks=locks, private=private)
     raise OutputError(f"the unfinished run in '{wp}' keeps changing; is another run "
                       "starting and removing it?")
 

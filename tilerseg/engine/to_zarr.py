@@ -13,6 +13,7 @@ import numpy as np
 from torch import nn
 
 from ..errors import InvalidArgumentError, TilersegError
+from ..io import remote
 from .executors import ShardExecutor, parse_shard, resolve_executor
 from .jobs import default_output_path
 from .options import RunOptions, run_options
@@ -38,7 +39,7 @@ def segment_to_zarr(
     progress: Callable[[int, int], None] | None = None,
     model_source: str | None = None,
     **option_values: Any,
-) -> Path:
+) -> Path | str:
     """Segment ``image`` tile by tile into an OME-Zarr (v0.5, Zarr v3) store, resumably.
 
     The image is read lazily, one mirror-filled window per output tile, and every output
@@ -56,8 +57,12 @@ def segment_to_zarr(
         be sent to a cluster: its workers reopen the file themselves.
     model : torch.nn.Module
         The model.
-    out : path, optional
+    out : path or URL, optional
         Output store; default beside a path input, ``slide.tif`` -> ``slide.tilerseg.zarr``.
+        An fsspec URL (``"s3://bucket/out.zarr"``, ``"memory://out.zarr"``) writes the
+        store through fsspec: into a staging prefix beside it, moved into place when
+        complete; ``resume``, ``shard`` and a cluster are then refused (they need local
+        locks and renames). ``file://`` is a local path.
     options : RunOptions, optional
         The options below as one object (keywords override it).
     resume : bool
@@ -117,10 +122,10 @@ def segment_to_zarr(
 
     Returns
     -------
-    pathlib.Path
-        The written store (also when it was already complete). Timings are stored under
-        ``tilerseg/profile`` in its metadata. A shard returns it even when other shards
-        still have tasks to do (see :func:`tilerseg.status`).
+    pathlib.Path or str
+        The written store (also when it was already complete); the URL of a remote one.
+        Timings are stored under ``tilerseg/profile`` in its metadata. A shard returns it
+        even when other shards still have tasks to do (see :func:`tilerseg.status`).
 
     Raises
     ------
@@ -140,7 +145,11 @@ def segment_to_zarr(
     if shard_at is not None:
         runner = ShardExecutor(*shard_at, inner=runner)
     plan_device = runner.plan_device(options.device)
-    started = start(image, model, Path(out), options, resume=resume, overwrite=overwrite,
+    out = remote.output_location(out)
+    if remote.is_url(out):
+        remote.check_remote_run(out, resume=resume, shard=shard_at,
+                                in_process=plan_device is None)
+    started = start(image, model, out, options, resume=resume, overwrite=overwrite,
                     shard=shard_at, model_source=model_source, plan_device=plan_device)
     if started.complete:
         log.info("%s is already complete", started.out)
@@ -152,6 +161,8 @@ def segment_to_zarr(
             if discardable(started, runner, shard_at):
                 started.work.remove()
             raise
+        finally:
+            started.discard()  # a remote output's private run: never resumed
 
 
 def discardable(started: Started, runner: Any, shard: tuple[int, int] | None) -> bool:
@@ -164,7 +175,7 @@ def discardable(started: Started, runner: Any, shard: tuple[int, int] | None) ->
 
 def _run(started: Started, runner: Any, shard: tuple[int, int] | None, overwrite: bool,
          progress: Callable[[int, int], None] | None, begin: float,
-         plan_device: str | None) -> Path:
+         plan_device: str | None) -> Path | str:
     work, ctx = started.work, started.context
     assert ctx is not None
     ids = runner.select(work.missing())

@@ -12,6 +12,7 @@ to catch corrupt or truncated files early.
 from __future__ import annotations
 
 import glob
+import io
 import itertools
 import os
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from tilerseg.errors import (
     InvalidImageError,
     TilersegError,
 )
-from tilerseg.io import dicom, tiff, zarr_input
+from tilerseg.io import dicom, remote, tiff, zarr_input
 from tilerseg.io.formats import FORMAT_BY_EXTENSION, SLICE_EXTENSIONS, is_zarr_dir
 from tilerseg.io.raw import RawImage, guess_axes, short_reason, unreadable
 from tilerseg.io.source import AXES, ImageSource
@@ -214,20 +215,11 @@ def _open_plain_file(path: str, kind: str) -> RawImage:
             raise unreadable(path, short_reason(exc)) from None
         return RawImage([array], list(guess_axes(array.shape, path)), "npy")
     try:
-        import imagecodecs
-    except ImportError:
-        raise InvalidImageError(
-            f"{path}: reading {kind.upper()} needs the 'imagecodecs' package "
-            "(pip install imagecodecs)"
-        ) from None
-    decode = imagecodecs.png_decode if kind == "png" else imagecodecs.jpeg_decode
-    try:
         with open(path, "rb") as f:
-            array = np.asarray(decode(f.read()))
-    except Exception as exc:
+            data = f.read()
+    except OSError as exc:
         raise unreadable(path, short_reason(exc)) from None
-    if array.ndim not in (2, 3):
-        raise unreadable(path, f"unexpected decoded shape {array.shape}")
+    array = _decode(data, kind, path)
     return RawImage([array], list("YX" if array.ndim == 2 else "YXS"), kind)
 
 
@@ -278,6 +270,68 @@ def _open_file(path: str) -> RawImage:
     return _open_plain_file(path, kind)
 
 
+def _open_url(url: str) -> RawImage:
+    """A Zarr store or a single file at a remote URL (see :mod:`tilerseg.io.remote`):
+    Zarr through fsspec, TIFF lazily through an fsspec file, the others read whole."""
+    fs, path = remote.filesystem(url)
+    try:
+        folder = fs.isdir(path)
+        found = folder or fs.isfile(path)
+    except Exception as exc:  # noqa: BLE001 - an unreachable server, denied access...
+        raise unreadable(url, short_reason(exc)) from None
+    if folder:
+        if any(fs.exists(f"{path}/{m}") for m in ("zarr.json", ".zarray", ".zgroup")):
+            return zarr_input.read_zarr(url)
+        raise InvalidImageError(
+            f"{url} is a remote folder but not a Zarr store; folders and globs of TIFF "
+            "slices are read from local paths only")
+    if not found:
+        raise ImageNotFoundError(f"image {url} does not exist")
+    f = remote.open_file(url)
+    try:
+        head = f.read(16)
+        f.seek(0)
+        kind = next((k for magic, k in _MAGIC if head.startswith(magic)), None)
+        if kind == "tiff":
+            return tiff.read_tiff(url, file=f)
+        data = f.read() if kind is not None else b""
+    except TilersegError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a read failing midway
+        raise unreadable(url, short_reason(exc)) from None
+    if kind is None:
+        raise unreadable(url, "empty file (0 bytes)" if not head else
+                         f"not a TIFF, PNG, JPEG or .npy file (starts with {head[:8]!r})")
+    f.close()
+    if kind != "npy":
+        array = _decode(data, kind, url)
+        return RawImage([array], list("YX" if array.ndim == 2 else "YXS"), kind)
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:
+        raise unreadable(url, short_reason(exc)) from None
+    return RawImage([array], list(guess_axes(array.shape, url)), "npy")
+
+
+def _decode(data: bytes, kind: str, label: str) -> np.ndarray:
+    """Decode PNG or JPEG bytes."""
+    try:
+        import imagecodecs
+    except ImportError:
+        raise InvalidImageError(
+            f"{label}: reading {kind.upper()} needs the 'imagecodecs' package "
+            "(pip install imagecodecs)"
+        ) from None
+    decode = imagecodecs.png_decode if kind == "png" else imagecodecs.jpeg_decode
+    try:
+        array = np.asarray(decode(data))
+    except Exception as exc:
+        raise unreadable(label, short_reason(exc)) from None
+    if array.ndim not in (2, 3):
+        raise unreadable(label, f"unexpected decoded shape {array.shape}")
+    return array
+
+
 def open_image(source: Any, level: int = 0) -> ImageSource:
     """Open an image lazily: nothing but metadata and two pixels is read.
 
@@ -291,6 +345,10 @@ def open_image(source: Any, level: int = 0) -> ImageSource:
         ``"TCZYX"`` with T=1).
         Also a DICOM file, or a folder of one DICOM series read as a z-stack ordered by
         slice position (see :mod:`tilerseg.io.dicom`; needs ``tilerseg[dicom]``).
+        Or a URL of any fsspec protocol whose implementation is installed
+        (``file://`` is a local path; ``memory://``, ``s3://``, ``gs://``, ``https://``...):
+        a Zarr / OME-Zarr store, a TIFF read lazily (only the tiles a read needs are
+        fetched), or a ``.npy``, PNG or JPEG file (read whole).
     level : int
         Pyramid level to read, 0 for full resolution.
 
@@ -303,12 +361,13 @@ def open_image(source: Any, level: int = 0) -> ImageSource:
     Raises
     ------
     ImageNotFoundError
-        The file or folder does not exist, or the glob matches nothing.
+        The file, folder or URL does not exist, or the glob matches nothing.
     InvalidImageError
         The file is empty, truncated, corrupt, of unknown format, or has an unsupported
         dtype, number of dimensions or axis (e.g. more than one time point).
     InvalidArgumentError
-        ``level`` is not one of the image's levels, or ``source`` is of unknown type.
+        ``level`` is not one of the image's levels, ``source`` is of unknown type, or a
+        URL's protocol is unknown or needs a package that is not installed.
 
     Examples
     --------
@@ -323,7 +382,9 @@ def open_image(source: Any, level: int = 0) -> ImageSource:
         raise InvalidArgumentError(
             f"cannot open an image from a {type(source).__name__}: give a path or an array"
         )
-    path = os.fspath(source)
+    path = remote.local_path(source)  # a file:// URL is a local path
+    if remote.is_url(path):
+        return _finish(_open_url(path), path, path, level, probe=True)
     if not os.path.exists(path) and any(c in path for c in "*?["):
         files = [f for f in glob.glob(path) if os.path.isfile(f) or is_zarr_dir(f)]
         if not files:

@@ -121,13 +121,17 @@ def pixel_size(tif: tifffile.TiffFile) -> dict[str, float]:
     return {"Y": factor / yres, "X": factor / xres}
 
 
-def read_tiff(path: str) -> RawImage:
+def read_tiff(path: str, file: Any = None) -> RawImage:
     """Describe the first series of a TIFF file, with its pyramid levels, lazily.
 
     Parameters
     ----------
     path : str
-        TIFF, BigTIFF, OME-TIFF, ImageJ TIFF or Aperio SVS file.
+        TIFF, BigTIFF, OME-TIFF, ImageJ TIFF or Aperio SVS file (with ``file``: its name,
+        for messages).
+    file : binary file object, optional
+        The open, seekable file to read instead of opening ``path`` (e.g. an fsspec file
+        of a remote URL: only the bytes of the tiles read are fetched).
 
     Returns
     -------
@@ -141,7 +145,7 @@ def read_tiff(path: str) -> RawImage:
         interpret.
     """
     try:
-        tif = tifffile.TiffFile(path)
+        tif = tifffile.TiffFile(path if file is None else file)
     except Exception as exc:
         raise unreadable(path, short_reason(exc)) from None
     try:

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -65,6 +64,7 @@ import numpy as np
 import zarr
 
 from tilerseg.errors import InvalidArgumentError, OutputError
+from tilerseg.io import remote
 from tilerseg.io.pyramid import downsample, level_chunks, level_shapes, mean2
 from tilerseg.labels import label_dtype, labels_from_probabilities
 
@@ -152,7 +152,9 @@ class OutputSpec:
 
 def check_output_folder(path: str | os.PathLike) -> None:
     """Raise :class:`OutputError` unless the folder of output ``path`` exists and is
-    writable."""
+    writable (nothing is checked for a remote URL: object stores have no folders)."""
+    if remote.is_remote(path):
+        return
     parent = Path(os.path.abspath(os.fspath(path))).parent
     if not parent.is_dir():
         raise OutputError(f"output directory '{parent}' does not exist")
@@ -301,7 +303,9 @@ class OutputWriter:
     Parameters
     ----------
     path : str or os.PathLike
-        Final output directory (e.g. ``"cells.ome.zarr"``).
+        Final output directory (e.g. ``"cells.ome.zarr"``), or an fsspec URL
+        (``"s3://bucket/cells.ome.zarr"``; ``file://`` is a local path): see
+        :mod:`tilerseg.io.remote`.
     spec : OutputSpec
         What to write.
     overwrite : bool, default False
@@ -309,8 +313,8 @@ class OutputWriter:
 
     Attributes
     ----------
-    path : pathlib.Path
-        Absolute final path.
+    path : pathlib.Path or str
+        Absolute final path (a URL string for a remote output).
     spec : OutputSpec
         The spec.
     probabilities : zarr.Array or None
@@ -347,16 +351,16 @@ class OutputWriter:
                  staging: str | os.PathLike | None = None, existing: bool = False):
         _check_spec(spec)
         self.spec = spec
-        self.path = Path(os.path.abspath(os.fspath(path)))
+        self.path = remote.output_location(path)
         self.overwrite = overwrite
         self._attributes = _jsonable(dict(spec.attributes))
         self._shape = tuple(int(n) for n in spec.shape)
         self._chunks = level_chunks(spec.chunks, self._shape)
         self.eager = eager_level_count(self._shape, self._chunks, spec) if spec.pyramid else 0
         self._state = "open"
-        parent = self.path.parent
-        self.staging = (Path(os.path.abspath(os.fspath(staging))) if staging is not None
-                        else parent / f".{self.path.name}.partial-{uuid.uuid4().hex}")
+        hidden = f".{_name(self.path)}.partial-{uuid.uuid4().hex}"
+        self.staging = (remote.output_location(staging) if staging is not None
+                        else remote.sibling(self.path, hidden))
         self.probabilities: zarr.Array | None = None
         self.labels: zarr.Array | None = None
         if existing:
@@ -366,14 +370,14 @@ class OutputWriter:
                 raise OutputError(
                     f"cannot open the unfinished output '{self.staging}': {err}") from err
             return
-        if os.path.lexists(self.path) and not overwrite:
+        if remote.exists(self.path) and not overwrite:
             raise OutputError(f"output '{os.fspath(path)}' exists; pass --overwrite to replace it")
         check_output_folder(self.path)
         try:
             self._create()
         except BaseException as err:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            if isinstance(err, OSError):
+            remote.remove(self.staging, ignore_errors=True)
+            if isinstance(err, (OSError, NotImplementedError)):  # remote: a read-only protocol
                 raise OutputError(f"cannot write output '{self.path}': {err}") from err
             raise
 
@@ -446,7 +450,7 @@ class OutputWriter:
 
     def _open_existing(self) -> None:
         """Open level 0 and the eager levels of an unfinished output made by this spec."""
-        if not (self.staging / "zarr.json").is_file():
+        if not remote.exists(f"{self.staging}/zarr.json"):
             raise OSError(f"no Zarr group at '{self.staging}'")
         self.probabilities, self.labels = self._open_level(0)
         self._eager_arrays = {k: self._open_level(k) for k in range(1, self.eager + 1)}
@@ -690,28 +694,25 @@ class OutputWriter:
     def _move_into_place(self) -> None:
         """Rename the temporary directory to the final path (see :meth:`commit`)."""
         old = None
-        if os.path.lexists(self.path):
+        if remote.exists(self.path):
             if not self.overwrite:
                 raise OutputError(
                     f"output '{self.path}' exists; pass --overwrite to replace it "
                     f"(the new output is in '{self.staging}')"
                 )
-            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex}"
+            old = remote.sibling(self.path, f".{_name(self.path)}.old-{uuid.uuid4().hex}")
             try:
-                os.rename(self.path, old)
+                remote.move(self.path, old)
             except OSError as err:
                 raise OutputError(f"cannot replace output '{self.path}': {err}") from err
         try:
-            os.rename(self.staging, self.path)
+            remote.move(self.staging, self.path)
         except OSError as err:
             if old is not None:
-                os.rename(old, self.path)
+                remote.move(old, self.path)
             raise OutputError(f"cannot move output into '{self.path}': {err}") from err
         if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
+            remote.remove(old)
 
     def _reopen(self, name: str | None) -> zarr.Array | None:
         """Read-only array ``name`` of the committed output."""
@@ -728,7 +729,7 @@ class OutputWriter:
             return
         self._state = "aborted"
         self.probabilities = self.labels = None
-        shutil.rmtree(self.staging, ignore_errors=True)
+        remote.remove(self.staging, ignore_errors=True)
 
     def __enter__(self) -> OutputWriter:
         return self
@@ -743,13 +744,18 @@ class OutputWriter:
             self.abort()
 
 
+def _name(location: Path | str) -> str:
+    """The last component of a path or URL."""
+    return location.name if isinstance(location, Path) else location.rstrip("/").rsplit("/", 1)[-1]
+
+
 def open_output(path: str | os.PathLike) -> dict[str, Any]:
     """Open a tilerseg OME-Zarr output for reading.
 
     Parameters
     ----------
     path : str or os.PathLike
-        Output directory.
+        Output directory, or an fsspec URL.
 
     Returns
     -------

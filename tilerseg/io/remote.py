@@ -1,0 +1,301 @@
+"""fsspec URLs: remote inputs, and the few filesystem operations an output needs.
+
+A *location* is where an input or output lives: a local :class:`~pathlib.Path`, or a URL
+string on an fsspec filesystem (``memory://``, ``s3://``, ``gs://``, ``https://``...).
+``file://`` URLs are local paths (:func:`output_location` turns them into one), so they
+keep every guarantee of a local path. For the others this module gives the handful of
+operations the output's life needs, whatever the filesystem: :func:`exists`,
+:func:`remove`, :func:`move` and :func:`sibling`; Zarr reads and writes them through
+``zarr.storage.FsspecStore`` (zarr takes URL strings as stores).
+
+On an object store a "move" is a copy and a delete, not an atomic rename, and there are no
+exclusive-create lock files; so the engine refuses, for non-local outputs, what relies on
+them (``--resume``, ``--shard``, clusters): see :func:`check_remote_run`.
+
+Examples
+--------
+>>> is_url("s3://bucket/slide.tif"), is_url("/data/slide.tif"), is_remote("file:///tmp/a")
+(True, False, False)
+>>> sibling("memory://runs/out.zarr", ".out.zarr.partial-1")
+'memory://runs/.out.zarr.partial-1'
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tilerseg.errors import ImageNotFoundError, InvalidArgumentError, OutputError
+
+__all__ = [
+    "check_remote_run", "exists", "filesystem", "identity", "is_remote", "is_url",
+    "local_path", "move", "move_file", "open_file", "output_location", "protocol", "remove",
+    "sibling",
+]
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*(?:::[A-Za-z][A-Za-z0-9+.\-]*)*)://")
+_LOCAL_PROTOCOLS = ("file", "local")
+_EXTRA = 'pip install "tilerseg[remote]"'
+
+
+def is_url(path: Any) -> bool:
+    """Whether ``path`` is a string of the form ``protocol://...``."""
+    return isinstance(path, str) and _URL.match(path) is not None
+
+
+def protocol(url: str) -> str:
+    """The protocol of a URL (the last one of a chain such as ``simplecache::s3://``).
+
+    Examples
+    --------
+    >>> protocol("gs://bucket/a.zarr"), protocol("simplecache::s3://b/k")
+    ('gs', 's3')
+    """
+    match = _URL.match(url)
+    if match is None:
+        raise InvalidArgumentError(f"'{url}' is not a URL (protocol://...)")
+    return match.group(1).split("::")[-1].lower()
+
+
+def is_remote(path: Any) -> bool:
+    """Whether ``path`` is a URL that is not a local file (``file://``)."""
+    return is_url(path) and protocol(path) not in _LOCAL_PROTOCOLS
+
+
+def local_path(path: str | os.PathLike) -> str:
+    """A ``file://`` URL as an absolute local path; any other path unchanged.
+
+    Examples
+    --------
+    >>> local_path("file:///data/slide.tif"), local_path("/data/slide.tif")
+    ('/data/slide.tif', '/data/slide.tif')
+    """
+    text = os.fspath(path)
+    if is_url(text) and protocol(text) in _LOCAL_PROTOCOLS and "::" not in text:
+        text = text.split("://", 1)[1]
+        return os.path.abspath(text if text.startswith("/") else "/" + text)
+    return text
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """The fsspec filesystem of a URL, and the path on it.
+
+    Raises
+    ------
+    InvalidArgumentError
+        fsspec is not installed, the protocol is unknown, or its implementation package
+        (s3fs, gcsfs, adlfs...) is not installed: one line naming what to install.
+    """
+    try:
+        import fsspec.core
+    except ImportError:
+        raise InvalidArgumentError(f"{url}: reading and writing URLs needs fsspec ({_EXTRA})"
+                                   ) from None
+    name = protocol(url)
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        fs.invalidate_cache()  # listings cached earlier miss what zarr's own instance wrote
+        return fs, path
+    except ImportError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InvalidArgumentError(
+            f"{url}: the '{name}' protocol needs a package that is not installed ({reason})"
+        ) from None
+    except ValueError as err:
+        if "protocol not known" in str(err).lower():
+            raise InvalidArgumentError(
+                f"{url}: unknown URL protocol '{name}' (no fsspec implementation of it)"
+            ) from None
+        raise InvalidArgumentError(f"{url}: {err}") from None
+
+
+def open_file(url: str) -> Any:
+    """A seekable binary file object on a remote file, reading only what is asked for.
+
+    Remote filesystems read ahead in blocks of 256 KiB (fsspec's default is 5 MiB), so a
+    tile of a tiled TIFF fetches about the tile, not megabytes around it.
+
+    Raises
+    ------
+    ImageNotFoundError
+        There is no file at ``url``.
+    """
+    fs, path = filesystem(url)
+    try:
+        f = fs.open(path, "rb", block_size=1 << 18, cache_type="readahead")
+    except FileNotFoundError:
+        raise ImageNotFoundError(f"image {url} does not exist") from None
+    except TypeError:  # a filesystem that takes no block options
+        f = fs.open(path, "rb")
+    return _ReadOnly(f) if f.writable() else f  # memory:// files are BytesIO
+
+
+class _ReadOnly(io.RawIOBase):
+    """A file opened for reading that says so (tifffile writes to writable files)."""
+
+    def __init__(self, f: Any) -> None:
+        super().__init__()
+        self._f = f
+        self.name = getattr(f, "name", None) or getattr(f, "path", "")
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self._f.read(-1 if size is None else size)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._f.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def identity(url: str) -> dict[str, Any]:
+    """A remote input's identity without reading its pixels: the URL, and the number and
+    total size of the files that make it up (a Zarr store: its metadata files), with
+    their latest modification time where the filesystem reports one (else 0)."""
+    fs, path = filesystem(url)
+    names = ("zarr.json", ".zarray", ".zgroup", ".zattrs")
+    if fs.isdir(path):
+        infos = [i for i in fs.find(path, maxdepth=3, detail=True).values()
+                 if i["name"].rsplit("/", 1)[-1] in names]
+    else:
+        infos = [fs.info(path)]
+    mtimes = [_mtime_ns(i) for i in infos]
+    return {"path": url, "files": len(infos), "size": sum(int(i.get("size") or 0) for i in infos),
+            "mtime_ns": max(mtimes, default=0)}
+
+
+def _mtime_ns(info: dict[str, Any]) -> int:
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if hasattr(value, "timestamp"):
+            return int(value.timestamp() * 1e9)
+        if isinstance(value, (int, float)):
+            return int(value * 1e9)
+    return 0
+
+
+# -- output locations ---------------------------------------------------------------------
+
+
+def output_location(out: str | os.PathLike) -> Path | str:
+    """Where an output goes: a local absolute :class:`~pathlib.Path` (``file://`` URLs
+    included), or a remote URL string (its protocol checked to be usable).
+
+    Examples
+    --------
+    >>> output_location("file:///data/out.zarr").as_posix()
+    '/data/out.zarr'
+    >>> output_location("memory://runs/out.zarr")
+    'memory://runs/out.zarr'
+    """
+    if is_remote(out):
+        url = str(out).rstrip("/")
+        filesystem(url)
+        return url
+    return Path(os.path.abspath(local_path(out)))
+
+
+def exists(location: Path | str) -> bool:
+    """Whether anything is at ``location`` (a dangling symbolic link counts)."""
+    if is_url(location):
+        fs, path = filesystem(str(location))
+        return bool(fs.exists(path))
+    return os.path.lexists(location)
+
+
+def remove(location: Path | str, *, ignore_errors: bool = False) -> None:
+    """Delete whatever is at ``location`` (a folder or prefix recursively); nothing if
+    nothing is there. A local folder is removed ignoring errors, as ``shutil.rmtree``
+    does with ``ignore_errors``; ``ignore_errors`` extends that to everything."""
+    try:
+        if is_url(location):
+            fs, path = filesystem(str(location))
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+            return
+        path = Path(location)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            path.unlink()
+    except Exception:
+        if not ignore_errors:
+            raise
+
+
+def move(source: Path | str, target: Path | str) -> None:
+    """Move ``source`` to ``target`` (which must not exist): a rename on a local disk; on
+    a remote filesystem a copy of every file under ``source`` (server-side on object
+    stores), then the deletion of ``source``: not atomic."""
+    if is_url(source) != is_url(target):
+        raise OutputError(f"cannot move '{source}' to '{target}': not on one filesystem")
+    if not is_url(source):
+        os.rename(source, target)
+        return
+    fs, src = filesystem(str(source))
+    _, dst = filesystem(str(target))
+    files = [src] if fs.isfile(src) else sorted(fs.find(src))
+    if not files:
+        raise FileNotFoundError(f"nothing to move at {source}")
+    fs.copy(files, [dst + f[len(src):] for f in files])
+    fs.rm(src, recursive=True)
+
+
+def move_file(source: Path, target: Path | str) -> None:
+    """Move the local file ``source`` to ``target``, replacing a file there: ``os.replace``
+    on a local disk; for a URL an upload, then the deletion of ``source``."""
+    if not is_url(target):
+        os.replace(source, target)
+        return
+    fs, path = filesystem(str(target))
+    fs.put_file(os.fspath(source), path)
+    os.unlink(source)
+
+
+def sibling(location: Path | str, name: str) -> Path | str:
+    """The location named ``name`` in the same folder (or prefix) as ``location``."""
+    if is_url(location):
+        return f"{str(location).rstrip('/').rsplit('/', 1)[0]}/{name}"
+    return Path(location).with_name(name)
+
+
+def check_remote_run(out: str, *, resume: bool, shard: Any, in_process: bool) -> None:
+    """Refuse, in one line, what a run cannot do safely on a remote (non-``file://``)
+    output: resuming, sharding and clusters need lock files created atomically and a
+    work directory that other processes see.
+
+    Raises
+    ------
+    InvalidArgumentError
+        For ``resume``, a ``shard``, or an executor whose tasks run outside this process.
+    """
+    what = ("--resume" if resume else "--shard" if shard is not None
+            else "a cluster" if not in_process else None)
+    if what is not None:
+        raise InvalidArgumentError(
+            f"{what} is not supported with a remote output ({out}): it needs the atomic "
+            "lock files and renames of a local or shared filesystem; write to a local path "
+            "(or a file:// URL) and copy the finished store"
+        )
