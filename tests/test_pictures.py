@@ -502,15 +502,23 @@ def test_preview_refuses_an_explicit_image_that_does_not_exist(run, tmp_path, ca
     assert not png.exists()
 
 
+@pytest.fixture(scope="module")
+def plain_tiff_run(tmp_path_factory):
+    """A run on a 300 x 1000 TIFF without a pyramid (probabilities)."""
+    folder = tmp_path_factory.mktemp("plain")
+    image = np.random.default_rng(5).integers(0, 256, (300, 1000), dtype=np.uint8)
+    tifffile.imwrite(folder / "in.tif", image, photometric="minisblack")
+    return tilerseg.segment_to_zarr(folder / "in.tif", PerPixel(), folder / "o.zarr",
+                                    tile=64, output="probabilities", backend="torch")
+
+
 @pytest.mark.parametrize("region", [((40, 100), (32, 90)), ((41, 101), (33, 91)),
                                     ((3, 299), (1, 999)), ((101, 141), (5, 63))])
-def test_preview_region_of_a_strided_input_is_the_crop_of_the_whole_preview(tmp_path, region):
+def test_preview_region_of_a_strided_input_is_the_crop_of_the_whole_preview(plain_tiff_run,
+                                                                            region):
     """A TIFF without a pyramid, read every other pixel at output level 1: a region's
     picture is the crop of the whole picture at any offset, odd ones included."""
-    image = np.random.default_rng(5).integers(0, 256, (300, 1000), dtype=np.uint8)
-    tifffile.imwrite(tmp_path / "in.tif", image, photometric="minisblack")
-    out = tilerseg.segment_to_zarr(tmp_path / "in.tif", PerPixel(), tmp_path / "o.zarr",
-                                   tile=64, output="probabilities", backend="torch")
+    out = plain_tiff_run
     options = dict(size=500, show="probabilities", legend=False, scale_bar=False)
     whole = render_preview(out, **options)
     assert whole.level == 1 and whole.input_stride == 2
