@@ -273,7 +273,7 @@ def render_preview(
         where = f"z {plane}" + (f" (mean of planes {plane} to {last})"
                                 if channel and last > plane else "")
         if plane != z or (channel and last > plane):
-            notes.append(f"output level {k} has a plane per {2**k} planes: z {z} is drawn as "
+            notes.append(f"output level {k} keeps one plane in {2**k}: z {z} is drawn as "
                          + where)
     if channel:
         classes = int(level.shape[0])
