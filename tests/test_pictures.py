@@ -169,11 +169,24 @@ def test_preview_region_reads_the_overlapping_full_resolution_chunks(run, monkey
 def test_preview_draws_probabilities_over_the_input(run):
     folder, out = run
     picture = preview(out, show="probabilities", class_index=1, legend=False, scale_bar=False)
-    probs = tilerseg.io.writers.decode_probabilities(
-        tilerseg.io.writers.open_output(out)["probabilities"][1])
+    stored = np.asarray(tilerseg.io.writers.open_output(out)["probabilities"][1])
+    assert stored.dtype == np.uint8  # probability k / 255
     image = zarr.open_array(str(folder / "in.ome.zarr" / "0"), mode="r")[:]
-    expected = draw.blend(draw.grey(image), draw.colormap(probs), 0.6 * probs)
-    np.testing.assert_array_equal(picture, expected)
+    assert image.dtype == np.uint8  # drawn as its own grey level
+    # the reference: matplotlib's viridis at 0, 1/4, 1/2, 3/4 and 1 (#440154, #3b528b,
+    # #21918c, #5ec962, #fde725), each pixel the input's grey * (1 - a) + colour * a with
+    # a = 0.6 p; exact where p is one of those values, interpolated (within 21) elsewhere
+    known = np.array([0, 64, 128, 192, 255])
+    colours = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98),
+                        (253, 231, 37)], float)
+    colour = np.stack([np.interp(stored, known, colours[:, c]) for c in range(3)], axis=-1)
+    a = 0.6 * stored[..., None] / 255.0
+    expected = image[..., None] * (1 - a) + colour * a
+    error = np.abs(picture.astype(float) - expected)
+    at_known = np.isin(stored, known[1:4])
+    assert at_known.sum() > 100
+    assert error[at_known].max() <= 3
+    assert error.max() <= 0.6 * 21 + 1
 
 
 def test_preview_scale_bar_is_a_round_length_of_the_pixel_size(run):
@@ -428,3 +441,122 @@ def test_the_documentation_figures_are_generated(tmp_path):
     assert max(Image.open(paths[1]).size) == 900
     assert Image.open(paths[2]).size == (768, 1024)
     assert Image.open(paths[3]).size == (512, 384)
+
+
+# --- review fixes ----------------------------------------------------------------------------
+
+
+def test_preview_of_a_coarse_level_of_a_z_stack_draws_the_input_plane_of_the_result(
+        tmp_path, monkeypatch):
+    """The output halves Z: plane 1 of level 1 stands for plane 2 (labels: nearest) or the
+    mean of planes 2 and 3 (probabilities); the input and the legend follow it."""
+    stack = np.zeros((8, 160, 256), np.uint8)
+    for z in range(8):
+        stack[z, :, 32 * z:32 * z + 32] = 255  # plane z: bright columns 32z to 32z + 31
+    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")
+    out = tilerseg.segment_to_zarr(tmp_path / "stack.tif", PerPixel(), tmp_path / "o.zarr",
+                                   tile=CHUNK, output="both", backend="torch")
+    legends: list[list[str]] = []
+    original = draw.draw_text
+
+    def spy(picture, lines, **kwargs):
+        legends.append(list(lines))
+        return original(picture, lines, **kwargs)
+
+    monkeypatch.setattr(draw, "draw_text", spy)
+
+    def bright_columns(picture):
+        return set(np.nonzero(picture[..., 0].min(axis=0) > 128)[0].tolist())
+
+    def labelled_columns(result):
+        return set(np.nonzero((result.picture != 0).any(axis=(0, 2)))[0].tolist())
+
+    # level 0: plane 3 everywhere (columns 96 to 127)
+    fine = render_preview(out, size=2048, z=3, show="labels", legend=False, scale_bar=False)
+    assert fine.level == 0 and labelled_columns(fine) == set(range(96, 128))
+    # level 1 (columns halved): the labels of plane 2 are columns 32 to 47...
+    coarse = render_preview(out, size=128, z=3, show="labels", legend=False, scale_bar=False)
+    assert coarse.level == 1 and coarse.picture.shape == (80, 128, 3)
+    assert labelled_columns(coarse) == set(range(32, 48))
+    # ...and the input drawn under them is plane 2 too (opacity 0: the input alone)
+    under = render_preview(out, size=128, z=3, show="probabilities", opacity=0,
+                           legend=False, scale_bar=False)
+    assert bright_columns(under.picture) == set(range(32, 48))
+    legends.clear()
+    render_preview(out, size=128, z=3, show="labels", scale_bar=False)
+    assert "z 2" in legends[0][1] and "z 3" not in legends[0][1]
+    legends.clear()
+    render_preview(out, size=128, z=3, show="probabilities", scale_bar=False)
+    assert "mean of planes 2 to 3" in legends[0][1]
+
+
+def test_preview_refuses_an_explicit_image_that_does_not_exist(run, tmp_path, capsys):
+    _, out = run
+    missing = tmp_path / "nonexist.tif"
+    with pytest.raises(tilerseg.errors.ImageNotFoundError, match="nonexist.tif"):
+        render_preview(out, image=missing)
+    png = tmp_path / "e.png"
+    assert main(["preview", str(out), "-o", str(png), "--image", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tilerseg: error: ") and err.count("\n") == 1
+    assert not png.exists()
+
+
+@pytest.fixture(scope="module")
+def plain_tiff_run(tmp_path_factory):
+    """A run on a 300 x 1000 TIFF without a pyramid (probabilities)."""
+    folder = tmp_path_factory.mktemp("plain")
+    image = np.random.default_rng(5).integers(0, 256, (300, 1000), dtype=np.uint8)
+    tifffile.imwrite(folder / "in.tif", image, photometric="minisblack")
+    return tilerseg.segment_to_zarr(folder / "in.tif", PerPixel(), folder / "o.zarr",
+                                    tile=64, output="probabilities", backend="torch")
+
+
+@pytest.mark.parametrize("region", [((40, 100), (32, 90)), ((41, 101), (33, 91)),
+                                    ((3, 299), (1, 999)), ((101, 141), (5, 63))])
+def test_preview_region_of_a_strided_input_is_the_crop_of_the_whole_preview(plain_tiff_run,
+                                                                            region):
+    """A TIFF without a pyramid, read every other pixel at output level 1: a region's
+    picture is the crop of the whole picture at any offset, odd ones included."""
+    out = plain_tiff_run
+    options = dict(size=500, show="probabilities", legend=False, scale_bar=False)
+    whole = render_preview(out, **options)
+    assert whole.level == 1 and whole.input_stride == 2
+    # level-1 pixel i stands for full-resolution pixels 2i and 2i + 1
+    (y0, y1), (x0, x1) = region
+    crop = whole.picture[y0 // 2:-(-y1 // 2), x0 // 2:-(-x1 // 2)]
+    fits_at_level_1 = max(crop.shape[:2])
+    part = render_preview(out, region=region, **{**options, "size": fits_at_level_1})
+    assert part.level == 1 and part.input_stride == 2
+    np.testing.assert_array_equal(part.picture, crop)
+
+
+@pytest.mark.parametrize("stack, size", [(False, 200), (True, 300), (False, 64)])
+def test_plan_legend_lies_inside_small_pictures(small_model, tmp_path, caplog, stack, size):
+    if stack:
+        tifffile.imwrite(tmp_path / "s.tif", np.zeros((6, 100, 120), np.uint8),
+                         photometric="minisblack")
+        image = tmp_path / "s.tif"
+    else:
+        image = np.zeros((60, 50), np.uint8)
+    with caplog.at_level(logging.INFO, logger="tilerseg"):
+        drawn = plot_plan(image, small_model, tile=32, size=size, device="cpu")
+    bare = plot_plan(image, small_model, tile=32, size=size, device="cpu", legend=False)
+    legend = (drawn != bare).any(axis=-1)
+    if not legend.any():  # too small for any legend: said so
+        assert any("legend" in r.getMessage() for r in caplog.records)
+        return
+    rows, cols = np.nonzero(legend)
+    h, w = drawn.shape[:2]
+    assert rows.min() > 0 and cols.min() > 0 and rows.max() < h - 1 and cols.max() < w - 1
+
+
+def test_cli_info_plot_size_is_checked_before_anything_is_printed(tmp_path, capsys):
+    np.save(tmp_path / "img.npy", np.zeros((64, 64), np.uint8))
+    png = tmp_path / "plan.png"
+    assert main(["info", str(tmp_path / "img.npy"), "--model", "unet", "--device", "cpu",
+                 "--plot", str(png), "--plot-size", "10"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("tilerseg: error: --plot-size 10 ")
+    assert captured.err.count("\n") == 1 and not png.exists()

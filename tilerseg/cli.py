@@ -398,7 +398,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.plot:  # before the model loads: a missing extra or a bad path fails at once
         from .pictures.plan import check_plot_path
 
-        check_plot_path(args.plot, args.image)
+        check_plot_path(args.plot, args.image, args.plot_size)
     if args.image is None:
         print(describe_machine())
         return 0

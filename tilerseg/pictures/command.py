@@ -21,14 +21,11 @@ examples:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .draw import require_pillow, save_png
+    from .draw import png_path, require_pillow, save_png
     from .previews import parse_region, render_preview
 
     require_pillow()
-    if not args.out.lower().endswith(".png"):
-        from ..errors import InvalidArgumentError
-
-        raise InvalidArgumentError(f"-o {args.out!r} must end in .png")
+    png_path(args.out, "-o")
     region = parse_region(args.region) if args.region is not None else None
     result = render_preview(args.output, size=args.size, region=region, show=args.show,
                             class_index=args.class_index, z=args.z, image=args.image,

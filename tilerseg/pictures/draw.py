@@ -8,6 +8,7 @@ when one of those is needed.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -20,8 +21,13 @@ from ..errors import InvalidArgumentError
 __all__ = [
     "require_pillow", "grey", "colormap", "blend", "outlines", "class_colors",
     "instance_colors", "nice_length", "length_label", "scale_bar", "draw_text", "resize",
-    "save_png",
+    "png_path", "save_png",
 ]
+
+logger = logging.getLogger(__name__)
+
+SMALLEST_TEXT = 8
+"""The smallest font size (px) :func:`draw_text` shrinks a legend to."""
 
 _VIRIDIS = np.array([
     (68, 1, 84), (72, 40, 120), (62, 74, 137), (49, 104, 142), (38, 130, 142),
@@ -317,6 +323,8 @@ def draw_text(picture: np.ndarray, lines: Sequence[str], *, corner: str = "top-l
     corner : {"top-left", "top-right", "bottom-left", "bottom-right"}
     size : int, optional
         Font size in px (default: about 1/60 of the picture's longest side, 12 to 24).
+        Where the box would not fit inside the picture, the text is made smaller, down to
+        :data:`SMALLEST_TEXT` px; if it still does not fit, nothing is drawn (logged).
     swatches : sequence of RGB triples or None, optional
         A colour square before each line (None: no square on that line).
 
@@ -324,16 +332,33 @@ def draw_text(picture: np.ndarray, lines: Sequence[str], *, corner: str = "top-l
     -------
     numpy.ndarray
         A new picture.
+
+    Examples
+    --------
+    >>> picture = np.zeros((60, 300, 3), np.uint8)
+    >>> bool(draw_text(picture, ["a legend"]).any())   # drawn
+    True
+    >>> bool(draw_text(picture, ["a legend " * 20]).any())   # too wide even when small
+    False
     """
     PIL = require_pillow()
     size = size or int(np.clip(max(picture.shape[:2]) / 60, 12, 24))
-    font = _font(size)
     image = PIL.Image.fromarray(picture)
     draw = PIL.ImageDraw.Draw(image, "RGBA")
-    pad, gap = size // 2, size // 4
-    box = size if swatches else 0
-    width = max((draw.textlength(t, font=font) for t in lines), default=0) + box + 2 * pad
-    height = len(lines) * (size + gap) + 2 * pad - gap
+    while True:
+        font = _font(size)
+        pad, gap = size // 2, size // 4
+        box = size if swatches else 0
+        width = max((draw.textlength(t, font=font) for t in lines), default=0) + box + 2 * pad
+        height = len(lines) * (size + gap) + 2 * pad - gap
+        if width + 2 * pad <= picture.shape[1] and height + 2 * pad <= picture.shape[0]:
+            break
+        if size <= SMALLEST_TEXT:
+            logger.info("a %d x %d px picture is too small for its legend (%s...): "
+                        "not drawn", picture.shape[1], picture.shape[0], lines[0] if lines
+                        else "")
+            return picture.copy()
+        size -= 1
     y0 = pad if corner.startswith("top") else picture.shape[0] - height - pad
     x0 = pad if corner.endswith("left") else picture.shape[1] - width - pad
     draw.rectangle([x0, y0, x0 + width, y0 + height], fill=(0, 0, 0, 160))
@@ -401,6 +426,35 @@ def resize(picture: np.ndarray, shape: Sequence[int], *, nearest: bool = False) 
     return np.asarray(image.resize((int(shape[1]), int(shape[0])), method))
 
 
+def png_path(path: str | os.PathLike, what: str = "picture path") -> str:
+    """``path`` as a string, refused unless it ends in ``.png`` (any case).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    what : str
+        How the error names the path (a CLI flag, say).
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``path`` does not end in ``.png``.
+
+    Examples
+    --------
+    >>> png_path("plan.PNG")
+    'plan.PNG'
+    >>> png_path("plan.jpg", "--plot")
+    Traceback (most recent call last):
+    ...
+    tilerseg.errors.InvalidArgumentError: --plot 'plan.jpg' must end in .png
+    """
+    path = os.fspath(path)
+    if not path.lower().endswith(".png"):
+        raise InvalidArgumentError(f"{what} {path!r} must end in .png")
+    return path
+
+
 def save_png(picture: np.ndarray, path: str | os.PathLike) -> str:
     """Write an RGB picture as a PNG file.
 
@@ -420,8 +474,6 @@ def save_png(picture: np.ndarray, path: str | os.PathLike) -> str:
         Pillow is missing, or ``path`` does not end in ``.png``.
     """
     PIL = require_pillow()
-    path = os.fspath(path)
-    if not path.lower().endswith(".png"):
-        raise InvalidArgumentError(f"picture path {path!r} must end in .png")
+    path = png_path(path)
     PIL.Image.fromarray(np.ascontiguousarray(picture, dtype=np.uint8)).save(path, optimize=False)
     return path

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidArgumentError
-from . import draw
+from . import draw, sampling
 
 __all__ = ["plot_plan", "plot_tile", "save_plan", "check_plot_path", "GRID_COLOR",
            "MIRROR_TINT", "WINDOW_COLORS"]
@@ -29,6 +29,15 @@ MIRROR_TINT = (40, 90, 200)
 WINDOW_COLORS = ((255, 64, 64), (64, 255, 255), (255, 128, 255), (128, 255, 64))
 """Colours of the read windows drawn."""
 
+SMALLEST_PLAN = 64
+"""The smallest plan picture (px, longest side)."""
+
+
+def _check_size(size: Any, name: str) -> None:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) \
+            or size < SMALLEST_PLAN:
+        raise InvalidArgumentError(f"{name} must be an integer >= {SMALLEST_PLAN} (pixels)")
+
 
 def _prepared(image: Any, model: Any, tile: Any, level: int, channel: Any, device: str) -> Any:
     from ..engine.options import run_options
@@ -36,23 +45,6 @@ def _prepared(image: Any, model: Any, tile: Any, level: int, channel: Any, devic
 
     return prepare(image, model, run_options(tile=tile, device=device, normalize="none",
                                              level=level, channel=channel))
-
-
-def _plane_key(axes: str, shape: Sequence[int], base: Sequence[int], z: int | None,
-               rows: slice, cols: slice, channel: int) -> tuple[Any, ...]:
-    key: list[Any] = []
-    for a, letter in enumerate(axes):
-        if letter == "C":
-            key.append(channel)
-        elif letter == "Z":
-            key.append(0 if z is None else min(shape[a] - 1, z * shape[a] // max(base[a], 1)))
-        elif letter == "Y":
-            key.append(rows)
-        elif letter == "X":
-            key.append(cols)
-        else:
-            key.append(slice(None))
-    return tuple(key)
 
 
 def _low_resolution(p: Any, scale: float, z: int | None) -> tuple[np.ndarray, int, int]:
@@ -67,15 +59,11 @@ def _low_resolution(p: Any, scale: float, z: int | None) -> tuple[np.ndarray, in
     levels = s.levels or (s.shape,)
     arrays = list(s.level_data) or [s.data]
     base = levels[s.level]
-    wanted = 1.0 / scale  # downsampling wanted relative to the run's level
-    factors = [base[y] / lv[y] for lv in levels]
-    ok = [j for j in range(len(levels)) if j >= s.level and factors[j] <= wanted * 1.01]
-    j = max(ok, key=lambda i: factors[i]) if ok else s.level
-    stride = max(1, int(wanted / factors[j] + 1e-9))
+    j, stride = sampling.level_and_stride(levels, s.level, y, 1.0 / scale)
     shape = levels[j]
     channel = p.view.channels[0] if p.view.channels else 0
-    key = _plane_key(axes, shape, base, z, slice(0, shape[y], stride),
-                     slice(0, shape[x], stride), channel)
+    key = sampling.image_key(axes, shape, base, z, slice(0, shape[y], stride),
+                             slice(0, shape[x], stride), channel)
     return draw.grey(np.asarray(arrays[j][key])), j, stride
 
 
@@ -132,7 +120,8 @@ def plot_plan(
     z : int, optional
         The plane of a 3D image drawn under the plan (default: the middle one).
     legend : bool, default True
-        Draw the legend (top right).
+        Draw the legend (top right), in smaller text where the picture is small; not
+        drawn (logged) where even that does not fit.
 
     Returns
     -------
@@ -153,8 +142,7 @@ def plot_plan(
     (400, 307, 3)
     """
     PIL = draw.require_pillow()
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 64:
-        raise InvalidArgumentError(f"size={size!r} must be an integer >= 64 (pixels)")
+    _check_size(size, f"size={size!r}")
     if not 0 <= windows <= 4:
         raise InvalidArgumentError(f"windows={windows!r} must be within 0 to 4")
     p = _prepared(image, model, tile, level, channel, device)
@@ -375,19 +363,21 @@ def plot_tile(
     return picture
 
 
-def check_plot_path(path: str, image: Any = None) -> None:
-    """Refuse a picture path that cannot be written as PNG, or a plot without an image.
+def check_plot_path(path: str, image: Any = None, size: Any = None) -> None:
+    """Refuse a picture path that cannot be written as PNG, a plot without an image, or
+    a ``--plot-size`` that :func:`plot_plan` would refuse (before anything is done).
 
     Raises
     ------
     InvalidArgumentError
-        No image, ``path`` not ending in ``.png``, or Pillow missing.
+        No image, ``path`` not ending in ``.png``, ``size`` below 64 px, or Pillow missing.
     """
     draw.require_pillow()
     if image is None:
         raise InvalidArgumentError("--plot needs an IMAGE: tilerseg info IMAGE --plot PLAN.png")
-    if not str(path).lower().endswith(".png"):
-        raise InvalidArgumentError(f"--plot {str(path)!r} must end in .png")
+    draw.png_path(str(path), "--plot")
+    if size is not None:
+        _check_size(size, f"--plot-size {size}")
 
 
 def save_plan(path: str | Any, image: Any, model: Any, **options: Any) -> str:

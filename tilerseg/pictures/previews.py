@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidArgumentError, InvalidImageError, OutputError, TilersegError
-from . import draw
+from ..errors import (ImageNotFoundError, InvalidArgumentError, InvalidImageError, OutputError,
+                      TilersegError)
+from . import draw, sampling
 
 __all__ = ["preview", "render_preview", "Preview", "LAYERS", "parse_region"]
 
@@ -129,10 +130,11 @@ def _recorded_input(attrs: dict[str, Any]) -> str | None:
     return given
 
 
-def _choose_level(extents: Sequence[int], levels: int, size: int) -> int:
-    """The finest level at which ``extents`` (level-0 rows, columns) fit ``size`` px."""
+def _choose_level(region: Sequence[tuple[int, int]], levels: int, size: int) -> int:
+    """The finest level at which ``region`` (level-0 rows, columns) fits ``size`` px: at
+    level ``k`` it covers pixels ``lo >> k`` to ``ceil(hi / 2**k)``."""
     for k in range(levels):
-        if max(-(-n // 2**k) for n in extents) <= size:
+        if max(-(-hi // 2**k) - (lo >> k) for lo, hi in region) <= size:
             return k
     return levels - 1
 
@@ -146,7 +148,12 @@ def _read_input(path: str, run_level: int, level: int, shape0: Sequence[int],
                 picture_shape: Sequence[int], region: Sequence[tuple[int, int]],
                 z: int | None, channels: Sequence[int]
                 ) -> tuple[np.ndarray, int, int, list[str]]:
-    """The input under the picture: (RGB picture, input level, stride, notes)."""
+    """The input under the picture: (RGB picture, input level, stride, notes).
+
+    ``z`` is the full-resolution plane drawn. Read strided, the samples are those of the
+    whole picture (every ``stride``-th pixel from the level's first), so a region's
+    picture is the crop of the whole one.
+    """
     from ..io import open_image
 
     notes: list[str] = []
@@ -167,33 +174,26 @@ def _read_input(path: str, run_level: int, level: int, shape0: Sequence[int],
         raise InvalidImageError(
             f"image {path} level {run_level} is {base[y]} x {base[axes.index('X')]} px; the "
             f"output is {shape0[-2]} x {shape0[-1]} px")
-    wanted = 2.0**level  # downsampling relative to the run's level
-    factors = [base[y] / s[y] for s in levels]
-    finer = [j for j in range(len(levels)) if j >= run_level and factors[j] <= wanted * 1.01]
-    j = max(finer, key=lambda i: factors[i])
+    j, stride = sampling.level_and_stride(levels, run_level, y, 2.0**level)
     if j != source.level:
         source = open_image(path, level=j)
-    stride = max(1, int(wanted / factors[j] + 1e-9))
     if stride > 1:
         notes.append(f"the input has no level of 1/{2**level} resolution: level {j} was "
                      f"read every {stride} pixels")
     shape = levels[j]
-    key: list[Any] = []
-    for a, letter in enumerate(axes):
-        if letter == "C":
-            key.append(int(channels[0]) if channels else 0)
-        elif letter == "Z":
-            nz = shape[a]
-            zz = 0 if z is None else min(nz - 1, z * nz // max(base[a], 1))
-            key.append(zz)
-        elif letter in "YX":
-            r = shape[a] / base[a]
-            lo, hi = region[0] if letter == "Y" else region[1]
-            start, stop = int(math.floor(lo * r)), min(shape[a], int(math.ceil(hi * r)))
-            key.append(slice(start, max(stop, start + 1), stride))
-        else:  # S: RGB samples
-            key.append(slice(None))
-    data = np.asarray(source.data[tuple(key)])
+    spans = []
+    for letter, (lo, hi), n in zip("YX", region, picture_shape):
+        a = axes.index(letter)
+        r = shape[a] / base[a]
+        # on the whole picture's grid of samples, and as many as the picture has pixels
+        # (unless this level's steps are not a multiple of the output's)
+        start = int(math.floor(lo * r)) // stride * stride
+        covering = -(-(max(int(math.ceil(hi * r)), start + 1) - start) // stride)
+        count = n if abs(covering - n) <= 1 else covering
+        spans.append(slice(start, min(shape[a], start + count * stride), stride))
+    key = sampling.image_key(axes, shape, base, z, spans[0], spans[1],
+                             int(channels[0]) if channels else 0)
+    data = np.asarray(source.data[key])
     rgb = draw.grey(data)
     return draw.resize(rgb, picture_shape), j, stride, notes
 
@@ -258,14 +258,23 @@ def render_preview(
             raise InvalidArgumentError(f"z={z!r} is not a plane of the output (0 to {nz - 1})")
     elif z not in (None, 0):
         raise InvalidArgumentError(f"z={z!r} given for a 2D output")
-    extents = [b - a for a, b in region]
-    k = _choose_level(extents, len(arrays), int(size))
+    k = _choose_level(region, len(arrays), int(size))
     level = arrays[k]
     lshape = tuple(int(n) for n in level.shape[channel:])
     key: list[Any] = [_level_slice(a, b, k, n) for (a, b), n in zip(region, lshape[-2:])]
-    if nd == 3:
-        key.insert(0, min(z >> k, lshape[0] - 1))
     notes: list[str] = []
+    plane, where = None, ""
+    if nd == 3:
+        # the output halves Z too: plane z >> k of level k is full-resolution plane
+        # (z >> k) << k for labels (subsampled), the mean of 2^k planes for probabilities
+        key.insert(0, min(z >> k, lshape[0] - 1))
+        plane = key[0] << k
+        last = min(nz, plane + 2**k) - 1
+        where = f"z {plane}" + (f" (mean of planes {plane} to {last})"
+                                if channel and last > plane else "")
+        if plane != z or (channel and last > plane):
+            notes.append(f"output level {k} keeps one plane in {2**k}: z {z} is drawn as "
+                         + where)
     if channel:
         classes = int(level.shape[0])
         if class_index is None:
@@ -285,12 +294,14 @@ def render_preview(
     if source is None:
         notes.append("the input was an in-memory array: the result is drawn alone")
     elif not os.path.exists(source) and not any(c in source for c in "*?["):
+        if image is not None:  # given explicitly: a mistake, not a moved input
+            raise ImageNotFoundError(f"image {source} does not exist")
         notes.append(f"the input {source} is gone: the result is drawn alone")
     else:
         try:
             base, input_level, stride, more = _read_input(
                 source, int(attrs.get("input", {}).get("level", 0)), k, spatial, picture_shape,
-                region, z, attrs.get("input", {}).get("channels") or [])
+                region, plane, attrs.get("input", {}).get("channels") or [])
             notes += more
         except TilersegError as err:
             if image is not None:
@@ -336,7 +347,7 @@ def render_preview(
         if px is not None:
             picture = draw.scale_bar(picture, px / factor)
     if legend and min(picture.shape[:2]) >= 64:
-        lines = [title, f"output level {k} (1/{2**k})" + (f", z {z}" if nd == 3 else "")]
+        lines = [title, f"output level {k} (1/{2**k})" + (f", {where}" if where else "")]
         swatches: list[Any] = [None, None]
         if show == "labels":
             for c in classes_shown[:6]:
@@ -378,16 +389,21 @@ def preview(
     show : {"probabilities", "labels", "instances"}, optional
         The layer: probabilities as a colour map blended over the grey input (opacity
         proportional to the probability), labels as class outlines, instances in
-        distinct colours (touching objects never share one) with outlines. Default:
-        instances if the output has them, else labels, else probabilities.
+        distinct colours with outlines (touching objects do not share a colour where each
+        has fewer neighbours than :data:`~tilerseg.pictures.draw.INSTANCE_PALETTE` has
+        colours, 12). Default: instances if the output has them, else labels, else
+        probabilities.
     class_index : int, optional
         The class whose probability is shown (default: the run's foreground class).
     z : int, optional
         The plane of a 3D output, in full-resolution planes (default: the middle one).
+        Below level 0 the output has one plane per ``2**level``: the picture shows plane
+        ``(z >> level) << level`` of the input and of labels, and for probabilities the
+        mean of the ``2**level`` planes from there (the legend says which).
     image : str or os.PathLike, optional
         The input to draw under the result (default: the run's input, from the output's
         metadata). When the recorded input is gone, the result is drawn alone with a
-        logged warning.
+        logged warning; an ``image`` that does not exist is refused.
     opacity : float, default 0.6
         Opacity of the result over the input.
     scale_bar : bool, default True
@@ -404,6 +420,8 @@ def preview(
     ------
     OutputError
         ``output`` is not a tilerseg output.
+    ImageNotFoundError
+        ``image`` does not exist.
     InvalidArgumentError
         An unknown or missing layer, a region outside the image, a bad class, plane or
         size, or Pillow missing (``pip install "tilerseg[plot]"``).
