@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 pytest.importorskip("pydicom")
 
 import tilerseg  # noqa: E402
-from tests.dicom_files import write_dicom, write_series  # noqa: E402
+from tests.dicom_files import rle_compress, write_dicom, write_series  # noqa: E402
 from tests.reference import one_shot_reference  # noqa: E402
 from tilerseg.cli import main  # noqa: E402
 from tilerseg.errors import InvalidArgumentError, InvalidImageError  # noqa: E402
@@ -355,3 +356,39 @@ def test_compressed_dicom_decodes_or_names_the_missing_decoder(tmp_path: Path,
     with pytest.raises(InvalidImageError, match=r"compressed DICOM \(JPEG-LS Lossless Image "
                        r"Compression\) needs a decoder that is not installed: pylibjpeg"):
         tilerseg.open_image(tmp_path / "jpegls.dcm")
+
+
+def test_a_slice_failing_to_decode_during_a_run_is_one_line_with_the_reason(
+        tmp_path: Path, model_file: Path, capsys: pytest.CaptureFixture) -> None:
+    volume = np.random.default_rng(10).integers(0, 2000, (3, 40, 40)).astype(np.uint16)
+    paths = write_series(tmp_path / "ser", volume, [0, 1, 2])
+    rle_compress(paths[1], volume[1], segments=7)  # the RLE header claims 7 segments, not 2
+    image = tilerseg.open_image(tmp_path / "ser")  # opening decodes the first and last only
+    np.testing.assert_array_equal(image.data[2], volume[2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status, _, err = _run(["run", str(tmp_path / "ser"), "-o", str(tmp_path / "o.zarr"),
+                               "--model", str(model_file), "--tile", "32", "--device", "cpu",
+                               "--backend", "torch", "-q"], capsys)
+    line = _one_error_line(status, err)
+    assert line.startswith(f"tilerseg: error: {paths[1]} is not a readable image: cannot "
+                           "decode pixel data ("), line
+    assert "(7 vs. 2 segments)" in line, line  # pydicom's reason, not only its preamble
+    assert not [w for w in caught if "pydicom" in w.filename], [str(w.message) for w in caught]
+
+
+def test_a_pydicom_warning_while_decoding_is_one_line(tmp_path: Path, model_file: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    stored = np.random.default_rng(11).integers(0, 2000, (40, 40)).astype(np.uint16)
+    path = rle_compress(write_dicom(tmp_path / "padded.dcm", stored), stored, extra_rows=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status, _, err = _run(["run", str(path), "-o", str(tmp_path / "o.zarr"), "--model",
+                               str(model_file), "--tile", "32", "--device", "cpu",
+                               "--backend", "torch", "-q"], capsys)
+        np.testing.assert_array_equal(tilerseg.open_image(path).data[:], stored)
+    assert status == 0, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"tilerseg: warning: {path}: "), err
+    assert "non-conformant padding" in lines[0]
+    assert not [w for w in caught if "pydicom" in w.filename], [str(w.message) for w in caught]
