@@ -392,3 +392,21 @@ def test_a_pydicom_warning_while_decoding_is_one_line(tmp_path: Path, model_file
     assert len(lines) == 1 and lines[0].startswith(f"tilerseg: warning: {path}: "), err
     assert "non-conformant padding" in lines[0]
     assert not [w for w in caught if "pydicom" in w.filename], [str(w.message) for w in caught]
+
+
+def test_a_series_folder_holding_a_zarr_output_is_still_the_series(
+        tmp_path: Path, model_file: Path, capsys: pytest.CaptureFixture) -> None:
+    volume = np.random.default_rng(12).integers(0, 2000, (3, 40, 40)).astype(np.uint16)
+    write_series(tmp_path / "ser", volume, [1, 2, 0])
+    out = tmp_path / "ser" / "lab.zarr"
+    args = ["run", str(tmp_path / "ser"), "-o", str(out), "--output", "labels", "--model",
+            str(model_file), "--tile", "32", "--device", "cpu", "--backend", "torch", "-q"]
+    status, _, err = _run(args, capsys)
+    assert status == 0, err
+    first = open_output(out)["labels"][:]
+    image = tilerseg.open_image(tmp_path / "ser")  # the folder now also holds one .zarr
+    assert (image.format, image.shape) == ("dicom-series", (3, 40, 40))
+    np.testing.assert_array_equal(image.data[:], volume)
+    status, _, err = _run([*args, "--overwrite"], capsys)
+    assert status == 0, err
+    np.testing.assert_array_equal(open_output(out)["labels"][:], first)  # the same input
