@@ -115,6 +115,45 @@ def test_enhanced_multi_frame_functional_groups(tmp_path: Path) -> None:
     np.testing.assert_array_equal(image.data[:], expected)
 
 
+def test_multi_frame_file_with_shuffled_frame_positions_is_ordered_lazily(
+        tmp_path: Path, monkeypatch) -> None:
+    import pydicom.pixels
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    def item(**tags) -> Dataset:
+        ds = Dataset()
+        for name, value in tags.items():
+            setattr(ds, name, value)
+        return ds
+
+    z_mm = [4.0, 0.0, 6.0, 2.0]  # frame k lies at z_mm[k]: stored out of spatial order
+    stored = np.random.default_rng(13).integers(0, 1000, (4, 10, 12)).astype(np.uint16)
+    shared = item(PlaneOrientationSequence=Sequence([item(
+        ImageOrientationPatient=[1, 0, 0, 0, 1, 0])]))
+    per_frame = [item(PlanePositionSequence=Sequence([item(ImagePositionPatient=[5, 5, z])]),
+                      PixelValueTransformationSequence=Sequence([item(
+                          RescaleSlope=1 + k, RescaleIntercept=0)]))
+                 for k, z in enumerate(z_mm)]
+    path = write_dicom(tmp_path / "shuffled.dcm", stored, frames=True,
+                       SharedFunctionalGroupsSequence=Sequence([shared]),
+                       PerFrameFunctionalGroupsSequence=Sequence(per_frame))
+    calls = []
+    real = pydicom.pixels.pixel_array
+    monkeypatch.setattr(pydicom.pixels, "pixel_array",
+                        lambda src, **kw: calls.append(kw.get("index")) or real(src, **kw))
+    image = tilerseg.open_image(path)
+    assert (image.axes, image.shape) == ("ZYX", (4, 10, 12))
+    assert image.pixel_size["Z"] == pytest.approx(2000.0)
+    calls.clear()
+    # plane 1 lies at z = 2 mm: stored frame 3, with frame 3's rescale slope (4)
+    np.testing.assert_array_equal(image.data[1], stored[3].astype(np.int64) * 4)
+    assert calls == [3]  # only that frame is decoded
+    slopes = np.arange(1, 5)[:, None, None]
+    spatial = np.argsort(z_mm)  # stored frames in spatial order: [1, 3, 0, 2]
+    np.testing.assert_array_equal(image.data[:], (stored.astype(np.int64) * slopes)[spatial])
+
+
 def test_series_in_shuffled_file_order_is_ordered_by_position(tmp_path: Path) -> None:
     volume = np.random.default_rng(2).integers(0, 3000, (5, 24, 16)).astype(np.uint16)
     order = [3, 0, 4, 1, 2]  # file f holds plane order[f]; names and InstanceNumber follow f

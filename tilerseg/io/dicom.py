@@ -8,8 +8,10 @@ are kept in a small cache.
 
 What is read, and how:
 
-- Axes: ``YX`` for one frame, ``ZYX`` for a multi-frame file (frames in stored order) or a
-  series, ``YXS`` / ``ZYXS`` for colour (SamplesPerPixel 3; YBR is converted to RGB).
+- Axes: ``YX`` for one frame, ``ZYX`` for a multi-frame file or a series, ``YXS`` /
+  ``ZYXS`` for colour (SamplesPerPixel 3; YBR is converted to RGB). The frames of a
+  multi-frame file are ordered along the slice normal when every frame has a distinct
+  position (PlanePositionSequence), else kept in stored order.
 - A series (a folder) is ordered by ImagePositionPatient projected on the slice normal
   (the cross product of ImageOrientationPatient's row and column directions), else by
   InstanceNumber, else by file name. Files of more than one SeriesInstanceUID, of other
@@ -501,7 +503,8 @@ def _position_step(positions: Sequence[Sequence[float]], normal: Sequence[float]
 
 
 def read_dicom(path: str) -> RawImage:
-    """Describe a DICOM file, lazily: one frame (``YX``) or several (``ZYX``).
+    """Describe a DICOM file, lazily: one frame (``YX``) or several (``ZYX``, ordered along
+    the slice normal when every frame has a distinct position, else in stored order).
 
     Parameters
     ----------
@@ -523,7 +526,13 @@ def read_dicom(path: str) -> RawImage:
     """
     header = _read_header(path)
     if header.frames > 1:
-        frames = [(path, k, *header.rescale[k]) for k in range(header.frames)]
+        order = list(range(header.frames))
+        if header.positions is not None and header.normal is not None:
+            spatial, same = _order_of([float(np.dot(p, header.normal))
+                                       for p in header.positions])
+            if same is None:  # else (e.g. frames over time at one position): stored order
+                order = spatial
+        frames = [(path, k, *header.rescale[k]) for k in order]
     else:
         frames = [(path, None, *header.rescale[0])]
     z = None
@@ -543,14 +552,24 @@ def _series_order(headers: list[_Header], label: str) -> list[_Header]:
         what = "InstanceNumber"
     else:
         return headers
-    order = sorted(range(len(headers)), key=lambda i: keys[i])
+    order, same = _order_of(keys)
+    if same is not None:
+        a, b = same
+        raise InvalidImageError(
+            f"{label}: {os.path.basename(headers[a].path)} and "
+            f"{os.path.basename(headers[b].path)} have the same {what} ({keys[a]:g}); a "
+            "series must have one image per slice")
+    return [headers[i] for i in order]
+
+
+def _order_of(keys: Sequence[float]) -> tuple[list[int], tuple[int, int] | None]:
+    """The indices that sort ``keys`` (slice positions along the normal, in mm), and the
+    first two indices whose keys are equal (within 1e-4), if any."""
+    order = sorted(range(len(keys)), key=lambda i: keys[i])
     for a, b in zip(order, order[1:]):
         if np.isclose(keys[a], keys[b], rtol=0, atol=1e-4):
-            raise InvalidImageError(
-                f"{label}: {os.path.basename(headers[a].path)} and "
-                f"{os.path.basename(headers[b].path)} have the same {what} ({keys[a]:g}); a "
-                "series must have one image per slice")
-    return [headers[i] for i in order]
+            return order, (a, b)
+    return order, None
 
 
 def read_dicom_series(files: Sequence[str], label: str) -> RawImage:
