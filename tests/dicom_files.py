@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["write_dicom", "write_series"]
+__all__ = ["rle_compress", "write_dicom", "write_series"]
 
 
 def write_dicom(path: Path, pixels: np.ndarray, *, frames: bool = False,
@@ -71,3 +71,30 @@ def write_series(folder: Path, volume: np.ndarray, order: Sequence[int], *,
             ImagePositionPatient=[-50.0, -40.0, z0 + dz * z],
             ImageOrientationPatient=[1, 0, 0, 0, 1, 0], **tags))
     return paths
+
+
+def rle_compress(path: Path, pixels: np.ndarray, *, segments: int | None = None,
+                 extra_rows: int = 0) -> Path:
+    """Rewrite the single-frame DICOM file ``path`` as RLE Lossless with pydicom's own RLE
+    encoder. ``segments`` overwrites the segment count in the RLE header (a corrupt
+    header); ``extra_rows`` encodes that many more rows than the file declares (decoded
+    segments longer than the frame: non-conformant padding)."""
+    import struct
+
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+    from pydicom.uid import RLELossless
+
+    ds = pydicom.dcmread(path)
+    rows = int(ds.Rows)
+    if extra_rows:
+        pixels = np.concatenate([pixels, pixels[:extra_rows]])
+        ds.Rows = rows + extra_rows
+    ds.compress(RLELossless, np.ascontiguousarray(pixels))
+    ds.Rows = rows
+    if segments is not None:
+        frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+        frame[:4] = struct.pack("<I", segments)
+        ds.PixelData = encapsulate([bytes(frame)])
+    ds.save_as(path)
+    return Path(path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 pytest.importorskip("pydicom")
 
 import tilerseg  # noqa: E402
-from tests.dicom_files import write_dicom, write_series  # noqa: E402
+from tests.dicom_files import rle_compress, write_dicom, write_series  # noqa: E402
 from tests.reference import one_shot_reference  # noqa: E402
 from tilerseg.cli import main  # noqa: E402
 from tilerseg.errors import InvalidArgumentError, InvalidImageError  # noqa: E402
@@ -112,6 +113,45 @@ def test_enhanced_multi_frame_functional_groups(tmp_path: Path) -> None:
     assert image.pixel_size == pytest.approx({"Z": 2000.0, "Y": 300.0, "X": 400.0})
     expected = stored.astype(np.int64) * np.array([1, 2, 3])[:, None, None] - 100
     np.testing.assert_array_equal(image.data[:], expected)
+
+
+def test_multi_frame_file_with_shuffled_frame_positions_is_ordered_lazily(
+        tmp_path: Path, monkeypatch) -> None:
+    import pydicom.pixels
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    def item(**tags) -> Dataset:
+        ds = Dataset()
+        for name, value in tags.items():
+            setattr(ds, name, value)
+        return ds
+
+    z_mm = [4.0, 0.0, 6.0, 2.0]  # frame k lies at z_mm[k]: stored out of spatial order
+    stored = np.random.default_rng(13).integers(0, 1000, (4, 10, 12)).astype(np.uint16)
+    shared = item(PlaneOrientationSequence=Sequence([item(
+        ImageOrientationPatient=[1, 0, 0, 0, 1, 0])]))
+    per_frame = [item(PlanePositionSequence=Sequence([item(ImagePositionPatient=[5, 5, z])]),
+                      PixelValueTransformationSequence=Sequence([item(
+                          RescaleSlope=1 + k, RescaleIntercept=0)]))
+                 for k, z in enumerate(z_mm)]
+    path = write_dicom(tmp_path / "shuffled.dcm", stored, frames=True,
+                       SharedFunctionalGroupsSequence=Sequence([shared]),
+                       PerFrameFunctionalGroupsSequence=Sequence(per_frame))
+    calls = []
+    real = pydicom.pixels.pixel_array
+    monkeypatch.setattr(pydicom.pixels, "pixel_array",
+                        lambda src, **kw: calls.append(kw.get("index")) or real(src, **kw))
+    image = tilerseg.open_image(path)
+    assert (image.axes, image.shape) == ("ZYX", (4, 10, 12))
+    assert image.pixel_size["Z"] == pytest.approx(2000.0)
+    calls.clear()
+    # plane 1 lies at z = 2 mm: stored frame 3, with frame 3's rescale slope (4)
+    np.testing.assert_array_equal(image.data[1], stored[3].astype(np.int64) * 4)
+    assert calls == [3]  # only that frame is decoded
+    slopes = np.arange(1, 5)[:, None, None]
+    spatial = np.argsort(z_mm)  # stored frames in spatial order: [1, 3, 0, 2]
+    np.testing.assert_array_equal(image.data[:], (stored.astype(np.int64) * slopes)[spatial])
 
 
 def test_series_in_shuffled_file_order_is_ordered_by_position(tmp_path: Path) -> None:
@@ -355,3 +395,57 @@ def test_compressed_dicom_decodes_or_names_the_missing_decoder(tmp_path: Path,
     with pytest.raises(InvalidImageError, match=r"compressed DICOM \(JPEG-LS Lossless Image "
                        r"Compression\) needs a decoder that is not installed: pylibjpeg"):
         tilerseg.open_image(tmp_path / "jpegls.dcm")
+
+
+def test_a_slice_failing_to_decode_during_a_run_is_one_line_with_the_reason(
+        tmp_path: Path, model_file: Path, capsys: pytest.CaptureFixture) -> None:
+    volume = np.random.default_rng(10).integers(0, 2000, (3, 40, 40)).astype(np.uint16)
+    paths = write_series(tmp_path / "ser", volume, [0, 1, 2])
+    rle_compress(paths[1], volume[1], segments=7)  # the RLE header claims 7 segments, not 2
+    image = tilerseg.open_image(tmp_path / "ser")  # opening decodes the first and last only
+    np.testing.assert_array_equal(image.data[2], volume[2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status, _, err = _run(["run", str(tmp_path / "ser"), "-o", str(tmp_path / "o.zarr"),
+                               "--model", str(model_file), "--tile", "32", "--device", "cpu",
+                               "--backend", "torch", "-q"], capsys)
+    line = _one_error_line(status, err)
+    assert line.startswith(f"tilerseg: error: {paths[1]} is not a readable image: cannot "
+                           "decode pixel data ("), line
+    assert "(7 vs. 2 segments)" in line, line  # pydicom's reason, not only its preamble
+    assert not [w for w in caught if "pydicom" in w.filename], [str(w.message) for w in caught]
+
+
+def test_a_pydicom_warning_while_decoding_is_one_line(tmp_path: Path, model_file: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    stored = np.random.default_rng(11).integers(0, 2000, (40, 40)).astype(np.uint16)
+    path = rle_compress(write_dicom(tmp_path / "padded.dcm", stored), stored, extra_rows=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status, _, err = _run(["run", str(path), "-o", str(tmp_path / "o.zarr"), "--model",
+                               str(model_file), "--tile", "32", "--device", "cpu",
+                               "--backend", "torch", "-q"], capsys)
+        np.testing.assert_array_equal(tilerseg.open_image(path).data[:], stored)
+    assert status == 0, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"tilerseg: warning: {path}: "), err
+    assert "non-conformant padding" in lines[0]
+    assert not [w for w in caught if "pydicom" in w.filename], [str(w.message) for w in caught]
+
+
+def test_a_series_folder_holding_a_zarr_output_is_still_the_series(
+        tmp_path: Path, model_file: Path, capsys: pytest.CaptureFixture) -> None:
+    volume = np.random.default_rng(12).integers(0, 2000, (3, 40, 40)).astype(np.uint16)
+    write_series(tmp_path / "ser", volume, [1, 2, 0])
+    out = tmp_path / "ser" / "lab.zarr"
+    args = ["run", str(tmp_path / "ser"), "-o", str(out), "--output", "labels", "--model",
+            str(model_file), "--tile", "32", "--device", "cpu", "--backend", "torch", "-q"]
+    status, _, err = _run(args, capsys)
+    assert status == 0, err
+    first = open_output(out)["labels"][:]
+    image = tilerseg.open_image(tmp_path / "ser")  # the folder now also holds one .zarr
+    assert (image.format, image.shape) == ("dicom-series", (3, 40, 40))
+    np.testing.assert_array_equal(image.data[:], volume)
+    status, _, err = _run([*args, "--overwrite"], capsys)
+    assert status == 0, err
+    np.testing.assert_array_equal(open_output(out)["labels"][:], first)  # the same input

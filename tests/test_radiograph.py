@@ -80,3 +80,25 @@ def test_a_bad_window_is_one_line(text: str, tmp_path: Path,
     assert not (tmp_path / "x.tilerseg.zarr").exists()
     with pytest.raises(InvalidArgumentError):
         parse_window(text)
+
+
+def test_a_negative_window_centre_as_a_separate_argument(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "ct.tif"
+    tifffile.imwrite(path, np.arange(-1024, 1024, dtype=np.int16).reshape(32, 64))
+    torch.manual_seed(0)
+    tilerseg.save_model(tilerseg.create_model("unet", depth=2, base_channels=2),
+                        tmp_path / "model.pt")
+    for how in (["--window", "-600,1500"], ["--window=-600,1500"]):
+        out = tmp_path / f"out{len(how)}.zarr"
+        status = main(["run", str(path), "-o", str(out), "--model", str(tmp_path / "model.pt"),
+                       "--tile", "32",
+                       *how, "--device", "cpu", "--backend", "torch", "-q"])
+        assert status == 0, capsys.readouterr().err
+        assert open_output(out)["attributes"]["normalization"] == {
+            "method": "window", "low": -1350.0, "high": 150.0}
+    # an option after --window is still an option, not its value
+    with pytest.raises(SystemExit) as stop:
+        main(["run", str(path), "--model", "unet", "--window", "--device", "cpu"])
+    assert stop.value.code == 2
+    assert "--window: expected one argument" in capsys.readouterr().err

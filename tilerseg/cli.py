@@ -852,10 +852,28 @@ def _configure_logging(verbose: int) -> None:
     root.setLevel(level)
 
 
+def _window_value(argv: list[str]) -> list[str]:
+    """``--window -600,1500`` as ``--window=-600,1500``: argparse takes a value starting with
+    ``-`` that is not one number for an option, and negative CT window centres are common."""
+    out = []
+    for arg in argv:
+        if out and out[-1] == "--window" and arg.startswith("-") and "," in arg \
+                and "--" not in out:
+            try:
+                [float(v) for v in arg.split(",")]
+            except ValueError:
+                pass
+            else:
+                out[-1] = f"--window={arg}"
+                continue
+        out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_window_value(sys.argv[1:] if argv is None else list(argv)))
     _configure_logging(args.verbose)
     if args.command is None:
         parser.print_help()

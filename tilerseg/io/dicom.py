@@ -8,8 +8,10 @@ are kept in a small cache.
 
 What is read, and how:
 
-- Axes: ``YX`` for one frame, ``ZYX`` for a multi-frame file (frames in stored order) or a
-  series, ``YXS`` / ``ZYXS`` for colour (SamplesPerPixel 3; YBR is converted to RGB).
+- Axes: ``YX`` for one frame, ``ZYX`` for a multi-frame file or a series, ``YXS`` /
+  ``ZYXS`` for colour (SamplesPerPixel 3; YBR is converted to RGB). The frames of a
+  multi-frame file are ordered along the slice normal when every frame has a distinct
+  position (PlanePositionSequence), else kept in stored order.
 - A series (a folder) is ordered by ImagePositionPatient projected on the slice normal
   (the cross product of ImageOrientationPatient's row and column directions), else by
   InstanceNumber, else by file name. Files of more than one SeriesInstanceUID, of other
@@ -31,10 +33,13 @@ What is read, and how:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -90,6 +95,60 @@ def dicom_files(folder: str) -> list[str]:
     names = sorted((n for n in os.listdir(folder) if not n.startswith(".")), key=natural_key)
     paths = [os.path.join(folder, n) for n in names]
     return [p for p in paths if os.path.isfile(p) and is_dicom_file(p)]
+
+
+class _Forward(logging.Handler):
+    """pydicom's log records while it reads here: a warning becomes one warning of this
+    module's log naming the file (once per file and message); the rest, e.g. a decoder's
+    error that the exception raised also carries, are logged at DEBUG."""
+
+    local = threading.local()
+    warned: set[tuple[str, str]] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        path = getattr(self.local, "path", None) or "DICOM"
+        message = " ".join(record.getMessage().split())
+        if record.levelno == logging.WARNING and len(self.warned) < 10000:
+            if (path, message) not in self.warned:
+                self.warned.add((path, message))
+                log.warning("%s: %s", path, message)
+            return
+        log.debug("%s: pydicom: %s", path, message)
+
+
+_FORWARD = _Forward()
+_quiet_lock = threading.Lock()
+_quiet: list[Any] = []  # while any thread reads: [depth, catch_warnings, propagate]
+
+
+@contextlib.contextmanager
+def _quiet_pydicom(path: str) -> Iterator[None]:
+    """Read ``path`` with pydicom's log records sent to :class:`_Forward` (not to the
+    application's handlers) and its Python warnings ignored: pydicom warns and logs the
+    same message, and its error messages are in the exception raised."""
+    logger = logging.getLogger("pydicom")
+    with _quiet_lock:
+        if not _quiet:
+            catch = warnings.catch_warnings()
+            catch.__enter__()
+            warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+            _quiet[:] = [0, catch, logger.propagate]
+            logger.propagate = False
+            logger.addHandler(_FORWARD)
+        _quiet[0] += 1
+    previous = getattr(_Forward.local, "path", None)
+    _Forward.local.path = path
+    try:
+        yield
+    finally:
+        _Forward.local.path = previous
+        with _quiet_lock:
+            _quiet[0] -= 1
+            if not _quiet[0]:
+                _, catch, logger.propagate = _quiet
+                logger.removeHandler(_FORWARD)
+                catch.__exit__(None, None, None)
+                _quiet.clear()
 
 
 def _pydicom(label: str) -> Any:
@@ -226,6 +285,11 @@ def _check_decoder(pydicom: Any, ds: Any, label: str) -> None:
 def _read_header(path: str) -> _Header:
     """Parse one file's header (no pixel data) and check its pixel data is there."""
     pydicom = _pydicom(path)
+    with _quiet_pydicom(path):
+        return _parse_header(pydicom, path)
+
+
+def _parse_header(pydicom: Any, path: str) -> _Header:
     name = path
     try:
         size = os.path.getsize(path)
@@ -350,7 +414,8 @@ class DicomFrames:
         from pydicom.pixels import pixel_array
 
         try:
-            array = np.asarray(pixel_array(path, index=index))
+            with _quiet_pydicom(path):
+                array = np.asarray(pixel_array(path, index=index))
         except Exception as exc:
             raise unreadable(path, f"cannot decode pixel data ({short_reason(exc)})") from None
         if array.shape != self.frame_shape:
@@ -438,7 +503,8 @@ def _position_step(positions: Sequence[Sequence[float]], normal: Sequence[float]
 
 
 def read_dicom(path: str) -> RawImage:
-    """Describe a DICOM file, lazily: one frame (``YX``) or several (``ZYX``).
+    """Describe a DICOM file, lazily: one frame (``YX``) or several (``ZYX``, ordered along
+    the slice normal when every frame has a distinct position, else in stored order).
 
     Parameters
     ----------
@@ -460,7 +526,13 @@ def read_dicom(path: str) -> RawImage:
     """
     header = _read_header(path)
     if header.frames > 1:
-        frames = [(path, k, *header.rescale[k]) for k in range(header.frames)]
+        order = list(range(header.frames))
+        if header.positions is not None and header.normal is not None:
+            spatial, same = _order_of([float(np.dot(p, header.normal))
+                                       for p in header.positions])
+            if same is None:  # else (e.g. frames over time at one position): stored order
+                order = spatial
+        frames = [(path, k, *header.rescale[k]) for k in order]
     else:
         frames = [(path, None, *header.rescale[0])]
     z = None
@@ -480,14 +552,24 @@ def _series_order(headers: list[_Header], label: str) -> list[_Header]:
         what = "InstanceNumber"
     else:
         return headers
-    order = sorted(range(len(headers)), key=lambda i: keys[i])
+    order, same = _order_of(keys)
+    if same is not None:
+        a, b = same
+        raise InvalidImageError(
+            f"{label}: {os.path.basename(headers[a].path)} and "
+            f"{os.path.basename(headers[b].path)} have the same {what} ({keys[a]:g}); a "
+            "series must have one image per slice")
+    return [headers[i] for i in order]
+
+
+def _order_of(keys: Sequence[float]) -> tuple[list[int], tuple[int, int] | None]:
+    """The indices that sort ``keys`` (slice positions along the normal, in mm), and the
+    first two indices whose keys are equal (within 1e-4), if any."""
+    order = sorted(range(len(keys)), key=lambda i: keys[i])
     for a, b in zip(order, order[1:]):
         if np.isclose(keys[a], keys[b], rtol=0, atol=1e-4):
-            raise InvalidImageError(
-                f"{label}: {os.path.basename(headers[a].path)} and "
-                f"{os.path.basename(headers[b].path)} have the same {what} ({keys[a]:g}); a "
-                "series must have one image per slice")
-    return [headers[i] for i in order]
+            return order, (a, b)
+    return order, None
 
 
 def read_dicom_series(files: Sequence[str], label: str) -> RawImage:

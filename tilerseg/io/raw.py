@@ -48,9 +48,23 @@ def unreadable(label: str, reason: str) -> InvalidImageError:
 
 
 def short_reason(exc: BaseException) -> str:
-    """The first line of an exception's message (at most 200 characters), for errors."""
-    lines = str(exc).strip().splitlines()
+    """An exception's message on one line (at most 200 characters), for errors.
+
+    The first line, unless it only introduces the lines below it (it ends with ``:``, as in
+    "exceptions were raised by all available plugins:"): then those lines, joined by
+    ``"; "``.
+
+    Examples
+    --------
+    >>> short_reason(ValueError("bad header\\nat offset 12"))
+    'bad header'
+    >>> short_reason(RuntimeError("all plugins failed:\\n  a: too short\\n  b: no codec"))
+    'a: too short; b: no codec'
+    """
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     text = lines[0] if lines else type(exc).__name__
+    if len(lines) > 1 and text.endswith(":"):
+        text = "; ".join(lines[1:])
     return text if len(text) <= 200 else text[:197] + "..."
 
 

@@ -224,7 +224,8 @@ def _open_plain_file(path: str, kind: str) -> RawImage:
 
 
 def _open_folder(path: str) -> RawImage:
-    """A Zarr directory, a folder of TIFF slices or DICOM files, or holding one .zarr."""
+    """A Zarr directory, a folder of TIFF slices or DICOM files (even beside a .zarr), or
+    a folder holding one .zarr."""
     if is_zarr_dir(path):
         return zarr_input.read_zarr(path)
     names = sorted(n for n in os.listdir(path) if not n.startswith("."))
@@ -234,12 +235,12 @@ def _open_folder(path: str) -> RawImage:
     ]
     if slices:
         return tiff.read_tiff_sequence(slices, path)
+    dicoms = dicom.dicom_files(path)  # before a lone .zarr: an output written beside them
+    if dicoms:
+        return dicom.read_dicom_series(dicoms, path)
     zarrs = [os.path.join(path, n) for n in names if n.lower().endswith(".zarr")]
     if len(zarrs) == 1 and os.path.isdir(zarrs[0]):
         return zarr_input.read_zarr(zarrs[0])
-    dicoms = dicom.dicom_files(path)
-    if dicoms:
-        return dicom.read_dicom_series(dicoms, path)
     raise ImageNotFoundError(
         f"folder {path} contains no TIFF slices, no DICOM files and no single .zarr image")
 
