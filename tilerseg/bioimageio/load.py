@@ -463,7 +463,7 @@ def load_bioimageio(
     >>> import os, tempfile, tilerseg
     >>> from tilerseg.bioimageio import export_bioimageio
     >>> path = export_bioimageio(tilerseg.create_model(base_channels=2, depth=2),
-    ...                          os.path.join(tempfile.mkdtemp(), "unet.zip"))
+    ...                          os.path.join(tempfile.mkdtemp(), "unet.zip"), normalize="auto")
     >>> type(load_bioimageio(path)).__name__
     'UNet'
     >>> type(load_bioimageio(path, weights="torchscript")).__name__
