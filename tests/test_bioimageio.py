@@ -142,6 +142,26 @@ def test_3d_model_exports_with_three_parameterized_axes(tmp_path: Path) -> None:
     assert [(a.size.min, a.size.step) for a in inp.axes[2:]] == list(zip(g.min_input, g.step))
     loaded = load_bioimageio(path, weights="torchscript")
     assert tilerseg.models.model_geometry(loaded) == g
+    volume = membrane_image((20, 30, 26), cell_size=10, seed=1)[0]
+    expected = _segment(volume, model, tile=8)
+    for weights in (None, "torchscript"):
+        got = _segment(volume, load_bioimageio(path, weights=weights), tile=16)
+        assert np.abs(got - expected).max() <= TOL
+
+
+@pytest.mark.parametrize("name, config", [
+    ("unetpp", {"depth": 2, "base_channels": 2}),
+    ("fcn8s", {"base_channels": 2, "fc_channels": 4, "dropout": 0.0})])
+def test_unetpp_and_fcn8s_export_and_import_exactly(tmp_path: Path, name, config) -> None:
+    torch.manual_seed(11)
+    model = tilerseg.create_model(name, **config).eval()
+    path = export_bioimageio(model, tmp_path / f"{name}.zip", normalize="auto")
+    assert validate_package(path) == "valid-format"
+    image = _image((97, 83))
+    expected = _segment(image, model, tile=64)
+    for weights in (None, "torchscript"):
+        loaded = load_bioimageio(path, weights=weights)
+        assert np.abs(_segment(image, loaded, tile=32) - expected).max() <= TOL
 
 
 def test_bundled_model_exports_and_validates(tmp_path: Path) -> None:
@@ -742,9 +762,12 @@ def test_a_folder_with_a_named_bioimageio_yaml_is_a_package(unet_package, tmp_pa
 def test_export_keeps_the_model_s_training_mode_and_no_negative_zero(tmp_path: Path) -> None:
     from tilerseg.bioimageio.processing import normalization_of
 
-    model = tilerseg.create_model("unet", depth=2, base_channels=2).train()
-    export_bioimageio(model, tmp_path / "m.zip", normalize="none")
+    model = tilerseg.create_model("unet", depth=2, base_channels=2, num_classes=3).train()
+    model.metadata = {"classes": ["a b", "a_b", "a-b"]}  # alike once made identifiers
+    path = export_bioimageio(model, tmp_path / "m.zip", normalize="none")
     assert model.training
+    out = load_description(str(path), perform_io_checks=False).outputs[0]
+    assert [str(n) for n in out.axes[1].channel_names] == ["a_b", "a_b_2", "a_b_3"]
     low, high = normalization_of([bio.ScaleLinearDescr(kwargs=bio.ScaleLinearKwargs(
         gain=0.5, offset=0.0))], 1, "m.zip")
     assert (low, high) == (0.0, 2.0) and np.copysign(1.0, low) == 1.0

@@ -73,10 +73,8 @@ def _test_input(geometry: ModelGeometry, sizes: list[AxisSizes], side: int | Non
     """A synthetic membrane image ``(1, C, *spatial)`` at an admissible size."""
     from ..synthetic import membrane_image
 
-    shape = []
-    for a, s in enumerate(sizes):
-        want = max(side or 64, s.min)
-        shape.append(s.min + -(-(want - s.min) // s.step) * s.step)
+    # the declared smallest size is admissible (it may be above the geometry's smallest)
+    shape = [geometry.admissible_input(max(side or 64, s.min), a) for a, s in enumerate(sizes)]
     image, _ = membrane_image(tuple(shape), cell_size=max(8.0, min(shape) / 4), seed=0)
     fixed = _affine(normalize)
     if input_dtype(normalize) == "uint8":
@@ -377,7 +375,7 @@ def _write(model: nn.Module, out: Path, root_args: tuple) -> None:
         in_axes: list[Any] = [bio.BatchAxis(), bio.ChannelAxis(channel_names=[
             bio.Identifier(f"channel{c}") for c in range(geometry.in_channels)])]
         out_axes: list[Any] = [bio.BatchAxis(), bio.ChannelAxis(channel_names=[
-            bio.Identifier(_identifier(c)) for c in classes])]
+            bio.Identifier(c) for c in _identifiers(classes)])]
         for s in sizes:
             in_axes.append(bio.SpaceInputAxis(
                 id=bio.AxisId(s.id), size=bio.ParameterizedSize(min=s.min, step=s.step)))
@@ -454,6 +452,23 @@ def _identifier(text: str) -> str:
     """A bioimage.io identifier (letters, digits, underscores) of a class name."""
     ident = "".join(c if c.isalnum() or c == "_" else "_" for c in str(text)).strip("_")
     return ident if ident and not ident[0].isdigit() else f"c_{ident}"
+
+
+def _identifiers(names: list[str]) -> list[str]:
+    """Distinct identifiers of class names (``_2``, ``_3``... added where they coincide).
+
+    Examples
+    --------
+    >>> _identifiers(["a b", "a_b", "c"])
+    ['a_b', 'a_b_2', 'c']
+    """
+    out: list[str] = []
+    for name in names:
+        ident, k = _identifier(name), 1
+        while (ident if k == 1 else f"{ident}_{k}") in out:
+            k += 1
+        out.append(ident if k == 1 else f"{ident}_{k}")
+    return out
 
 
 def validate_package(path: str | os.PathLike) -> str:

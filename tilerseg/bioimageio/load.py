@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import InvalidModelError, ModelNotFoundError
 from ..normalize import NormalizeSpec
 from .processing import activation_of, normalization_of
-from .sizes import AxisSizes, geometry_from_sizes
+from .sizes import AxisSizes, axis_sizes, geometry_from_sizes
 
 __all__ = ["load_bioimageio", "is_package", "require_spec", "PackagedNetwork"]
 
@@ -287,15 +287,12 @@ def _with_halo(sizes: list[AxisSizes], halo: int | Sequence[int] | None,
                                         for h in values):
         raise InvalidModelError(f"halo={halo!r} must be an integer >= 0 or one per spatial "
                                 f"axis ({len(sizes)})")
-    out = []
-    for s, h in zip(sizes, values):
-        extra = max(s.halo, h + s.offset // 2)  # context beyond the network's own crop
-        extra = max(extra, 0)
-        if s.min + s.offset - 2 * extra < 1:  # the smallest tile must keep a pixel
-            smallest = s.min + -(-(2 * extra + 1 - s.offset - s.min) // s.step) * s.step
-            s = AxisSizes(s.id, smallest, s.step, s.offset, s.halo)
-        out.append(AxisSizes(s.id, s.min, s.step, s.offset, extra))
-    return out
+    # the halo per axis: the network's own crop (-offset / 2), or more where asked
+    given = [AxisSizes(s.id, s.min, s.step, s.offset, max(s.halo, h + s.offset // 2, 0))
+             for s, h in zip(sizes, values)]
+    # axis_sizes' rule raises the smallest input until a pixel is left after the halo
+    redone = axis_sizes(geometry_from_sizes(given, 1, 1))
+    return [AxisSizes(s.id, r.min, s.step, s.offset, r.halo) for s, r in zip(given, redone)]
 
 
 # -- networks ---------------------------------------------------------------------------------

@@ -52,10 +52,12 @@ def check_model(model: Any) -> ModelGeometry:
 
 
 def model_normalize(options: RunOptions, model: Any) -> RunOptions:
-    """``options`` with the model's own normalisation where the caller left ``"auto"``.
+    """``options`` with the model's own normalisation where ``normalize`` is ``"auto"``.
 
-    A model states it as ``model.metadata["normalize"]`` (any ``normalize=`` value, e.g.
-    the fixed range or the statistics a bioimage.io package declares); ``"auto"`` (what
+    ``"auto"`` (the default; ``True`` alike) means the model's own normalisation where it
+    states one, else by the image's dtype; any other value is the caller's and wins. A
+    model states it as ``model.metadata["normalize"]`` (any ``normalize=`` value, e.g. the
+    fixed range or the statistics a bioimage.io package declares); ``"auto"`` (what
     trained tilerseg models record) changes nothing.
 
     Examples
