@@ -3,14 +3,16 @@
 A package written by :func:`tilerseg.bioimageio.export_bioimageio` is rebuilt exactly:
 the architecture from tilerseg's registry with the package's configuration, its
 state-dict weights, its metadata and normalisation. Any other package runs through its
-TorchScript weights (or state-dict weights whose architecture is an importable library
-callable), wrapped in a module that feeds it the axes it declares; its geometry comes
+TorchScript weights (or state-dict weights whose architecture is a ``torch.nn.Module``
+class of ``torch`` or ``tilerseg``: no other module a package names is ever imported),
+wrapped in a module that feeds it the axes it declares; its geometry comes
 from its declared sizes and halo (see :mod:`tilerseg.bioimageio.sizes`) and its
 normalisation from its preprocessing (see :mod:`tilerseg.bioimageio.processing`).
 
 What cannot be run exactly is refused with one line naming it: several inputs or
 outputs, time or index axes, fixed sizes, postprocessing other than a sigmoid/softmax,
-per-channel statistics, weights other than TorchScript / PyTorch state dicts, and a
+per-channel statistics or statistics over some spatial axes only, weights other than
+TorchScript / PyTorch state dicts, architectures outside ``torch`` and ``tilerseg``, and a
 package that declares no halo (unless one is given).
 """
 
@@ -181,8 +183,7 @@ class PackagedNetwork(nn.Module):
             for i in range(0, x.shape[0], n):
                 part = x[i:i + n]
                 short = n - part.shape[0]  # the last call filled up with its last sample
-                full = torch.cat([part, part[-1:].expand(short, *part.shape[1:])]) if short \
-                    else part
+                full = torch.cat([part, part[-1:].expand(short, *part.shape[1:])])
                 parts.append(self._one(full)[:part.shape[0]])
             y = torch.cat(parts)
         elif "batch" in self.input_axes:
@@ -432,11 +433,12 @@ def load_bioimageio(
     Parameters
     ----------
     path : str or os.PathLike
-        A ``.zip`` package, its ``rdf.yaml`` / ``bioimageio.yaml``, or an unpacked folder.
+        A ``.zip`` package, its ``rdf.yaml`` / ``bioimageio.yaml`` /
+        ``*.bioimageio.yaml``, or an unpacked folder.
     weights : {"torchscript", "pytorch_state_dict"}, optional
         Which weights to use. Default: a tilerseg package's state dict (rebuilt exactly),
-        else TorchScript, else a state dict whose architecture is an importable library
-        callable.
+        else TorchScript, else a state dict whose architecture is a ``torch.nn.Module``
+        class of ``torch`` or ``tilerseg``.
     halo : int or sequence of int, optional
         Context (px per side) for a package that declares no halo: tiles are then exact
         when it covers the network's receptive field. Refused without it.
