@@ -57,7 +57,9 @@ def unet_package(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, P
     torch.manual_seed(0)
     model = tilerseg.create_model("unet", depth=2, base_channels=2).eval()
     model.metadata = {"normalize": "auto", "classes": ["membrane", "cell interior"],
-                      "threshold": 0.4, "validation": {"pixel_error": 0.25}}
+                      "threshold": 0.4, "validation": {"pixel_error": 0.25},
+                      "training": {"normalization": {"dtypes": ["uint8"], "method": "range",
+                                                     "low": 0.0, "high": 255.0}}}
     path = tmp_path_factory.mktemp("pkg") / "unet.zip"
     return model, export_bioimageio(model, path, authors=["A. Author"], license="MIT")
 
@@ -114,7 +116,7 @@ def test_import_reproduces_the_original_model_tiled(unet_package, weights) -> No
 def test_same_padded_network_declares_its_halo_to_crop(tmp_path: Path) -> None:
     torch.manual_seed(1)
     model = tilerseg.create_model("unet-keras", depth=2, base_channels=2, dropout=0.0).eval()
-    path = export_bioimageio(model, tmp_path / "keras.zip", test_size=48)
+    path = export_bioimageio(model, tmp_path / "keras.zip", test_size=48, normalize="auto")
     assert validate_package(path) == "valid-format"
     g = tilerseg.models.model_geometry(model)
     out = load_description(str(path), perform_io_checks=False).outputs[0]
@@ -132,7 +134,7 @@ def test_same_padded_network_declares_its_halo_to_crop(tmp_path: Path) -> None:
 def test_3d_model_exports_with_three_parameterized_axes(tmp_path: Path) -> None:
     torch.manual_seed(2)
     model = tilerseg.create_model("unet3d", depth=1, base_channels=2).eval()
-    path = export_bioimageio(model, tmp_path / "u3d.zip", test_size=8)
+    path = export_bioimageio(model, tmp_path / "u3d.zip", test_size=8, normalize="auto")
     assert validate_package(path) == "valid-format"
     g = tilerseg.models.model_geometry(model)
     inp = load_description(str(path), perform_io_checks=False).inputs[0]
@@ -140,6 +142,26 @@ def test_3d_model_exports_with_three_parameterized_axes(tmp_path: Path) -> None:
     assert [(a.size.min, a.size.step) for a in inp.axes[2:]] == list(zip(g.min_input, g.step))
     loaded = load_bioimageio(path, weights="torchscript")
     assert tilerseg.models.model_geometry(loaded) == g
+    volume = membrane_image((20, 30, 26), cell_size=10, seed=1)[0]
+    expected = _segment(volume, model, tile=8)
+    for weights in (None, "torchscript"):
+        got = _segment(volume, load_bioimageio(path, weights=weights), tile=16)
+        assert np.abs(got - expected).max() <= TOL
+
+
+@pytest.mark.parametrize("name, config", [
+    ("unetpp", {"depth": 2, "base_channels": 2}),
+    ("fcn8s", {"base_channels": 2, "fc_channels": 4, "dropout": 0.0})])
+def test_unetpp_and_fcn8s_export_and_import_exactly(tmp_path: Path, name, config) -> None:
+    torch.manual_seed(11)
+    model = tilerseg.create_model(name, **config).eval()
+    path = export_bioimageio(model, tmp_path / f"{name}.zip", normalize="auto")
+    assert validate_package(path) == "valid-format"
+    image = _image((97, 83))
+    expected = _segment(image, model, tile=64)
+    for weights in (None, "torchscript"):
+        loaded = load_bioimageio(path, weights=weights)
+        assert np.abs(_segment(image, loaded, tile=32) - expected).max() <= TOL
 
 
 def test_bundled_model_exports_and_validates(tmp_path: Path) -> None:
@@ -332,7 +354,7 @@ def test_cli_exports_a_model_file_that_runs_like_the_original(tmp_path: Path, ca
     package = tmp_path / "m.zip"
     assert main(["export", str(tmp_path / "m.pt"), "-o", str(package), "--format",
                  "bioimageio", "--author", "A", "--author", "B", "--license", "MIT",
-                 "--name", "tiny unet", "--test-size", "50"]) == 0
+                 "--name", "tiny unet", "--test-size", "50", "--normalize", "auto"]) == 0
     assert "bioimageio.spec validation: valid-format" in capsys.readouterr().out
     descr = load_description(str(package), perform_io_checks=False)
     assert descr.name == "tiny unet" and [a.name for a in descr.authors] == ["A", "B"]
@@ -470,5 +492,282 @@ def test_without_the_extra_the_error_names_it(tmp_path: Path, monkeypatch) -> No
     with pytest.raises(InvalidModelError, match=r'pip install "tilerseg\[bioimageio\]"'):
         load_bioimageio(tmp_path / "rdf.yaml")
     with pytest.raises(InvalidModelError, match=r'pip install "tilerseg\[bioimageio\]"'):
-        export_bioimageio(tilerseg.create_model(base_channels=2, depth=2), tmp_path / "m.zip")
+        export_bioimageio(tilerseg.create_model(base_channels=2, depth=2), tmp_path / "m.zip",
+                          normalize="auto")
     assert not (tmp_path / "m.zip").exists()
+
+
+# -- review fixes -----------------------------------------------------------------------------
+
+
+def _one_error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tilerseg: error: "), lines
+    return lines[0]
+
+
+def _unpacked(package: Path, folder: Path) -> Path:
+    with zipfile.ZipFile(package) as z:
+        z.extractall(folder)
+    return folder
+
+
+@pytest.mark.parametrize("module", ["evil_arch", "this"])
+def test_a_module_a_package_names_is_never_imported(tmp_path: Path, monkeypatch, capsys,
+                                                    module) -> None:
+    import sys
+
+    build, marker = tmp_path / "build", tmp_path / "ran"
+    build.mkdir()
+    weights = _state_dict_weights(build, module, "Net", {})
+    folder = _unpacked(_foreign(build, pad=0, weights=weights, name="evil.zip"), tmp_path / "pkg")
+    (folder / "evil_arch.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nimport torch\nNet = torch.nn.Identity\n")
+    monkeypatch.chdir(folder)  # the package's folder is the current one, and on sys.path
+    monkeypatch.syspath_prepend(str(folder))
+    was_imported = module in sys.modules
+    with pytest.raises(InvalidModelError, match=f"{module}.Net is not a torch.nn.Module class "
+                       "of torch or tilerseg") as err:
+        load_bioimageio("rdf.yaml")
+    assert "\n" not in str(err.value)
+    np.save(tmp_path / "img.npy", np.zeros((40, 40), np.float32))
+    assert main(["run", str(tmp_path / "img.npy"), "--model", "rdf.yaml", "-o",
+                 str(tmp_path / "o.zarr"), "-q"]) == 2
+    assert "is not a torch.nn.Module class" in _one_error_line(capsys)
+    assert not marker.exists()
+    assert (module in sys.modules) == was_imported
+
+
+def test_only_modules_inside_torch_are_imported(tmp_path: Path) -> None:
+    weights = _state_dict_weights(tmp_path, "torch.no_such_module", "Conv2d", {})
+    path = _foreign(tmp_path, pad=0, weights=weights, name="sd.zip")
+    with pytest.raises(InvalidModelError, match="no module torch.no_such_module"):
+        load_bioimageio(path)
+
+
+def _window_model() -> nn.Module:
+    torch.manual_seed(7)
+    model = tilerseg.create_model("unet", depth=2, base_channels=2).eval()
+    model.metadata = {"normalize": ["window", 40, 400]}
+    return model
+
+
+def test_a_display_window_exports_as_scale_and_clip_and_imports_as_the_window(
+        tmp_path: Path, capsys) -> None:
+    model = _window_model()
+    tilerseg.save_model(model, tmp_path / "win.pt", metadata=model.metadata)
+    assert main(["export", str(tmp_path / "win.pt"), "-o", str(tmp_path / "win.zip"),
+                 "-q"]) == 0
+    path = tmp_path / "win.zip"
+    inp = load_description(str(path), perform_io_checks=False).inputs[0]
+    assert [str(p.id) for p in inp.preprocessing] == ["ensure_dtype", "scale_linear", "clip",
+                                                      "ensure_dtype"]
+    assert inp.preprocessing[1].kwargs.gain == pytest.approx(1 / 400)
+    assert inp.preprocessing[1].kwargs.offset == pytest.approx(160 / 400)  # -(40 - 200) / 400
+    assert (inp.preprocessing[2].kwargs.min, inp.preprocessing[2].kwargs.max) == (0, 1)
+    loaded = load_bioimageio(path, weights="torchscript")
+    assert loaded.metadata["normalize"] == pytest.approx(["window", 40.0, 400.0])
+    image = np.random.default_rng(8).integers(-1000, 1000, (70, 60)).astype(np.int16)
+    # the reference: the window applied by hand, the original model on the result as it is
+    windowed = np.clip((image.astype(np.float32) + 160) / 400, 0, 1)
+    expected = _segment(windowed, model, tile=64, normalize="none")
+    for weights in (None, "torchscript"):
+        got = _segment(image, load_bioimageio(path, weights=weights), tile=32)
+        assert np.abs(got - expected).max() <= TOL
+
+
+@pytest.mark.parametrize("normalize, message", [
+    (("window", "dicom"), "the image's own window"),
+    ("range", "normalize='range' scales by the image's dtype"),
+    ("sometimes", "cannot be exported"),
+])
+def test_normalisations_a_package_cannot_state_are_refused(tmp_path: Path, normalize,
+                                                           message) -> None:
+    from tilerseg.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match=message.replace("(", r"\(")):
+        export_bioimageio(_window_model(), tmp_path / "x.zip", normalize=normalize)
+    assert not (tmp_path / "x.zip").exists()
+
+
+@pytest.mark.parametrize("option, value, field", [
+    ("--name", "ab", "name"), ("--license", "NOT-A-LICENSE", "license")])
+def test_invalid_descriptive_fields_are_refused_in_one_line(tmp_path: Path, capsys, option,
+                                                            value, field) -> None:
+    from tilerseg.errors import InvalidArgumentError
+
+    model = tilerseg.create_model("unet", depth=2, base_channels=2)
+    tilerseg.save_model(model, tmp_path / "m.pt", metadata={"normalize": "none"})
+    assert main(["export", str(tmp_path / "m.pt"), "-o", str(tmp_path / "m.zip"),
+                 option, value]) == 2
+    line = _one_error_line(capsys)
+    assert f"{field} {value!r} is not accepted by bioimage.io" in line
+    assert not (tmp_path / "m.zip").exists()
+    model.metadata = {"normalize": "none", field: value}  # from the model's metadata too
+    with pytest.raises(InvalidArgumentError, match=f"{field} {value!r} is not accepted"):
+        export_bioimageio(model, tmp_path / "m.zip")
+
+
+def test_auto_exports_as_8_bit_only_for_a_model_trained_on_8_bit_images(tmp_path: Path,
+                                                                        capsys) -> None:
+    import tifffile
+
+    from tilerseg.errors import InvalidArgumentError
+    from tilerseg.train import TrainConfig, load_pairs, train
+
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+    for k in range(2):
+        image, mask = membrane_image((64, 64), cell_size=16, seed=k)
+        tifffile.imwrite(tmp_path / "images" / f"{k}.tif", image)
+        tifffile.imwrite(tmp_path / "masks" / f"{k}.tif", mask)
+    pairs = load_pairs(tmp_path / "images", tmp_path / "masks")
+    assert pairs[0].image.dtype == np.uint8
+    wide = [type(p)(p.name, p.image.astype(np.uint16) * 257, p.mask) for p in pairs]
+    config = TrainConfig(model={"name": "unet", "depth": 2, "base_channels": 2}, epochs=1,
+                         steps_per_epoch=1, batch_size=1, window=44, elastic=False)
+    for name, data in (("8bit", pairs), ("16bit", wide)):
+        train(data, tmp_path / name, config)
+    eight = tilerseg.load_model(tmp_path / "8bit" / "last.pt")
+    assert eight.metadata["training"]["normalization"] == {
+        "dtypes": ["uint8"], "method": "range", "low": 0.0, "high": 255.0}
+    path = export_bioimageio(eight, tmp_path / "8.zip")
+    assert str(load_description(str(path), perform_io_checks=False).inputs[0].data.type) \
+        == "uint8"
+    sixteen = tilerseg.load_model(tmp_path / "16bit" / "last.pt")
+    assert sixteen.metadata["training"]["normalization"]["dtypes"] == ["uint16"]
+    with pytest.raises(InvalidArgumentError, match="training data were uint16 images"):
+        export_bioimageio(sixteen, tmp_path / "16.zip")
+    args = ["export", str(tmp_path / "16bit" / "last.pt"), "-o", str(tmp_path / "16.zip")]
+    assert main(args) == 2
+    assert "--normalize" in _one_error_line(capsys)
+    assert not (tmp_path / "16.zip").exists()
+    assert main([*args, "--normalize", "percentile", "-q"]) == 0  # tilerseg's auto for uint16
+    steps = load_description(str(tmp_path / "16.zip"), perform_io_checks=False
+                             ).inputs[0].preprocessing
+    assert [str(s.id) for s in steps] == ["ensure_dtype", "scale_range", "ensure_dtype"]
+    # a model that records nothing of its training data is refused too
+    with pytest.raises(InvalidArgumentError, match="states no normalisation"):
+        export_bioimageio(tilerseg.create_model(base_channels=2, depth=2), tmp_path / "n.zip")
+
+
+def test_bundled_model_records_its_8_bit_training_data() -> None:
+    record = tilerseg.load_model().metadata["training"]["normalization"]
+    assert record == {"dtypes": ["uint8"], "method": "range", "low": 0.0, "high": 255.0}
+
+
+def test_an_image_of_another_dtype_than_a_fixed_scaled_package_declares_is_refused(
+        unet_package, tmp_path: Path, capsys) -> None:
+    from tilerseg.errors import InvalidImageError
+
+    model, path = unet_package
+    loaded = load_bioimageio(path, weights="torchscript")  # uint8, scale_linear 1/255
+    image = _image((70, 60))
+    assert np.abs(_segment(image, loaded, tile=32) - _segment(image, model, tile=32)).max() \
+        <= TOL
+    wide = image.astype(np.uint16) * 257
+    with pytest.raises(InvalidImageError, match="the model takes uint8 images"):
+        _segment(wide, loaded, tile=32)
+    np.save(tmp_path / "img.npy", wide)
+    assert main(["run", str(tmp_path / "img.npy"), "--model", str(path), "-o",
+                 str(tmp_path / "o.zarr"), "-q"]) == 0  # rebuilt by tilerseg: its own "auto"
+    assert main(["run", str(tmp_path / "img.npy"), "--model", str(path), "-o",
+                 str(tmp_path / "p.zarr"), "--halo", "0", "-q"]) == 2  # TorchScript
+    assert "this image is uint16" in _one_error_line(capsys)
+    # an explicit normalisation is the caller's: it runs
+    assert _segment(wide, loaded, tile=32, normalize=(0, 65535)).shape == (2, 70, 60)
+
+
+@pytest.mark.parametrize("axes", [["x"], ["y"], ["channel", "y"]])
+@pytest.mark.parametrize("step", ["scale_range", "zero_mean_unit_variance"])
+def test_statistics_over_only_some_spatial_axes_are_refused(tmp_path: Path, axes,
+                                                            step) -> None:
+    ids = [bio.AxisId(a) for a in axes]
+    pre = (bio.ScaleRangeDescr(kwargs=bio.ScaleRangeKwargs(axes=ids)) if step == "scale_range"
+           else bio.ZeroMeanUnitVarianceDescr(kwargs=bio.ZeroMeanUnitVarianceKwargs(axes=ids)))
+    path = _foreign(tmp_path, pad=0, preprocessing=[pre])
+    with pytest.raises(InvalidModelError, match=f"preprocessing {step} computes its statistics "
+                       "over axes"):
+        load_bioimageio(path)
+
+
+def test_statistics_over_all_spatial_axes_are_accepted(tmp_path: Path) -> None:
+    ids = [bio.AxisId(a) for a in ("channel", "y", "x")]
+    pre = [bio.ScaleRangeDescr(kwargs=bio.ScaleRangeKwargs(axes=ids))]
+    model = load_bioimageio(_foreign(tmp_path, pad=0, preprocessing=pre))
+    assert model.metadata["normalize"] == "percentile:0:100"
+
+
+class _BatchOne(nn.Module):
+    """:class:`_Net` that refuses any batch but 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _Net(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != 1:
+            raise RuntimeError("this network takes batch 1")
+        return self.net(x)
+
+
+def test_a_fixed_batch_size_is_kept_whatever_the_run_s_batch(tmp_path: Path) -> None:
+    one = [bio.BatchAxis(size=1), bio.ChannelAxis(channel_names=[bio.Identifier("c")]),
+           *(bio.SpaceInputAxis(id=bio.AxisId(a), size=bio.ParameterizedSize(min=16, step=4))
+             for a in "yx")]
+    path = _foreign(tmp_path, pad=0, net=_BatchOne(), axes=one)
+    assert str(load_description(str(path), perform_io_checks=False).inputs[0].axes[0].size) \
+        == "1"
+    image = np.random.default_rng(9).integers(0, 4096, (100, 90)).astype(np.uint16)
+    np.save(tmp_path / "img.npy", image)
+    out = tmp_path / "o.zarr"
+    assert main(["run", str(tmp_path / "img.npy"), "--model", str(path), "-o", str(out),
+                 "--tile", "16", "--batch-size", "4", "--dtype", "float32", "--backend",
+                 "torch", "-q"]) == 0
+    import zarr
+
+    got = zarr.open_array(str(out / "0"), mode="r")[:]
+    assert np.abs(got[0] - _reference(image, 0, 4096, pad=0, halo=0)).max() <= TOL
+
+
+def test_run_takes_the_halo_of_a_package_that_declares_none(tmp_path: Path, capsys) -> None:
+    path = _foreign(tmp_path)  # same-padded, radius 2, no halo declared
+    image = np.random.default_rng(10).integers(0, 4096, (70, 60)).astype(np.uint16)
+    np.save(tmp_path / "img.npy", image)
+    args = ["run", str(tmp_path / "img.npy"), "--model", str(path), "--tile", "16",
+            "--dtype", "float32", "--backend", "torch", "-q"]
+    assert main([*args, "-o", str(tmp_path / "a.zarr")]) == 2
+    assert "tilerseg run/batch --halo N" in _one_error_line(capsys)
+    assert main([*args, "-o", str(tmp_path / "b.zarr"), "--halo", "2"]) == 0
+    import zarr
+
+    got = zarr.open_array(str(tmp_path / "b.zarr" / "0"), mode="r")[:]
+    assert np.abs(got[0] - _reference(image, 0, 4096, pad=1, halo=2)[:70, :60]).max() <= TOL
+    assert main(["run", str(tmp_path / "img.npy"), "--model", "unet", "--halo", "2", "-o",
+                 str(tmp_path / "c.zarr"), "-q"]) == 2
+    assert "applies only to a bioimage.io package" in _one_error_line(capsys)
+    assert main([*args, "-o", str(tmp_path / "d.zarr"), "--halo", "two"]) == 2
+    assert "--halo 'two' must be N or N,N[,N]" in _one_error_line(capsys)
+
+
+def test_a_folder_with_a_named_bioimageio_yaml_is_a_package(unet_package, tmp_path: Path) -> None:
+    _, path = unet_package
+    folder = _unpacked(path, tmp_path / "pkg")
+    yaml = next(n for n in ("rdf.yaml", "bioimageio.yaml") if (folder / n).exists())
+    (folder / yaml).rename(folder / "unet.bioimageio.yaml")
+    assert is_package(folder)
+    assert load_bioimageio(folder, weights="torchscript").metadata["normalize"] == [0.0, 255.0]
+
+
+def test_export_keeps_the_model_s_training_mode_and_no_negative_zero(tmp_path: Path) -> None:
+    from tilerseg.bioimageio.processing import normalization_of
+
+    model = tilerseg.create_model("unet", depth=2, base_channels=2, num_classes=3).train()
+    model.metadata = {"classes": ["a b", "a_b", "a-b"]}  # alike once made identifiers
+    path = export_bioimageio(model, tmp_path / "m.zip", normalize="none")
+    assert model.training
+    out = load_description(str(path), perform_io_checks=False).outputs[0]
+    assert [str(n) for n in out.axes[1].channel_names] == ["a_b", "a_b_2", "a_b_3"]
+    low, high = normalization_of([bio.ScaleLinearDescr(kwargs=bio.ScaleLinearKwargs(
+        gain=0.5, offset=0.0))], 1, "m.zip")
+    assert (low, high) == (0.0, 2.0) and np.copysign(1.0, low) == 1.0

@@ -205,7 +205,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .models.checkpoint import model_from_spec
 
     image = open_image(args.image, level=args.level)  # input errors come first
-    model = model_from_spec(args.model)
+    model = model_from_spec(args.model, halo=args.halo)
     before = _finished(out)
     bar = ProgressBar(sys.stderr, sys.stderr.isatty() and not args.quiet)
     start = time.perf_counter()
@@ -264,7 +264,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         print(job_script(spec))
         return 0
     options = _run_options(args, spec)
-    model = model_from_spec(args.model)
+    model = model_from_spec(args.model, halo=args.halo)
     bar = ProgressBar(sys.stderr, sys.stderr.isatty() and not args.quiet, unit="images")
     start = time.perf_counter()
     with _executor(spec) as executor:
@@ -544,6 +544,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """The options of a run (shared by run and batch)."""
     p.add_argument("--batch-size", type=int, default=None, metavar="N", help="tiles per forward pass")
+    p.add_argument("--halo", default=None, metavar="N[,N...]",
+                   help="context in px per side for a bioimage.io package that declares no "
+                   "halo (one value, or one per spatial axis)")
     p.add_argument("--output", choices=("probabilities", "labels", "both", "instances"),
                    default="probabilities", help="what to write: instances = the "
                    "probabilities and an instance label image, labels/instances "

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parser"]
+__all__ = ["add_parser", "parse_normalize"]
 
 FORMATS = ("bioimageio",)
 
@@ -33,14 +33,43 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from ..models.checkpoint import model_from_spec
     from .export import export_bioimageio, validate_package
 
+    normalize = parse_normalize(args.normalize) if args.normalize is not None else None
     model = model_from_spec(args.model)
     path = export_bioimageio(model, out, name=args.name, description=args.description,
-                             authors=args.author, license=args.license,
+                             authors=args.author, license=args.license, normalize=normalize,
                              test_size=args.test_size, cover=args.cover)
     status = validate_package(path)
     if not args.quiet:
         print(f"wrote {path} (bioimage.io model 0.5; bioimageio.spec validation: {status})")
     return 0
+
+
+def parse_normalize(text: str) -> Any:
+    """The ``normalize=`` value of ``--normalize TEXT``.
+
+    ``auto``, ``none``, ``percentile``, ``percentile:LOW:HIGH`` and ``meanstd`` as they
+    are; ``LOW,HIGH`` a fixed range; ``window:CENTRE,WIDTH`` or ``window:NAME`` a display
+    window.
+
+    Examples
+    --------
+    >>> parse_normalize("0,4095"), parse_normalize("window:40,400"), parse_normalize("auto")
+    ((0.0, 4095.0), ('window', 40.0, 400.0), 'auto')
+    """
+    from ..errors import InvalidArgumentError
+
+    if text.startswith("window:"):
+        from ..normalize import parse_window
+
+        return parse_window(text[len("window:"):])
+    if "," in text:
+        try:
+            low, high = (float(v) for v in text.split(","))
+        except ValueError:
+            raise InvalidArgumentError(f"--normalize {text!r}: expected LOW,HIGH (two "
+                                       "numbers)") from None
+        return (low, high)
+    return text
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -85,6 +114,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="an author (repeat for several; default: tilerseg)")
     p.add_argument("--license", default=None, metavar="SPDX",
                    help="SPDX licence id (default: the model's, else CC-BY-4.0)")
+    p.add_argument("--normalize", default=None, metavar="SPEC",
+                   help="the input's normalisation: auto (8-bit, scaled by 1/255), none, "
+                   "percentile[:LOW:HIGH], meanstd, LOW,HIGH or window:CENTRE,WIDTH|NAME "
+                   "(default: the model's own; needed when it does not state one)")
     p.add_argument("--test-size", type=int, default=None, metavar="N",
                    help="side of the test input, rounded up to an admissible size")
     p.add_argument("--cover", default=None, metavar="IMAGE",

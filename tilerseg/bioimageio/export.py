@@ -10,10 +10,12 @@ input and output, a cover image and a README.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from ..errors import InvalidArgumentError, InvalidModelError
 from ..geometry import ModelGeometry
 from ..normalize import NormalizeSpec, resolve_normalization
 from .load import require_spec
-from .processing import input_dtype, preprocessing_steps
+from .processing import _affine, exportable, input_dtype, preprocessing_steps
 from .sizes import AxisSizes, axis_sizes
 
 __all__ = ["export_bioimageio", "validate_package", "CITATIONS"]
@@ -71,17 +73,16 @@ def _test_input(geometry: ModelGeometry, sizes: list[AxisSizes], side: int | Non
     """A synthetic membrane image ``(1, C, *spatial)`` at an admissible size."""
     from ..synthetic import membrane_image
 
-    shape = []
-    for a, s in enumerate(sizes):
-        want = max(side or 64, s.min)
-        shape.append(s.min + -(-(want - s.min) // s.step) * s.step)
+    # the declared smallest size is admissible (it may be above the geometry's smallest)
+    shape = [geometry.admissible_input(max(side or 64, s.min), a) for a, s in enumerate(sizes)]
     image, _ = membrane_image(tuple(shape), cell_size=max(8.0, min(shape) / 4), seed=0)
+    fixed = _affine(normalize)
     if input_dtype(normalize) == "uint8":
         x = image
     else:
         scale = np.float32(image) / 255
-        if isinstance(normalize, (tuple, list)):
-            low, high = float(normalize[0]), float(normalize[1])
+        if fixed is not None:
+            low, high = fixed
             scale = np.float32(low) + scale * np.float32(high - low)
         x = scale.astype(np.float32)
     return np.ascontiguousarray(np.repeat(x[None, None], geometry.in_channels, axis=1))
@@ -164,6 +165,10 @@ def _readme(name: str, description: str, architecture: str, config: dict,
     ]
     if input_dtype(normalize) == "uint8":
         lines.append("8-bit input, scaled by 1/255 (`scale_linear`), as in training.")
+    elif isinstance(normalize, tuple) and normalize[0] == "window":
+        lines.append(f"A display window of centre {normalize[1]:g} and width {normalize[2]:g}: "
+                     "values in it map to 0..1 (`scale_linear`), values outside are clipped "
+                     "(`clip`).")
     elif isinstance(normalize, (tuple, list)):
         lines.append(f"Input values {normalize[0]:g}..{normalize[1]:g} map to 0..1 "
                      "(`scale_linear`).")
@@ -199,6 +204,28 @@ def _readme(name: str, description: str, architecture: str, config: dict,
     return "\n".join(lines) + "\n"
 
 
+def _stated_normalization(metadata: dict) -> NormalizeSpec:
+    """The model's own normalisation, for a package: ``"auto"`` only where its training
+    data are recorded as 8-bit (what ``"auto"`` is exported as)."""
+    stated = metadata.get("normalize")
+    if stated is not None and stated != "auto" and stated is not True:
+        return stated
+    training = metadata.get("training")
+    record = training.get("normalization") if isinstance(training, dict) else None
+    if isinstance(record, dict) and record.get("dtypes") == ["uint8"] \
+            and record.get("method") == "range":
+        return "auto"
+    what = ("states no normalisation" if stated is None else
+            "states normalize='auto' (normalised by the images' dtype) but "
+            + ("its training data were " + ", ".join(map(str, record.get("dtypes") or ["?"]))
+               + " images" if isinstance(record, dict) else "does not record its training "
+               "data's dtype"))
+    raise InvalidArgumentError(
+        f"the model {what}, so the package's input cannot be stated; give it with "
+        "normalize= (--normalize): 'auto' for 8-bit input scaled by 1/255, (low, high), "
+        "'percentile', 'meanstd' or 'none'")
+
+
 def export_bioimageio(
     model: nn.Module,
     path: str | os.PathLike,
@@ -227,9 +254,12 @@ def export_bioimageio(
         Author names (default: ``["tilerseg"]``).
     license : str, optional
         SPDX licence id; default the model's metadata ``license``, else ``"CC-BY-4.0"``.
-    normalize : "auto", "none", "percentile", "percentile:LOW:HIGH", "meanstd" or (low, high), optional
-        The input normalisation; default the model's metadata ``normalize`` (``"auto"``
-        for trained tilerseg models: 8-bit input scaled by 1/255).
+    normalize : "auto", "none", "percentile", "percentile:LOW:HIGH", "meanstd", (low, high) or ("window", centre, width), optional
+        The input normalisation; ``"auto"`` is exported as 8-bit input scaled by 1/255.
+        Default the model's metadata ``normalize``, where it is ``"auto"`` only if the
+        model's training data are recorded as 8-bit (``metadata["training"]
+        ["normalization"]``, written by :func:`tilerseg.train.train`; the bundled model
+        has it): otherwise ``normalize`` must be given.
     test_size : int, optional
         Side of the test input (rounded up to an admissible size; default 64 or the
         smallest admissible).
@@ -249,23 +279,22 @@ def export_bioimageio(
     InvalidModelError
         A model that is not registered, or whose trace differs from it.
     InvalidArgumentError
-        An unusable option (licence, test size, cover).
+        An unusable option (name, licence, test size, cover, a normalisation a package
+        cannot state), or no ``normalize`` where the model does not say what it saw.
 
     Examples
     --------
     >>> import os, tempfile, tilerseg
     >>> from tilerseg.bioimageio import export_bioimageio, load_bioimageio
     >>> model = tilerseg.create_model(base_channels=2, depth=2)
-    >>> package = export_bioimageio(model, os.path.join(tempfile.mkdtemp(), "unet.zip"))
+    >>> package = export_bioimageio(model, os.path.join(tempfile.mkdtemp(), "unet.zip"),
+    ...                             normalize="auto")
     >>> validate_package(package)
     'valid-format'
     >>> load_bioimageio(package).config == model.config
     True
     """
     require_spec()
-    from bioimageio.spec import ValidationContext, save_bioimageio_package
-    from bioimageio.spec.model import v0_5 as bio
-
     from .. import __version__
     from ..models.probe import model_geometry
 
@@ -277,13 +306,16 @@ def export_bioimageio(
     if test_size is not None and (isinstance(test_size, bool) or not isinstance(test_size, int)
                                   or test_size < 1):
         raise InvalidArgumentError(f"test_size={test_size!r} must be a positive integer")
-    model = model.eval()
     metadata = dict(getattr(model, "metadata", None) or {})
     if normalize is None:
-        normalize = metadata.get("normalize", "auto")
-    if isinstance(normalize, list):
-        normalize = tuple(normalize)
-    geometry = model_geometry(model)
+        normalize = _stated_normalization(metadata)
+    normalize = exportable(normalize)
+    training = model.training  # restored when done
+    model.eval()
+    try:
+        geometry = model_geometry(model)
+    finally:
+        model.train(training)
     sizes = axis_sizes(geometry)
     classes = metadata.get("classes")
     if not (isinstance(classes, list) and len(classes) == geometry.out_channels):
@@ -297,6 +329,28 @@ def export_bioimageio(
     out = Path(path)
     if out.is_dir():
         raise InvalidArgumentError(f"the package path {str(out)!r} is a folder")
+    training = model.training
+    model.eval()
+    try:
+        _write(model, out, root_args=(architecture, config, geometry, sizes, classes, name,
+                                      description, license, authors, normalize, metadata,
+                                      test_size, cover, tags))
+    finally:
+        model.train(training)
+    log.info("wrote the bioimage.io package %s", out)
+    return out
+
+
+def _write(model: nn.Module, out: Path, root_args: tuple) -> None:
+    """Write the package (see :func:`export_bioimageio`)."""
+    from bioimageio.spec import ValidationContext, save_bioimageio_package
+    from bioimageio.spec.model import v0_5 as bio
+    from pydantic import ValidationError
+
+    from .. import __version__
+
+    (architecture, config, geometry, sizes, classes, name, description, license, authors,
+     normalize, metadata, test_size, cover, tags) = root_args
     with tempfile.TemporaryDirectory(prefix="tilerseg-bioimageio-") as tmp:
         root = Path(tmp)
         x = _test_input(geometry, sizes, test_size, normalize)
@@ -321,7 +375,7 @@ def export_bioimageio(
         in_axes: list[Any] = [bio.BatchAxis(), bio.ChannelAxis(channel_names=[
             bio.Identifier(f"channel{c}") for c in range(geometry.in_channels)])]
         out_axes: list[Any] = [bio.BatchAxis(), bio.ChannelAxis(channel_names=[
-            bio.Identifier(_identifier(c)) for c in classes])]
+            bio.Identifier(c) for c in _identifiers(classes)])]
         for s in sizes:
             in_axes.append(bio.SpaceInputAxis(
                 id=bio.AxisId(s.id), size=bio.ParameterizedSize(min=s.min, step=s.step)))
@@ -329,7 +383,7 @@ def export_bioimageio(
             out_axes.append(bio.SpaceOutputAxisWithHalo(id=bio.AxisId(s.id), size=ref, halo=s.halo)
                             if s.halo > 0 else bio.SpaceOutputAxis(id=bio.AxisId(s.id), size=ref))
         dtype = input_dtype(normalize)
-        with ValidationContext(root=root, perform_io_checks=True):
+        with ValidationContext(root=root, perform_io_checks=True), _one_line(ValidationError):
             inputs = [bio.InputTensorDescr(
                 id=tensor, axes=in_axes, test_tensor=bio.FileDescr(source=root / "test_input.npy"),
                 data=bio.IntervalOrRatioDataDescr(type=dtype),
@@ -372,14 +426,49 @@ def export_bioimageio(
         partial = out.with_name(f".{out.name}.partial")
         save_bioimageio_package(descr, output_path=partial)
         os.replace(partial, out)
-    log.info("wrote the bioimage.io package %s", out)
-    return out
+
+
+@contextlib.contextmanager
+def _one_line(validation_error: type) -> Iterator[None]:
+    """bioimageio.spec's refusal of a field (name, licence...) as one InvalidArgumentError."""
+    try:
+        yield
+    except validation_error as exc:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = first.get("loc") or (getattr(exc, "title", "the package"),)
+        where = str(loc[0])  # the field (the rest names pydantic's validators)
+        value = first.get("input")
+        shown = f" {value!r}" if isinstance(value, (str, int, float)) else ""
+        raise InvalidArgumentError(
+            f"{where}{shown} is not accepted by bioimage.io: "
+            f"{_shorten(str(first.get('msg', str(exc).splitlines()[0])))}") from None
+
+
+def _shorten(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit].rsplit(",", 1)[0] + ", ..."
 
 
 def _identifier(text: str) -> str:
     """A bioimage.io identifier (letters, digits, underscores) of a class name."""
     ident = "".join(c if c.isalnum() or c == "_" else "_" for c in str(text)).strip("_")
     return ident if ident and not ident[0].isdigit() else f"c_{ident}"
+
+
+def _identifiers(names: list[str]) -> list[str]:
+    """Distinct identifiers of class names (``_2``, ``_3``... added where they coincide).
+
+    Examples
+    --------
+    >>> _identifiers(["a b", "a_b", "c"])
+    ['a_b', 'a_b_2', 'c']
+    """
+    out: list[str] = []
+    for name in names:
+        ident, k = _identifier(name), 1
+        while (ident if k == 1 else f"{ident}_{k}") in out:
+            k += 1
+        out.append(ident if k == 1 else f"{ident}_{k}")
+    return out
 
 
 def validate_package(path: str | os.PathLike) -> str:
@@ -408,7 +497,8 @@ def validate_package(path: str | os.PathLike) -> str:
     --------
     >>> import os, tempfile, tilerseg
     >>> model = tilerseg.create_model("unet-keras", base_channels=2, depth=2)
-    >>> validate_package(export_bioimageio(model, os.path.join(tempfile.mkdtemp(), "k.zip")))
+    >>> validate_package(export_bioimageio(model, os.path.join(tempfile.mkdtemp(), "k.zip"),
+    ...                                    normalize="none"))
     'valid-format'
     """
     require_spec()

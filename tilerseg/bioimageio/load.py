@@ -3,20 +3,21 @@
 A package written by :func:`tilerseg.bioimageio.export_bioimageio` is rebuilt exactly:
 the architecture from tilerseg's registry with the package's configuration, its
 state-dict weights, its metadata and normalisation. Any other package runs through its
-TorchScript weights (or state-dict weights whose architecture is an importable library
-callable), wrapped in a module that feeds it the axes it declares; its geometry comes
+TorchScript weights (or state-dict weights whose architecture is a ``torch.nn.Module``
+class of ``torch`` or ``tilerseg``: no other module a package names is ever imported),
+wrapped in a module that feeds it the axes it declares; its geometry comes
 from its declared sizes and halo (see :mod:`tilerseg.bioimageio.sizes`) and its
 normalisation from its preprocessing (see :mod:`tilerseg.bioimageio.processing`).
 
 What cannot be run exactly is refused with one line naming it: several inputs or
 outputs, time or index axes, fixed sizes, postprocessing other than a sigmoid/softmax,
-per-channel statistics, weights other than TorchScript / PyTorch state dicts, and a
+per-channel statistics or statistics over some spatial axes only, weights other than
+TorchScript / PyTorch state dicts, architectures outside ``torch`` and ``tilerseg``, and a
 package that declares no halo (unless one is given).
 """
 
 from __future__ import annotations
 
-import importlib
 import io
 import logging
 import os
@@ -31,7 +32,7 @@ from torch import nn
 from ..errors import InvalidModelError, ModelNotFoundError
 from ..normalize import NormalizeSpec
 from .processing import activation_of, normalization_of
-from .sizes import AxisSizes, geometry_from_sizes
+from .sizes import AxisSizes, axis_sizes, geometry_from_sizes
 
 __all__ = ["load_bioimageio", "is_package", "require_spec", "PackagedNetwork"]
 
@@ -55,9 +56,15 @@ def _is_yaml_name(name: str) -> bool:
     return name in _YAML_NAMES or name.endswith(".bioimageio.yaml")
 
 
+def _yaml_in(folder: Path) -> list[Path]:
+    """The package descriptions in a folder: rdf.yaml, bioimageio.yaml, *.bioimageio.yaml."""
+    return [*(folder / n for n in _YAML_NAMES if (folder / n).is_file()),
+            *sorted(p for p in folder.glob("*.bioimageio.yaml") if p.is_file())]
+
+
 def is_package(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a bioimage.io package: a ``.zip`` holding an ``rdf.yaml`` or
-    ``bioimageio.yaml``, such a file, or a folder holding one. Reads no more than the
+    """Whether ``path`` is a bioimage.io package: a ``.zip`` holding an ``rdf.yaml``,
+    ``bioimageio.yaml`` or ``*.bioimageio.yaml``, such a file, or a folder holding one. Reads no more than the
     zip's directory; needs no extra.
 
     Examples
@@ -69,7 +76,7 @@ def is_package(path: str | os.PathLike) -> bool:
     if _is_yaml_name(p.name):
         return True
     if p.is_dir():
-        return any((p / n).is_file() for n in _YAML_NAMES)
+        return bool(_yaml_in(p))
     if p.suffix.lower() == ".zip" and p.is_file():
         try:
             with zipfile.ZipFile(p) as z:
@@ -88,23 +95,29 @@ def _description(path: str | os.PathLike, label: str) -> Any:
     if not p.exists():
         raise ModelNotFoundError(f"bioimage.io package {str(path)!r} does not exist")
     if p.is_dir():
-        found = [p / n for n in _YAML_NAMES if (p / n).is_file()]
+        found = _yaml_in(p)
         if not found:
-            raise InvalidModelError(f"{label} is a folder without an rdf.yaml or "
-                                    "bioimageio.yaml: not a bioimage.io package")
+            raise InvalidModelError(f"{label} is a folder without an rdf.yaml, "
+                                    "bioimageio.yaml or *.bioimageio.yaml: not a bioimage.io "
+                                    "package")
         p = found[0]
     try:
         descr = load_model_description(str(p), format_version="latest",
                                        perform_io_checks=False)
     except Exception as exc:  # a non-model resource, unreadable YAML or zip
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidModelError(f"{label} is not a bioimage.io model ({reason[:200]})") from None
+        raise InvalidModelError(f"{label} is not a bioimage.io model ({_reason(exc)})") from None
     if isinstance(descr, InvalidDescr) or not hasattr(descr, "inputs"):
         errors = [f"{'.'.join(map(str, e.loc))}: {e.msg}"
                   for e in descr.validation_summary.errors]
         raise InvalidModelError(f"{label} is not a valid bioimage.io model package "
                                 f"({errors[0][:200] if errors else 'invalid'})")
     return descr
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception's first line (at most 200 characters), or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _read(source: Any) -> bytes:
@@ -133,15 +146,19 @@ class PackagedNetwork(nn.Module):
         The spatial ids in the engine's order.
     probability : bool
         The network outputs one channel in [0, 1]: returned as its logit.
+    batch_size : int, optional
+        The batch size the package fixes (e.g. ``BatchAxis(size=1)``): samples are then
+        run that many at a time.
     """
 
     def __init__(self, network: nn.Module, input_axes: Sequence[str],
                  output_axes: Sequence[str], spatial: Sequence[str],
-                 probability: bool = False) -> None:
+                 probability: bool = False, batch_size: int | None = None) -> None:
         super().__init__()
         self.network = network
         self.input_axes, self.output_axes = list(input_axes), list(output_axes)
         self.spatial, self.probability = list(spatial), probability
+        self.batch_size = batch_size
 
     def _one(self, x: torch.Tensor) -> torch.Tensor:
         """Run on ``x`` with axes ``[batch?] channel spatial`` as the package lacks."""
@@ -160,7 +177,16 @@ class PackagedNetwork(nn.Module):
         return y.permute(*[order.index(a) for a in dst])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if "batch" in self.input_axes:
+        """Logits ``(N, K, *spatial)`` of ``x`` ``(N, C, *spatial)`` (see the class notes)."""
+        if "batch" in self.input_axes and self.batch_size is not None:
+            n, parts = self.batch_size, []  # a fixed batch size: that many samples a call
+            for i in range(0, x.shape[0], n):
+                part = x[i:i + n]
+                short = n - part.shape[0]  # the last call filled up with its last sample
+                full = torch.cat([part, part[-1:].expand(short, *part.shape[1:])])
+                parts.append(self._one(full)[:part.shape[0]])
+            y = torch.cat(parts)
+        elif "batch" in self.input_axes:
             y = self._one(x)
         else:
             y = torch.stack([self._one(s) for s in x])
@@ -177,13 +203,16 @@ def _axis_kind(axis: Any) -> str:
     return kind if kind in ("batch", "channel") else str(axis.id)
 
 
-def _input_axes(tensor: Any, label: str) -> tuple[list[str], list[str], int, dict[str, Any]]:
-    """(axis kinds in order, spatial ids in engine order, channels, spatial axes by id)."""
-    kinds, space, channels = [], {}, 1
+def _input_axes(tensor: Any, label: str
+                ) -> tuple[list[str], list[str], int, dict[str, Any], int | None]:
+    """(axis kinds in order, spatial ids in engine order, channels, spatial axes by id,
+    the fixed batch size or None)."""
+    kinds, space, channels, batch = [], {}, 1, None
     for axis in tensor.axes:
         kind = str(axis.type)
         if kind == "batch":
             kinds.append("batch")
+            batch = getattr(axis, "size", None)
         elif kind == "channel":
             kinds.append("channel")
             channels = len(axis.channel_names)
@@ -200,7 +229,7 @@ def _input_axes(tensor: Any, label: str) -> tuple[list[str], list[str], int, dic
     ids = list(space)
     if set(ids) <= set(_CANONICAL):
         ids.sort(key=_CANONICAL.index)
-    return kinds, ids, channels, space
+    return kinds, ids, channels, space, batch
 
 
 def _sizes(inp: Any, out: Any, spatial: list[str], space: dict[str, Any],
@@ -250,24 +279,21 @@ def _with_halo(sizes: list[AxisSizes], halo: int | Sequence[int] | None,
                 f"{label} declares no halo for axes {', '.join(bare)} (its output is as large "
                 "as its input, with no context to crop): tilerseg cannot know how far its "
                 "receptive field reaches, so tiles of it could not be exact at their borders "
-                "and it does not tile it; give the context it needs, e.g. "
-                "tilerseg.bioimageio.load_bioimageio(path, halo=N), halo=0 for a per-pixel "
-                "network")
+                "and it does not tile it; give the context it needs: tilerseg run/batch "
+                "--halo N, or tilerseg.bioimageio.load_bioimageio(path, halo=N) (N px per "
+                "side; 0 for a per-pixel network)")
         return sizes
     values = [halo] * len(sizes) if isinstance(halo, int) else list(halo)
     if len(values) != len(sizes) or any(isinstance(h, bool) or not isinstance(h, int) or h < 0
                                         for h in values):
         raise InvalidModelError(f"halo={halo!r} must be an integer >= 0 or one per spatial "
                                 f"axis ({len(sizes)})")
-    out = []
-    for s, h in zip(sizes, values):
-        extra = max(s.halo, h + s.offset // 2)  # context beyond the network's own crop
-        extra = max(extra, 0)
-        if s.min + s.offset - 2 * extra < 1:  # the smallest tile must keep a pixel
-            smallest = s.min + -(-(2 * extra + 1 - s.offset - s.min) // s.step) * s.step
-            s = AxisSizes(s.id, smallest, s.step, s.offset, s.halo)
-        out.append(AxisSizes(s.id, s.min, s.step, s.offset, extra))
-    return out
+    # the halo per axis: the network's own crop (-offset / 2), or more where asked
+    given = [AxisSizes(s.id, s.min, s.step, s.offset, max(s.halo, h + s.offset // 2, 0))
+             for s, h in zip(sizes, values)]
+    # axis_sizes' rule raises the smallest input until a pixel is left after the halo
+    redone = axis_sizes(geometry_from_sizes(given, 1, 1))
+    return [AxisSizes(s.id, r.min, s.step, s.offset, r.halo) for s, r in zip(given, redone)]
 
 
 # -- networks ---------------------------------------------------------------------------------
@@ -291,9 +317,8 @@ def _tilerseg_model(descr: Any, label: str) -> nn.Module | None:
         state = torch.load(io.BytesIO(_read(entry)), map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidModelError(f"{label}: its state-dict weights do not load ({reason[:200]})"
-                                ) from None
+        raise InvalidModelError(f"{label}: its state-dict weights do not load "
+                                f"({_reason(exc)})") from None
     model.eval()
     recorded = _recorded(descr)
     metadata = dict(recorded.get("metadata") or {})
@@ -319,6 +344,45 @@ def _recorded(descr: Any) -> dict[str, Any]:
     return recorded if isinstance(recorded, dict) else {}
 
 
+_LIBRARIES = ("torch", "tilerseg")
+"""The only packages whose modules a package's architecture may name (imported only after
+they are found inside the installed package, never in the current or the package's folder)."""
+
+
+def _library_class(module: str, name: str, where: str, label: str) -> type:
+    """The ``torch.nn.Module`` class ``module.name`` of an allowed installed library.
+
+    No module outside :data:`_LIBRARIES` is imported (its top-level code would run): the
+    module is located with ``importlib.util.find_spec`` first and refused unless its file
+    lies inside the installed library's own folder.
+    """
+    import importlib.util
+
+    root = module.split(".")[0]
+    refuse = (f"{label}: its architecture {where} is not a torch.nn.Module class of "
+              f"{' or '.join(_LIBRARIES)}; tilerseg imports and calls no other code a "
+              "package names")
+    if root not in _LIBRARIES or not all(part.isidentifier() for part in module.split(".")):
+        raise InvalidModelError(refuse)
+    home = Path(importlib.import_module(root).__file__).resolve().parent
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    origin = getattr(spec, "origin", None)
+    if spec is None or origin is None or not Path(origin).resolve().is_relative_to(home):
+        raise InvalidModelError(f"{label}: its architecture {where} cannot be imported (no "
+                                f"module {module} in the installed {root})")
+    try:
+        factory = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise InvalidModelError(f"{label}: its architecture {where} cannot be imported "
+                                f"({exc})") from None
+    if not (isinstance(factory, type) and issubclass(factory, nn.Module)):
+        raise InvalidModelError(refuse)
+    return factory
+
+
 def _network(descr: Any, weights: str | None, label: str) -> nn.Module:
     """The package's network: TorchScript, or state dict with a library architecture."""
     w = descr.weights
@@ -333,31 +397,21 @@ def _network(descr: Any, weights: str | None, label: str) -> nn.Module:
                 return torch.jit.load(io.BytesIO(_read(entry)), map_location="cpu").eval()
             except Exception as exc:
                 raise InvalidModelError(f"{label}: its TorchScript weights do not load "
-                                        f"({str(exc).strip().splitlines()[0][:200]})") from None
+                                        f"({_reason(exc)})") from None
         arch = entry.architecture
         if not hasattr(arch, "import_from"):
             skipped = ("; its state-dict architecture is Python source in the package, which "
                        "tilerseg does not run")
             continue
         where = f"{arch.import_from}.{arch.callable}"
-        try:
-            factory = getattr(importlib.import_module(arch.import_from), str(arch.callable))
-        except (ImportError, AttributeError) as exc:
-            raise InvalidModelError(f"{label}: its architecture {where} cannot be imported "
-                                    f"({exc})") from None
-        if not (isinstance(factory, type) and issubclass(factory, nn.Module)):
-            raise InvalidModelError(
-                f"{label}: its architecture {where} is not a torch.nn.Module class; tilerseg "
-                "calls no other code a package names")
+        factory = _library_class(str(arch.import_from), str(arch.callable), where, label)
         try:
             network = factory(**dict(arch.kwargs))
             state = torch.load(io.BytesIO(_read(entry)), map_location="cpu", weights_only=True)
             network.load_state_dict(state, strict=bool(getattr(entry, "strict", True)))
         except Exception as exc:
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else \
-                type(exc).__name__
-            raise InvalidModelError(
-                f"{label}: its state-dict weights with {where} do not load ({reason})") from None
+            raise InvalidModelError(f"{label}: its state-dict weights with {where} do not load "
+                                    f"({_reason(exc)})") from None
         return network.eval()
     present = [k for k in ("keras_hdf5", "keras_v3", "onnx", "pytorch_state_dict",
                            "tensorflow_js", "tensorflow_saved_model_bundle", "torchscript")
@@ -379,11 +433,12 @@ def load_bioimageio(
     Parameters
     ----------
     path : str or os.PathLike
-        A ``.zip`` package, its ``rdf.yaml`` / ``bioimageio.yaml``, or an unpacked folder.
+        A ``.zip`` package, its ``rdf.yaml`` / ``bioimageio.yaml`` /
+        ``*.bioimageio.yaml``, or an unpacked folder.
     weights : {"torchscript", "pytorch_state_dict"}, optional
         Which weights to use. Default: a tilerseg package's state dict (rebuilt exactly),
-        else TorchScript, else a state dict whose architecture is an importable library
-        callable.
+        else TorchScript, else a state dict whose architecture is a ``torch.nn.Module``
+        class of ``torch`` or ``tilerseg``.
     halo : int or sequence of int, optional
         Context (px per side) for a package that declares no halo: tiles are then exact
         when it covers the network's receptive field. Refused without it.
@@ -407,7 +462,7 @@ def load_bioimageio(
     >>> import os, tempfile, tilerseg
     >>> from tilerseg.bioimageio import export_bioimageio
     >>> path = export_bioimageio(tilerseg.create_model(base_channels=2, depth=2),
-    ...                          os.path.join(tempfile.mkdtemp(), "unet.zip"))
+    ...                          os.path.join(tempfile.mkdtemp(), "unet.zip"), normalize="auto")
     >>> type(load_bioimageio(path)).__name__
     'UNet'
     >>> type(load_bioimageio(path, weights="torchscript")).__name__
@@ -436,10 +491,10 @@ def _generic(descr: Any, weights: str | None, halo: int | Sequence[int] | None, 
     from ..models.probe import trust_geometry
 
     inp, out = descr.inputs[0], descr.outputs[0]
-    in_kinds, spatial, cin, space = _input_axes(inp, label)
+    in_kinds, spatial, cin, space, batch = _input_axes(inp, label)
     sizes, out_kinds, cout = _sizes(inp, out, spatial, space, label)
     sizes = _with_halo(sizes, halo, label)
-    normalize: NormalizeSpec = normalization_of(inp.preprocessing, cin, label)
+    normalize: NormalizeSpec = normalization_of(inp.preprocessing, cin, label, spatial)
     data = out.data
     value_range = getattr(data, "range", None) or (None, None)
     in_unit = tuple(value_range) == (0.0, 1.0) or tuple(value_range) == (0, 1)
@@ -447,11 +502,14 @@ def _generic(descr: Any, weights: str | None, halo: int | Sequence[int] | None, 
     geometry = geometry_from_sizes(sizes, cin, cout)
     network = _network(descr, weights, label)
     model = PackagedNetwork(network, in_kinds, out_kinds, spatial,
-                            probability=activation == "probability").eval()
+                            probability=activation == "probability", batch_size=batch).eval()
     names = [str(n) for a in out.axes if str(a.type) == "channel" for n in a.channel_names]
     model.metadata = {"normalize": list(normalize) if isinstance(normalize, tuple) else normalize,
                       "classes": names or [f"class{c}" for c in range(cout)],
                       "bioimageio": {"name": descr.name, "source": str(path)}}
+    declared = str(getattr(inp.data, "type", "float32"))
+    if isinstance(normalize, tuple) and declared.startswith(("uint", "int")):
+        model.metadata["input_dtype"] = declared  # its fixed scale is meant for that type
     if not trust_geometry(model, geometry):
         raise InvalidModelError(
             f"{label}: its network does not produce the sizes it declares (input "

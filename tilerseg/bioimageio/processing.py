@@ -10,6 +10,7 @@ tilerseg                                    bioimage.io 0.5
 ==========================================  ==========================================
 ``(low, high)``, 8-bit ``"auto"``           ``scale_linear`` (gain ``1 / (high - low)``,
                                             offset ``-low / (high - low)``)
+``("window", centre, width)``               ``scale_linear`` then ``clip`` to [0, 1]
 ``"percentile:LOW:HIGH"`` (global)          ``scale_range`` (statistics of the sample)
 ``"meanstd"`` (global)                      ``zero_mean_unit_variance``
 sigmoid / softmax of the logits             ``sigmoid`` / ``softmax`` postprocessing
@@ -26,20 +27,73 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import InvalidModelError
-from ..normalize import NormalizeSpec
+import numpy as np
 
-__all__ = ["preprocessing_steps", "input_dtype", "normalization_of", "activation_of"]
+from ..errors import InvalidArgumentError, InvalidModelError
+from ..normalize import NormalizeSpec, resolve_normalization
+
+__all__ = ["preprocessing_steps", "input_dtype", "normalization_of", "activation_of",
+           "exportable"]
 
 log = logging.getLogger(__name__)
 
 
+def _is_window(normalize: NormalizeSpec) -> bool:
+    return isinstance(normalize, (tuple, list)) and len(normalize) > 0 \
+        and normalize[0] == "window"
+
+
+def exportable(normalize: NormalizeSpec) -> NormalizeSpec:
+    """``normalize`` in the form a package can state, checked; a display window as
+    ``("window", centre, width)``.
+
+    Raises
+    ------
+    InvalidArgumentError
+        A value tilerseg does not understand, or one a package cannot state: the image's
+        own DICOM window, and ``"range"`` (its scale depends on the image's dtype).
+
+    Examples
+    --------
+    >>> exportable(["window", "soft-tissue"]), exportable([0, 4095])
+    (('window', 40.0, 400.0), (0.0, 4095.0))
+    """
+    if isinstance(normalize, list):
+        normalize = tuple(normalize)
+    if _is_window(normalize):
+        if len(normalize) == 2 and str(normalize[1]).lower() == "dicom":
+            raise InvalidArgumentError(
+                "normalize=('window', 'dicom') is the image's own window, which a package "
+                "cannot state; give its centre and width, ('window', CENTRE, WIDTH)")
+        n = resolve_normalization(normalize, np.dtype(np.float32), lambda: None)
+        return ("window", (n.low + n.high) / 2, n.high - n.low)
+    if normalize == "range":
+        raise InvalidArgumentError(
+            "normalize='range' scales by the image's dtype (1/255 for uint8, 1/65535 for "
+            "uint16), which a package cannot state; give the range, e.g. (0, 255), or 'auto' "
+            "for 8-bit input")
+    if isinstance(normalize, tuple) and len(normalize) == 2:
+        n = resolve_normalization(normalize, np.dtype(np.float32), lambda: None)
+        return (n.low, n.high)
+    if normalize in (None, False, True, "none", "auto", "percentile", "meanstd") or (
+            isinstance(normalize, str) and normalize.startswith("percentile:")):
+        if isinstance(normalize, str) and normalize.startswith("percentile:"):
+            resolve_normalization(normalize, np.dtype(np.float32), lambda: np.zeros(2))
+        return normalize
+    raise InvalidArgumentError(f"normalize={normalize!r} cannot be exported (expected 'auto', "
+                               "'none', 'percentile', 'percentile:LOW:HIGH', 'meanstd', "
+                               "(low, high) or ('window', CENTRE, WIDTH))")
+
+
 def _affine(normalize: NormalizeSpec) -> tuple[float, float] | None:
-    """(low, high) of a fixed normalisation; None for none; 8-bit for ``"auto"``."""
+    """(low, high) of a fixed normalisation or window; None for none; 8-bit for ``"auto"``."""
     if normalize is None or normalize is False or normalize == "none":
         return None
-    if normalize is True or normalize in ("auto", "range"):
+    if normalize is True or normalize == "auto":
         return (0.0, 255.0)  # what tilerseg's "auto" does with 8-bit input
+    if _is_window(normalize) and len(normalize) == 3:
+        centre, width = float(normalize[1]), float(normalize[2])
+        return centre - width / 2, centre + width / 2
     if isinstance(normalize, (tuple, list)) and len(normalize) == 2:
         return float(normalize[0]), float(normalize[1])
     return None
@@ -54,7 +108,7 @@ def input_dtype(normalize: NormalizeSpec) -> str:
     >>> input_dtype("auto"), input_dtype((0.0, 4095.0))
     ('uint8', 'float32')
     """
-    return "uint8" if normalize is True or normalize in ("auto", "range") else "float32"
+    return "uint8" if normalize is True or normalize == "auto" else "float32"
 
 
 def preprocessing_steps(normalize: NormalizeSpec) -> list[Any]:
@@ -62,9 +116,9 @@ def preprocessing_steps(normalize: NormalizeSpec) -> list[Any]:
 
     Parameters
     ----------
-    normalize : "auto", "none", "percentile", "percentile:LOW:HIGH", "meanstd" or (low, high)
+    normalize : "auto", "none", "percentile", "percentile:LOW:HIGH", "meanstd", (low, high) or ("window", centre, width)
         ``"auto"`` means 8-bit input scaled by 1/255 (what tilerseg does with 8-bit
-        images, and what its trained models saw).
+        images). A window is scaled, then clipped to [0, 1].
 
     Returns
     -------
@@ -93,6 +147,8 @@ def preprocessing_steps(normalize: NormalizeSpec) -> list[Any]:
         gain = 1.0 / (high - low)
         steps.append(bio.ScaleLinearDescr(kwargs=bio.ScaleLinearKwargs(gain=gain,
                                                                        offset=0.0 - low * gain)))
+        if _is_window(normalize):
+            steps.append(bio.ClipDescr(kwargs=bio.ClipKwargs(min=0.0, max=1.0)))
     elif normalize == "percentile" or (isinstance(normalize, str)
                                        and normalize.startswith("percentile:")):
         low_p, high_p = (1.0, 99.8) if normalize == "percentile" else \
@@ -118,17 +174,26 @@ def _scalar(value: Any, what: str) -> float:
     return float(value)
 
 
-def _joint(kwargs: Any, in_channels: int, name: str) -> None:
-    """Refuse statistics per channel of a multi-channel input."""
+def _joint(kwargs: Any, in_channels: int, spatial: Sequence[str], name: str,
+           label: str) -> None:
+    """Refuse statistics per channel of a multi-channel input, or per line or plane."""
     axes = getattr(kwargs, "axes", None)
-    if axes is not None and in_channels > 1 and "channel" not in [str(a) for a in axes]:
+    named = [str(a) for a in axes] if axes is not None else None
+    left = [a for a in spatial if named is not None and a not in named]
+    if left:
+        raise InvalidModelError(
+            f"{label}: preprocessing {name} computes its statistics over axes {named} only, "
+            f"separately along {', '.join(left)}; tilerseg normalises the whole image alike "
+            "(supported: statistics over all spatial axes)")
+    if axes is not None and in_channels > 1 and "channel" not in named:
         raise InvalidModelError(
             f"preprocessing {name} normalises each channel by its own statistics; tilerseg "
             "normalises every channel alike (supported: statistics over all channels, or "
             "one input channel)")
 
 
-def normalization_of(steps: Sequence[Any], in_channels: int, label: str) -> NormalizeSpec:
+def normalization_of(steps: Sequence[Any], in_channels: int, label: str,
+                     spatial: Sequence[str] = ()) -> NormalizeSpec:
     """The tilerseg ``normalize=`` value of a package's input preprocessing.
 
     Parameters
@@ -139,16 +204,19 @@ def normalization_of(steps: Sequence[Any], in_channels: int, label: str) -> Norm
         Channels of the input (statistics per channel need one).
     label : str
         The package, for messages.
+    spatial : sequence of str, optional
+        The input's spatial axis ids: statistics must be computed over all of them.
 
     Returns
     -------
-    "none", (low, high), "percentile:LOW:HIGH" or "meanstd"
+    "none", (low, high), ("window", centre, width), "percentile:LOW:HIGH" or "meanstd"
 
     Raises
     ------
     InvalidModelError
-        A step that is not one global affine map (clip, binarize, sigmoid...), statistics
-        combined with further scaling, or per-channel values.
+        A step that is not one global affine map (binarize, sigmoid...; a clip only to
+        [0, 1] after a fixed scaling, a display window), statistics combined with further
+        scaling, statistics over only some axes, or per-channel values.
 
     Examples
     --------
@@ -157,9 +225,15 @@ def normalization_of(steps: Sequence[Any], in_channels: int, label: str) -> Norm
     ...     gain=0.5, offset=-1.0))], 1, "m.zip")  # 0.5 x - 1 = (x - 2) / (4 - 2)
     (2.0, 4.0)
     """
-    gain, offset, stats = 1.0, 0.0, None
+    gain, offset, stats, clipped = 1.0, 0.0, None, False
     for step in steps:
         name, kw = str(step.id), getattr(step, "kwargs", None)
+        if clipped and name != "ensure_dtype":
+            raise InvalidModelError(f"{label}: preprocessing {name} after clip is not supported")
+        if name == "clip" and stats is None and (gain, offset) != (1.0, 0.0) \
+                and (getattr(kw, "min", None), getattr(kw, "max", None)) == (0.0, 1.0):
+            clipped = True  # a display window: scaled, then clipped to [0, 1]
+            continue
         if name == "ensure_dtype":
             if (gain, offset) != (1.0, 0.0) or stats is not None:
                 if not str(kw.dtype).startswith("float"):
@@ -182,7 +256,7 @@ def normalization_of(steps: Sequence[Any], in_channels: int, label: str) -> Norm
             if (gain, offset) != (1.0, 0.0):
                 raise InvalidModelError(
                     f"{label}: preprocessing {name} after a fixed scaling is not supported")
-            _joint(kw, in_channels, name)
+            _joint(kw, in_channels, spatial, name, label)
             if name == "scale_range":
                 stats = f"percentile:{kw.min_percentile:g}:{kw.max_percentile:g}"
             else:
@@ -194,14 +268,16 @@ def normalization_of(steps: Sequence[Any], in_channels: int, label: str) -> Norm
             raise InvalidModelError(
                 f"{label}: preprocessing {name} is not supported (tilerseg applies one global "
                 "affine map: scale_linear, fixed_zero_mean_unit_variance, scale_range, "
-                "zero_mean_unit_variance)")
+                "zero_mean_unit_variance; a clip to [0, 1] only after a fixed scaling)")
     if stats is not None:
         return stats
     if (gain, offset) == (1.0, 0.0):
         return "none"
     if gain <= 0:
         raise InvalidModelError(f"{label}: a preprocessing gain of {gain} (<= 0) is not supported")
-    low = -offset / gain
+    low = -offset / gain + 0.0  # + 0.0: no -0.0
+    if clipped:
+        return ("window", low + 0.5 / gain, 1.0 / gain)
     return (low, low + 1.0 / gain)
 
 

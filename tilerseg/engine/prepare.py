@@ -52,10 +52,12 @@ def check_model(model: Any) -> ModelGeometry:
 
 
 def model_normalize(options: RunOptions, model: Any) -> RunOptions:
-    """``options`` with the model's own normalisation where the caller left ``"auto"``.
+    """``options`` with the model's own normalisation where ``normalize`` is ``"auto"``.
 
-    A model states it as ``model.metadata["normalize"]`` (any ``normalize=`` value, e.g.
-    the fixed range or the statistics a bioimage.io package declares); ``"auto"`` (what
+    ``"auto"`` (the default; ``True`` alike) means the model's own normalisation where it
+    states one, else by the image's dtype; any other value is the caller's and wins. A
+    model states it as ``model.metadata["normalize"]`` (any ``normalize=`` value, e.g. the
+    fixed range or the statistics a bioimage.io package declares); ``"auto"`` (what
     trained tilerseg models record) changes nothing.
 
     Examples
@@ -75,6 +77,25 @@ def model_normalize(options: RunOptions, model: Any) -> RunOptions:
     if options.normalize == "auto" or options.normalize is True:
         return options.replace(normalize=stated)
     return options
+
+
+def _check_input_dtype(model: Any, normalize: Any, dtype: np.dtype) -> None:
+    """Refuse an image of another dtype than the one a model's fixed scaling is meant for
+    (``model.metadata["input_dtype"]``, e.g. a bioimage.io package's uint8 input) when the
+    run uses that scaling (``model.metadata["normalize"]``)."""
+    metadata = getattr(model, "metadata", None)
+    if not isinstance(metadata, dict) or metadata.get("input_dtype") is None:
+        return
+    declared, stated = metadata["input_dtype"], metadata.get("normalize")
+    if not (isinstance(normalize, (tuple, list)) and isinstance(stated, (tuple, list))
+            and list(normalize) == list(stated)):
+        return  # another normalisation: the caller's
+    if np.dtype(dtype) != np.dtype(declared):
+        raise InvalidImageError(
+            f"the model takes {declared} images (its normalisation {metadata.get('normalize')} "
+            f"is a fixed scaling meant for {declared}); this image is {np.dtype(dtype)}: "
+            f"convert it to {declared}, or give the normalisation explicitly (normalize=; "
+            "--window on the command line)")
 
 
 def _check_module(model: Any) -> None:
@@ -270,6 +291,7 @@ def prepare(image: Any, model: nn.Module, options: RunOptions | None = None, *,
         )
     if min(view.shape) == 0:
         raise InvalidImageError(f"image is empty, shape {view.shape}")
+    _check_input_dtype(model, options.normalize, view.dtype)
     if view.shape[0] != geometry.in_channels:
         hint = ("; pick the model's channel(s) with --channel / channel=" if view.shape[0] >
                 geometry.in_channels else "")

@@ -13,13 +13,14 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import InvalidModelError, ModelNotFoundError
+from ..errors import InvalidArgumentError, InvalidModelError, ModelNotFoundError
 from ..geometry import ModelGeometry
 from .catalog import BUNDLED, DEFAULT_MODEL, bundled_models, file_identity
 from .probe import model_geometry, trust_geometry
@@ -154,7 +155,8 @@ def _state_key(model: nn.Module) -> Any:
         return None
 
 
-def model_from_spec(spec: str | os.PathLike | None = None) -> nn.Module:
+def model_from_spec(spec: str | os.PathLike | None = None, *,
+                    halo: str | int | Sequence[int] | None = None) -> nn.Module:
     """The model a command line names: a model file, a bundled model or an architecture.
 
     Parameters
@@ -165,11 +167,34 @@ def model_from_spec(spec: str | os.PathLike | None = None) -> nn.Module:
         or a bioimage.io model package (``.zip``, ``rdf.yaml``/``bioimageio.yaml`` or an
         unpacked folder; see :func:`tilerseg.bioimageio.load_bioimageio`).
         Default: the bundled default model (an untrained U-Net if none is installed).
+    halo : str, int or sequence of int, optional
+        Only for a bioimage.io package: the context it needs, passed to
+        :func:`~tilerseg.bioimageio.load_bioimageio` (``"N"`` or ``"N,N[,N]"`` as
+        ``--halo`` gives it).
 
     Returns
     -------
     torch.nn.Module
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``halo`` for a model that is not a bioimage.io package, or not integers.
     """
+    if isinstance(halo, str):
+        try:
+            values = [int(v) for v in halo.split(",")]
+        except ValueError:
+            raise InvalidArgumentError(f"--halo {halo!r} must be N or N,N[,N] (px per "
+                                       "side)") from None
+        halo = values[0] if len(values) == 1 else values
+    if halo is not None:
+        from ..bioimageio.load import is_package
+
+        if spec is None or not is_package(spec):
+            raise InvalidArgumentError(
+                "--halo (halo=) applies only to a bioimage.io package that declares no halo; "
+                f"{'the default model' if spec is None else repr(str(spec))} is not one")
     if spec is None:
         if DEFAULT_MODEL in bundled_models():
             return load_model()
@@ -184,7 +209,7 @@ def model_from_spec(spec: str | os.PathLike | None = None) -> nn.Module:
     if is_package(spec):  # a bioimage.io package (.zip, rdf.yaml, folder)
         from ..bioimageio.load import load_bioimageio
 
-        return load_bioimageio(spec)
+        return load_bioimageio(spec, halo=halo)
     return load_model(spec)
 
 

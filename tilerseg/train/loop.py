@@ -24,7 +24,7 @@ from ..engine.windows import read_window
 from ..errors import InvalidArgumentError, InvalidImageError, InvalidModelError
 from ..models import create_model, load_model, model_geometry, save_model
 from ..models.unet import center_crop
-from ..normalize import resolve_normalization
+from ..normalize import Normalization, resolve_normalization
 from .augment import augment
 from .data import Pair
 from .weights import class_weights, weight_map
@@ -107,6 +107,29 @@ class TrainConfig:
                 f"precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
         if not isinstance(self.compile, bool):
             raise InvalidArgumentError(f"compile={self.compile!r} must be True or False")
+
+
+def training_normalization(norms: Sequence[Normalization],
+                           pairs: Sequence[Pair]) -> dict[str, Any]:
+    """What the training images' ``"auto"`` normalisation was, for the model's metadata:
+    their dtypes and the resolved method, with ``low``/``high`` where it was the same
+    fixed range for all (``range`` 0..255 for 8-bit images, ``none`` for float ones).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from types import SimpleNamespace as P
+    >>> n = Normalization("range", 0.0, 255.0)
+    >>> training_normalization([n, n], [P(image=np.zeros(1, np.uint8))] * 2)
+    {'dtypes': ['uint8'], 'method': 'range', 'low': 0.0, 'high': 255.0}
+    """
+    methods = sorted({n.method for n in norms})
+    out: dict[str, Any] = {"dtypes": sorted({str(p.image.dtype) for p in pairs}),
+                           "method": methods[0] if len(methods) == 1 else methods}
+    ranges = {(n.low, n.high) for n in norms}
+    if methods in (["range"], ["none"]) and len(ranges) == 1:
+        out["low"], out["high"] = next(iter(ranges))
+    return out
 
 
 class PatchSampler:
@@ -465,6 +488,7 @@ def train(
     compiled = step_once.compiled
     info = {"window": sampler.window, "output": sampler.out, "train_images": len(train_pairs),
             "val_images": len(val_pairs)}
+    info["normalization"] = training_normalization(sampler.norms, train_pairs)
     log.info("training %s on %d tiles of %d px per step (%s%s): %s", config.model,
              config.batch_size, sampler.window, config.precision,
              ", compiled" if compiled else "", info)
