@@ -430,6 +430,27 @@ def test_s3_through_a_local_moto_server(tmp_path: Path, image: np.ndarray,
         assert sorted(fs.ls("bucket")) == ["bucket/in.tif", "bucket/out.zarr"]
         assert zarr.open_group("s3://bucket/out.zarr", mode="r").attrs["tilerseg"][
             "output"] == "probabilities"
+        # s3fs copies a list of objects concurrently: one chunk's copy fails
+        import s3fs
+
+        before = {p: fs.cat_file(p) for p in fs.find("bucket/out.zarr")}
+        plain = s3fs.S3FileSystem._cp_file
+
+        async def copy(self: Any, path1: str, path2: str, **kw: Any) -> Any:
+            if ".out.zarr.partial-" in path1 and path2.endswith("/out.zarr/0/c/0/0/0"):
+                raise OSError("simulated failure of one object copy")
+            return await plain(self, path1, path2, **kw)
+
+        monkeypatch.setattr(s3fs.S3FileSystem, "_cp_file", copy)
+        with pytest.raises(OutputError, match="simulated failure of one object") as info:
+            segment_to_zarr("s3://bucket/in.tif", small_model, "s3://bucket/out.zarr",
+                            tile=64, output="both", overwrite=True)
+        monkeypatch.setattr(s3fs.S3FileSystem, "_cp_file", plain)
+        fs.invalidate_cache()
+        assert {p: fs.cat_file(p) for p in fs.find("bucket/out.zarr")} == before
+        staging = _staging_in(str(info.value))
+        assert open_output(staging)["labels"] is not None
+        assert len(fs.ls("bucket")) == 3  # in.tif, out.zarr and the kept staging prefix
     finally:
         server.stop()
 
@@ -752,3 +773,30 @@ def test_an_http_zarr_store_is_still_recognised(tmp_path: Path, image: np.ndarra
         np.testing.assert_array_equal(np.asarray(source.data[...]), image)
     finally:
         server.close()
+
+
+def test_a_table_left_by_a_commit_killed_after_its_move_is_placed_by_resume(
+        tmp_path: Path, image: np.ndarray, small_model: torch.nn.Module,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tables are placed after the move: a process killed in between leaves the table in
+    the work directory, and --resume (finding the output complete) places it."""
+    from tilerseg.engine import finish
+
+    options = {"tile": 64, "output": "instances", "object_table": "csv"}
+    segment_to_zarr(image, small_model, tmp_path / "reference.zarr", **options)
+    plain = finish.place_tables
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finish, "place_tables", killed)
+    with pytest.raises(KeyboardInterrupt):
+        segment_to_zarr(image, small_model, tmp_path / "out.zarr", **options)
+    monkeypatch.setattr(finish, "place_tables", plain)
+    assert open_output(tmp_path / "out.zarr")["attributes"]["complete"] is True
+    assert not (tmp_path / "out.objects.csv").exists()
+    assert (tmp_path / "out.zarr.partial" / "instances" / "objects.csv").is_file()
+    segment_to_zarr(image, small_model, tmp_path / "out.zarr", resume=True, **options)
+    assert (tmp_path / "out.objects.csv").read_bytes() == (
+        tmp_path / "reference.objects.csv").read_bytes()
+    assert not (tmp_path / "out.zarr.partial").exists()

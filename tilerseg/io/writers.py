@@ -719,9 +719,9 @@ class OutputWriter:
             remote.move(self.staging, self.path)
         except BaseException as err:
             note = self._restore(old)
-            log.warning("the new output of '%s' is kept in '%s'%s", self.path, self.staging,
-                        note)
-            if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit
+            if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: no message
+                log.warning("interrupted while moving the output into '%s': the new output "
+                            "is kept in '%s'%s", self.path, self.staging, note)
                 raise
             raise OutputError(f"cannot move output into '{self.path}': {err} (the new output "
                               f"is kept in '{self.staging}'{note})") from err
@@ -739,8 +739,9 @@ class OutputWriter:
                 remote.remove(self.path)
             remote.move(old, self.path)
         except BaseException as err:
-            log.error("cannot move the old output '%s' back to '%s': %s", old, self.path, err)
             if not isinstance(err, Exception):
+                log.error("interrupted while moving the old output '%s' back to '%s'", old,
+                          self.path)
                 raise
             return f"; the old output is in '{old}': moving it back failed: {err}"
         return "; the old output is back in place"
