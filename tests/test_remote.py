@@ -430,5 +430,373 @@ def test_s3_through_a_local_moto_server(tmp_path: Path, image: np.ndarray,
         assert sorted(fs.ls("bucket")) == ["bucket/in.tif", "bucket/out.zarr"]
         assert zarr.open_group("s3://bucket/out.zarr", mode="r").attrs["tilerseg"][
             "output"] == "probabilities"
+        # s3fs copies a list of objects concurrently: one chunk's copy fails
+        import s3fs
+
+        before = {p: fs.cat_file(p) for p in fs.find("bucket/out.zarr")}
+        plain = s3fs.S3FileSystem._cp_file
+
+        async def copy(self: Any, path1: str, path2: str, **kw: Any) -> Any:
+            if ".out.zarr.partial-" in path1 and path2.endswith("/out.zarr/0/c/0/0/0"):
+                raise OSError("simulated failure of one object copy")
+            return await plain(self, path1, path2, **kw)
+
+        monkeypatch.setattr(s3fs.S3FileSystem, "_cp_file", copy)
+        with pytest.raises(OutputError, match="simulated failure of one object") as info:
+            segment_to_zarr("s3://bucket/in.tif", small_model, "s3://bucket/out.zarr",
+                            tile=64, output="both", overwrite=True)
+        monkeypatch.setattr(s3fs.S3FileSystem, "_cp_file", plain)
+        fs.invalidate_cache()
+        assert {p: fs.cat_file(p) for p in fs.find("bucket/out.zarr")} == before
+        staging = _staging_in(str(info.value))
+        assert open_output(staging)["labels"] is not None
+        assert len(fs.ls("bucket")) == 3  # in.tif, out.zarr and the kept staging prefix
     finally:
         server.stop()
+
+
+# -- failures while moving a remote output into place -----------------------------------------
+
+
+def _failing_copy(monkeypatch: pytest.MonkeyPatch, target: str, after: int,
+                  error: BaseException) -> None:
+    """Make the in-memory filesystem copy a list of files in reverse order, file by file
+    (as a filesystem copying concurrently may: the root ``zarr.json`` first), and raise
+    ``error`` once, after ``after`` files copied into ``target`` (a path without
+    protocol)."""
+    plain = MemoryFileSystem.copy
+    copied = [0]
+
+    def copy(self: MemoryFileSystem, path1: Any, path2: Any, **kw: Any) -> Any:
+        pairs = list(zip(path1, path2)) if isinstance(path1, list) else [(path1, path2)]
+        for a, b in reversed(pairs):
+            if b.startswith(target + "/"):
+                copied[0] += 1
+                if copied[0] == after + 1:  # once
+                    raise error
+            plain(self, a, b, **kw)
+
+    monkeypatch.setattr(MemoryFileSystem, "copy", copy)
+
+
+def _staging_in(message: str) -> str:
+    """The staging store an error message says the new output is (kept) in."""
+    import re
+
+    found = re.search(r"the new output is (?:kept )?in '([^']+)'", message)
+    assert found is not None, message
+    return found.group(1)
+
+
+def test_a_failed_move_leaves_no_output_and_keeps_the_finished_store(
+        prefix: str, image: np.ndarray, small_model: torch.nn.Module, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The root zarr.json is copied last and a failed copy is cleared: no output that
+    says "complete" without its chunks; the finished store stays where the message says."""
+    url = f"memory://{prefix}/out.zarr"
+    _failing_copy(monkeypatch, f"{prefix}/out.zarr", 5, OSError("simulated copy failure"))
+    with pytest.raises(OutputError, match="cannot move output into .*simulated") as info:
+        segment_to_zarr(image, small_model, url, tile=64, output="both")
+    monkeypatch.undo()
+    assert not MEMORY.exists(f"{prefix}/out.zarr")
+    staging = _staging_in(str(info.value))
+    assert staging.startswith(f"memory://{prefix}/.out.zarr.partial-")
+    segment_to_zarr(image, small_model, tmp_path / "local.zarr", tile=64, output="both")
+    assert_same_store(staging, str(tmp_path / "local.zarr"))
+    assert {p.split("/")[2] for p in MEMORY.find(prefix)} == {staging.rsplit("/", 1)[1]}
+
+
+@pytest.mark.parametrize("error, raised", [
+    (OSError("simulated network failure"), OutputError), (KeyboardInterrupt(), KeyboardInterrupt),
+])
+def test_overwrite_restores_the_old_output_exactly_when_the_move_fails(
+        prefix: str, image: np.ndarray, small_model: torch.nn.Module,
+        monkeypatch: pytest.MonkeyPatch, error: BaseException, raised: type) -> None:
+    url = f"memory://{prefix}/out.zarr"
+    segment_to_zarr(image, small_model, url, tile=64, output="probabilities")
+    before = _memory_files(prefix)
+    _failing_copy(monkeypatch, f"{prefix}/out.zarr", 7, error)
+    with pytest.raises(raised):
+        segment_to_zarr(image, small_model, url, tile=64, output="both", overwrite=True)
+    monkeypatch.undo()
+    after = _memory_files(prefix)
+    assert {k: v for k, v in after.items() if k.startswith(f"{prefix}/out.zarr/")} == before
+    names = {p.split("/")[2] for p in after}
+    assert len(names) == 2 and names - {"out.zarr"} == {
+        n for n in names if n.startswith(".out.zarr.partial-")}  # no .old- left
+    kept = f"memory://{prefix}/{(names - {'out.zarr'}).pop()}"
+    assert open_output(kept)["labels"] is not None  # the new run's finished store
+
+
+def test_an_object_table_stays_with_its_output_when_the_move_fails(
+        prefix: str, image: np.ndarray, small_model: torch.nn.Module,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"memory://{prefix}/out.zarr"
+    options = {"tile": 64, "output": "instances", "object_table": "csv"}
+    segment_to_zarr(image, small_model, url, **options)
+    before = _memory_files(prefix)
+    _failing_copy(monkeypatch, f"{prefix}/out.zarr", 3, OSError("simulated failure"))
+    with pytest.raises(OutputError, match="cannot move output"):
+        segment_to_zarr(image, small_model, url, overwrite=True, threshold=0.3, **options)
+    monkeypatch.undo()
+    after = _memory_files(prefix)
+    assert {k: v for k, v in after.items() if "/.out.zarr.partial-" not in k} == before
+
+
+def test_an_output_appearing_meanwhile_is_refused_and_the_new_one_kept(
+        prefix: str, image: np.ndarray, small_model: torch.nn.Module) -> None:
+    url = f"memory://{prefix}/out.zarr"
+
+    def progress(done: int, total: int) -> None:
+        if not MEMORY.exists(f"{prefix}/out.zarr"):  # another process writes it meanwhile
+            zarr.open_group(url, mode="w", zarr_format=3).attrs["someone"] = "else"
+
+    with pytest.raises(OutputError, match="exists; pass --overwrite") as info:
+        segment_to_zarr(image, small_model, url, tile=64, progress=progress)
+    staging = _staging_in(str(info.value))
+    assert open_output(staging)["attributes"]["complete"] is True
+    assert dict(zarr.open_group(url, mode="r").attrs) == {"someone": "else"}
+
+
+def test_a_committed_remote_output_names_no_staging_store(
+        prefix: str, image: np.ndarray, small_model: torch.nn.Module) -> None:
+    url = f"memory://{prefix}/out.zarr"
+    segment_to_zarr(image, small_model, url, tile=64)
+    manifest = open_output(url)["attributes"]["manifest"]
+    assert "store" not in manifest and manifest["output"] == url
+
+
+def test_move_copies_the_root_metadata_last_and_clears_the_target_when_interrupted(
+        prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tilerseg.io import remote
+
+    for name in ("zarr.json", "0/zarr.json", "0/c/0/0", "0/c/0/1"):
+        MEMORY.pipe_file(f"{prefix}/src/{name}", name.encode())
+    order: list[str] = []
+    plain = MemoryFileSystem.copy
+
+    def copy(self: MemoryFileSystem, path1: Any, path2: Any, **kw: Any) -> Any:
+        order.extend(reversed(path2))  # a concurrent copy: any order within one call
+        return plain(self, path1, path2, **kw)
+
+    monkeypatch.setattr(MemoryFileSystem, "copy", copy)
+    remote.move(f"memory://{prefix}/src", f"memory://{prefix}/dst")
+    assert order[-1] == f"{prefix}/dst/zarr.json" and len(order) == 4
+    assert not MEMORY.exists(f"{prefix}/src")
+    assert MEMORY.cat_file(f"{prefix}/dst/0/c/0/1") == b"0/c/0/1"
+    _failing_copy(monkeypatch, f"{prefix}/moved", 2, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        remote.move(f"memory://{prefix}/dst", f"memory://{prefix}/moved")
+    assert not MEMORY.exists(f"{prefix}/moved") and len(MEMORY.find(f"{prefix}/dst")) == 4
+
+
+# -- what a remote output cannot do, and filesystems that fail ----------------------------------
+
+
+def test_the_dask_executor_is_refused_with_a_remote_output(
+        prefix: str, image: np.ndarray, small_model: torch.nn.Module) -> None:
+    """Dask keeps running tasks after one fails: the staging store could not be removed."""
+    with pytest.raises(InvalidArgumentError, match=r"^an executor that does not wait for all "
+                       r"its tasks \(dask\) is not supported with a remote output"):
+        segment_to_zarr(image, small_model, f"memory://{prefix}/out.zarr", tile=64,
+                        executor="dask")
+    assert not MEMORY.exists(prefix)
+
+
+class BrokenFileSystem(MemoryFileSystem):
+    """A filesystem whose every look-up fails as an object store without credentials
+    does (with its own exception class, not an OSError)."""
+
+    protocol = ("brokenfs",)
+
+    class NoCredentialsError(Exception):
+        pass
+
+    def _fail(self, *args: Any, **kwargs: Any) -> Any:
+        raise self.NoCredentialsError("Unable to locate credentials")
+
+    exists = info = ls = find = isdir = isfile = rm = copy = put_file = _open = _fail
+
+
+class PickyFileSystem(MemoryFileSystem):
+    """A filesystem that cannot be made from a URL alone (as github:// needs arguments)."""
+
+    protocol = ("pickyfs",)
+
+    def __init__(self, org: str, repo: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+
+
+def test_filesystem_failures_are_one_line_errors_with_status_2(
+        prefix: str, image: np.ndarray, model_file: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    from tilerseg.io import remote
+
+    fsspec.register_implementation("brokenfs", BrokenFileSystem, clobber=True)
+    fsspec.register_implementation("pickyfs", PickyFileSystem, clobber=True)
+    MEMORY.pipe_file(f"{prefix}/in.tif", _tiff_bytes(image, tile=(64, 64)))
+    common = ["--model", str(model_file), "--tile", "64", "--device", "cpu", "-q"]
+    for args, message in [
+        (["run", f"memory://{prefix}/in.tif", "-o", "brokenfs://b/out.zarr", *common],
+         "cannot reach 'brokenfs://b/out.zarr': NoCredentialsError: Unable to locate"),
+        (["status", "brokenfs://b/out.zarr"], "'brokenfs://b/out.zarr': NoCredentialsError"),
+        (["run", "brokenfs://b/in.tif", "-o", f"memory://{prefix}/o.zarr", *common],
+         "brokenfs://b/in.tif is not a readable image: Unable to locate credentials"),
+        (["run", f"memory://{prefix}/in.tif", "-o", "pickyfs://b/out.zarr", *common],
+         "pickyfs://b/out.zarr: cannot use this URL (TypeError: "),
+    ]:
+        status, _, err = _cli(args, capsys)
+        assert status == 2, (args, err)
+        assert err.startswith("tilerseg: error: ") and message in err, (args, err)
+        assert err.count("\n") == 1, err
+    for call in (lambda: remote.remove("brokenfs://b/x"), lambda: remote.exists("brokenfs://b/x"),
+                 lambda: remote.move("brokenfs://b/x", "brokenfs://b/y")):
+        with pytest.raises(OutputError, match="'brokenfs://b/x': NoCredentialsError"):
+            call()
+    with pytest.raises(InvalidImageError, match="NoCredentialsError"):
+        remote.identity("brokenfs://b/in.tif")
+
+
+def test_relative_file_urls_and_chained_output_urls_are_refused(prefix: str, image: np.ndarray,
+                                                               model_file: Path,
+                                                               capsys: pytest.CaptureFixture
+                                                               ) -> None:
+    from tilerseg.io import remote
+
+    with pytest.raises(InvalidArgumentError, match="a file:// URL needs an absolute path"):
+        remote.local_path("file://out.zarr")  # fsspec: relative to the working directory
+    with pytest.raises(InvalidArgumentError, match="a chained URL cannot be an output"):
+        remote.output_location("simplecache::file:///tmp/out.zarr")
+    assert remote.output_location("file:///tmp/out.zarr") == Path("/tmp/out.zarr")
+    for output, message in [("file://o.zarr", "a file:// URL needs an absolute path"),
+                            (f"simplecache::memory://{prefix}/o.zarr", "a chained URL")]:
+        status, _, err = _cli(["run", f"memory://{prefix}/none.tif", "-o", output, "--model",
+                               str(model_file), "--device", "cpu", "-q"], capsys)
+        assert status == 2 and message in err and err.count("\n") == 1, err
+
+
+# -- HTTP inputs --------------------------------------------------------------------------------
+
+
+class _RangeServer:
+    """A local HTTP server of one folder answering HEAD and ranged GETs, counting the
+    bytes of file contents it sends."""
+
+    def __init__(self, root: Path) -> None:
+        import http.server
+        import threading
+
+        server = self
+        self.sent = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _file(self) -> Path | None:
+                path = root / self.path.lstrip("/")
+                return path if path.is_file() else None
+
+            def do_HEAD(self) -> None:
+                path = self._file()
+                self.send_response(200 if path else 404)
+                self.send_header("Content-Length", str(path.stat().st_size if path else 0))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+
+            def do_GET(self) -> None:
+                path = self._file()
+                if path is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                size = path.stat().st_size
+                start, end = 0, size - 1
+                ranged = self.headers.get("Range")
+                if ranged:
+                    first, _, last = ranged.removeprefix("bytes=").partition("-")
+                    start, end = int(first), min(int(last) if last else size - 1, size - 1)
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(end - start + 1))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    data = f.read(end - start + 1)
+                try:
+                    for k in range(0, len(data), 65536):
+                        self.wfile.write(data[k:k + 65536])
+                        server.sent += len(data[k:k + 65536])
+                except OSError:  # the client hung up
+                    pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_an_https_tiff_is_opened_without_downloading_it(tmp_path: Path) -> None:
+    pytest.importorskip("aiohttp")
+    image = np.random.default_rng(0).integers(0, 255, (2048, 2048), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "big.tif", image, tile=(256, 256))
+    size = (tmp_path / "big.tif").stat().st_size
+    server = _RangeServer(tmp_path)
+    try:
+        from tilerseg.io import remote
+
+        source = open_image(f"{server.url}/big.tif")
+        opened = server.sent
+        assert source.shape == image.shape and 0 < opened < size / 8, (opened, size)
+        np.testing.assert_array_equal(source.data[300:400, 600:700], image[300:400, 600:700])
+        server.sent = 0
+        identity = remote.identity(f"{server.url}/big.tif")
+        assert identity["size"] == size and server.sent < size / 8, server.sent
+    finally:
+        server.close()
+
+
+def test_an_http_zarr_store_is_still_recognised(tmp_path: Path, image: np.ndarray) -> None:
+    pytest.importorskip("aiohttp")
+    _write_ome_zarr(str(tmp_path / "in.ome.zarr"), image)
+    server = _RangeServer(tmp_path)
+    try:
+        source = open_image(f"{server.url}/in.ome.zarr")
+        assert source.format == "ome-zarr"
+        np.testing.assert_array_equal(np.asarray(source.data[...]), image)
+    finally:
+        server.close()
+
+
+def test_a_table_left_by_a_commit_killed_after_its_move_is_placed_by_resume(
+        tmp_path: Path, image: np.ndarray, small_model: torch.nn.Module,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tables are placed after the move: a process killed in between leaves the table in
+    the work directory, and --resume (finding the output complete) places it."""
+    from tilerseg.engine import finish
+
+    options = {"tile": 64, "output": "instances", "object_table": "csv"}
+    segment_to_zarr(image, small_model, tmp_path / "reference.zarr", **options)
+    plain = finish.place_tables
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finish, "place_tables", killed)
+    with pytest.raises(KeyboardInterrupt):
+        segment_to_zarr(image, small_model, tmp_path / "out.zarr", **options)
+    monkeypatch.setattr(finish, "place_tables", plain)
+    assert open_output(tmp_path / "out.zarr")["attributes"]["complete"] is True
+    assert not (tmp_path / "out.objects.csv").exists()
+    assert (tmp_path / "out.zarr.partial" / "instances" / "objects.csv").is_file()
+    segment_to_zarr(image, small_model, tmp_path / "out.zarr", resume=True, **options)
+    assert (tmp_path / "out.objects.csv").read_bytes() == (
+        tmp_path / "reference.objects.csv").read_bytes()
+    assert not (tmp_path / "out.zarr.partial").exists()

@@ -18,7 +18,7 @@ from .instances import InstanceRun, Mapper, place_tables
 from .jobs import WorkDir, read_final_manifest, work_path
 from .locks import FileLock, LockedError, live_locks
 
-__all__ = ["commit", "status", "finalize", "leftover"]
+__all__ = ["commit", "status", "finalize", "leftover", "clear_leftover"]
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,12 @@ def commit(work: WorkDir, out: Path, *, overwrite: bool = False,
            attributes: dict[str, Any] | None = None,
            writer: OutputWriter | None = None, mapper: Mapper | None = None) -> bool:
     """Finish a run whose tasks are all recorded: instances, pyramid, metadata, move,
-    clean up.
+    object table, clean up.
+
+    The object table is placed beside the output only once the output is in place, so
+    a failed move leaves the old output and its table together; a process killed in
+    between leaves the table in the work directory, where :func:`clear_leftover` (run
+    by ``--resume`` and ``finalize``) finds and places it.
 
     Exactly once among processes finishing at the same time: under the commit lock,
     and only if the output is still in the work directory.
@@ -83,12 +88,13 @@ def commit(work: WorkDir, out: Path, *, overwrite: bool = False,
         extra = dict(attributes or {})
         if instances is not None:
             extra["instances"] = instances.run(mapper)
-        writer.update_attributes(manifest=work.manifest, config_hash=work.config_hash,
+        # a remote output's staging store is gone once committed: not recorded
+        manifest = {k: v for k, v in work.manifest.items() if k != "store"}
+        writer.update_attributes(manifest=manifest, config_hash=work.config_hash,
                                  committed_by=f"{socket.gethostname()}:{os.getpid()}", **extra)
-        exists = remote.exists(out)
-        if overwrite or not exists:  # else the writer refuses to replace ``out``
-            place_tables(instances, out, replacing=exists)
+        replacing = remote.exists(out)
         writer.commit()
+        place_tables(instances, out, replacing=replacing)
     finally:
         lock.release()
     work.remove()
@@ -109,6 +115,16 @@ def leftover(out: Path, final: dict[str, Any] | None) -> WorkDir | None:
     if work.manifest.get("run_id") != final.get("run_id") or live_locks(work.locks):
         return None
     return work
+
+
+def clear_leftover(work: WorkDir, out: Path) -> None:
+    """Finish the clean-up of a commit killed after its move (see :func:`leftover`):
+    place the object table still in the work directory, then remove the directory."""
+    instances = InstanceRun.of(work.path, work.manifest)
+    if instances is not None and instances.table and \
+            (instances.path / f"objects.{instances.table}").exists():
+        place_tables(instances, out, replacing=False)
+    work.remove()
 
 
 def status(out: str | os.PathLike) -> dict[str, Any]:
@@ -180,7 +196,7 @@ def finalize(out: str | os.PathLike, *, overwrite: bool = False) -> bool:
     final = read_final_manifest(out) if out.exists() else None
     left = leftover(out, final)
     if left is not None:
-        left.remove()
+        clear_leftover(left, out)
         return False
     if not wp.is_dir():
         if final is not None:

@@ -67,7 +67,7 @@ def local_mapper(fn: Callable[..., Any], items: list) -> list:
 def table_path(out: Path | str, fmt: str) -> Path | str:
     """Where the object table of output ``out`` goes: ``slide.zarr`` -> ``slide.objects.csv``
     (a URL beside a remote output)."""
-    name = str(out).rstrip("/").rsplit("/", 1)[-1] if remote.is_url(out) else Path(out).name
+    name = remote.name(out)
     name = name[: -len(".zarr")] if name.endswith(".zarr") else name
     return remote.sibling(out, f"{name}.objects.{fmt}")
 
@@ -442,9 +442,9 @@ class InstanceRun:
 
 
 def place_tables(run: InstanceRun | None, out: Path, replacing: bool) -> None:
-    """Move a run's object table beside ``out`` (before the output itself moves there, so
-    that a commit killed in between and resumed writes it again) and, when the run
-    replaces an existing output, remove that output's other tables.
+    """Move a run's object table beside ``out`` (once the output itself is there: see
+    :func:`~tilerseg.engine.finish.commit`) and, when the run replaced an existing
+    output, remove that output's other tables.
 
     Parameters
     ----------

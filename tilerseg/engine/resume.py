@@ -52,7 +52,7 @@ from .jobs import (
     remove_tree,
     work_path,
 )
-from .finish import leftover
+from .finish import clear_leftover, leftover
 from .instances import check_table_format, create_provisional
 from .locks import FileLock, LockedError, live_locks
 from .options import RunOptions
@@ -84,7 +84,8 @@ class Started:
     private : bool
         The work directory is this process's own, in the temporary folder (a remote
         output's): :meth:`discard` removes it, and the remote staging store, when the run
-        ends, however it ends.
+        ends, however it ends; except a finished store whose move into place failed or
+        was refused (the writer's ``kept``): that one stays where the error says.
     """
 
     out: Path | str
@@ -95,9 +96,11 @@ class Started:
     private: bool = False
 
     def discard(self) -> None:
-        """Remove a private run's work directory and staging store (if still there)."""
+        """Remove a private run's work directory and staging store (if still there and
+        not kept)."""
         if self.private and self.context is not None:
-            remote.remove(self.work.store, ignore_errors=True)
+            if not self.context.writer.kept:
+                remote.remove(self.work.store, ignore_errors=True)
             self.work.remove()
 
     @property
@@ -270,7 +273,7 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
             if not changed:
                 left = leftover(out, final)  # a crash between the commit's rename and clean-up
                 if left is not None:
-                    left.remove()
+                    clear_leftover(left, out)
                 return Started(out, complete=True)
             if not overwrite:
                 raise OutputError(f"output '{out}' exists with other parameters: {changed[0]}; "
@@ -309,8 +312,7 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
         grid = TaskGrid.for_grid(p.plan.grid)
         manifest = _manifest(p, out, identity, digest, model_source, background, spec, grid)
         if private:  # the store is written beside the remote output, moved at the commit
-            name = str(out).rsplit("/", 1)[-1]
-            manifest["store"] = remote.sibling(out, f".{name}.partial-{uuid.uuid4().hex}")
+            manifest["store"] = remote.sibling(out, remote.staging_name(out))
 
         def make_store(staging: Path) -> None:
             OutputWriter(out, spec, overwrite=True, staging=manifest.get("store") or staging)

@@ -148,7 +148,8 @@ def segment_to_zarr(
     out = remote.output_location(out)
     if remote.is_url(out):
         remote.check_remote_run(out, resume=resume, shard=shard_at,
-                                in_process=plan_device is None)
+                                in_process=plan_device is None,
+                                waits_for_all=runner.waits_for_all)
     started = start(image, model, out, options, resume=resume, overwrite=overwrite,
                     shard=shard_at, model_source=model_source, plan_device=plan_device)
     if started.complete:

@@ -276,17 +276,16 @@ def _open_url(url: str) -> RawImage:
     Zarr through fsspec, TIFF lazily through an fsspec file, the others read whole."""
     fs, path = remote.filesystem(url)
     try:
-        folder = fs.isdir(path)
-        found = folder or fs.isfile(path)
+        kind, _ = remote.probe(fs, path)  # not isdir: over HTTP it downloads the file
     except Exception as exc:  # noqa: BLE001 - an unreachable server, denied access...
         raise unreadable(url, short_reason(exc)) from None
-    if folder:
-        if any(fs.exists(f"{path}/{m}") for m in ("zarr.json", ".zarray", ".zgroup")):
-            return zarr_input.read_zarr(url)
+    if kind == "zarr":
+        return zarr_input.read_zarr(url)
+    if kind == "folder":
         raise InvalidImageError(
             f"{url} is a remote folder but not a Zarr store; folders and globs of TIFF "
             "slices are read from local paths only")
-    if not found:
+    if kind is None:
         raise ImageNotFoundError(f"image {url} does not exist")
     f = remote.open_file(url)
     try:

@@ -18,23 +18,31 @@ Examples
 (True, False, False)
 >>> sibling("memory://runs/out.zarr", ".out.zarr.partial-1")
 'memory://runs/.out.zarr.partial-1'
+>>> name("memory://runs/out.zarr/"), staging_name("/data/out.zarr").startswith(".out.zarr.partial-")
+('out.zarr', True)
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
 import shutil
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tilerseg.errors import ImageNotFoundError, InvalidArgumentError, OutputError
+from tilerseg.errors import (ImageNotFoundError, InvalidArgumentError, InvalidImageError,
+                             OutputError, TilersegError)
+from tilerseg.io.raw import short_reason
 
 __all__ = [
     "check_remote_run", "exists", "filesystem", "identity", "is_remote", "is_url",
-    "local_path", "move", "move_file", "open_file", "output_location", "protocol", "remove",
-    "sibling",
+    "local_path", "move", "move_file", "name", "open_file", "output_location", "probe",
+    "protocol",
+    "remove", "sibling", "staging_name",
 ]
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*(?:::[A-Za-z][A-Za-z0-9+.\-]*)*)://")
@@ -69,6 +77,11 @@ def is_remote(path: Any) -> bool:
 def local_path(path: str | os.PathLike) -> str:
     """A ``file://`` URL as an absolute local path; any other path unchanged.
 
+    Raises
+    ------
+    InvalidArgumentError
+        A ``file://`` URL whose path is not absolute (``file://out.zarr``): one line.
+
     Examples
     --------
     >>> local_path("file:///data/slide.tif"), local_path("/data/slide.tif")
@@ -76,8 +89,12 @@ def local_path(path: str | os.PathLike) -> str:
     """
     text = os.fspath(path)
     if is_url(text) and protocol(text) in _LOCAL_PROTOCOLS and "::" not in text:
-        text = text.split("://", 1)[1]
-        return os.path.abspath(text if text.startswith("/") else "/" + text)
+        rest = text.split("://", 1)[1]
+        if not rest.startswith("/"):
+            raise InvalidArgumentError(
+                f"'{text}': a file:// URL needs an absolute path (file:///...; or give the "
+                "path without file://)")
+        return os.path.abspath(rest)
     return text
 
 
@@ -111,6 +128,30 @@ def filesystem(url: str) -> tuple[Any, str]:
                 f"{url}: unknown URL protocol '{name}' (no fsspec implementation of it)"
             ) from None
         raise InvalidArgumentError(f"{url}: {err}") from None
+    except TilersegError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a protocol that needs other arguments...
+        raise InvalidArgumentError(f"{url}: cannot use this URL ({_reason(err)})") from None
+
+
+def _reason(err: BaseException) -> str:
+    """An exception as ``"Type: message"`` on one line."""
+    text = short_reason(err)
+    return f"{type(err).__name__}: {text}" if text != type(err).__name__ else text
+
+
+@contextlib.contextmanager
+def _reporting(location: Path | str, what: str,
+               error: type[TilersegError] = OutputError) -> Iterator[None]:
+    """Turn what a filesystem raises that is neither a :class:`TilersegError` nor an
+    ``OSError`` (missing credentials, a protocol's own errors) into a one-line ``error``
+    naming ``location``; ``KeyboardInterrupt`` passes."""
+    try:
+        yield
+    except (TilersegError, OSError):
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise error(f"cannot {what} '{location}': {_reason(err)}") from None
 
 
 def open_file(url: str) -> Any:
@@ -176,14 +217,48 @@ def identity(url: str) -> dict[str, Any]:
     their latest modification time where the filesystem reports one (else 0)."""
     fs, path = filesystem(url)
     names = ("zarr.json", ".zarray", ".zgroup", ".zattrs")
-    if fs.isdir(path):
-        infos = [i for i in fs.find(path, maxdepth=3, detail=True).values()
-                 if i["name"].rsplit("/", 1)[-1] in names]
-    else:
-        infos = [fs.info(path)]
+    with _reporting(url, "read", InvalidImageError):
+        kind, info = probe(fs, path)
+        if kind == "file":
+            infos = [info]
+        else:
+            infos = [i for i in fs.find(path, maxdepth=3, detail=True).values()
+                     if i["name"].rsplit("/", 1)[-1] in names]
     mtimes = [_mtime_ns(i) for i in infos]
     return {"path": url, "files": len(infos), "size": sum(int(i.get("size") or 0) for i in infos),
             "mtime_ns": max(mtimes, default=0)}
+
+
+def probe(fs: Any, path: str) -> tuple[str | None, dict[str, Any] | None]:
+    """What is at ``path`` on the fsspec filesystem ``fs``, without reading a file's
+    contents: ``"zarr"`` (a Zarr store), ``"file"``, ``"folder"`` or None (nothing),
+    and the filesystem's ``info`` of it (None if nothing).
+
+    A file is asked about with ``info`` (a HEAD request over HTTP), not with ``isdir`` or
+    ``isfile``: fsspec's HTTP ``isdir`` downloads the whole file and its ``isfile`` starts
+    to. A Zarr store is recognised by its metadata file; over HTTP(S) it is looked for
+    also when the URL answers like a file (a server's listing page).
+
+    Examples
+    --------
+    >>> import fsspec
+    >>> fs = fsspec.filesystem("memory")
+    >>> fs.pipe_file("/probe-doc/a.tif", b"II*")
+    >>> probe(fs, "/probe-doc/a.tif")[0], probe(fs, "/probe-doc")[0], probe(fs, "/none")[0]
+    ('file', 'folder', None)
+    >>> fs.rm("/probe-doc", recursive=True)
+    """
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        info = None
+    is_file = info is not None and info.get("type") != "directory"
+    http = any(p in ("http", "https") for p in (fs.protocol if isinstance(
+        fs.protocol, (tuple, list)) else (fs.protocol,)))
+    if (not is_file or http) and any(fs.exists(f"{path.rstrip('/')}/{m}")
+                                     for m in ("zarr.json", ".zarray", ".zgroup")):
+        return "zarr", info
+    return ("file" if is_file else "folder" if info is not None else None), info
 
 
 def _mtime_ns(info: dict[str, Any]) -> int:
@@ -203,6 +278,12 @@ def output_location(out: str | os.PathLike) -> Path | str:
     """Where an output goes: a local absolute :class:`~pathlib.Path` (``file://`` URLs
     included), or a remote URL string (its protocol checked to be usable).
 
+    Raises
+    ------
+    InvalidArgumentError
+        A chained URL (``simplecache::s3://...``: for inputs only), a relative
+        ``file://`` URL, or an unusable protocol.
+
     Examples
     --------
     >>> output_location("file:///data/out.zarr").as_posix()
@@ -210,6 +291,10 @@ def output_location(out: str | os.PathLike) -> Path | str:
     >>> output_location("memory://runs/out.zarr")
     'memory://runs/out.zarr'
     """
+    if is_url(out) and "::" in str(out).split("://", 1)[0]:
+        raise InvalidArgumentError(
+            f"'{out}': a chained URL cannot be an output (caches are for reading); give "
+            "the URL of the filesystem itself")
     if is_remote(out):
         url = str(out).rstrip("/")
         filesystem(url)
@@ -221,7 +306,8 @@ def exists(location: Path | str) -> bool:
     """Whether anything is at ``location`` (a dangling symbolic link counts)."""
     if is_url(location):
         fs, path = filesystem(str(location))
-        return bool(fs.exists(path))
+        with _reporting(location, "reach"):
+            return bool(fs.exists(path))
     return os.path.lexists(location)
 
 
@@ -232,8 +318,9 @@ def remove(location: Path | str, *, ignore_errors: bool = False) -> None:
     try:
         if is_url(location):
             fs, path = filesystem(str(location))
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
+            with _reporting(location, "remove"):
+                if fs.exists(path):
+                    fs.rm(path, recursive=True)
             return
         path = Path(location)
         if path.is_dir() and not path.is_symlink():
@@ -248,7 +335,22 @@ def remove(location: Path | str, *, ignore_errors: bool = False) -> None:
 def move(source: Path | str, target: Path | str) -> None:
     """Move ``source`` to ``target`` (which must not exist): a rename on a local disk; on
     a remote filesystem a copy of every file under ``source`` (server-side on object
-    stores), then the deletion of ``source``: not atomic."""
+    stores), then the deletion of ``source``: not atomic, but never half done.
+
+    The root ``zarr.json`` (of a Zarr store: what says it is complete) is copied last,
+    after every other file (filesystems copy a list concurrently, in any order). If
+    anything fails or is interrupted (``BaseException``), what was copied to ``target``
+    is removed again and ``source`` is left as it was; ``source`` is deleted only once
+    everything is copied.
+
+    Raises
+    ------
+    OSError
+        Copying failed (``target`` is cleared again, ``source`` kept).
+    OutputError
+        The filesystem failed otherwise (the same), or the locations are on two
+        filesystems.
+    """
     if is_url(source) != is_url(target):
         raise OutputError(f"cannot move '{source}' to '{target}': not on one filesystem")
     if not is_url(source):
@@ -256,11 +358,21 @@ def move(source: Path | str, target: Path | str) -> None:
         return
     fs, src = filesystem(str(source))
     _, dst = filesystem(str(target))
-    files = [src] if fs.isfile(src) else sorted(fs.find(src))
+    with _reporting(source, "move"):
+        files = [src] if fs.isfile(src) else sorted(fs.find(src))
     if not files:
         raise FileNotFoundError(f"nothing to move at {source}")
-    fs.copy(files, [dst + f[len(src):] for f in files])
-    fs.rm(src, recursive=True)
+    root = f"{src}/zarr.json"
+    try:
+        with _reporting(source, f"move to '{target}'"):
+            for batch in ([f for f in files if f != root], [f for f in files if f == root]):
+                if batch:
+                    fs.copy(batch, [dst + f[len(src):] for f in batch])
+    except BaseException:
+        remove(target, ignore_errors=True)
+        raise
+    with _reporting(source, "remove"):
+        fs.rm(src, recursive=True)
 
 
 def move_file(source: Path, target: Path | str) -> None:
@@ -270,7 +382,8 @@ def move_file(source: Path, target: Path | str) -> None:
         os.replace(source, target)
         return
     fs, path = filesystem(str(target))
-    fs.put_file(os.fspath(source), path)
+    with _reporting(target, "write"):
+        fs.put_file(os.fspath(source), path)
     os.unlink(source)
 
 
@@ -281,18 +394,36 @@ def sibling(location: Path | str, name: str) -> Path | str:
     return Path(location).with_name(name)
 
 
-def check_remote_run(out: str, *, resume: bool, shard: Any, in_process: bool) -> None:
+def name(location: Path | str) -> str:
+    """The last part of a path or URL (``s3://b/runs/out.zarr/`` -> ``out.zarr``)."""
+    if is_url(location):
+        return str(location).rstrip("/").rsplit("/", 1)[-1]
+    return Path(location).name
+
+
+def staging_name(location: Path | str) -> str:
+    """A new hidden name ``.NAME.partial-UUID`` for a store written before it is moved
+    to ``location`` (see :func:`sibling`)."""
+    return f".{name(location)}.partial-{uuid.uuid4().hex}"
+
+
+def check_remote_run(out: str, *, resume: bool, shard: Any, in_process: bool,
+                     waits_for_all: bool = True) -> None:
     """Refuse, in one line, what a run cannot do safely on a remote (non-``file://``)
     output: resuming, sharding and clusters need lock files created atomically and a
-    work directory that other processes see.
+    work directory that other processes see; the staging store of a failed run is
+    deleted, which needs every task stopped first.
 
     Raises
     ------
     InvalidArgumentError
-        For ``resume``, a ``shard``, or an executor whose tasks run outside this process.
+        For ``resume``, a ``shard``, an executor whose tasks run outside this process,
+        or one that does not wait for its running tasks when one fails (``"dask"``).
     """
     what = ("--resume" if resume else "--shard" if shard is not None
-            else "a cluster" if not in_process else None)
+            else "a cluster" if not in_process
+            else "an executor that does not wait for all its tasks (dask)" if not waits_for_all
+            else None)
     if what is not None:
         raise InvalidArgumentError(
             f"{what} is not supported with a remote output ({out}): it needs the atomic "

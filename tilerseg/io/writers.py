@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -67,6 +68,8 @@ from tilerseg.errors import InvalidArgumentError, OutputError
 from tilerseg.io import remote
 from tilerseg.io.pyramid import downsample, level_chunks, level_shapes, mean2
 from tilerseg.labels import label_dtype, labels_from_probabilities
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "PROBABILITY_DTYPES",
@@ -358,9 +361,11 @@ class OutputWriter:
         self._chunks = level_chunks(spec.chunks, self._shape)
         self.eager = eager_level_count(self._shape, self._chunks, spec) if spec.pyramid else 0
         self._state = "open"
-        hidden = f".{_name(self.path)}.partial-{uuid.uuid4().hex}"
+        #: the temporary store holds the only copy of a finished output (its move into
+        #: place failed or was refused): :meth:`abort` and callers leave it in place
+        self.kept = False
         self.staging = (remote.output_location(staging) if staging is not None
-                        else remote.sibling(self.path, hidden))
+                        else remote.sibling(self.path, remote.staging_name(self.path)))
         self.probabilities: zarr.Array | None = None
         self.labels: zarr.Array | None = None
         if existing:
@@ -651,9 +656,12 @@ class OutputWriter:
         """Finish the output and move it into place.
 
         Builds the lower-resolution levels, writes the final metadata (``complete``
-        true), then renames the temporary directory to ``path``. With ``overwrite``, an
-        existing output is moved aside only now and deleted after the rename (restored
-        if the rename fails).
+        true), then renames the temporary directory to ``path`` (on a remote filesystem:
+        copies it, the root ``zarr.json`` last; see :func:`tilerseg.io.remote.move`). With
+        ``overwrite``, an existing output is moved aside only now and deleted after the
+        move (moved back if the move fails or is interrupted, after what the failed move
+        left at ``path`` is removed). A finished output that could not be moved into
+        place stays in the temporary directory, which the message names (:attr:`kept`).
 
         Returns
         -------
@@ -694,25 +702,49 @@ class OutputWriter:
     def _move_into_place(self) -> None:
         """Rename the temporary directory to the final path (see :meth:`commit`)."""
         old = None
+        self.kept = True  # from here on the temporary store is the only copy of the result
         if remote.exists(self.path):
             if not self.overwrite:
                 raise OutputError(
                     f"output '{self.path}' exists; pass --overwrite to replace it "
-                    f"(the new output is in '{self.staging}')"
+                    f"(the new output is kept in '{self.staging}')"
                 )
-            old = remote.sibling(self.path, f".{_name(self.path)}.old-{uuid.uuid4().hex}")
+            old = remote.sibling(self.path, f".{remote.name(self.path)}.old-{uuid.uuid4().hex}")
             try:
-                remote.move(self.path, old)
-            except OSError as err:
-                raise OutputError(f"cannot replace output '{self.path}': {err}") from err
+                remote.move(self.path, old)  # on failure: ``old`` cleared, ``path`` as it was
+            except Exception as err:
+                raise OutputError(f"cannot replace output '{self.path}': {err} (the new "
+                                  f"output is kept in '{self.staging}')") from err
         try:
             remote.move(self.staging, self.path)
-        except OSError as err:
-            if old is not None:
-                remote.move(old, self.path)
-            raise OutputError(f"cannot move output into '{self.path}': {err}") from err
+        except BaseException as err:
+            note = self._restore(old)
+            if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: no message
+                log.warning("interrupted while moving the output into '%s': the new output "
+                            "is kept in '%s'%s", self.path, self.staging, note)
+                raise
+            raise OutputError(f"cannot move output into '{self.path}': {err} (the new output "
+                              f"is kept in '{self.staging}'{note})") from err
+        self.kept = False
         if old is not None:
             remote.remove(old)
+
+    def _restore(self, old: Path | str | None) -> str:
+        """Put the output moved aside to ``old`` back at :attr:`path` after a failed move
+        (clearing what that move left there); a note on it for the message."""
+        if old is None:
+            return ""
+        try:
+            if remote.is_url(self.path):  # a local rename leaves nothing half-way
+                remote.remove(self.path)
+            remote.move(old, self.path)
+        except BaseException as err:
+            if not isinstance(err, Exception):
+                log.error("interrupted while moving the old output '%s' back to '%s'", old,
+                          self.path)
+                raise
+            return f"; the old output is in '{old}': moving it back failed: {err}"
+        return "; the old output is back in place"
 
     def _reopen(self, name: str | None) -> zarr.Array | None:
         """Read-only array ``name`` of the committed output."""
@@ -721,7 +753,7 @@ class OutputWriter:
         return zarr.open_array(os.fspath(self.path), path=name, mode="r", zarr_format=3)
 
     def abort(self) -> None:
-        """Delete the temporary output; the final path is untouched.
+        """Delete the temporary output (unless :attr:`kept`); the final path is untouched.
 
         Does nothing after :meth:`commit` or a previous :meth:`abort`.
         """
@@ -729,7 +761,8 @@ class OutputWriter:
             return
         self._state = "aborted"
         self.probabilities = self.labels = None
-        remote.remove(self.staging, ignore_errors=True)
+        if not self.kept:
+            remote.remove(self.staging, ignore_errors=True)
 
     def __enter__(self) -> OutputWriter:
         return self
@@ -742,11 +775,6 @@ class OutputWriter:
     ) -> None:
         if exc_type is not None:
             self.abort()
-
-
-def _name(location: Path | str) -> str:
-    """The last component of a path or URL."""
-    return location.name if isinstance(location, Path) else location.rstrip("/").rsplit("/", 1)[-1]
 
 
 def open_output(path: str | os.PathLike) -> dict[str, Any]:
