@@ -155,10 +155,19 @@ def on_files(files: Files, config: Any) -> Files:
     return files
 
 
+_TYPE_LITERAL = re.compile(r"(<code>[^<]*?)``([^<`]*?)``")
+"""Inline literals (````(Y, X, 3)````) inside a rendered type, already shown as code."""
+
+
 def on_page_content(html: str, **kwargs: Any) -> str:
-    """Show the docstrings' Sphinx roles (``:func:`~a.b```) as code (``b``)."""
-    return _ROLE.sub(lambda m: f"<code>{m[2].rsplit('.', 1)[-1] if m[1] else m[2]}</code>",
+    """Show the docstrings' Sphinx roles (``:func:`~a.b```) as code (``b``), and drop the
+    double backticks of literals inside parameter and return types."""
+    html = _ROLE.sub(lambda m: f"<code>{m[2].rsplit('.', 1)[-1] if m[1] else m[2]}</code>",
                      html)
+    previous = None
+    while previous != html:  # a type may hold several literals
+        previous, html = html, _TYPE_LITERAL.sub(r"\1\2", html)
+    return html
 
 
 def on_post_build(config: Any) -> None:
