@@ -476,3 +476,19 @@ def test_batch_of_series_folders_segments_each_series_as_one_image(
         assert batched.shape[1:] == volume.shape
         np.testing.assert_array_equal(
             batched[:], open_output(tmp_path / f"{name}.zarr")["probabilities"][:])
+
+
+def test_a_remote_dicom_file_is_refused_saying_dicom_is_read_locally(tmp_path: Path) -> None:
+    fsspec = pytest.importorskip("fsspec")
+    import uuid
+
+    memory, prefix = fsspec.filesystem("memory"), f"/tilerseg-dicom-{uuid.uuid4().hex}"
+    data = write_dicom(tmp_path / "one.dcm", np.zeros((8, 8), np.uint16)).read_bytes()
+    try:
+        for name in ("one.dcm", "IM0000"):
+            memory.pipe_file(f"{prefix}/{name}", data)
+            with pytest.raises(InvalidImageError, match="DICOM is read from local files only"):
+                tilerseg.open_image(f"memory://{prefix}/{name}")
+    finally:
+        memory.rm(prefix, recursive=True)
+    assert tilerseg.open_image((tmp_path / "one.dcm").as_uri()).shape == (8, 8)
