@@ -449,3 +449,46 @@ def test_a_series_folder_holding_a_zarr_output_is_still_the_series(
     status, _, err = _run([*args, "--overwrite"], capsys)
     assert status == 0, err
     np.testing.assert_array_equal(open_output(out)["labels"][:], first)  # the same input
+
+
+def test_batch_of_series_folders_segments_each_series_as_one_image(
+        tmp_path: Path, model_file: Path, capsys: pytest.CaptureFixture) -> None:
+    rng = np.random.default_rng(7)
+    volumes = {"p1": rng.integers(0, 2000, (3, 40, 36)).astype(np.uint16),
+               "p2": rng.integers(0, 2000, (2, 36, 44)).astype(np.uint16)}
+    write_series(tmp_path / "patients" / "p1", volumes["p1"], [1, 2, 0])  # IM0000...: no ext
+    for path in write_series(tmp_path / "patients" / "p2", volumes["p2"], [0, 1]):
+        path.rename(path.with_suffix(".dcm"))  # and .dcm files: still one series
+    common = ["--model", str(model_file), "--tile", "32", "--device", "cpu",
+              "--backend", "torch", "-q"]
+    status, _, err = _run(["batch", str(tmp_path / "patients" / "p1") + "/",
+                           str(tmp_path / "patients" / "p2") + "/",
+                           "-o", str(tmp_path / "out")] + common, capsys)
+    assert status == 0, err
+    outputs = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.endswith(".zarr"))
+    assert len(outputs) == 2, outputs
+    for name, volume in volumes.items():
+        (got,) = [p for p in outputs if p.startswith(name)]
+        status, _, err = _run(["run", str(tmp_path / "patients" / name), "-o",
+                               str(tmp_path / f"{name}.zarr")] + common, capsys)
+        assert status == 0, err
+        batched = open_output(tmp_path / "out" / got)["probabilities"]
+        assert batched.shape[1:] == volume.shape
+        np.testing.assert_array_equal(
+            batched[:], open_output(tmp_path / f"{name}.zarr")["probabilities"][:])
+
+
+def test_a_remote_dicom_file_is_refused_saying_dicom_is_read_locally(tmp_path: Path) -> None:
+    fsspec = pytest.importorskip("fsspec")
+    import uuid
+
+    memory, prefix = fsspec.filesystem("memory"), f"/tilerseg-dicom-{uuid.uuid4().hex}"
+    data = write_dicom(tmp_path / "one.dcm", np.zeros((8, 8), np.uint16)).read_bytes()
+    try:
+        for name in ("one.dcm", "IM0000"):
+            memory.pipe_file(f"{prefix}/{name}", data)
+            with pytest.raises(InvalidImageError, match="DICOM is read from local files only"):
+                tilerseg.open_image(f"memory://{prefix}/{name}")
+    finally:
+        memory.rm(prefix, recursive=True)
+    assert tilerseg.open_image((tmp_path / "one.dcm").as_uri()).shape == (8, 8)

@@ -560,3 +560,42 @@ def test_cli_info_plot_size_is_checked_before_anything_is_printed(tmp_path, caps
     assert captured.out == ""
     assert captured.err.startswith("tilerseg: error: --plot-size 10 ")
     assert captured.err.count("\n") == 1 and not png.exists()
+
+
+# --- URLs -----------------------------------------------------------------------------------
+
+
+def test_cli_preview_of_file_urls_draws_the_input(run, tmp_path, capsys):
+    folder, out = run
+    png, local = tmp_path / "url.png", tmp_path / "local.png"
+    assert main(["preview", str(out), "-o", str(local), "--size", "100"]) == 0
+    assert main(["preview", out.as_uri(), "-o", str(png), "--size", "100",
+                 "--image", (folder / "in.ome.zarr").as_uri()]) == 0, capsys.readouterr().err
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(local)))
+
+
+def test_preview_of_a_memory_output_of_a_memory_input_draws_the_input(tmp_path, caplog):
+    import uuid
+
+    import fsspec
+
+    memory, prefix = fsspec.filesystem("memory"), f"/tilerseg-preview-{uuid.uuid4().hex}"
+    image = membrane_image((96, 80), cell_size=24, seed=4)[0]
+    try:
+        write_ome_zarr(f"memory://{prefix}/in.ome.zarr", image, levels=1)
+        write_ome_zarr(tmp_path / "in.ome.zarr", image, levels=1)
+        url = tilerseg.segment_to_zarr(f"memory://{prefix}/in.ome.zarr", PerPixel(),
+                                       f"memory://{prefix}/o.zarr", tile=CHUNK,
+                                       output="labels", backend="torch")
+        local = tilerseg.segment_to_zarr(tmp_path / "in.ome.zarr", PerPixel(),
+                                         tmp_path / "o.zarr", tile=CHUNK, output="labels",
+                                         backend="torch")
+        with caplog.at_level(logging.WARNING, logger="tilerseg"):
+            got = render_preview(url, size=100)
+        assert not [r for r in caplog.records if "drawn alone" in r.getMessage()]
+        assert got.input_level == 0
+        assert np.array_equal(got.picture, render_preview(local, size=100).picture)
+        assert np.array_equal(preview(url, size=100), got.picture)
+    finally:
+        if memory.exists(prefix):
+            memory.rm(prefix, recursive=True)

@@ -87,7 +87,14 @@ def test_channel_count_mismatch_is_one_line(slide: dict, tmp_path: Path,
     err = capsys.readouterr().err
     assert status == 2 and len(err.strip().splitlines()) == 1
     assert "image has 1 channel(s)" in err and "the model takes 3" in err
+    status = main(["run", str(slide["path"]), "-o", str(tmp_path / "y.zarr"), "--model",
+                   str(slide["rgb_model"]), "--channel", "0", "--device", "cpu", "-q"])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "1 channel(s) selected with --channel / channel= of the image's 3" in err, err
+    assert "image has 1" not in err and "the model takes 3" in err
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "grey.tilerseg.zarr").exists()
+    assert not (tmp_path / "y.zarr").exists()
     with pytest.raises(InvalidImageError, match="the model takes 3"):
         tilerseg.segment(slide["levels"][0][..., 0], tilerseg.load_model(slide["rgb_model"]),
                          device="cpu")

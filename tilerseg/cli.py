@@ -530,8 +530,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="NAME|PATH",
-                   help="model file (.pt), bundled model or architecture name (default: the "
-                   "bundled ISBI 2012 EM model)")
+                   help="model file (.pt), bioimage.io package (.zip, rdf.yaml or its folder), "
+                   "bundled model or architecture name (default: the bundled ISBI 2012 EM "
+                   "model)")
     p.add_argument("--tile", type=int, default=None, metavar="N",
                    help="output tile side in px, a multiple of the pooling step "
                    "(default: 512 on CPU, 1024 on GPU)")
@@ -560,8 +561,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="display-window normalisation: [C - W/2, C + W/2] maps to [0, 1], "
                    "values outside are clipped. dicom = the file's WindowCenter/WindowWidth; "
                    "NAME = a CT preset in Hounsfield units (lung, mediastinum, soft-tissue, "
-                   "bone, brain, liver); C,W = centre and width, e.g. 40,400 (default: "
-                   "automatic: 8-bit by range, wider integers by percentiles)")
+                   "bone, brain, liver); C,W = centre and width, e.g. 40,400 (default: the "
+                   "model's own normalisation where it states one, else by dtype: 8-bit by "
+                   "range, wider integers by percentiles, floats unchanged)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="forward-pass precision (default: %(default)s). bf16 is the fast "
                    "path on CPUs with bf16 units (see `tilerseg info`; 2x fp32 measured "
@@ -651,7 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="segment an image into an OME-Zarr store", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Segment IMAGE (TIFF/BigTIFF/OME-TIFF/SVS, Zarr/OME-Zarr, a folder or "
-        "glob of TIFF slices, .npy, PNG/JPEG) tile by tile into an OME-Zarr (v0.5) store.")
+        "glob of TIFF slices, DICOM (a file or a series folder), .npy, PNG/JPEG; a path or an "
+        "fsspec URL) tile by tile into an OME-Zarr (v0.5) store.")
     run.add_argument("image", help="image file, folder, glob or fsspec URL (s3://...)")
     run.add_argument("-o", "--out", dest="output_path", default=None, metavar="OUT.zarr",
                      help="output .zarr or fsspec URL (default: beside the input, "
@@ -706,7 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "tile plan and estimates of peak memory and output size; and what "
                           "this machine computes fast (GPUs, CPU bf16 units, OpenVINO). "
                           "Without an image, only the latter.")
-    info.add_argument("image", nargs="?", default=None, help="image file, folder or glob")
+    info.add_argument("image", nargs="?", default=None,
+                      help="image file, folder, glob or fsspec URL (s3://...)")
     _add_common(info)
     info.add_argument("--plot", default=None, metavar="PLAN.png",
                       help="also draw the tile plan over the image (needs tilerseg[plot])")

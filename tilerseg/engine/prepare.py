@@ -295,8 +295,13 @@ def prepare(image: Any, model: nn.Module, options: RunOptions | None = None, *,
     if view.shape[0] != geometry.in_channels:
         hint = ("; pick the model's channel(s) with --channel / channel=" if view.shape[0] >
                 geometry.in_channels else "")
+        has = f"image has {view.shape[0]} channel(s)"
+        if options.channel is not None:
+            total = model_view(source, 3 if planes else geometry.ndim, None).shape[0]
+            has = (f"{view.shape[0]} channel(s) selected with --channel / channel= of the "
+                   f"image's {total}")
         raise InvalidImageError(
-            f"image has {view.shape[0]} channel(s) (axes {source.axes!r}, shape "
+            f"{has} (axes {source.axes!r}, shape "
             f"{source.shape}); the model takes {geometry.in_channels}{hint}"
         )
     devices = tuple(resolve_devices(options.device))

@@ -76,8 +76,9 @@ def natural_key(text: str) -> list[Any]:
 
 
 def image_paths(path: str, what: str = "image") -> list[str]:
-    """The images a path names, in natural order: a file or Zarr store, the image files
-    and ``.zarr`` stores of a folder (not hidden), or what a glob matches.
+    """The images a path names, in natural order: a file or Zarr store, a folder of DICOM
+    files (one series, one image), the image files and ``.zarr`` stores of another folder
+    (not hidden), or what a glob matches.
 
     Raises
     ------
@@ -87,6 +88,10 @@ def image_paths(path: str, what: str = "image") -> list[str]:
     if os.path.isdir(path):
         if is_zarr_dir(path):
             return [path]
+        from tilerseg.io.dicom import dicom_files  # here: io.dicom imports this module
+
+        if dicom_files(path):  # a DICOM series (any file names) is one image
+            return [path]
         names = sorted((n for n in os.listdir(path) if not n.startswith(".")), key=natural_key)
         found = [
             os.path.join(path, n) for n in names
@@ -95,7 +100,7 @@ def image_paths(path: str, what: str = "image") -> list[str]:
         ]
         if not found:
             raise ImageNotFoundError(
-                f"folder {path} holds no {what} files (TIFF, PNG, JPEG, .npy or .zarr)")
+                f"folder {path} holds no {what} files (TIFF, PNG, JPEG, DICOM, .npy or .zarr)")
         return found
     if os.path.isfile(path):
         return [path]

@@ -289,7 +289,7 @@ def _open_url(url: str) -> RawImage:
         raise ImageNotFoundError(f"image {url} does not exist")
     f = remote.open_file(url)
     try:
-        head = f.read(16)
+        head = f.read(132)  # a DICOM file has its magic at byte 128
         f.seek(0)
         kind = next((k for magic, k in _MAGIC if head.startswith(magic)), None)
         if kind == "tiff":
@@ -299,9 +299,12 @@ def _open_url(url: str) -> RawImage:
         raise
     except Exception as exc:  # noqa: BLE001 - a read failing midway
         raise unreadable(url, short_reason(exc)) from None
+    if kind is None and (head[128:132] == b"DICM" or url.lower().endswith((".dcm", ".dicom"))):
+        raise unreadable(url, "DICOM is read from local files only (copy it to a local folder)")
     if kind is None:
         raise unreadable(url, "empty file (0 bytes)" if not head else
-                         f"not a TIFF, PNG, JPEG or .npy file (starts with {head[:8]!r})")
+                         f"not a TIFF, PNG, JPEG or .npy file (starts with {head[:8]!r}; "
+                         "DICOM is read from local files only)")
     f.close()
     if kind != "npy":
         array = _decode(data, kind, url)

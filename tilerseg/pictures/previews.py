@@ -130,6 +130,20 @@ def _recorded_input(attrs: dict[str, Any]) -> str | None:
     return given
 
 
+def _input_exists(source: str) -> bool:
+    """Whether the input at ``source`` (a path, glob or URL) may still be there: False only
+    where it is surely gone; a URL that cannot be checked is left to the read to judge."""
+    from ..io import remote
+
+    if any(c in source for c in "*?[") and not remote.is_url(source):
+        return True  # a glob: the read says whether it matches
+    try:
+        path = remote.local_path(source)
+        return remote.exists(path) if remote.is_url(path) else os.path.exists(path)
+    except TilersegError:
+        return True
+
+
 def _choose_level(region: Sequence[tuple[int, int]], levels: int, size: int) -> int:
     """The finest level at which ``region`` (level-0 rows, columns) fits ``size`` px: at
     level ``k`` it covers pixels ``lo >> k`` to ``ceil(hi / 2**k)``."""
@@ -220,12 +234,14 @@ def render_preview(
     """
     from ..io.writers import decode_probabilities, open_output
 
-    output = os.fspath(output)
+    from ..io import remote
+
+    output = remote.local_path(os.fspath(output))
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 16:
         raise InvalidArgumentError(f"size={size!r} must be an integer >= 16 (pixels)")
     if not 0 <= opacity <= 1:
         raise InvalidArgumentError(f"opacity={opacity!r} must be within [0, 1]")
-    if not os.path.isdir(output):
+    if not (remote.exists(output) if remote.is_url(output) else os.path.isdir(output)):
         raise OutputError(f"'{output}' is not a tilerseg output (no such folder)")
     info = open_output(output)
     attrs = info["attributes"]
@@ -293,7 +309,7 @@ def render_preview(
     source = os.fspath(image) if image is not None else _recorded_input(attrs)
     if source is None:
         notes.append("the input was an in-memory array: the result is drawn alone")
-    elif not os.path.exists(source) and not any(c in source for c in "*?["):
+    elif not _input_exists(source):
         if image is not None:  # given explicitly: a mistake, not a moved input
             raise ImageNotFoundError(f"image {source} does not exist")
         notes.append(f"the input {source} is gone: the result is drawn alone")
