@@ -671,9 +671,8 @@ def test_an_image_of_another_dtype_than_a_fixed_scaled_package_declares_is_refus
     np.save(tmp_path / "img.npy", wide)
     assert main(["run", str(tmp_path / "img.npy"), "--model", str(path), "-o",
                  str(tmp_path / "o.zarr"), "-q"]) == 0  # rebuilt by tilerseg: its own "auto"
-    assert main(["run", str(tmp_path / "img.npy"), "--model", str(path), "-o",
-                 str(tmp_path / "p.zarr"), "--halo", "0", "-q"]) == 2  # TorchScript
-    assert "this image is uint16" in _one_error_line(capsys)
+    with pytest.raises(InvalidImageError, match="this image is uint16"):
+        _segment(wide, loaded, tile=32)
     # an explicit normalisation is the caller's: it runs
     assert _segment(wide, loaded, tile=32, normalize=(0, 65535)).shape == (2, 70, 60)
 
@@ -771,3 +770,43 @@ def test_export_keeps_the_model_s_training_mode_and_no_negative_zero(tmp_path: P
     low, high = normalization_of([bio.ScaleLinearDescr(kwargs=bio.ScaleLinearKwargs(
         gain=0.5, offset=0.0))], 1, "m.zip")
     assert (low, high) == (0.0, 2.0) and np.copysign(1.0, low) == 1.0
+
+
+def test_resume_and_shards_refuse_another_halo(tmp_path: Path, capsys) -> None:
+    path = _foreign(tmp_path)  # no halo declared: --halo sets its geometry, not its weights
+    image = np.random.default_rng(11).integers(0, 4096, (70, 60)).astype(np.uint16)
+    np.save(tmp_path / "img.npy", image)
+    args = ["run", str(tmp_path / "img.npy"), "--model", str(path), "--tile", "16",
+            "--backend", "torch", "-q"]
+    out = str(tmp_path / "a.zarr")
+    assert main([*args, "-o", out, "--halo", "0"]) == 0
+    capsys.readouterr()
+    assert main([*args, "-o", out, "--halo", "2", "--resume"]) == 2
+    line = _one_error_line(capsys)
+    assert "other parameters: model halo ([0, 0] then, [2, 2] now)" in line
+    assert main([*args, "-o", out, "--halo", "0", "--resume"]) == 0  # the same: complete
+    shards = str(tmp_path / "s.zarr")
+    assert main([*args, "-o", shards, "--halo", "0", "--shard", "0/2"]) == 0
+    capsys.readouterr()
+    assert main([*args, "-o", shards, "--halo", "2", "--shard", "1/2"]) == 2
+    assert "model halo ([0, 0] then, [2, 2] now)" in _one_error_line(capsys)
+
+
+def test_halo_is_refused_for_a_package_that_declares_its_context(unet_package, tmp_path: Path,
+                                                                   capsys) -> None:
+    _, exported = unet_package
+    with pytest.raises(InvalidModelError, match="is a tilerseg export, which declares its own"):
+        load_bioimageio(exported, halo=0)
+    with pytest.raises(InvalidModelError, match="is a tilerseg export"):
+        load_bioimageio(exported, weights="torchscript", halo=4)
+    cropping = _foreign(tmp_path, pad=0, name="crop.zip")  # an offset on both axes
+    with_halo = _foreign(tmp_path, halo=2, name="halo.zip")  # a halo on both axes
+    image = np.random.default_rng(12).integers(0, 4096, (40, 30)).astype(np.uint16)
+    np.save(tmp_path / "img.npy", image)
+    for package in (exported, cropping, with_halo):
+        assert main(["run", str(tmp_path / "img.npy"), "--model", str(package), "-o",
+                     str(tmp_path / "o.zarr"), "--halo", "2", "-q"]) == 2
+        line = _one_error_line(capsys)
+        assert "--halo / halo= is only for a package that declares none" in line
+        assert not (tmp_path / "o.zarr").exists()
+    assert tilerseg.models.model_geometry(load_bioimageio(with_halo)).halo == (2, 2)

@@ -175,6 +175,8 @@ def _quick_complete(out: Path, args: argparse.Namespace, options: Any) -> bool:
     from .engine.jobs import quick_complete
     from .models.catalog import model_file
 
+    if getattr(args, "halo", None) is not None:  # a package's geometry: known once loaded
+        return False
     path = model_file(args.model)
     return path is not None and quick_complete(out, args.image, path, options, __version__)
 
