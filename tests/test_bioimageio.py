@@ -640,7 +640,9 @@ def test_auto_exports_as_8_bit_only_for_a_model_trained_on_8_bit_images(tmp_path
         export_bioimageio(sixteen, tmp_path / "16.zip")
     args = ["export", str(tmp_path / "16bit" / "last.pt"), "-o", str(tmp_path / "16.zip")]
     assert main(args) == 2
-    assert "--normalize" in _one_error_line(capsys)
+    line = _one_error_line(capsys)
+    assert "pass --normalize (CLI) / normalize= (Python): percentile" in line
+    assert "window:CENTRE,WIDTH" in line and "8-bit" not in line and "auto (" not in line
     assert not (tmp_path / "16.zip").exists()
     assert main([*args, "--normalize", "percentile", "-q"]) == 0  # tilerseg's auto for uint16
     steps = load_description(str(tmp_path / "16.zip"), perform_io_checks=False
@@ -649,6 +651,12 @@ def test_auto_exports_as_8_bit_only_for_a_model_trained_on_8_bit_images(tmp_path
     # a model that records nothing of its training data is refused too
     with pytest.raises(InvalidArgumentError, match="states no normalisation"):
         export_bioimageio(tilerseg.create_model(base_channels=2, depth=2), tmp_path / "n.zip")
+    # 8-bit (and so 'auto') is offered only for a model trained on 8-bit images
+    stretched = tilerseg.create_model(base_channels=2, depth=2)
+    stretched.metadata = {"normalize": "auto", "training": {"normalization": {
+        "dtypes": ["uint8"], "method": "percentile", "low": 1.0, "high": 99.0}}}
+    with pytest.raises(InvalidArgumentError, match=r"none or auto \(its 8-bit input"):
+        export_bioimageio(stretched, tmp_path / "p.zip")
 
 
 def test_bundled_model_records_its_8_bit_training_data() -> None:
