@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import zipfile
 from pathlib import Path
 
@@ -310,6 +311,9 @@ def test_foreign_package_runs_and_resumes_from_the_command_line(tmp_path: Path,
     capsys.readouterr()
     assert main([*args[:-1], "--resume"]) == 0  # the same package: the same run
     assert "already complete" in capsys.readouterr().out
+    assert main(["status", str(out)]) == 0
+    assert re.search(r"^model +bioimage\.io package 'foreign net' [0-9a-f]{12} \(",
+                     capsys.readouterr().out, re.M)
 
 
 @pytest.mark.parametrize("case, message", [

@@ -304,6 +304,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_name(model: dict) -> str:
+    """What a manifest's model is: its architecture, else its bioimage.io package."""
+    if model.get("architecture"):
+        return str(model["architecture"])
+    if model.get("package"):
+        return f"bioimage.io package {model['package']!r}"
+    return "a network of no tilerseg architecture"
+
+
 def _status_report(state: dict) -> str:
     m = state["manifest"]
     o, r = m["options"], m["resolved"]
@@ -320,7 +329,7 @@ def _status_report(state: dict) -> str:
         f"state       {where}",
         f"input       {source} ({m['input']['format']}, shape {tuple(m['input']['shape'])}, "
         f"{m['input']['dtype']}), level {o['level']}, channels {r['channels']}",
-        f"model       {model.get('architecture')} {model['digest'][:12]}"
+        f"model       {_model_name(model)} {model['digest'][:12]}"
         + (f" ({model['source']})" if model.get("source") else ""),
         f"parameters  tile {r['tile']}, output {o['output']} ({o['dtype']}), threshold "
         f"{r['labels']['threshold']}, precision {o['precision']}, pyramid "

@@ -169,6 +169,9 @@ def _manifest(p: Prepared, out: Path, identity: dict, digest: str, model_source:
     model = {"digest": digest, "architecture": getattr(p.model, "registry_name", None),
              "config": getattr(p.model, "config", None), "source": model_source,
              "file": source_file(p.model)}
+    package = (getattr(p.model, "metadata", None) or {}).get("bioimageio")
+    if isinstance(package, dict) and package.get("name"):
+        model["package"] = str(package["name"])  # a bioimage.io package's own name
     return build_manifest(
         output=out, version=__version__, identity=identity, model=model,
         geometry=p.model_geometry, per_plane=p.per_plane,
