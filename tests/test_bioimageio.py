@@ -748,7 +748,12 @@ def test_run_takes_the_halo_of_a_package_that_declares_none(tmp_path: Path, caps
     args = ["run", str(tmp_path / "img.npy"), "--model", str(path), "--tile", "16",
             "--dtype", "float32", "--backend", "torch", "-q"]
     assert main([*args, "-o", str(tmp_path / "a.zarr")]) == 2
-    assert "tilerseg run/batch --halo N" in _one_error_line(capsys)
+    assert "tilerseg run/batch/info --halo N" in _one_error_line(capsys)
+    info = ["info", str(tmp_path / "img.npy"), "--model", str(path), "--tile", "16"]
+    assert main(info) == 2  # described and planned only with the halo, as it is run
+    assert "declares no halo" in _one_error_line(capsys)
+    assert main([*info, "--halo", "2"]) == 0
+    assert re.search(r"^geometry +halo \(2, 2\)", capsys.readouterr().out, re.M)
     assert main([*args, "-o", str(tmp_path / "b.zarr"), "--halo", "2"]) == 0
     import zarr
 

@@ -413,7 +413,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.image is None:
         print(describe_machine())
         return 0
-    model = model_from_spec(args.model)
+    model = model_from_spec(args.model, halo=args.halo)
     print(describe(args.image, model, tile=args.tile, level=args.level,
                    channel=_channels(args.channel), device=args.device))
     if args.plot:
@@ -552,12 +552,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="auto, cpu, cuda (all visible GPUs), cuda:N, cuda:0,cuda:1 or mps")
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    """The options of a run (shared by run and batch)."""
-    p.add_argument("--batch-size", type=int, default=None, metavar="N", help="tiles per forward pass")
+def _add_halo(p: argparse.ArgumentParser) -> None:
+    """``--halo`` (run, batch and info: the commands that tile a model)."""
     p.add_argument("--halo", default=None, metavar="N[,N...]",
                    help="context in px per side for a bioimage.io package that declares no "
                    "halo (one value, or one per spatial axis)")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options of a run (shared by run and batch)."""
+    p.add_argument("--batch-size", type=int, default=None, metavar="N", help="tiles per forward pass")
+    _add_halo(p)
     p.add_argument("--output", choices=("probabilities", "labels", "both", "instances"),
                    default="probabilities", help="what to write: instances = the "
                    "probabilities and an instance label image, labels/instances "
@@ -719,6 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "Without an image, only the latter.")
     info.add_argument("image", nargs="?", default=None, help="image file, folder or glob")
     _add_common(info)
+    _add_halo(info)
     info.add_argument("--plot", default=None, metavar="PLAN.png",
                       help="also draw the tile plan over the image (needs tilerseg[plot])")
     info.add_argument("--plot-size", type=int, default=1024, metavar="N",

@@ -279,7 +279,7 @@ def _with_halo(sizes: list[AxisSizes], halo: int | Sequence[int] | None,
                 f"{label} declares no halo for axes {', '.join(bare)} (its output is as large "
                 "as its input, with no context to crop): tilerseg cannot know how far its "
                 "receptive field reaches, so tiles of it could not be exact at their borders "
-                "and it does not tile it; give the context it needs: tilerseg run/batch "
+                "and it does not tile it; give the context it needs: tilerseg run/batch/info "
                 "--halo N, or tilerseg.bioimageio.load_bioimageio(path, halo=N) (N px per "
                 "side; 0 for a per-pixel network)")
         return sizes
