@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import zipfile
 from pathlib import Path
 
@@ -310,6 +311,9 @@ def test_foreign_package_runs_and_resumes_from_the_command_line(tmp_path: Path,
     capsys.readouterr()
     assert main([*args[:-1], "--resume"]) == 0  # the same package: the same run
     assert "already complete" in capsys.readouterr().out
+    assert main(["status", str(out)]) == 0
+    assert re.search(r"^model +bioimage\.io package 'foreign net' [0-9a-f]{12} \(",
+                     capsys.readouterr().out, re.M)
 
 
 @pytest.mark.parametrize("case, message", [
@@ -640,7 +644,9 @@ def test_auto_exports_as_8_bit_only_for_a_model_trained_on_8_bit_images(tmp_path
         export_bioimageio(sixteen, tmp_path / "16.zip")
     args = ["export", str(tmp_path / "16bit" / "last.pt"), "-o", str(tmp_path / "16.zip")]
     assert main(args) == 2
-    assert "--normalize" in _one_error_line(capsys)
+    line = _one_error_line(capsys)
+    assert "pass --normalize (CLI) / normalize= (Python): percentile" in line
+    assert "window:CENTRE,WIDTH" in line and "8-bit" not in line and "auto (" not in line
     assert not (tmp_path / "16.zip").exists()
     assert main([*args, "--normalize", "percentile", "-q"]) == 0  # tilerseg's auto for uint16
     steps = load_description(str(tmp_path / "16.zip"), perform_io_checks=False
@@ -649,6 +655,12 @@ def test_auto_exports_as_8_bit_only_for_a_model_trained_on_8_bit_images(tmp_path
     # a model that records nothing of its training data is refused too
     with pytest.raises(InvalidArgumentError, match="states no normalisation"):
         export_bioimageio(tilerseg.create_model(base_channels=2, depth=2), tmp_path / "n.zip")
+    # 8-bit (and so 'auto') is offered only for a model trained on 8-bit images
+    stretched = tilerseg.create_model(base_channels=2, depth=2)
+    stretched.metadata = {"normalize": "auto", "training": {"normalization": {
+        "dtypes": ["uint8"], "method": "percentile", "low": 1.0, "high": 99.0}}}
+    with pytest.raises(InvalidArgumentError, match=r"none or auto \(its 8-bit input"):
+        export_bioimageio(stretched, tmp_path / "p.zip")
 
 
 def test_bundled_model_records_its_8_bit_training_data() -> None:
@@ -671,9 +683,8 @@ def test_an_image_of_another_dtype_than_a_fixed_scaled_package_declares_is_refus
     np.save(tmp_path / "img.npy", wide)
     assert main(["run", str(tmp_path / "img.npy"), "--model", str(path), "-o",
                  str(tmp_path / "o.zarr"), "-q"]) == 0  # rebuilt by tilerseg: its own "auto"
-    assert main(["run", str(tmp_path / "img.npy"), "--model", str(path), "-o",
-                 str(tmp_path / "p.zarr"), "--halo", "0", "-q"]) == 2  # TorchScript
-    assert "this image is uint16" in _one_error_line(capsys)
+    with pytest.raises(InvalidImageError, match="this image is uint16"):
+        _segment(wide, loaded, tile=32)
     # an explicit normalisation is the caller's: it runs
     assert _segment(wide, loaded, tile=32, normalize=(0, 65535)).shape == (2, 70, 60)
 
@@ -737,7 +748,12 @@ def test_run_takes_the_halo_of_a_package_that_declares_none(tmp_path: Path, caps
     args = ["run", str(tmp_path / "img.npy"), "--model", str(path), "--tile", "16",
             "--dtype", "float32", "--backend", "torch", "-q"]
     assert main([*args, "-o", str(tmp_path / "a.zarr")]) == 2
-    assert "tilerseg run/batch --halo N" in _one_error_line(capsys)
+    assert "tilerseg run/batch/info --halo N" in _one_error_line(capsys)
+    info = ["info", str(tmp_path / "img.npy"), "--model", str(path), "--tile", "16"]
+    assert main(info) == 2  # described and planned only with the halo, as it is run
+    assert "declares no halo" in _one_error_line(capsys)
+    assert main([*info, "--halo", "2"]) == 0
+    assert re.search(r"^geometry +halo \(2, 2\)", capsys.readouterr().out, re.M)
     assert main([*args, "-o", str(tmp_path / "b.zarr"), "--halo", "2"]) == 0
     import zarr
 
@@ -771,3 +787,43 @@ def test_export_keeps_the_model_s_training_mode_and_no_negative_zero(tmp_path: P
     low, high = normalization_of([bio.ScaleLinearDescr(kwargs=bio.ScaleLinearKwargs(
         gain=0.5, offset=0.0))], 1, "m.zip")
     assert (low, high) == (0.0, 2.0) and np.copysign(1.0, low) == 1.0
+
+
+def test_resume_and_shards_refuse_another_halo(tmp_path: Path, capsys) -> None:
+    path = _foreign(tmp_path)  # no halo declared: --halo sets its geometry, not its weights
+    image = np.random.default_rng(11).integers(0, 4096, (70, 60)).astype(np.uint16)
+    np.save(tmp_path / "img.npy", image)
+    args = ["run", str(tmp_path / "img.npy"), "--model", str(path), "--tile", "16",
+            "--backend", "torch", "-q"]
+    out = str(tmp_path / "a.zarr")
+    assert main([*args, "-o", out, "--halo", "0"]) == 0
+    capsys.readouterr()
+    assert main([*args, "-o", out, "--halo", "2", "--resume"]) == 2
+    line = _one_error_line(capsys)
+    assert "other parameters: model halo ([0, 0] then, [2, 2] now)" in line
+    assert main([*args, "-o", out, "--halo", "0", "--resume"]) == 0  # the same: complete
+    shards = str(tmp_path / "s.zarr")
+    assert main([*args, "-o", shards, "--halo", "0", "--shard", "0/2"]) == 0
+    capsys.readouterr()
+    assert main([*args, "-o", shards, "--halo", "2", "--shard", "1/2"]) == 2
+    assert "model halo ([0, 0] then, [2, 2] now)" in _one_error_line(capsys)
+
+
+def test_halo_is_refused_for_a_package_that_declares_its_context(unet_package, tmp_path: Path,
+                                                                   capsys) -> None:
+    _, exported = unet_package
+    with pytest.raises(InvalidModelError, match="is a tilerseg export, which declares its own"):
+        load_bioimageio(exported, halo=0)
+    with pytest.raises(InvalidModelError, match="is a tilerseg export"):
+        load_bioimageio(exported, weights="torchscript", halo=4)
+    cropping = _foreign(tmp_path, pad=0, name="crop.zip")  # an offset on both axes
+    with_halo = _foreign(tmp_path, halo=2, name="halo.zip")  # a halo on both axes
+    image = np.random.default_rng(12).integers(0, 4096, (40, 30)).astype(np.uint16)
+    np.save(tmp_path / "img.npy", image)
+    for package in (exported, cropping, with_halo):
+        assert main(["run", str(tmp_path / "img.npy"), "--model", str(package), "-o",
+                     str(tmp_path / "o.zarr"), "--halo", "2", "-q"]) == 2
+        line = _one_error_line(capsys)
+        assert "--halo / halo= is only for a package that declares none" in line
+        assert not (tmp_path / "o.zarr").exists()
+    assert tilerseg.models.model_geometry(load_bioimageio(with_halo)).halo == (2, 2)

@@ -175,6 +175,8 @@ def _quick_complete(out: Path, args: argparse.Namespace, options: Any) -> bool:
     from .engine.jobs import quick_complete
     from .models.catalog import model_file
 
+    if getattr(args, "halo", None) is not None:  # a package's geometry: known once loaded
+        return False
     path = model_file(args.model)
     return path is not None and quick_complete(out, args.image, path, options, __version__)
 
@@ -302,6 +304,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_name(model: dict) -> str:
+    """What a manifest's model is: its architecture, else its bioimage.io package."""
+    if model.get("architecture"):
+        return str(model["architecture"])
+    if model.get("package"):
+        return f"bioimage.io package {model['package']!r}"
+    return "a network of no tilerseg architecture"
+
+
 def _status_report(state: dict) -> str:
     m = state["manifest"]
     o, r = m["options"], m["resolved"]
@@ -318,7 +329,7 @@ def _status_report(state: dict) -> str:
         f"state       {where}",
         f"input       {source} ({m['input']['format']}, shape {tuple(m['input']['shape'])}, "
         f"{m['input']['dtype']}), level {o['level']}, channels {r['channels']}",
-        f"model       {model.get('architecture')} {model['digest'][:12]}"
+        f"model       {_model_name(model)} {model['digest'][:12]}"
         + (f" ({model['source']})" if model.get("source") else ""),
         f"parameters  tile {r['tile']}, output {o['output']} ({o['dtype']}), threshold "
         f"{r['labels']['threshold']}, precision {o['precision']}, pyramid "
@@ -402,7 +413,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.image is None:
         print(describe_machine())
         return 0
-    model = model_from_spec(args.model)
+    model = model_from_spec(args.model, halo=args.halo)
     print(describe(args.image, model, tile=args.tile, level=args.level,
                    channel=_channels(args.channel), device=args.device))
     if args.plot:
@@ -542,12 +553,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="auto, cpu, cuda (all visible GPUs), cuda:N, cuda:0,cuda:1 or mps")
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    """The options of a run (shared by run and batch)."""
-    p.add_argument("--batch-size", type=int, default=None, metavar="N", help="tiles per forward pass")
+def _add_halo(p: argparse.ArgumentParser) -> None:
+    """``--halo`` (run, batch and info: the commands that tile a model)."""
     p.add_argument("--halo", default=None, metavar="N[,N...]",
                    help="context in px per side for a bioimage.io package that declares no "
                    "halo (one value, or one per spatial axis)")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options of a run (shared by run and batch)."""
+    p.add_argument("--batch-size", type=int, default=None, metavar="N", help="tiles per forward pass")
+    _add_halo(p)
     p.add_argument("--output", choices=("probabilities", "labels", "both", "instances"),
                    default="probabilities", help="what to write: instances = the "
                    "probabilities and an instance label image, labels/instances "
@@ -712,6 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("image", nargs="?", default=None,
                       help="image file, folder, glob or fsspec URL (s3://...)")
     _add_common(info)
+    _add_halo(info)
     info.add_argument("--plot", default=None, metavar="PLAN.png",
                       help="also draw the tile plan over the image (needs tilerseg[plot])")
     info.add_argument("--plot-size", type=int, default=1024, metavar="N",

@@ -97,7 +97,9 @@ def describe(
     workers = default_workers(p.device)
     window_in = int(np.prod(plan.window)) * g.in_channels * 4
     model_window = p.runner.model_window  # without the plane axis of a z-stack
-    per_tile = activation_bytes(model, model_window, g.in_channels) + window_in
+    scripted = any(isinstance(m, torch.jit.ScriptModule) for m in model.modules())
+    per_tile = window_in + (0 if scripted  # a TorchScript network cannot be hooked
+                            else activation_bytes(model, model_window, g.in_channels))
     params = sum(t.numel() * t.element_size() for t in model.parameters())
     baseline = _resident_bytes()
     pixels = int(np.prod(plan.image_shape))
@@ -114,7 +116,9 @@ def describe(
         f"windows {plan.window}",
         f"memory      at most about {_size(baseline + workers * per_tile)} peak: this process "
         f"now {_size(baseline)} (libraries, model {_size(params)}) + {workers} tiles in "
-        f"flight x {_size(per_tile)} (upper bound per tile)",
+        f"flight x {_size(per_tile)} "
+        + ("(the input window only: a TorchScript network's layers are not measured)"
+           if scripted else "(upper bound per tile)"),
         f"output      {_size(probs)} of uint8 probabilities with pyramid, before compression "
         f"({_size(pixels * 4 / 3)} more for labels)",
         describe_machine(),

@@ -220,10 +220,12 @@ def _stated_normalization(metadata: dict) -> NormalizeSpec:
             + ("its training data were " + ", ".join(map(str, record.get("dtypes") or ["?"]))
                + " images" if isinstance(record, dict) else "does not record its training "
                "data's dtype"))
+    eight_bit = isinstance(record, dict) and "uint8" in (record.get("dtypes") or [])
     raise InvalidArgumentError(
-        f"the model {what}, so the package's input cannot be stated; give it with "
-        "normalize= (--normalize): 'auto' for 8-bit input scaled by 1/255, (low, high), "
-        "'percentile', 'meanstd' or 'none'")
+        f"the model {what}, so the package's input cannot be stated; pass --normalize "
+        "(CLI) / normalize= (Python): percentile[:LOW:HIGH], meanstd, LOW,HIGH / (low, high), "
+        "window:CENTRE,WIDTH / ('window', centre, width), none"
+        + (" or auto (its 8-bit input scaled by 1/255)" if eight_bit else ""))
 
 
 def export_bioimageio(

@@ -272,17 +272,21 @@ def _sizes(inp: Any, out: Any, spatial: list[str], space: dict[str, Any],
 def _with_halo(sizes: list[AxisSizes], halo: int | Sequence[int] | None,
                label: str) -> list[AxisSizes]:
     """Sizes with a given halo; without one, a clear refusal where none is declared."""
+    bare = [s.id for s in sizes if s.offset == 0 and s.halo == 0]
     if halo is None:
-        bare = [s.id for s in sizes if s.offset == 0 and s.halo == 0]
         if bare:
             raise InvalidModelError(
                 f"{label} declares no halo for axes {', '.join(bare)} (its output is as large "
                 "as its input, with no context to crop): tilerseg cannot know how far its "
                 "receptive field reaches, so tiles of it could not be exact at their borders "
-                "and it does not tile it; give the context it needs: tilerseg run/batch "
+                "and it does not tile it; give the context it needs: tilerseg run/batch/info "
                 "--halo N, or tilerseg.bioimageio.load_bioimageio(path, halo=N) (N px per "
                 "side; 0 for a per-pixel network)")
         return sizes
+    if not bare:
+        raise InvalidModelError(
+            f"{label} declares the context of every spatial axis itself (its halo or crop): "
+            "--halo / halo= is only for a package that declares none; leave it out")
     values = [halo] * len(sizes) if isinstance(halo, int) else list(halo)
     if len(values) != len(sizes) or any(isinstance(h, bool) or not isinstance(h, int) or h < 0
                                         for h in values):
@@ -299,17 +303,26 @@ def _with_halo(sizes: list[AxisSizes], halo: int | Sequence[int] | None,
 # -- networks ---------------------------------------------------------------------------------
 
 
+def _tilerseg_export(descr: Any) -> bool:
+    """Whether tilerseg exported the package (its state dict names tilerseg's architecture)."""
+    from .export import ARCHITECTURE
+
+    entry = descr.weights.pytorch_state_dict
+    arch = getattr(entry, "architecture", None) if entry is not None else None
+    return (getattr(arch, "import_from", None), str(getattr(arch, "callable", ""))) \
+        == ARCHITECTURE
+
+
 def _tilerseg_model(descr: Any, label: str) -> nn.Module | None:
     """The tilerseg model of a package tilerseg exported (None for other packages)."""
     from ..geometry import ModelGeometry
     from ..models.probe import trust_geometry
     from ..models.registry import create_model, stored_config
-    from .export import ARCHITECTURE
 
-    entry = descr.weights.pytorch_state_dict
-    arch = getattr(entry, "architecture", None) if entry is not None else None
-    if (getattr(arch, "import_from", None), str(getattr(arch, "callable", ""))) != ARCHITECTURE:
+    if not _tilerseg_export(descr):
         return None
+    entry = descr.weights.pytorch_state_dict
+    arch = entry.architecture
     kwargs = dict(arch.kwargs)
     name = kwargs.pop("name", "unet")
     model = create_model(name, **stored_config(name, kwargs))
@@ -441,7 +454,9 @@ def load_bioimageio(
         class of ``torch`` or ``tilerseg``.
     halo : int or sequence of int, optional
         Context (px per side) for a package that declares no halo: tiles are then exact
-        when it covers the network's receptive field. Refused without it.
+        when it covers the network's receptive field. Refused without it; refused with
+        it for a package tilerseg exported or one that declares the context (halo or crop)
+        of every spatial axis.
 
     Returns
     -------
@@ -477,6 +492,10 @@ def load_bioimageio(
         raise InvalidModelError(
             f"{label} has {len(descr.inputs)} inputs and {len(descr.outputs)} outputs; tilerseg "
             "runs networks of one input and one output")
+    if halo is not None and _tilerseg_export(descr):
+        raise InvalidModelError(
+            f"{label} is a tilerseg export, which declares its own context: --halo / halo= "
+            "is only for a package that declares none; leave it out")
     if weights != "torchscript" and halo is None:
         model = _tilerseg_model(descr, label)
         if model is not None:

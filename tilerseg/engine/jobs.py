@@ -324,7 +324,8 @@ def _normalization_differs(spec: Any, dtype: str, recorded: dict[str, Any],
 
 def differences(manifest: dict[str, Any], options: RunOptions, *, version: str,
                 digest: str | None,
-                identity: dict[str, Any], labels: dict[str, Any] | None) -> list[str]:
+                identity: dict[str, Any], labels: dict[str, Any] | None,
+                geometry: ModelGeometry | None = None) -> list[str]:
     """What a new request changes against a recorded run, one phrase each (empty: same).
 
     Parameters
@@ -344,6 +345,10 @@ def differences(manifest: dict[str, Any], options: RunOptions, *, version: str,
     labels : dict or None
         The new label policy (``LabelPolicy.as_dict()``); None compares the requested
         threshold instead (the same model file has the same default).
+    geometry : ModelGeometry, optional
+        The new model's geometry: its halo, step and shrink are compared with the
+        recorded ones (a package's ``--halo`` changes them, not its weights). None: not
+        compared.
     """
     out = []
 
@@ -354,6 +359,12 @@ def differences(manifest: dict[str, Any], options: RunOptions, *, version: str,
         differ("tilerseg version", manifest.get("tilerseg"), version)
     if digest is not None and manifest["model"]["digest"] != digest:
         differ("model weights", manifest["model"]["digest"][:12], digest[:12])
+    if geometry is not None:
+        then_g, now_g = manifest.get("geometry") or {}, geometry.as_dict()
+        for name in ("halo", "step", "shrink"):
+            if name in then_g and list(then_g[name]) != now_g[name]:
+                differ(f"model {name}", then_g[name], now_g[name])
+                break
     recorded_input = manifest["input"]
     for key in sorted(identity):
         if recorded_input.get(key) != identity.get(key):

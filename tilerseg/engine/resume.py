@@ -56,7 +56,7 @@ from .finish import clear_leftover, leftover
 from .instances import check_table_format, create_provisional
 from .locks import FileLock, LockedError, live_locks
 from .options import RunOptions
-from .prepare import Prepared, is_lazy_input, model_normalize, prepare
+from .prepare import Prepared, check_model, is_lazy_input, model_normalize, prepare
 from .tasks import RunContext, open_context
 
 __all__ = ["Started", "start"]
@@ -169,6 +169,9 @@ def _manifest(p: Prepared, out: Path, identity: dict, digest: str, model_source:
     model = {"digest": digest, "architecture": getattr(p.model, "registry_name", None),
              "config": getattr(p.model, "config", None), "source": model_source,
              "file": source_file(p.model)}
+    package = (getattr(p.model, "metadata", None) or {}).get("bioimageio")
+    if isinstance(package, dict) and package.get("name"):
+        model["package"] = str(package["name"])  # a bioimage.io package's own name
     return build_manifest(
         output=out, version=__version__, identity=identity, model=model,
         geometry=p.model_geometry, per_plane=p.per_plane,
@@ -262,7 +265,8 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
         labels = LabelPolicy.for_model(manifest["geometry"]["out_channels"],
                                        getattr(model, "metadata", None), options.threshold)
         return differences(manifest, options, version=__version__, digest=digest,
-                           identity=identity, labels=labels.as_dict())
+                           identity=identity, labels=labels.as_dict(),
+                           geometry=check_model(model))
 
     wp = work_path(out) if not private else Path(
         tempfile.gettempdir()) / f"tilerseg-{uuid.uuid4().hex}.partial"
