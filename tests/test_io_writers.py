@@ -222,6 +222,23 @@ def test_valid_ome_zarr_with_labels(tmp_path: Path) -> None:
     assert [d.shape for d in nodes[2].data] == [(100, 70), (50, 35), (25, 18)]
 
 
+def test_class_names_name_the_channels_for_viewers(tmp_path: Path) -> None:
+    from tilerseg.io.writers import spec_from_dict, spec_to_dict
+
+    spec = _spec(class_names=("membrane", "cell interior"))
+    out = _write(tmp_path / "o.zarr", spec, _probs((40, 30), 2))
+    channels = zarr.open_group(out, mode="r").attrs["ome"]["omero"]["channels"]
+    assert [c["label"] for c in channels] == ["membrane", "cell interior"]
+    assert spec_from_dict(spec_to_dict(spec)) == spec
+    older = spec_to_dict(_spec())  # a manifest written before the names were recorded
+    del older["class_names"]
+    assert spec_from_dict(older).class_names == ()
+    # names that do not fit the channels are not used
+    out = _write(tmp_path / "p.zarr", _spec(class_names=("one",)), _probs((40, 30), 2))
+    channels = zarr.open_group(out, mode="r").attrs["ome"]["omero"]["channels"]
+    assert [c["label"] for c in channels] == ["class 0", "class 1"]
+
+
 def test_labels_only_root_is_label_image(tmp_path: Path) -> None:
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader

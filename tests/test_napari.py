@@ -30,7 +30,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     slide = write_membrane_tiff(str(folder / "slide.tif"), (300, 260), tile=64,
                                 pixel_size=0.5, seed=3)
     torch.manual_seed(0)
-    save_model(create_model("unet", base_channels=2, depth=2), folder / "m.pt")
+    save_model(create_model("unet", base_channels=2, depth=2), folder / "m.pt",
+               metadata={"classes": ["membrane", "cell"]})
     outs = {}
     for output in ("both", "instances"):
         outs[output] = folder / f"{output}.zarr"
@@ -57,7 +58,7 @@ def test_probabilities_open_as_an_image_layer_per_class(runs: dict[str, Path]) -
     for k, level in enumerate(data):
         np.testing.assert_array_equal(np.asarray(level), root[str(k)][:])
     assert meta["channel_axis"] == 0  # napari splits the classes into layers...
-    assert meta["name"] == ["probabilities: class 0", "probabilities: class 1"]  # ...named
+    assert meta["name"] == ["probabilities: membrane", "probabilities: cell"]  # the model's
     assert meta["contrast_limits"] == [[0, 255], [0, 255]]  # the stored uint8 range
     assert meta["axis_labels"] == ("y", "x")
     assert list(meta["scale"]) == [0.5, 0.5]  # micrometres, from the TIFF's tags

@@ -179,6 +179,15 @@ def _manifest(p: Prepared, out: Path, identity: dict, digest: str, model_source:
         grid=grid)
 
 
+def _class_names(model: nn.Module, count: int) -> tuple[str, ...]:
+    """The model's class names (``metadata["classes"]``), one per output channel, or ()."""
+    names = getattr(model, "metadata", None) or {}
+    names = names.get("classes") if isinstance(names, dict) else None
+    if not isinstance(names, (list, tuple)) or len(names) != count:
+        return ()
+    return tuple(str(n) for n in names)
+
+
 def _attributes(p: Prepared, model_source: str | None) -> dict[str, Any]:
     """The run parameters stored under ``attrs["tilerseg"]`` of the output."""
     from .. import __version__
@@ -312,6 +321,7 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
             labels=options.output in ("labels", "both"), pixel_size=dict(p.source.pixel_size),
             attributes=_attributes(p, model_source), pyramid=options.pyramid, eager_levels=2,
             instances=options.output == "instances",
+            class_names=_class_names(model, p.geometry.out_channels),
         )
         grid = TaskGrid.for_grid(p.plan.grid)
         manifest = _manifest(p, out, identity, digest, model_source, background, spec, grid)

@@ -138,6 +138,9 @@ class OutputSpec:
         chunked ``chunks / 2**k``, so one tile is exactly one chunk of it; only levels whose
         chunks stay whole and at least 128 px are done this way
         (see :func:`eager_level_count`). The rest are built at commit, as usual.
+    class_names : tuple of str
+        A name per probability channel (the model's ``metadata["classes"]``), shown by
+        viewers as the channels' labels; empty: ``class 0``, ``class 1``...
     """
 
     spatial_axes: str
@@ -151,6 +154,7 @@ class OutputSpec:
     pyramid: bool = True
     eager_levels: int = 0
     instances: bool = False
+    class_names: tuple[str, ...] = ()
 
 
 def check_output_folder(path: str | os.PathLike) -> None:
@@ -175,6 +179,7 @@ def spec_from_dict(data: dict[str, Any]) -> OutputSpec:
     values = dict(data)
     values["shape"] = tuple(values["shape"])
     values["chunks"] = tuple(values["chunks"])
+    values["class_names"] = tuple(values.get("class_names", ()))  # not in older manifests
     return OutputSpec(**values)
 
 
@@ -484,14 +489,16 @@ class OutputWriter:
 
     def _omero(self) -> dict:
         """Display settings of the probability channels (OME-NGFF's transitional
-        ``omero``), which viewers such as napari use: one named channel per class, the
-        colour of its value in the label image (white for class 0), the window of the
-        stored values."""
+        ``omero``), which viewers such as napari use: one channel per class, named after
+        it (``class_names``, else ``class k``), the colour of its value in the label image
+        (white for class 0), the window of the stored values."""
         top = 255 if self.spec.probabilities == "uint8" else 1.0
-        colors = [(255, 255, 255)] + [_PALETTE[(k - 1) % len(_PALETTE)]
-                                      for k in range(1, int(self.spec.num_classes))]
+        count = int(self.spec.num_classes)
+        colors = [(255, 255, 255)] + [_PALETTE[(k - 1) % len(_PALETTE)] for k in range(1, count)]
+        names = list(self.spec.class_names) if len(self.spec.class_names) == count else \
+            [f"class {k}" for k in range(count)]
         channels = [
-            {"label": f"class {k}", "color": "%02X%02X%02X" % tuple(colors[k]),
+            {"label": str(names[k]), "color": "%02X%02X%02X" % tuple(colors[k]),
              "active": True, "coefficient": 1.0, "family": "linear", "inverted": False,
              "window": {"min": 0, "max": top, "start": 0, "end": top}}
             for k in range(int(self.spec.num_classes))
