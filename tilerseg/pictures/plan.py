@@ -72,6 +72,18 @@ def _hatch(shape: Sequence[int], spacing: int = 8) -> np.ndarray:
     return (yy + xx) % spacing < max(1, spacing // 4)
 
 
+def _shade_halo(PIL: Any, image_pil: Any, box: Sequence[int], inner: Sequence[int],
+                color: Sequence[int], opacity: int) -> Any:
+    """Shade the halo of a read window (``box`` less ``inner``) in ``color`` at ``opacity``
+    (0 to 255) in place; returns a new pen on ``image_pil``."""
+    halo = PIL.Image.new("L", image_pil.size, 0)
+    mask = PIL.ImageDraw.Draw(halo)
+    mask.rectangle(box, fill=opacity)
+    mask.rectangle(inner, fill=0)
+    image_pil.paste(PIL.Image.new("RGB", image_pil.size, color), (0, 0), halo)
+    return PIL.ImageDraw.Draw(image_pil, "RGBA")
+
+
 def _tiles_to_draw(grid: Sequence[int], count: int) -> list[tuple[int, int]]:
     """The first tile, the last, one in the middle, then one beside the first."""
     gy, gx = grid
@@ -204,12 +216,7 @@ def plot_plan(
         wr, wc = t.write[-2:]
         box = [px(rx), py(ry), px(rx + wx) - 1, py(ry + wy) - 1]
         inner = [px(wc.start), py(wr.start), px(wc.stop) - 1, py(wr.stop) - 1]
-        halo = PIL.Image.new("L", image_pil.size, 0)
-        mask = PIL.ImageDraw.Draw(halo)
-        mask.rectangle(box, fill=90)
-        mask.rectangle(inner, fill=0)
-        image_pil.paste(PIL.Image.new("RGB", image_pil.size, color), (0, 0), halo)
-        pen = PIL.ImageDraw.Draw(image_pil, "RGBA")
+        pen = _shade_halo(PIL, image_pil, box, inner, color, 90)
         pen.rectangle(box, outline=color, width=line + 1)
         pen.rectangle(inner, outline=color, width=line)
     picture = np.asarray(image_pil)
@@ -332,12 +339,7 @@ def plot_tile(
     wr, wc = t.write
     box = [px(rx), py(ry), px(rx + wx) - 1, py(ry + wy) - 1]
     inner = [px(wc.start), py(wr.start), px(wc.stop) - 1, py(wr.stop) - 1]
-    mask_img = PIL.Image.new("L", image_pil.size, 0)
-    mask = PIL.ImageDraw.Draw(mask_img)
-    mask.rectangle(box, fill=80)
-    mask.rectangle(inner, fill=0)
-    image_pil.paste(PIL.Image.new("RGB", image_pil.size, halo_color), (0, 0), mask_img)
-    pen = PIL.ImageDraw.Draw(image_pil, "RGBA")
+    pen = _shade_halo(PIL, image_pil, box, inner, halo_color, 80)
     width = max(2, size // 300)
     pen.rectangle(box, outline=window_color, width=width)
     pen.rectangle(inner, outline=crop_color, width=width)
