@@ -334,24 +334,23 @@ def render_preview(
         alpha = opacity * values if input_level is not None else np.ones_like(values)
         picture = draw.blend(base, draw.colormap(values), alpha)
         title = f"probability of class {class_index}"
-    elif show == "labels":
-        fill = draw.class_colors(values)
+    else:  # labels and instances: a translucent fill with opaque outlines
+        if show == "labels":
+            fill = draw.class_colors(values)
+            strength = 0.3
+            classes_shown = sorted(int(c) for c in np.unique(values) if c)
+            title = "labels (class outlines)"
+        else:
+            ids, colors = draw.instance_colors(values)
+            index = np.searchsorted(ids, values)
+            fill = colors[np.clip(index, 0, max(len(ids) - 1, 0))] if len(ids) else \
+                np.zeros((*values.shape, 3), np.uint8)
+            strength = 0.45
+            title = f"instances ({len(ids)} objects in view)"
         inside = values != 0
-        picture = draw.blend(base, fill, np.where(inside, 0.3 * opacity / 0.6, 0.0))
+        picture = draw.blend(base, fill, np.where(inside, strength * opacity / 0.6, 0.0))
         edge = draw.outlines(values) & inside
         picture[edge] = fill[edge]
-        classes_shown = sorted(int(c) for c in np.unique(values) if c)
-        title = "labels (class outlines)"
-    else:
-        ids, colors = draw.instance_colors(values)
-        index = np.searchsorted(ids, values)
-        fill = colors[np.clip(index, 0, max(len(ids) - 1, 0))] if len(ids) else \
-            np.zeros((*values.shape, 3), np.uint8)
-        inside = values != 0
-        picture = draw.blend(base, fill, np.where(inside, 0.45 * opacity / 0.6, 0.0))
-        edge = draw.outlines(values) & inside
-        picture[edge] = fill[edge]
-        title = f"instances ({len(ids)} objects in view)"
     longest = max(picture.shape[:2])
     factor = 1.0
     if longest > size:  # even the coarsest level is too large
