@@ -83,11 +83,9 @@ def parse_region(text: str) -> tuple[tuple[int, int], tuple[int, int]]:
     return (y0, y1), (x0, x1)
 
 
-def _layer_arrays(output: str, info: dict[str, Any]) -> dict[str, list[Any]]:
-    """Every level of every layer of an output (metadata only; no chunk is read)."""
-    import zarr
-
-    root = zarr.open_group(output, mode="r", zarr_format=3)
+def _layer_arrays(root: Any, info: dict[str, Any]) -> dict[str, list[Any]]:
+    """Every level of every layer of an output (its root group; metadata only, no chunk is
+    read)."""
     layers: dict[str, list[Any]] = {}
     for name in LAYERS:
         base = info[name]
@@ -99,14 +97,11 @@ def _layer_arrays(output: str, info: dict[str, Any]) -> dict[str, list[Any]]:
     return layers
 
 
-def _pixel_size(output: str, layer: list[Any], level: int) -> float | None:
-    """Micrometres per pixel along X at ``level``, from the OME-Zarr ``scale``."""
-    import zarr
-
+def _pixel_size(root: Any, layer: list[Any], level: int) -> float | None:
+    """Micrometres per pixel along X at ``level``, from the OME-Zarr ``scale`` (``root``: the
+    output's root group)."""
     path = layer[level].path.rsplit("/", 1)[0] if "/" in layer[level].path else ""
-    group = zarr.open_group(output, mode="r", zarr_format=3)
-    if path:
-        group = group[path]
+    group = root[path] if path else root
     try:
         ms = dict(group.attrs["ome"])["multiscales"][0]
         axis = next(i for i, a in enumerate(ms["axes"]) if a["name"] == "x")
@@ -232,9 +227,10 @@ def render_preview(
     Preview
         The picture and the levels it was drawn from.
     """
-    from ..io.writers import decode_probabilities, open_output
+    import zarr
 
     from ..io import remote
+    from ..io.writers import decode_probabilities, open_output
 
     output = remote.local_path(os.fspath(output))
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 16:
@@ -248,7 +244,8 @@ def render_preview(
     if not attrs:
         raise OutputError(f"'{output}' is an OME-Zarr image but not a tilerseg output "
                           "(no 'tilerseg' attributes)")
-    layers = _layer_arrays(output, info)
+    root = zarr.open_group(output, mode="r", zarr_format=3)
+    layers = _layer_arrays(root, info)
     if show is None:
         show = next(n for n in ("instances", "labels", "probabilities") if n in layers)
     if show not in LAYERS:
@@ -358,7 +355,7 @@ def render_preview(
         shape = tuple(max(1, int(round(n * factor))) for n in picture.shape[:2])
         picture = draw.resize(picture, shape)
     if scale_bar:
-        px = _pixel_size(output, arrays, k)
+        px = _pixel_size(root, arrays, k)
         if px is not None:
             picture = draw.scale_bar(picture, px / factor)
     if legend and min(picture.shape[:2]) >= 64:
