@@ -39,13 +39,6 @@ _MAGMA = np.array([
 ], dtype=np.float64)
 _MAPS = {"viridis": _VIRIDIS, "magma": _MAGMA}
 
-CLASS_PALETTE = np.array([
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
-], dtype=np.uint8)
-"""Class colours (the same palette as the OME-Zarr ``image-label`` metadata)."""
-
-
 def require_pillow() -> Any:
     """Import Pillow, or say which extra installs it.
 
@@ -190,10 +183,13 @@ def outlines(labels: np.ndarray) -> np.ndarray:
 
 
 def class_colors(labels: np.ndarray) -> np.ndarray:
-    """The colour of each pixel's class (class ``k`` gets ``CLASS_PALETTE[(k - 1) % 10]``,
-    as in the output's ``image-label`` metadata; class 0 gets the last colour of it)."""
-    index = (labels.astype(np.int64) - 1) % len(CLASS_PALETTE)
-    return CLASS_PALETTE[index]
+    """The colour of each pixel's class: the palette of the output's ``image-label``
+    metadata (class ``k`` gets colour ``(k - 1) % 10``; class 0 gets the last colour)."""
+    from ..io.writers import _PALETTE  # the output's own palette (imported when drawn)
+
+    palette = np.array(_PALETTE, dtype=np.uint8)
+    index = (labels.astype(np.int64) - 1) % len(palette)
+    return palette[index]
 
 
 def _hues(count: int) -> np.ndarray:
