@@ -298,7 +298,7 @@ def export_bioimageio(
     """
     require_spec()
     from .. import __version__
-    from ..models.probe import model_geometry
+    from ..models.probe import eval_mode, model_geometry
 
     architecture, config = getattr(model, "registry_name", None), getattr(model, "config", None)
     if not isinstance(architecture, str) or not isinstance(config, dict):
@@ -312,12 +312,8 @@ def export_bioimageio(
     if normalize is None:
         normalize = _stated_normalization(metadata)
     normalize = exportable(normalize)
-    training = model.training  # restored when done
-    model.eval()
-    try:
+    with eval_mode(model):
         geometry = model_geometry(model)
-    finally:
-        model.train(training)
     sizes = axis_sizes(geometry)
     classes = metadata.get("classes")
     if not (isinstance(classes, list) and len(classes) == geometry.out_channels):
@@ -331,14 +327,10 @@ def export_bioimageio(
     out = Path(path)
     if out.is_dir():
         raise InvalidArgumentError(f"the package path {str(out)!r} is a folder")
-    training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         _write(model, out, root_args=(architecture, config, geometry, sizes, classes, name,
                                       description, license, authors, normalize, metadata,
                                       test_size, cover, tags))
-    finally:
-        model.train(training)
     log.info("wrote the bioimage.io package %s", out)
     return out
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidArgumentError, InvalidModelError
-from ..normalize import NormalizeSpec, resolve_normalization
+from ..normalize import _PERCENTILES, NormalizeSpec, _percentile_pair, resolve_normalization
 
 __all__ = ["preprocessing_steps", "input_dtype", "normalization_of", "activation_of",
            "exportable"]
@@ -78,7 +78,7 @@ def exportable(normalize: NormalizeSpec) -> NormalizeSpec:
     if normalize in (None, False, True, "none", "auto", "percentile", "meanstd") or (
             isinstance(normalize, str) and normalize.startswith("percentile:")):
         if isinstance(normalize, str) and normalize.startswith("percentile:"):
-            resolve_normalization(normalize, np.dtype(np.float32), lambda: np.zeros(2))
+            _percentile_pair(normalize)  # checked
         return normalize
     raise InvalidArgumentError(f"normalize={normalize!r} cannot be exported (expected 'auto', "
                                "'none', 'percentile', 'percentile:LOW:HIGH', 'meanstd', "
@@ -151,8 +151,8 @@ def preprocessing_steps(normalize: NormalizeSpec) -> list[Any]:
             steps.append(bio.ClipDescr(kwargs=bio.ClipKwargs(min=0.0, max=1.0)))
     elif normalize == "percentile" or (isinstance(normalize, str)
                                        and normalize.startswith("percentile:")):
-        low_p, high_p = (1.0, 99.8) if normalize == "percentile" else \
-            (float(v) for v in normalize.split(":")[1:])
+        low_p, high_p = _PERCENTILES if normalize == "percentile" else \
+            _percentile_pair(normalize)
         steps.append(bio.ScaleRangeDescr(kwargs=bio.ScaleRangeKwargs(
             min_percentile=low_p, max_percentile=high_p)))
     elif normalize == "meanstd":

@@ -93,10 +93,9 @@ def axis_sizes(geometry: ModelGeometry) -> list[AxisSizes]:
             f"a bioimage.io package needs a 2D or 3D model, not {geometry.ndim}D")
     out = []
     for a, axis_id in enumerate(SPATIAL_IDS[geometry.ndim]):
-        shrink, halo = geometry.shrink[a], geometry.halo[a]
-        extra = halo - shrink // 2
-        smallest = geometry.admissible_input(shrink + 2 * extra + 1, a)
-        out.append(AxisSizes(axis_id, smallest, geometry.step[a], -shrink, extra))
+        # the smallest input whose output keeps one pixel after the halo is cropped
+        out.append(AxisSizes(axis_id, geometry.window_for_tile(1, a), geometry.step[a],
+                             -geometry.shrink[a], geometry.crop_offset(a)))
     return out
 
 
