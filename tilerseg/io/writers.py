@@ -380,7 +380,7 @@ class OutputWriter:
                 raise OutputError(
                     f"cannot open the unfinished output '{self.staging}': {err}") from err
             return
-        if remote.exists(self.path) and not overwrite:
+        if not overwrite and remote.exists(self.path):  # no round trip to a remote when replacing
             raise OutputError(f"output '{os.fspath(path)}' exists; pass --overwrite to replace it")
         check_output_folder(self.path)
         try:
