@@ -369,6 +369,8 @@ class OutputWriter:
         #: the temporary store holds the only copy of a finished output (its move into
         #: place failed or was refused): :meth:`abort` and callers leave it in place
         self.kept = False
+        #: :meth:`commit` replaced an output that was at :attr:`path` (``overwrite``)
+        self.replaced = False
         self.staging = (remote.output_location(staging) if staging is not None
                         else remote.sibling(self.path, remote.staging_name(self.path)))
         self.probabilities: zarr.Array | None = None
@@ -733,6 +735,7 @@ class OutputWriter:
             raise OutputError(f"cannot move output into '{self.path}': {err} (the new output "
                               f"is kept in '{self.staging}'{note})") from err
         self.kept = False
+        self.replaced = old is not None
         if old is not None:
             remote.remove(old)
 
