@@ -92,9 +92,8 @@ def commit(work: WorkDir, out: Path, *, overwrite: bool = False,
         manifest = {k: v for k, v in work.manifest.items() if k != "store"}
         writer.update_attributes(manifest=manifest, config_hash=work.config_hash,
                                  committed_by=f"{socket.gethostname()}:{os.getpid()}", **extra)
-        replacing = remote.exists(out)
         writer.commit()
-        place_tables(instances, out, replacing=replacing)
+        place_tables(instances, out, replacing=writer.replaced)
     finally:
         lock.release()
     work.remove()

@@ -41,6 +41,7 @@ from ..instances import (IdMap, ObjectStats, elevation, face_pairs, id_dtype, la
 from ..io import remote
 from ..io.writers import INSTANCE_NAME, OutputSpec, decode_probabilities, encode_probabilities
 from ..labels import LabelPolicy
+from .jobs import store_of
 from .options import INSTANCE_MODES, TABLE_FORMATS
 
 __all__ = ["INSTANCE_MODES", "TABLE_FORMATS", "InstanceRun", "create_provisional",
@@ -146,7 +147,7 @@ class InstanceRun:
         from ..io.writers import spec_from_dict
 
         self.path = Path(work_path) / "instances"
-        self.store = manifest.get("store") or Path(work_path) / "output.zarr"  # remote: a URL
+        self.store = store_of(work_path, manifest)  # remote: a URL
         self.spec = spec_from_dict(manifest["spec"])
         options = manifest["options"]
         self.shape = tuple(self.spec.shape)

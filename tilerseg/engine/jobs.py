@@ -54,7 +54,7 @@ __all__ = [
     "TILES_PER_TASK", "Task", "TaskGrid", "WorkDir", "default_output_path", "work_path",
     "build_manifest",
     "differences", "input_identity", "path_identity", "geometry_of", "read_final_manifest",
-    "quick_complete", "remove_debris", "remove_tree",
+    "quick_complete", "remove_debris", "remove_tree", "store_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,20 @@ MANIFEST = "manifest.json"
 STORE = "output.zarr"
 FORMAT = "tilerseg-run"
 FORMAT_VERSION = 1
+
+
+def store_of(work: Path, manifest: dict[str, Any]) -> Path | str:
+    """The Zarr store a run writes: ``output.zarr`` in its work directory ``work``, or for
+    a remote output the staging URL beside it that the manifest records as ``store``.
+
+    Examples
+    --------
+    >>> store_of(Path("/data/out.zarr.partial"), {}).as_posix()
+    '/data/out.zarr.partial/output.zarr'
+    >>> store_of(Path("/tmp/w.partial"), {"store": "memory://runs/.out.zarr.partial-1"})
+    'memory://runs/.out.zarr.partial-1'
+    """
+    return manifest.get("store") or Path(work) / STORE
 
 
 def default_output_path(image: str | os.PathLike) -> Path:
@@ -421,7 +435,7 @@ class WorkDir:
     def store(self) -> Path | str:
         """The Zarr store being written: ``output.zarr`` here, or for a remote output the
         staging URL beside it recorded as the manifest's ``store``."""
-        return self.manifest.get("store") or self.path / STORE
+        return store_of(self.path, self.manifest)
 
     @property
     def done_dir(self) -> Path:

@@ -597,8 +597,7 @@ def read_dicom_series(files: Sequence[str], label: str) -> RawImage:
     """
     files = [os.fspath(f) for f in files]
     if len(files) == 1:
-        raw = read_dicom(files[0])
-        return raw
+        return read_dicom(files[0])
     headers = [_read_header(f) for f in files]
     series = sorted({h.series for h in headers if h.series is not None})
     if len(series) > 1:

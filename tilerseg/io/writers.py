@@ -369,6 +369,8 @@ class OutputWriter:
         #: the temporary store holds the only copy of a finished output (its move into
         #: place failed or was refused): :meth:`abort` and callers leave it in place
         self.kept = False
+        #: :meth:`commit` replaced an output that was at :attr:`path` (``overwrite``)
+        self.replaced = False
         self.staging = (remote.output_location(staging) if staging is not None
                         else remote.sibling(self.path, remote.staging_name(self.path)))
         self.probabilities: zarr.Array | None = None
@@ -380,7 +382,7 @@ class OutputWriter:
                 raise OutputError(
                     f"cannot open the unfinished output '{self.staging}': {err}") from err
             return
-        if remote.exists(self.path) and not overwrite:
+        if not overwrite and remote.exists(self.path):  # no round trip to a remote when replacing
             raise OutputError(f"output '{os.fspath(path)}' exists; pass --overwrite to replace it")
         check_output_folder(self.path)
         try:
@@ -733,6 +735,7 @@ class OutputWriter:
             raise OutputError(f"cannot move output into '{self.path}': {err} (the new output "
                               f"is kept in '{self.staging}'{note})") from err
         self.kept = False
+        self.replaced = old is not None
         if old is not None:
             remote.remove(old)
 
