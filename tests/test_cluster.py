@@ -67,7 +67,7 @@ def test_cluster_output_identical_to_local(client, data, tmp_path, case):
     assert attrs["executor"] == "dask.distributed"
 
 
-def test_a_task_is_small_plain_data(data, tmp_path):
+def test_a_run_is_sent_as_small_plain_data(data, tmp_path):
     """What crosses to a worker: a few hundred bytes, no model, no open file."""
     out = tmp_path / "o.zarr"
     with pytest.raises(KeyboardInterrupt):
@@ -75,18 +75,17 @@ def test_a_task_is_small_plain_data(data, tmp_path):
                                  progress=lambda done, total: (_ for _ in ()).throw(
                                      KeyboardInterrupt))
     work = WorkDir.open(work_path(out))
-    tasks = list(work.tasks(range(len(work.grid)), str(data["dir"] / "slide.tif"), 0, (0,)))
+    ref = work.ref(str(data["dir"] / "slide.tif"), 0, (0,))
 
-    class OnlyTasks(pickle.Unpickler):  # the payload names no class but Task itself
+    class OnlyRunRef(pickle.Unpickler):  # the payload names no class but RunRef itself
         def find_class(self, module, name):
-            assert (module, name) == ("tilerseg.engine.jobs", "Task"), (module, name)
+            assert (module, name) == ("tilerseg.engine.jobs", "RunRef"), (module, name)
             return super().find_class(module, name)
 
-    for task in tasks:
-        payload = pickle.dumps(task)
-        assert len(payload) < 1024
-        assert OnlyTasks(io.BytesIO(payload)).load() == task
-    assert {type(v) for t in tasks for v in vars(t).values()} <= {str, int, tuple}
+    payload = pickle.dumps(ref)
+    assert len(payload) < 1024
+    assert OnlyRunRef(io.BytesIO(payload)).load() == ref
+    assert {type(v) for v in vars(ref).values()} <= {str, int, tuple}
 
 
 def test_a_batch_spreads_over_the_cluster(client, data, tmp_path):

@@ -79,15 +79,19 @@ def done_count(out: Path) -> int:
 
 
 def kill_when(process: subprocess.Popen, out: Path, target: int, sig: int,
-              rng: random.Random) -> bool:
-    """Send ``sig`` once ``target`` tasks are recorded (plus a random pause); False if the
-    process finished first."""
+              rng: random.Random, again: float | None = None) -> bool:
+    """Send ``sig`` once ``target`` tasks are recorded (plus a random pause), and once more
+    ``again`` seconds later if given; False if the process finished first."""
     while done_count(out) < target:
         if process.poll() is not None:
             return False
         time.sleep(0.005)
     time.sleep(rng.uniform(0, 0.05))
     process.send_signal(sig)
+    if again is not None:
+        time.sleep(again)
+        if process.poll() is None:
+            process.send_signal(sig)
     process.wait(timeout=60)
     return True
 
@@ -128,17 +132,21 @@ def test_killed_run_resumes_to_the_same_bytes(slide, tmp_path):
     assert resumed.returncode == 0 and "already complete" in resumed.stdout
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_keeps_the_existing_output_and_the_partial_run(slide, tmp_path, sig, code):
+@pytest.mark.parametrize("sig,code,again", [(signal.SIGINT, 130, None),
+                                            (signal.SIGTERM, 143, None),
+                                            (signal.SIGTERM, 143, 0.05),  # as scancel does
+                                            (signal.SIGINT, 130, 0.05)])
+def test_a_signal_keeps_the_existing_output_and_the_partial_run(slide, tmp_path, sig, code,
+                                                                again):
     out = tmp_path / "out.zarr"
     assert main(["run", str(slide["tif"]), "-o", str(out), "--model", str(slide["model_file"]),
                  "--tile", "128", "-q"]) == 0  # an existing output, other parameters
     before = files(out)
     command = [*CLI, "run", str(slide["tif"]), "-o", str(out), *slide["args"], "--overwrite"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert kill_when(process, out, 5, sig, random.Random(2))
+    assert kill_when(process, out, 5, sig, random.Random(2), again)
     err = process.stderr.read()
-    assert process.returncode == code, err
+    assert process.returncode == code, err  # not 134 (SIGABRT) after a second signal
     assert ("interrupted" if code == 130 else "terminated") in err
     assert "Traceback" not in err and "--resume" in err and err.count("\n") == 1
     assert not live_locks(work_path(out) / "locks")  # released on the way out
@@ -305,6 +313,7 @@ def test_failure_at_commit_keeps_everything_resumable(slide, tmp_path, monkeypat
 
 
 def test_a_second_run_on_the_same_output_refuses(slide, tmp_path, capsys):
+    """A plain second run (or --overwrite) must not start the run again under the first."""
     out = tmp_path / "o.zarr"
     command = [*CLI, "run", str(slide["tif"]), "-o", str(out), *slide["args"]]
     first = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
@@ -312,13 +321,30 @@ def test_a_second_run_on_the_same_output_refuses(slide, tmp_path, capsys):
         while done_count(out) < 2:
             assert first.poll() is None, first.stderr.read()
             time.sleep(0.01)
-        code = main(["run", str(slide["tif"]), "-o", str(out), *slide["args"], "--resume"])
-        err = capsys.readouterr().err
-        assert code == 2 and "another tilerseg run is writing" in err
-        assert f"pid {first.pid}" in err and os.uname().nodename in err
+        for extra in ([], ["--overwrite"]):
+            code = main(["run", str(slide["tif"]), "-o", str(out), *slide["args"], *extra])
+            err = capsys.readouterr().err
+            assert code == 2 and "another tilerseg run is writing" in err, (extra, err)
+            assert f"pid {first.pid}" in err and os.uname().nodename in err
     finally:
         assert first.wait(timeout=300) == 0
     assert_same_arrays(out, slide["reference"])
+
+
+def test_two_resumed_runs_share_the_tasks_and_commit_once(slide, tmp_path):
+    """Two --resume processes at once on one output: they claim tasks, no task is computed
+    by both, the output is committed once and equals one run."""
+    out = tmp_path / "o.zarr"
+    command = [*CLI, "run", str(slide["tif"]), "-o", str(out), *slide["args"], "--resume"]
+    runs = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for run in runs:
+        assert run.wait(timeout=300) == 0, run.stderr.read()
+    assert_same_arrays(out, slide["reference"])
+    attrs = zarr.open_group(out, mode="r").attrs["tilerseg"]
+    workers = attrs["profile"]["workers"]
+    assert {w["worker"] for w in workers} <= {f"{os.uname().nodename}:{r.pid}" for r in runs}
+    assert sum(w["tasks"] for w in workers) == attrs["manifest"]["tasks"]["count"], workers
+    assert attrs["committed_by"] in {f"{os.uname().nodename}:{r.pid}" for r in runs}
 
 
 def test_stale_locks_are_detected(tmp_path):
@@ -343,14 +369,48 @@ def test_status_and_finalize_through_the_cli(slide, tmp_path, capsys, monkeypatc
     assert main(["status", str(out)]) == 2
     assert "no output" in capsys.readouterr().err
     args = [a for a in slide["args"] if a != "-q"]
-    assert main(["run", str(slide["tif"]), "-o", str(out), *args, "--shard", "0/2"]) == 0
-    printed = capsys.readouterr().out
-    assert "shard 0/2" in printed and "24 of 48 tasks" in printed
-    assert main(["status", str(out)]) == 0
-    text = capsys.readouterr().out
-    assert "unfinished: 24 of 48 tasks done (50%)" in text and "shard       0/2" in text
-    assert main(["finalize", str(out)]) == 2
-    assert "24 of 48 tasks are not done" in capsys.readouterr().err
+    import tilerseg.engine.tasks as tasks
+
+    real = tasks.RunContext.write
+    monkeypatch.setattr(tasks.RunContext, "write", lambda self, tile, probs: (
+        _ for _ in ()).throw(KeyboardInterrupt) if tile.index == (8, 0) else real(self, tile, probs))
+    assert main(["run", str(slide["tif"]), "-o", str(out), *args, "--shard", "0/2"]) == 130
+    capsys.readouterr()
+    monkeypatch.setattr(tasks.RunContext, "write", real)
+    work = WorkDir.open(work_path(out))
+    done, missing = len(work.done()), work.missing()
+    assert 0 < done < 48 and 24 in missing  # task 24 holds tile (8, 0)
+    # a claim left by a process that is gone, and one held by a live process
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for task, pid in ((missing[0], gone.pid), (missing[-1], alive.pid)):
+            (work.claims_dir / str(task)).write_text(json.dumps({
+                "kind": "claim", "host": os.uname().nodename, "pid": pid, "ticks": None,
+                "since": "then", "token": "t", "info": {"shard": "9/9"}}))
+        assert main(["status", str(out)]) == 0
+        text = capsys.readouterr().out
+        assert f"unfinished: {done} of 48 tasks done" in text, text
+        assert f"missing     tasks {missing[0]}-" in text or \
+            f"missing     tasks {missing[0]}," in text, text
+        assert f"claimed     task {missing[0]} by claim (shard 9/9)" in text and "stale" in \
+            text.split(f"claimed     task {missing[0]}")[1].splitlines()[0]
+        live_line = text.split(f"claimed     task {missing[-1]}")[1].splitlines()[0]
+        assert f"pid {alive.pid}" in live_line and "stale" not in live_line, text
+        assert f"running     claim (shard 9/9) on host {os.uname().nodename}, pid {alive.pid}" \
+            in text
+        assert "worked      shard 0/2" in text  # the interrupted shard's record
+        state = json.loads(main(["status", str(out), "--json"]) == 0 and
+                           capsys.readouterr().out)
+        assert state["missing"][0][0] == missing[0] and state["done"] == done
+        assert main(["finalize", str(out)]) == 2
+        assert "still being computed" in capsys.readouterr().err
+    finally:
+        alive.kill()
+        alive.wait()
+    assert main(["finalize", str(out)]) == 2  # its holder is gone now: tasks are missing
+    assert f"{48 - done} of 48 tasks are not done" in capsys.readouterr().err
     assert main(["run", str(slide["tif"]), "-o", str(out), *args, "--shard", "1/2"]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     assert main(["status", str(out), "--json"]) == 0

@@ -104,16 +104,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_options(args: argparse.Namespace, cluster: Any = None) -> Any:
-    """The RunOptions of ``tilerseg run`` / ``batch`` flags (on a cluster, ``--threads``
-    defaults to the cores of a worker: see ``threads_per_worker``)."""
+def _run_options(args: argparse.Namespace) -> Any:
+    """The RunOptions of ``tilerseg run`` / ``batch`` flags."""
     from .engine.options import run_options
 
-    threads = args.threads
-    if threads is None and cluster is not None:
-        from .engine.executors.cluster import threads_per_worker
-
-        threads = threads_per_worker(cluster)
     normalize: Any = "auto"
     if args.window is not None:
         from .normalize import parse_window
@@ -129,7 +123,7 @@ def _run_options(args: argparse.Namespace, cluster: Any = None) -> Any:
         background_value=args.background_value, pyramid=not args.no_pyramid,
         instances=args.instances, split_radius=args.split_radius,
         split_context=args.split_context, object_table=args.object_table,
-        workers=args.workers, threads=threads)
+        workers=args.workers, threads=args.threads)
 
 
 def _cluster(args: argparse.Namespace) -> Any:
@@ -137,8 +131,9 @@ def _cluster(args: argparse.Namespace) -> Any:
     from .engine.executors.cluster import JobSpec, parse_cluster
 
     job = JobSpec(jobs=args.jobs, cores=args.cores, memory=args.memory, walltime=args.walltime,
-                  gpus=args.gpus_per_job, queue=args.queue, account=args.account)
-    spec = parse_cluster(args.cluster, args.scheduler, job)
+                  gpus=args.gpus_per_job, queue=args.queue, account=args.account,
+                  replacements=args.max_replacements)
+    spec = parse_cluster(args.cluster, args.scheduler, job, worker_timeout=args.worker_timeout)
     if spec is not None and args.shard is not None:
         raise InvalidArgumentError("give --shard or a cluster (--cluster/--scheduler), not both")
     if args.job_script and (spec is None or spec.kind in ("local", "scheduler")):
@@ -148,14 +143,16 @@ def _cluster(args: argparse.Namespace) -> Any:
 
 @contextlib.contextmanager
 def _executor(spec: Any) -> Iterator[Any]:
-    """A Dask client on the asked-for cluster, or None for this process's threads."""
+    """An executor on the asked-for cluster, or None for this process's threads."""
     if spec is None:
         yield None
         return
     from .engine.executors.cluster import connect
+    from .engine.executors.dask import DaskExecutor
 
     with connect(spec) as client:
-        yield client
+        yield DaskExecutor(client, worker_timeout=spec.worker_timeout,
+                           replacements=spec.job.replacements)
 
 
 def _finished(path: Path) -> dict | None:
@@ -190,7 +187,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         print(job_script(spec))
         return 0
-    options = _run_options(args, spec)
+    options = _run_options(args)
     from .io.remote import check_remote_run, is_url, output_location
 
     out = output_location(args.output_path or default_output_path(args.image))
@@ -232,12 +229,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"{path} is already complete")
         return 0
     if after is None or after.get("committed_by") != f"{socket.gethostname()}:{os.getpid()}":
-        state = status(path)  # a shard: the others still work, or another one committed
+        state = status(path)  # another process commits (or committed) the run
         if not args.quiet:
-            print(f"shard {_shard_name(args.shard)}: done in {seconds:.1f} s; {state['done']} of "
-                  f"{state['tasks']} tasks of {path} are done"
-                  + (" (committed by another shard)" if state["complete"] else
-                     " (the shard that finishes the last commits it; 'tilerseg finalize' "
+            who = f"shard {_shard_name(args.shard)}" if args.shard else str(path)
+            print(f"{who}: done in {seconds:.1f} s; {state['done']} of {state['tasks']} tasks "
+                  f"of {path} are done"
+                  + (" (committed by another process)" if state["complete"] else
+                     " (the last process working on it commits it; 'tilerseg finalize' "
                      "does it by hand)"))
         return 0
     if not args.quiet:
@@ -265,7 +263,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
         print(job_script(spec))
         return 0
-    options = _run_options(args, spec)
+    options = _run_options(args)
     model = model_from_spec(args.model, halo=args.halo)
     bar = ProgressBar(sys.stderr, sys.stderr.isatty() and not args.quiet, unit="images")
     start = time.perf_counter()
@@ -337,12 +335,26 @@ def _status_report(state: dict) -> str:
         f"{', background skipped' if o['skip_background'] else ''}",
         f"created     {m['created']} by tilerseg {m['tilerseg']}",
     ]
+    if not state["complete"]:
+        missing = state.get("missing", [])
+        if missing:
+            shown = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in missing[:12])
+            more = f" (and {len(missing) - 12} more ranges)" if len(missing) > 12 else ""
+            lines.append(f"missing     tasks {shown}{more}")
+        for claim in state.get("claims", []):
+            age = f"heartbeat {claim['heartbeat_s']:.0f} s ago"
+            lines.append(f"claimed     task {claim['task']} by {claim['holder']}; {age}"
+                         + (" (stale: another process will take it over)"
+                            if claim["stale"] else ""))
     for holder in state.get("running", []):
         lines.append(f"running     {holder}")
-    for shard in state.get("shards", []):
-        lines.append(f"shard       {shard['shard']} on {shard['host']}: {shard.get('tasks', 0)} "
-                     f"tasks, {shard.get('tiles', 0)} tiles in {shard.get('seconds', 0)} s "
-                     f"({shard['time']})")
+    for worker in state.get("workers", []):
+        times = worker.get("times") or {}
+        what = f"shard {worker['shard']}" if worker.get("shard") else worker.get("worker")
+        lines.append(f"worked      {what} on {worker.get('host')}"
+                     + (f" (SLURM job {worker['job']})" if worker.get("job") else "")
+                     + f": {len(worker.get('tasks', []))} tasks, {worker.get('tiles', 0)} tiles"
+                     + (f" in {times['wall']:.1f} s" if "wall" in times else ""))
     return "\n".join(lines)
 
 
@@ -357,32 +369,27 @@ def _cmd_finalize(args: argparse.Namespace) -> int:
 
 
 def _shard_name(text: str | None) -> str:
-    """``"auto"`` as the I/N it stands for."""
+    """How a ``--shard`` value names the shard."""
     from .engine.executors.shard import parse_shard
 
     shard = parse_shard(text)
-    return f"{shard[0]}/{shard[1]}" if shard else "-"
+    return shard.label if shard else "-"
 
 
 def _profile_report(path: Path, seconds: float) -> str:
-    """Where the time of a finished run went, from its metadata."""
+    """Where the time of a finished run went, from its metadata (the stages summed over
+    every process that computed tiles: this one, shards, a cluster's workers)."""
     import zarr
 
     attrs = zarr.open_group(os.fspath(path), mode="r").attrs["tilerseg"]
     t = attrs["profile"]
     tail = seconds - t["setup"] - t["wall"]
-    if attrs.get("executor", "").startswith("dask"):  # the stages ran in the workers
-        return "\n".join([
-            f"profile ({t['tiles']} tiles computed, {attrs['executor']} executor; per-stage "
-            "times are not collected from the workers):",
-            f"  set-up (open, geometry, runtime)  {t['setup']:8.2f} s",
-            f"  tiles (all tasks)                 {t['wall']:8.2f} s",
-            f"  pyramid levels and metadata       {tail:8.2f} s",
-            f"  total                             {seconds:8.2f} s"])
     used = attrs.get("runtime")
     runtime = f" ({used['engine']}, {used['precision']})" if used else ""
+    processes = t.get("processes", 1)
+    where = f" in {processes} processes" if processes > 1 else ""
     lines = [
-        f"profile ({t['tiles']} tiles, {t['compute_workers']} model worker(s), "
+        f"profile ({t['tiles']} tiles, {t['compute_workers']} model worker(s){where}, "
         f"{attrs.get('executor', 'pipeline')} executor):",
         f"  set-up (open, geometry, runtime)  {t['setup']:8.2f} s",
         f"  tiles (read -> model -> write)    {t['wall']:8.2f} s",
@@ -395,6 +402,13 @@ def _profile_report(path: Path, seconds: float) -> str:
         f"  pyramid levels and metadata       {tail:8.2f} s",
         f"  total                             {seconds:8.2f} s",
     ]
+    if processes > 1:
+        for w in t.get("workers", []):
+            engine = (w.get("runtime") or {}).get("engine", "?")
+            wall = f"{w['wall']:.2f} s" if w.get("wall") is not None else "?"
+            model = f", model {w['compute']:.2f} s busy" if w.get("compute") is not None else ""
+            lines.append(f"  {w.get('worker')}: {w['tasks']} tasks, {w['tiles']} tiles in "
+                         f"{wall}{model} ({engine})")
     background = attrs.get("background")
     if background:
         lines.append(f"  background: {background['skipped_chunks']} of {background['chunks']} "
@@ -637,9 +651,10 @@ def _add_scale_out(p: argparse.ArgumentParser, what: str) -> None:
                    "worker jobs (dask-jobqueue; its config file and the flags below)")
     g.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
                    help="use a running dask.distributed scheduler")
-    g.add_argument("--shard", default=None, metavar="I/N|auto",
-                   help="do only share I of N (0-based; auto: from SLURM_ARRAY_TASK_ID and "
-                   "SLURM_ARRAY_TASK_COUNT); shards share one output, the last one commits")
+    g.add_argument("--shard", default=None, metavar="auto|I/N",
+                   help="run as one job of a job array: join the output's run and claim its "
+                   "tasks with any number of other shards (auto: named after SLURM's array "
+                   "variables; I/N: named I/N); whoever records the last task commits")
     g.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="worker jobs to submit with --cluster slurm|pbs|lsf (default 1)")
     g.add_argument("--cores", type=int, default=None, metavar="N", help="cores per job")
@@ -648,6 +663,12 @@ def _add_scale_out(p: argparse.ArgumentParser, what: str) -> None:
     g.add_argument("--gpus-per-job", type=int, default=0, metavar="N", help="GPUs per job")
     g.add_argument("--queue", default=None, metavar="NAME", help="partition or queue")
     g.add_argument("--account", default=None, metavar="NAME", help="account or project")
+    g.add_argument("--max-replacements", type=int, default=None, metavar="N",
+                   help="worker jobs that end (walltime, node failure, scancel) are replaced "
+                   "by new ones, up to N in all (default twice --jobs)")
+    g.add_argument("--worker-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="stop a cluster run (exit status 1, the unfinished run kept) when no "
+                   "worker has been alive for this long (default 300)")
     g.add_argument("--job-script", action="store_true",
                    help="print the job script that would start each worker, and exit")
 
@@ -902,7 +923,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    previous = _on_sigterm(_terminate)
+    previous = _on_signals()
     try:
         _check_numbers(args)
         return args.func(args)
@@ -916,25 +937,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tilerseg: {_stopped(stop)}", file=sys.stderr)
         return _stop_status(stop)
     finally:
-        _on_sigterm(previous)
+        _restore_signals(previous)
 
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a batch system's walltime or preemption, ``kill``): stop like Ctrl-C."""
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated
+_STOPPING = [False]  # a first SIGTERM or SIGINT was raised: the run is stopping
 
 
-def _on_sigterm(handler: Any) -> Any:
-    """Install ``handler`` for SIGTERM (from the main thread only); the previous one."""
+def _stop_signal(signum: int, frame: Any) -> None:
+    """The first SIGTERM (or SIGINT) stops the run like Ctrl-C; a second one while it is
+    stopping (``scancel`` sends SIGTERM twice in quick succession) is ignored, so the
+    stopping run still finishes its clean-up (threads joined, claims and locks
+    released) and exits with the first signal's status."""
+    import signal
+
+    if _STOPPING[0]:
+        return
+    _STOPPING[0] = True
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+def _on_signals() -> dict[int, Any]:
+    """Install the stop handler for SIGTERM and SIGINT (from the main thread only); the
+    previous handlers."""
     import signal
     import threading
 
-    if handler is None or threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, handler)
+    _STOPPING[0] = False
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous[signum] = signal.signal(signum, _stop_signal)
+    return previous
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    import signal
+
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 def _stopped(stop: BaseException) -> str:

@@ -149,7 +149,10 @@ def segment_batch(
     executor : None, "pipeline", "dask", distributed.Client or Executor
         How the tasks run (see :func:`tilerseg.segment_to_zarr`).
     shard : "I/N", (I, N) or "auto", optional
-        Do only every ``N``-th image, starting with image ``I`` (in input order).
+        Do only every ``N``-th image, starting with image ``I`` (in input order; with
+        ``"auto"``, the place of this job in its SLURM job array; outside an array every
+        image). The tasks of each image are claimed, so shards that meet on one image
+        share it.
     progress : callable, optional
         ``progress(images_finished, images)``.
     model_source : str, optional
@@ -178,8 +181,8 @@ def segment_batch(
     outputs = _outputs(images, out_dir)
     shard_at = parse_shard(shard)
     results = [BatchResult(image, out) for image, out in zip(images, outputs)]
-    if shard_at is not None:
-        results = results[shard_at[0]::shard_at[1]]
+    if shard_at is not None and shard_at.count is not None:
+        results = results[shard_at.index::shard_at.count]
     runner = resolve_executor(executor)
     plan_device = runner.plan_device(options.device)
     lock = threading.Lock()
@@ -202,12 +205,10 @@ def segment_batch(
     def finish(work: Work) -> None:
         result = by_work[id(work)]
         assert result._started is not None
-        try:
-            commit(work.context.work, result.output, overwrite=overwrite,
-                   attributes={"executor": runner.name, "batch": True},
-                   writer=work.context.writer, mapper=runner.map)
-        finally:
-            result._started.release()
+        result._started.release()  # the last process to leave the run commits it
+        commit(work.context.work, result.output, overwrite=overwrite,
+               attributes={"executor": runner.name, "batch": True},
+               writer=work.context.writer, mapper=runner.map)
         result.status, result.tiles = "done", work.tiles
         result.seconds = round(time.perf_counter() - result._begin, 3)
         tell(result)

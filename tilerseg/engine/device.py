@@ -139,13 +139,14 @@ def default_workers(device: torch.device) -> int:
     return 2 if device.type != "cpu" else min(2, available_cores())
 
 
-def cpu_budget(workers: int | None = None, threads: int | None = None) -> tuple[int, int]:
+def cpu_budget(workers: int | None = None, threads: int | None = None,
+               cores: int | None = None) -> tuple[int, int]:
     """Split the cores between concurrent forward passes: ``(workers, torch threads each)``.
 
-    Defaults: :func:`default_workers` workers, ``cores // workers`` threads each, so
-    ``workers * threads <= cores`` (no oversubscription); the cores are those this process
-    may use (:func:`~tilerseg.engine.cores.available_cores`). Explicit values are kept; an
-    oversubscribed choice is logged.
+    Defaults: :func:`default_workers` workers (at most ``cores``), ``cores // workers``
+    threads each, so ``workers * threads <= cores`` (no oversubscription); ``cores`` are by
+    default those this process may use (:func:`~tilerseg.engine.cores.available_cores`).
+    Explicit values are kept; an oversubscribed choice is logged.
 
     Examples
     --------
@@ -153,8 +154,8 @@ def cpu_budget(workers: int | None = None, threads: int | None = None) -> tuple[
     >>> (w, t)
     (1, 3)
     """
-    cores = available_cores()
-    workers = workers or default_workers(torch.device("cpu"))
+    cores = cores or available_cores()
+    workers = workers or min(cores, default_workers(torch.device("cpu")))
     threads = threads or max(1, cores // workers)
     if workers * threads > cores:
         log.warning("%d workers x %d torch threads oversubscribe %d cores", workers, threads,

@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from ..io import remote
 from ..io.writers import OutputWriter, spec_from_dict
 from .instances import InstanceRun, Mapper, place_tables
 from .jobs import WorkDir, read_final_manifest, work_path
-from .locks import FileLock, LockedError, live_locks
+from .locks import FileLock, LockedError
 
 __all__ = ["commit", "status", "finalize", "leftover", "clear_leftover"]
 
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def commit(work: WorkDir, out: Path, *, overwrite: bool = False,
-           attributes: dict[str, Any] | None = None,
+           attributes: dict[str, Any] | Callable[[WorkDir], dict[str, Any]] | None = None,
            writer: OutputWriter | None = None, mapper: Mapper | None = None) -> bool:
     """Finish a run whose tasks are all recorded: instances, pyramid, metadata, move,
     object table, clean up.
@@ -34,8 +36,11 @@ def commit(work: WorkDir, out: Path, *, overwrite: bool = False,
     between leaves the table in the work directory, where :func:`clear_leftover` (run
     by ``--resume`` and ``finalize``) finds and places it.
 
-    Exactly once among processes finishing at the same time: under the commit lock,
-    and only if the output is still in the work directory.
+    Exactly once among processes finishing at the same time, by the last one to stop
+    working on the run: under the commit lock, only if the output is still in the work
+    directory, and only if no other live process still works on it (holds a lock or a
+    claim of the run); each process releases its own lock before it calls this, so the
+    last one to leave finds nobody and commits, with every process's record in place.
 
     Parameters
     ----------
@@ -45,8 +50,10 @@ def commit(work: WorkDir, out: Path, *, overwrite: bool = False,
         The final output path.
     overwrite : bool
         Replace an existing output at ``out``.
-    attributes : dict, optional
-        Added to the output's ``tilerseg`` attributes (profile, executor...).
+    attributes : dict or callable, optional
+        Added to the output's ``tilerseg`` attributes (executor...); a callable is given
+        the work directory once it is this call's to commit (so that a profile merged
+        from every process's record sees them all).
     writer : OutputWriter, optional
         The run's writer, already open on ``work.store`` (else one is opened).
     mapper : callable, optional
@@ -56,7 +63,8 @@ def commit(work: WorkDir, out: Path, *, overwrite: bool = False,
     Returns
     -------
     bool
-        True if this call committed, False if another process did (or does).
+        True if this call committed, False if another process did, does, or will (it
+        still works on the run).
 
     Raises
     ------
@@ -76,6 +84,11 @@ def commit(work: WorkDir, out: Path, *, overwrite: bool = False,
     try:
         if not remote.exists(work.store):
             return False
+        me = (socket.gethostname(), os.getpid())
+        others = [h for h in work.running() if (h.host, h.pid) != me]
+        if others:
+            log.info("%s: %s still works on it and commits it", out, others[0].describe())
+            return False
         missing = work.missing()
         if missing:
             raise OutputError(f"'{out}' cannot be finished: {len(missing)} of "
@@ -85,7 +98,7 @@ def commit(work: WorkDir, out: Path, *, overwrite: bool = False,
                                   existing=True)
         writer.overwrite = overwrite
         instances = InstanceRun.of(work.path, work.manifest)
-        extra = dict(attributes or {})
+        extra = dict((attributes(work) if callable(attributes) else attributes) or {})
         if instances is not None:
             extra["instances"] = instances.run(mapper)
         # a remote output's staging store is gone once committed: not recorded
@@ -111,7 +124,7 @@ def leftover(out: Path, final: dict[str, Any] | None) -> WorkDir | None:
         work = WorkDir.open(wp)
     except OutputError:
         return None
-    if work.manifest.get("run_id") != final.get("run_id") or live_locks(work.locks):
+    if work.manifest.get("run_id") != final.get("run_id") or work.running():
         return None
     return work
 
@@ -127,7 +140,7 @@ def clear_leftover(work: WorkDir, out: Path) -> None:
 
 
 def status(out: str | os.PathLike) -> dict[str, Any]:
-    """Where a run stands: complete or not, tasks done, parameters, shards, locks.
+    """Where a run stands: complete or not, which tasks are missing, who works on it.
 
     Parameters
     ----------
@@ -138,9 +151,12 @@ def status(out: str | os.PathLike) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``output``, ``complete`` (bool), ``tasks`` and ``done`` (counts), ``manifest``,
-        ``shards`` (records), ``running`` (live lock holders, described) and
-        ``work`` (the work directory or None).
+        ``output``, ``complete`` (bool), ``tasks`` and ``done`` (counts), ``missing``
+        (the task numbers without a record, as ``[first, last]`` ranges), ``claims`` (per
+        claimed task: its holder, whether the holder is stale, seconds since its last
+        heartbeat), ``workers`` (what each process that computed tasks recorded),
+        ``running`` (live processes, described), ``manifest`` and ``work`` (the work
+        directory or None).
 
     Raises
     ------
@@ -152,18 +168,44 @@ def status(out: str | os.PathLike) -> dict[str, Any]:
     final = read_final_manifest(out) if remote.exists(out) else None
     if wp is not None and wp.is_dir() and leftover(out, final) is None:
         work = WorkDir.open(wp)
+        done = work.done()
+        now = time.time()
+        claims = [{"task": task, "holder": h.describe(), "host": h.host, "pid": h.pid,
+                   "job": h.job, "stale": h.stale, "heartbeat_s": round(now - h.touched, 1),
+                   **h.info} for task, h in sorted(work.claims().items()) if task not in done]
         return {"output": str(out), "complete": False, "tasks": len(work.grid),
-                "done": len(work.done()), "manifest": work.manifest, "shards": work.shards(),
-                "work": str(wp), "running": [h.describe() for h in live_locks(work.locks)],
+                "done": len(done), "missing": _ranges(k for k in range(len(work.grid))
+                                                      if k not in done),
+                "claims": claims, "workers": work.worker_records(),
+                "manifest": work.manifest, "work": str(wp),
+                "running": [h.describe() for h in work.running()],
                 "finished_output_exists": final is not None}
     if final is not None:
         count = int(final["tasks"]["count"])
         return {"output": str(out), "complete": True, "tasks": count, "done": count,
-                "manifest": final, "shards": [], "work": None, "running": []}
+                "missing": [], "claims": [], "workers": [], "manifest": final, "work": None,
+                "running": []}
     if remote.exists(out):
         raise OutputError(f"'{out}' is not a finished tilerseg output and has no unfinished run")
     raise OutputError(f"there is no output '{out}'" + (f" and no unfinished run '{wp}'" if wp
                                                        else ""))
+
+
+def _ranges(numbers: Iterable[int]) -> list[list[int]]:
+    """Consecutive numbers as ``[first, last]`` ranges.
+
+    Examples
+    --------
+    >>> _ranges([0, 1, 2, 5, 7, 8])
+    [[0, 2], [5, 5], [7, 8]]
+    """
+    out: list[list[int]] = []
+    for n in numbers:
+        if out and out[-1][1] == n - 1:
+            out[-1][1] = n
+        else:
+            out.append([n, n])
+    return out
 
 
 def finalize(out: str | os.PathLike, *, overwrite: bool = False) -> bool:
@@ -202,7 +244,7 @@ def finalize(out: str | os.PathLike, *, overwrite: bool = False) -> bool:
             return False
         raise OutputError(f"there is no unfinished run '{wp}' to finish")
     work = WorkDir.open(wp)
-    running = live_locks(work.locks)
+    running = work.running()
     if running:
         raise OutputError(f"'{out}' is still being computed or committed: "
                           f"{running[0].describe()}")

@@ -41,6 +41,7 @@ from ..instances import (IdMap, ObjectStats, elevation, face_pairs, id_dtype, la
 from ..io import remote
 from ..io.writers import INSTANCE_NAME, OutputSpec, decode_probabilities, encode_probabilities
 from ..labels import LabelPolicy
+from .cores import available_cores
 from .jobs import store_of
 from .options import INSTANCE_MODES, TABLE_FORMATS
 
@@ -59,8 +60,7 @@ Mapper = Callable[[Callable[..., Any], list], list]
 
 def local_mapper(fn: Callable[..., Any], items: list) -> list:
     """Run ``fn(*item)`` for each item on this process's threads (one per core it may use)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    with ThreadPoolExecutor(max_workers=max(1, min(len(items), cores or 1)),
+    with ThreadPoolExecutor(max_workers=max(1, min(len(items), available_cores())),
                             thread_name_prefix="tilerseg-instances") as pool:
         return list(pool.map(lambda item: fn(*item), items))
 

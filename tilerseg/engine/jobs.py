@@ -4,9 +4,10 @@ Tasks
 -----
 The output's tile grid (one tile = one Zarr chunk of level 0, and one chunk of each
 eager pyramid level) is cut into rectangular blocks of up to :data:`TILES_PER_TASK`
-tiles along the last axis: a task. Tasks are numbered row-major. A :class:`Task` is plain
-data (input path, level, channels, region of tiles, the run's config hash, where the
-output is), so it crosses process and machine boundaries as a few hundred bytes.
+tiles along the last axis: a task. Tasks are numbered row-major. A run crosses process and
+machine boundaries as a :class:`RunRef`, plain data (input path, level, channels, the
+run's config hash, where the output is) of a few hundred bytes; the processes that
+compute it claim its tasks one at a time (see :mod:`tilerseg.engine.claims`).
 
 The work directory
 ------------------
@@ -16,8 +17,12 @@ An unfinished output ``OUT.zarr`` lives beside it in ``OUT.zarr.partial/``::
         manifest.json     what is being computed (see :func:`build_manifest`), with its hash
         output.zarr/      the output being written; moved to OUT.zarr by the commit
         done/             one completion record per finished task, e.g. done/17
-        locks/            run.lock, shard-I-of-N.lock, commit.lock (see tilerseg.engine.locks)
-        shards/           what each shard of a job array did, e.g. shards/2-of-3.json
+        claims/           one claim per task being computed, e.g. claims/18 (see
+                          tilerseg.engine.claims)
+        locks/            one lock per process running the run (run-*.lock, join-*.lock),
+                          commit.lock (see tilerseg.engine.locks)
+        workers/          what each process that computed tasks did: tasks, tiles, stage
+                          times, the runtime that ran the model
 
 A task's record is written only after all its chunks (eager pyramid levels included)
 are stored, so a crash between the two redoes the task; every chunk write is idempotent.
@@ -48,10 +53,11 @@ from ..io import remote
 from ..io.formats import SLICE_EXTENSIONS, is_zarr_dir, strip_image_suffix
 from ..io.dicom import dicom_files
 from ..normalize import Normalization, resolve_normalization
+from .locks import FileLock, LockedError, LockHolder, live_locks, read_lock
 from .options import PLAIN_OUTPUT_OPTIONS, RunOptions
 
 __all__ = [
-    "TILES_PER_TASK", "Task", "TaskGrid", "WorkDir", "default_output_path", "work_path",
+    "TILES_PER_TASK", "RunRef", "TaskGrid", "WorkDir", "default_output_path", "work_path",
     "build_manifest",
     "differences", "input_identity", "path_identity", "geometry_of", "read_final_manifest",
     "quick_complete", "remove_debris", "remove_tree", "store_of",
@@ -63,6 +69,7 @@ TILES_PER_TASK = 4
 """Tiles (output chunks) per task, along the last axis."""
 
 MANIFEST = "manifest.json"
+_FOLDERS = ("done", "claims", "locks", "workers")
 STORE = "output.zarr"
 FORMAT = "tilerseg-run"
 FORMAT_VERSION = 1
@@ -168,8 +175,8 @@ class TaskGrid:
 
 
 @dataclass(frozen=True)
-class Task:
-    """One task of a run, as plain data: what a worker needs to find and do it.
+class RunRef:
+    """One run as plain data: what another process needs to join it and claim its tasks.
 
     Attributes
     ----------
@@ -178,30 +185,25 @@ class Task:
     work : str
         The run's work directory (holds the manifest; see the module notes).
     config_hash : str
-        The manifest's hash: a worker refuses a task whose run it does not know.
-    task_id : int
-        The task's number.
+        The manifest's hash: a worker refuses a run it does not know.
     image : str or None
         The input's absolute path; None for an in-memory image (this process only).
     level : int
         The input pyramid level.
     channels : tuple of int
         The input channels fed to the model.
-    region : tuple of (int, int)
-        ``[lo, hi)`` indices of the output chunks (tiles) per axis.
 
     A worker checks ``image``, ``level`` and ``channels`` against the run's manifest, which
-    it reads once per process, with the rest of what the run needs.
+    it reads once per process, with the rest of what the run needs; which tasks it
+    computes it learns by claiming them (see :mod:`tilerseg.engine.claims`).
     """
 
     output: str
     work: str
     config_hash: str
-    task_id: int
     image: str | None
     level: int
     channels: tuple[int, ...]
-    region: tuple[tuple[int, int], ...]
 
 
 # -- what a run computes ----------------------------------------------------------------------
@@ -446,8 +448,12 @@ class WorkDir:
         return self.path / "locks"
 
     @property
-    def shards_dir(self) -> Path:
-        return self.path / "shards"
+    def claims_dir(self) -> Path:
+        return self.path / "claims"
+
+    @property
+    def workers_dir(self) -> Path:
+        return self.path / "workers"
 
     @classmethod
     def create(cls, path: Path, manifest: dict[str, Any],
@@ -465,7 +471,7 @@ class WorkDir:
         tmp = path.parent / f".{path.name}.new-{uuid.uuid4().hex}"
         try:
             tmp.mkdir()
-            for sub in ("done", "locks", "shards"):
+            for sub in _FOLDERS:
                 (tmp / sub).mkdir()
             _write_json(tmp / MANIFEST, manifest)
             make_store(tmp / STORE)
@@ -498,10 +504,7 @@ class WorkDir:
 
     def done(self) -> set[int]:
         """The tasks with a completion record."""
-        try:
-            return {int(n) for n in os.listdir(self.done_dir) if n.isdigit()}
-        except FileNotFoundError:
-            return set()
+        return {int(n) for n in _listdir(self.done_dir) if n.isdigit()}
 
     def missing(self) -> list[int]:
         """The tasks without a completion record, in order."""
@@ -514,31 +517,87 @@ class WorkDir:
         with open(self.done_dir / str(task_id), "w", encoding="utf-8") as f:
             json.dump(record, f)
 
-    def record_shard(self, shard: tuple[int, int], **info: Any) -> None:
-        """Write what a shard of a job array did (overwriting its previous record)."""
-        i, n = shard
-        record = {"shard": f"{i}/{n}", "host": socket.gethostname(), "pid": os.getpid(),
-                  "time": time.strftime("%Y-%m-%d %H:%M:%S"), **info}
-        _write_json(self.shards_dir / f"{i}-of-{n}.json", record)
+    def is_done(self, task_id: int) -> bool:
+        """Whether a task has a completion record."""
+        return os.path.exists(self.done_dir / str(int(task_id)))
 
-    def shards(self) -> list[dict[str, Any]]:
-        """The shard records, in shard order."""
-        out = []
-        for p in sorted(self.shards_dir.glob("*.json"),
-                        key=lambda p: [int(x) for x in p.stem.split("-of-")]):
-            try:
-                out.append(json.loads(p.read_text(encoding="utf-8")))
-            except (OSError, ValueError):
-                continue
+    def claim(self, task_id: int, info: dict[str, Any] | None = None) -> FileLock | None:
+        """Claim a task for this process (see :mod:`tilerseg.engine.claims`).
+
+        Returns
+        -------
+        FileLock or None
+            The claim, held (release it after the task's record is written); None when
+            the task is recorded, a live process holds it, or the run is over (its work
+            directory was committed and removed meanwhile).
+        """
+        if self.is_done(task_id):
+            return None
+        claim = FileLock(self.claims_dir / str(int(task_id)), "claim", info)
+        try:
+            claim.acquire()
+        except LockedError:
+            return None
+        except FileNotFoundError:
+            if not self.path.is_dir():
+                return None
+            self.claims_dir.mkdir(exist_ok=True)  # a run begun by an earlier tilerseg
+            return self.claim(task_id, info)
+        if self.is_done(task_id):  # finished by the previous holder meanwhile
+            claim.release()
+            return None
+        return claim
+
+    def claims(self) -> dict[int, LockHolder]:
+        """Who holds (or held) each claimed task's claim, stale or not."""
+        out = {}
+        for name in _listdir(self.claims_dir):
+            if name.isdigit():
+                holder = read_lock(self.claims_dir / name)
+                if holder is not None:
+                    out[int(name)] = holder
         return out
 
-    def tasks(self, ids: Sequence[int], image: str | None, level: int,
-              channels: Sequence[int]) -> Iterator[Task]:
-        """The :class:`Task` records of ``ids``."""
-        output = self.manifest["output"]
-        for k in ids:
-            yield Task(output, os.fspath(self.path), self.config_hash, int(k), image,
-                       int(level), tuple(int(c) for c in channels), self.grid.region(k))
+    def running(self) -> list[LockHolder]:
+        """The live processes working on this run: holders of its locks (runs, shards, a
+        commit) and of its claims, one entry per process."""
+        seen, out = set(), []
+        holders = live_locks(self.locks) + [h for _, h in sorted(self.claims().items())
+                                             if not h.stale]
+        for holder in holders:
+            if (holder.host, holder.pid) not in seen:
+                seen.add((holder.host, holder.pid))
+                out.append(holder)
+        return out
+
+    def record_worker(self, **info: Any) -> None:
+        """Write what one process did on this run (tasks, tiles, stage times...), once,
+        when it stops computing."""
+        name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
+        record = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "job": os.environ.get("SLURM_JOB_ID"), "time": time.time(), **info}
+        try:
+            _write_json(self.workers_dir / name, record)
+        except FileNotFoundError:  # committed and removed by another process meanwhile
+            if self.path.is_dir():
+                self.workers_dir.mkdir(exist_ok=True)
+                _write_json(self.workers_dir / name, record)
+
+    def worker_records(self) -> list[dict[str, Any]]:
+        """What each process that computed tasks of this run did, oldest first."""
+        out = []
+        for name in _listdir(self.workers_dir):
+            try:
+                with open(self.workers_dir / name, encoding="utf-8") as f:
+                    out.append(json.load(f))
+            except (OSError, ValueError):
+                continue
+        return sorted(out, key=lambda r: r.get("time", 0))
+
+    def ref(self, image: str | None, level: int, channels: Sequence[int]) -> RunRef:
+        """This run as plain data for other processes (:class:`RunRef`)."""
+        return RunRef(self.manifest["output"], os.fspath(self.path), self.config_hash, image,
+                      int(level), tuple(int(c) for c in channels))
 
     def remove(self) -> None:
         """Delete the work directory (after a commit, or to start again)."""
@@ -568,6 +627,14 @@ def remove_tree(path: Path) -> None:
     except FileNotFoundError:
         return
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def _listdir(folder: Path) -> list[str]:
+    """The names in a folder (none if it is not there), without hidden temporary files."""
+    try:
+        return [n for n in os.listdir(folder) if not n.startswith(".")]
+    except FileNotFoundError:
+        return []
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -29,6 +29,7 @@ Examples
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -69,6 +70,16 @@ def _start_ticks(pid: int) -> int | None:
         return int(stat.rsplit(")", 1)[1].split()[19])
     except (OSError, IndexError, ValueError):
         return None
+
+
+@functools.lru_cache(maxsize=None)
+def _ticks_of(pid: int) -> int | None:
+    return _start_ticks(pid)
+
+
+def _own_ticks() -> int | None:
+    """This process's start time (read once per process; a forked child reads its own)."""
+    return _ticks_of(os.getpid())
 
 
 def _alive(pid: int, ticks: int | None) -> bool:
@@ -172,8 +183,6 @@ class FileLock:
                  *, heartbeat: bool = True) -> None:
         self.path, self.kind, self.info = os.fspath(path), kind, dict(info or {})
         self.heartbeat = heartbeat
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.held = False
         self.token: str | None = None
 
@@ -182,7 +191,7 @@ class FileLock:
         self.token = uuid.uuid4().hex
         record = json.dumps({
             "kind": self.kind, "host": socket.gethostname(), "pid": os.getpid(),
-            "ticks": _start_ticks(os.getpid()), "token": self.token,
+            "ticks": _own_ticks(), "token": self.token,
             "job": os.environ.get("SLURM_JOB_ID"),
             "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "info": self.info,
         })
@@ -201,9 +210,7 @@ class FileLock:
                 f.write(record)
             self.held = True
             if self.heartbeat:
-                self._thread = threading.Thread(target=self._beat, daemon=True,
-                                                name="tilerseg-lock-heartbeat")
-                self._thread.start()
+                _HEARTBEAT.add(self)
             return self
         holder = read_lock(self.path)
         raise LockedError(holder or LockHolder(self.path, "unknown", "?", -1, None, "?", 0, {}))
@@ -227,26 +234,22 @@ class FileLock:
         holder = read_lock(self.path)
         return holder is not None and holder.token == self.token
 
-    def _beat(self) -> None:
-        warned = False
-        while not self._stop.wait(HEARTBEAT):
-            try:
-                if not self._mine():
-                    log.warning("lost the lock %s to another process", self.path)
-                    return
-                os.utime(self.path)
-            except OSError as err:  # e.g. a network filesystem hiccup: try again
-                if not warned:
-                    log.warning("cannot touch the lock %s (%s); retrying", self.path, err)
-                    warned = True
+    def touch(self) -> bool:
+        """Refresh the lock's modification time; False if it is no longer this process's."""
+        if not self.held:
+            return False
+        if not self._mine():
+            if self.held:  # not released meanwhile: taken over
+                log.warning("lost the lock %s to another process", self.path)
+            return False
+        os.utime(self.path)
+        return True
 
     def release(self) -> None:
         """Give the lock up (remove the file, if it is still this process's)."""
         if not self.held:
             return
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        _HEARTBEAT.discard(self)
         self.held = False
         with contextlib.suppress(FileNotFoundError):
             if self._mine():
@@ -258,3 +261,48 @@ class FileLock:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.release()
+
+
+class _Heartbeat:
+    """One daemon thread per process that touches every held lock every :data:`HEARTBEAT`
+    seconds (a process may hold many: its claims on tasks, its run lock...)."""
+
+    def __init__(self) -> None:
+        self._locks: set[FileLock] = set()
+        self._guard = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def add(self, lock: FileLock) -> None:
+        with self._guard:
+            if self._pid != os.getpid():  # a forked child: the parent's thread is not here
+                self._locks, self._thread, self._pid = set(), None, os.getpid()
+            self._locks.add(lock)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="tilerseg-lock-heartbeat")
+                self._thread.start()
+
+    def discard(self, lock: FileLock) -> None:
+        with self._guard:
+            self._locks.discard(lock)
+
+    def _run(self) -> None:
+        warned: set[str] = set()
+        while True:
+            time.sleep(HEARTBEAT)
+            with self._guard:
+                locks = list(self._locks)
+            for lock in locks:
+                try:
+                    if not lock.touch():
+                        self.discard(lock)
+                except FileNotFoundError:  # released (or its run removed) meanwhile
+                    self.discard(lock)
+                except OSError as err:  # e.g. a network filesystem hiccup: try again
+                    if lock.path not in warned:
+                        log.warning("cannot touch the lock %s (%s); retrying", lock.path, err)
+                        warned.add(lock.path)
+
+
+_HEARTBEAT = _Heartbeat()

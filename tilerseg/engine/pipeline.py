@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Direct", "StageTimes", "run_pipeline"]
+__all__ = ["Direct", "StageTimes", "merge_profile", "run_pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +71,65 @@ class StageTimes:
                 f"waited {self.starved:.1f} s for input, {self.blocked:.1f} s for the writers")
 
 
+_BUSY = ("read", "compute", "write", "starved", "blocked")
+
+
+def merge_profile(records: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+    """One run's profile from what each process that computed its tasks recorded.
+
+    Parameters
+    ----------
+    records : list of dict
+        :meth:`~tilerseg.engine.jobs.WorkDir.worker_records`: each with ``tasks``,
+        ``tiles`` and, when the process computed this run alone, ``times``
+        (:meth:`StageTimes.as_dict`) and ``runtime``.
+    wall : float
+        The seconds the committing process spent on the tiles (its own pipeline, or
+        waiting for a cluster's workers).
+
+    Returns
+    -------
+    dict
+        ``wall``; the busy seconds of each stage, ``batches``, ``tiles`` (that ran the
+        model) and ``compute_workers`` summed over the processes; ``model_share``, the
+        model's busy time over the processes' pipeline time times their compute workers;
+        ``processes``, and ``workers``: one entry per process (its name, host, SLURM job,
+        shard, tasks, tiles written, pipeline wall and model time, runtime).
+
+    Examples
+    --------
+    >>> r = {"worker": "a:1", "tasks": [0, 1], "tiles": 8, "times": {"wall": 2.0,
+    ...      "read": 0.5, "compute": 3.0, "write": 1.0, "starved": 0.1, "blocked": 0.0,
+    ...      "batches": 8, "tiles": 8, "compute_workers": 2}}
+    >>> p = merge_profile([r], 2.5)
+    >>> p["compute"], p["model_share"], p["processes"]
+    (3.0, 0.75, 1)
+    """
+    out: dict[str, Any] = {"wall": round(wall, 3)}
+    timed = [r["times"] for r in records if r.get("times")]
+    for key in _BUSY:
+        out[key] = round(sum(t.get(key, 0.0) for t in timed), 3)
+    for key in ("batches", "tiles", "compute_workers"):
+        out[key] = int(sum(t.get(key, 0) for t in timed))
+    capacity = sum(t.get("wall", 0.0) * t.get("compute_workers", 1) for t in timed)
+    out["model_share"] = round(out["compute"] / capacity, 3) if capacity > 0 else 0.0
+    out["processes"] = len(records)
+    out["workers"] = [
+        {"worker": r.get("worker"), "host": r.get("host"), "job": r.get("job"),
+         "shard": r.get("shard"), "tasks": len(r.get("tasks", [])), "tiles": r.get("tiles", 0),
+         "wall": (r.get("times") or {}).get("wall"),
+         "compute": (r.get("times") or {}).get("compute"), "runtime": r.get("runtime")}
+        for r in records]
+    return out
+
+
 class _Stop(Exception):
     """Raised inside a stage when another stage failed."""
 
 
 class _Pipeline:
-    def __init__(self) -> None:
-        self.stop = threading.Event()
+    def __init__(self, stop: threading.Event | None = None) -> None:
+        self.stop = stop if stop is not None else threading.Event()
         self.error: BaseException | None = None
         self.lock = threading.Lock()
         self.times = StageTimes()
@@ -126,6 +178,7 @@ def run_pipeline(
     writers: int = 1,
     depth: int = 2,
     progress: Callable[[int], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> StageTimes:
     """Run ``write(item, result)`` for every item of every batch, stages overlapped.
 
@@ -151,6 +204,9 @@ def run_pipeline(
         worth of results (output side).
     progress : callable, optional
         ``progress(items_written)`` after every write, from a writer thread.
+    stop : threading.Event, optional
+        Set by the pipeline when a stage fails (or the caller is interrupted), so that
+        ``batches`` can stop waiting; a fresh one by default.
 
     Returns
     -------
@@ -164,7 +220,7 @@ def run_pipeline(
     n = len(workers)
     if n < 1 or readers < 1 or writers < 1 or depth < 1:
         raise ValueError("run_pipeline needs at least one thread per stage and depth >= 1")
-    p = _Pipeline()
+    p = _Pipeline(stop)
     p.times.compute_workers = n
     inbox: queue.Queue = queue.Queue(maxsize=depth * n)
     outbox: queue.Queue = queue.Queue(maxsize=depth * n)

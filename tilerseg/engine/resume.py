@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import socket
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -54,7 +56,8 @@ from .jobs import (
 )
 from .finish import clear_leftover, leftover
 from .instances import check_table_format, create_provisional
-from .locks import FileLock, LockedError, live_locks
+from .executors.shard import Shard
+from .locks import FileLock
 from .options import RunOptions
 from .prepare import Prepared, check_model, is_lazy_input, model_normalize, prepare
 from .tasks import RunContext, open_context
@@ -122,29 +125,28 @@ class Started:
         self.release()
 
 
-def _lock(work: WorkDir, out: Path, shard: tuple[int, int] | None) -> list[FileLock]:
-    """Take this run's lock on ``work``; refuse if another run (not a sibling shard) holds one."""
-    def refuse(holder: Any) -> OutputError:
-        return OutputError(f"another tilerseg run is writing '{out}': {holder.describe()}")
-
-    if shard is None:
-        lock = FileLock(work.locks / "run.lock", "run")
-        others = "shard-*.lock"
-    else:
-        i, n = shard
-        lock = FileLock(work.locks / f"shard-{i}-of-{n}.lock", "shard", {"shard": f"{i}/{n}"})
-        others = "run.lock"
+def _lock(work: WorkDir, shard: Shard | None) -> list[FileLock]:
+    """Take this process's own lock on the run (``locks/run-*.lock``, a shard's
+    ``locks/shard-*.lock``): it says the run is being worked on, so that nobody starts it
+    again or removes it meanwhile. Processes that join the run hold one each."""
+    kind = "run" if shard is None else "shard"
+    info = {} if shard is None else {"shard": shard.label}
+    name = f"{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.lock"
+    lock = FileLock(work.locks / name, kind, info)
     try:
         lock.acquire()
-    except LockedError as err:
-        raise refuse(err.holder) from None
     except FileNotFoundError:
         raise OutputError(f"the unfinished run in '{work.path}' was removed meanwhile") from None
-    live = live_locks(work.locks, others)
-    if live:
-        lock.release()
-        raise refuse(live[0])
     return [lock]
+
+
+def _busy(work: WorkDir, out: Path | str) -> OutputError | None:
+    """The refusal to start ``work`` again (or to start another run on ``out``) while a
+    live process works on it, naming that process; None when nobody does."""
+    running = work.running()
+    if not running:
+        return None
+    return OutputError(f"another tilerseg run is writing '{out}': {running[0].describe()}")
 
 
 def _source(image: Any, options: RunOptions) -> ImageSource | None:
@@ -209,7 +211,7 @@ def _attributes(p: Prepared, model_source: str | None) -> dict[str, Any]:
 
 
 def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
-          resume: bool = False, overwrite: bool = False, shard: tuple[int, int] | None = None,
+          resume: bool = False, overwrite: bool = False, shard: Shard | None = None,
           model_source: str | None = None, plan_device: str | None = None) -> Started:
     """Decide what a run does with what it finds (see the module notes) and get it ready.
 
@@ -226,12 +228,13 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
     options : RunOptions
         The run's options.
     resume : bool
-        Continue an unfinished run (or find the output complete).
+        Continue an unfinished run, also while other processes work on it (its tasks are
+        claimed, see :mod:`tilerseg.engine.claims`), or find the output complete.
     overwrite : bool
         Replace a finished output of another run; start an unfinished run again (never
-        for a shard: shards share their run).
-    shard : (int, int), optional
-        This process is shard ``I`` of ``N``: it joins the run as ``resume`` does.
+        for a shard, and never while a live process works on it).
+    shard : Shard, optional
+        This process is a shard of a job array: it joins the run as ``resume`` does.
     model_source : str, optional
         Recorded in the metadata.
     plan_device : str, optional
@@ -336,7 +339,7 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
         work, created = WorkDir.create(wp, manifest, make_store)
         if not created:
             continue  # join (or refuse) the run another process created, as recorded
-        locks = _lock(work, out, shard)
+        locks = _lock(work, shard)
         try:
             writer = OutputWriter(out, spec, staging=work.store, existing=True)
         except BaseException:
@@ -355,10 +358,10 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
                       "starting and removing it?")
 
 
-def _join(wp: Path, out: Path, shard: tuple[int, int] | None, joining: bool, overwrite: bool,
+def _join(wp: Path, out: Path, shard: Shard | None, joining: bool, overwrite: bool,
           diffs: Any) -> tuple[WorkDir, list[FileLock]] | None:
-    """Lock the unfinished run in ``wp`` to continue it, or clear it for a fresh start
-    (None), or refuse; see the table in the module notes."""
+    """Lock the unfinished run in ``wp`` to continue it (with whoever else works on it), or
+    clear it for a fresh start (None), or refuse; see the table in the module notes."""
     try:
         work = WorkDir.open(wp)
     except OutputError:
@@ -366,29 +369,24 @@ def _join(wp: Path, out: Path, shard: tuple[int, int] | None, joining: bool, ove
             raise
         remove_tree(wp)
         return None
-    locks = _lock(work, out, shard)
-    keep = False
-    try:
-        changed = diffs(work.manifest)
-        if joining and not changed:
-            keep = True  # the caller holds the locks from here
-            return work, locks
-        if shard is not None:
+    changed = diffs(work.manifest)
+    if joining and not changed:
+        return work, _lock(work, shard)
+    if shard is not None:
+        raise InvalidArgumentError(
+            f"the unfinished run in '{wp}' was made with other parameters: {changed[0]}; "
+            "every shard of a run must be given the same options")
+    busy = _busy(work, out)
+    if busy is not None:
+        raise busy
+    if not overwrite:
+        if joining:
             raise InvalidArgumentError(
-                f"the unfinished run in '{wp}' was made with other parameters: {changed[0]}; "
-                "every shard of a run must be given the same options")
-        if not overwrite:
-            if joining:
-                raise InvalidArgumentError(
-                    f"the unfinished run in '{wp}' was made with other parameters: "
-                    f"{changed[0]}; pass --overwrite to start again")
-            raise OutputError(
-                f"an unfinished run of '{out}' is in '{wp}' ({len(work.done())} of "
-                f"{len(work.grid)} tasks done); pass --resume to continue it or --overwrite "
-                "to start again")
-        work.remove()  # --overwrite: start again
-    finally:
-        if not keep:
-            for lock in locks:
-                lock.release()
+                f"the unfinished run in '{wp}' was made with other parameters: "
+                f"{changed[0]}; pass --overwrite to start again")
+        raise OutputError(
+            f"an unfinished run of '{out}' is in '{wp}' ({len(work.done())} of "
+            f"{len(work.grid)} tasks done); pass --resume to continue it or --overwrite "
+            "to start again")
+    work.remove()  # --overwrite: start again
     return None

@@ -26,8 +26,9 @@ from ..io.writers import OutputWriter, spec_from_dict
 from ..labels import LabelPolicy
 from ..normalize import Normalization
 from .background import decode_skipped
+from .claims import TaskClaims
 from .instances import InstanceRun
-from .jobs import Task, WorkDir, geometry_of
+from .jobs import RunRef, WorkDir, geometry_of
 from .options import PLAIN_OUTPUT_OPTIONS, RunOptions, run_options
 from .pipeline import Direct, StageTimes, run_pipeline
 from .prepare import Prepared, prepare
@@ -73,9 +74,9 @@ class RunContext:
         """The tiles of a task."""
         return [self.p.plan[index] for index in self.work.grid.tiles(task_id)]
 
-    def tasks(self, ids: Sequence[int]) -> list[Task]:
-        """Plain-data :class:`~tilerseg.engine.jobs.Task` records for other processes."""
-        return list(self.work.tasks(ids, self.image, self.p.source.level, self.p.view.channels))
+    def ref(self) -> RunRef:
+        """This run as plain data for other processes (:class:`~tilerseg.engine.jobs.RunRef`)."""
+        return self.work.ref(self.image, self.p.source.level, self.p.view.channels)
 
     def fill(self, tile: Tile) -> np.ndarray:
         """The model's probabilities of ``tile`` on a constant window of the background.
@@ -180,13 +181,18 @@ class Work:
     context : RunContext
         The output.
     task_ids : list of int
-        The tasks to run (those without a completion record, or a shard's share).
+        The tasks to try, in order (those without a completion record when the run was
+        joined); each is claimed before it is computed (see :mod:`tilerseg.engine.claims`),
+        so other processes may do some of them.
     on_complete : callable, optional
-        ``on_complete(work)`` once every task of ``task_ids`` is recorded (e.g. commit).
+        ``on_complete(work)`` once every task of the run is recorded (e.g. commit), called
+        by the process that sees it first.
     error : BaseException or None
         Set when the work failed (with ``isolate``, the others go on).
     tiles : int
-        Tiles written so far.
+        Tiles written by this process so far.
+    computed : list of int
+        The tasks this process computed and recorded.
     """
 
     context: RunContext
@@ -194,8 +200,18 @@ class Work:
     on_complete: Callable[[Work], None] | None = None
     error: BaseException | None = None
     tiles: int = 0
+    computed: list[int] = field(default_factory=list)
+    _claims: TaskClaims | None = field(default=None, repr=False)
     _left: dict[int, int] = field(default_factory=dict, repr=False)
-    _tasks_left: int = field(default=0, repr=False)
+    _in_flight: int = field(default=0, repr=False)
+    _claiming: bool = field(default=True, repr=False)
+    _completed: bool = field(default=False, repr=False)
+
+    @property
+    def complete(self) -> bool:
+        """Whether :attr:`on_complete` ran (or had nothing to run) after every task of the
+        run was recorded."""
+        return self._completed
 
 
 @dataclass(frozen=True)
@@ -249,8 +265,14 @@ def run_tasks(
     progress: Callable[[int], None] | None = None,
     isolate: bool = False,
     record: dict[str, Any] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> StageTimes:
-    """Compute, store and record the tasks of ``works`` through one pipeline.
+    """Claim, compute, store and record the tasks of ``works`` through one pipeline.
+
+    Each work's tasks are claimed one at a time as the readers need them (see
+    :mod:`tilerseg.engine.claims`); once nothing more can be claimed, the pipeline waits
+    for the tasks other processes hold, taking over those of processes that are gone, so
+    it returns when every task of every work is recorded (or it stopped, or failed).
 
     Parameters
     ----------
@@ -261,13 +283,17 @@ def run_tasks(
     readers, writers : int
         Threads reading/normalising and encoding/storing.
     progress : callable, optional
-        ``progress(tiles_written)``.
+        ``progress(tiles)``: the tiles of the works recorded so far, by this process
+        or found recorded by others.
     isolate : bool
         A failing work (unreadable tile, non-finite output, full disk...) records its
         error in ``work.error`` and is dropped; the others go on. Without it, the first
         error stops everything and is raised.
     record : dict, optional
-        Extra values for every completion record (e.g. the shard).
+        Extra values for every claim and completion record (e.g. the shard).
+    should_stop : callable, optional
+        Polled before each claim: once it returns True no task is claimed any more (the
+        tasks in flight are finished and recorded), e.g. when a cluster client gave up.
 
     Returns
     -------
@@ -276,6 +302,11 @@ def run_tasks(
     lock = threading.Lock()
     written = [0]
     extra = dict(record or {})
+    stop = threading.Event()
+    external = should_stop or (lambda: False)
+
+    def stopped() -> bool:
+        return stop.is_set() or external()
 
     def fail(work: Work, err: BaseException) -> None:
         if not isolate:
@@ -284,23 +315,74 @@ def run_tasks(
             if work.error is None:
                 work.error = err
 
+    def tell(tiles: int) -> None:
+        with lock:
+            written[0] += tiles
+            done = written[0]
+        if progress is not None:
+            progress(done)
+
+    def finish_if_done(work: Work) -> None:
+        """Run ``on_complete`` once nothing is claimed or in flight and every task of the
+        run is recorded."""
+        with lock:
+            if work._claiming or work._in_flight or work._completed or work.error is not None:
+                return
+            work._completed = True
+        if not stopped() and not work.context.work.missing():
+            complete(work, isolate)
+        else:
+            with lock:
+                work._completed = False
+
+    def task_batches(work: Work, claimed: Iterable[int]) -> Iterator[list[_Item]]:
+        ctx = work.context
+        size = ctx.p.batch_size
+        for task_id in claimed:  # batches never span tasks: any executor batches
+            tiles = ctx.tiles(task_id)  # alike, so outputs are bitwise alike
+            with lock:
+                work._left[task_id] = len(tiles)
+                work._in_flight += 1
+            run = [_Item(work, task_id, t) for t in tiles if not ctx.skip[t.index]]
+            for k in range(0, len(run), size):
+                yield run[k:k + size]
+            for t in tiles:
+                if ctx.skip[t.index]:
+                    yield [_Item(work, task_id, t)]
+            if work.error is not None:
+                return
+
+    def claiming_over(work: Work) -> None:
+        with lock:
+            work._claiming = False
+        finish_if_done(work)
+
+    seen: list[Work] = []
+
+    def found_elsewhere(work: Work, claims: TaskClaims, before: int) -> None:
+        """Count, for the progress, the tasks found recorded by other processes."""
+        tiles = sum(len(work.context.work.grid.tiles(k)) for k in claims.found[before:])
+        if tiles:
+            tell(tiles)
+
     def batches() -> Iterator[list[_Item]]:
         for work in works:
-            ctx = work.context
-            work._tasks_left = len(work.task_ids)
-            if not work.task_ids:
-                complete(work, isolate)
-                continue
-            size, fills = ctx.p.batch_size, []
-            for task_id in work.task_ids:  # batches never span tasks: any executor
-                tiles = ctx.tiles(task_id)  # batches alike, so outputs are bitwise alike
-                work._left[task_id] = len(tiles)
-                run = [_Item(work, task_id, t) for t in tiles if not ctx.skip[t.index]]
-                fills += [_Item(work, task_id, t) for t in tiles if ctx.skip[t.index]]
-                for k in range(0, len(run), size):
-                    yield run[k:k + size]
-            for item in fills:
-                yield [item]
+            claims = work._claims = TaskClaims(work.context.work, work.task_ids, extra)
+            seen.append(work)
+            yield from task_batches(work, claims.claimable(
+                lambda: stopped() or work.error is not None))
+            found_elsewhere(work, claims, 0)
+            if not claims.elsewhere:
+                claiming_over(work)
+        for work in list(seen):  # then the tasks other processes hold, for all works
+            claims = work._claims
+            assert claims is not None
+            if claims.elsewhere:
+                before = len(claims.found)
+                yield from task_batches(work, claims.wait(
+                    lambda: stopped() or work.error is not None, sleep=stop.wait))
+                found_elsewhere(work, claims, before)
+                claiming_over(work)
 
     def load(batch: list[_Item]) -> Any:
         work, ctx = batch[0].work, batch[0].work.context
@@ -327,8 +409,6 @@ def run_tasks(
             return
         with lock:
             work.tiles += 1
-            written[0] += 1
-            done = written[0]
             work._left[item.task_id] -= 1
             task_finished = work._left[item.task_id] == 0
         if task_finished:
@@ -337,16 +417,22 @@ def run_tasks(
             except Exception as err:  # noqa: BLE001
                 fail(work, err)
                 return
+            assert work._claims is not None
+            work._claims.release(item.task_id)
             with lock:
-                work._tasks_left -= 1
-                last = work._tasks_left == 0
-            if last:
-                complete(work, isolate)
-        if progress is not None:
-            progress(done)
+                work.computed.append(item.task_id)
+                work._in_flight -= 1
+            finish_if_done(work)
+        tell(1)
 
     workers = [_Worker(r, isolate) for r in replicas]
-    return run_pipeline(batches(), load, workers, write, readers=readers, writers=writers)
+    try:
+        return run_pipeline(batches(), load, workers, write, readers=readers,
+                            writers=writers, stop=stop)
+    finally:  # stopped or failed: what this process still holds, others may take now
+        for work in seen:
+            if work._claims is not None:
+                work._claims.release_all()
 
 
 def complete(work: Work, isolate: bool) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,8 +16,10 @@ from torch import nn
 from ..errors import InvalidArgumentError, TilersegError
 from ..io import remote
 from .executors import ShardExecutor, parse_shard, resolve_executor
-from .jobs import default_output_path
+from .executors.shard import Shard
+from .jobs import WorkDir, default_output_path
 from .options import RunOptions, run_options
+from .pipeline import merge_profile
 from .finish import commit
 from .resume import Started, start
 from .tasks import Work
@@ -76,10 +79,11 @@ def segment_to_zarr(
         How the tasks run: threads in this process (default), one Dask task per task on
         Dask's local threads, a ``dask.distributed`` cluster, or any
         :class:`~tilerseg.engine.executors.Executor`.
-    shard : "I/N", (I, N) or "auto", optional
-        Do only shard ``I`` of ``N`` of the tasks (a job of a job array; ``"auto"`` reads
-        SLURM's array variables). Shards of one run may run in any order and at once;
-        whichever finds every task done commits.
+    shard : "I/N", (I, N), "auto" or Shard, optional
+        Run as a shard of a job array: join the run (creating it if first) and claim
+        tasks until none is left, with any number of other shards, in any order and at
+        once (see :mod:`tilerseg.engine.claims`); ``"auto"`` names the shard after SLURM's
+        array variables. Whoever records the last task commits.
     progress : callable, optional
         ``progress(tiles_done, tiles_total)`` over the tiles this call computes.
     model_source : str, optional
@@ -143,7 +147,7 @@ def segment_to_zarr(
     shard_at = parse_shard(shard)
     runner = resolve_executor(executor)
     if shard_at is not None:
-        runner = ShardExecutor(*shard_at, inner=runner)
+        runner = ShardExecutor(shard_at, inner=runner)
     plan_device = runner.plan_device(options.device)
     out = remote.output_location(out)
     if remote.is_url(out):
@@ -166,53 +170,63 @@ def segment_to_zarr(
             started.discard()  # a remote output's private run: never resumed
 
 
-def discardable(started: Started, runner: Any, shard: tuple[int, int] | None) -> bool:
+def discardable(started: Started, runner: Any, shard: Shard | None) -> bool:
     """Whether a run refused for its input (NaN, wrong channels...) leaves nothing worth
     resuming: this call made the work directory, no task of it was recorded, no sibling
-    shard shares it, and every thread that could still write to it has stopped."""
-    return (started.created and shard is None and runner.waits_for_all
-            and started.work.path.is_dir() and not started.work.done())
+    shard shares it, no other live process works on it, and every thread that could
+    still write to it has stopped."""
+    if not (started.created and shard is None and runner.waits_for_all
+            and started.work.path.is_dir() and not started.work.done()):
+        return False
+    me = (socket.gethostname(), os.getpid())
+    return all((h.host, h.pid) == me for h in started.work.running())
 
 
-def _run(started: Started, runner: Any, shard: tuple[int, int] | None, overwrite: bool,
+def _run(started: Started, runner: Any, shard: Shard | None, overwrite: bool,
          progress: Callable[[int, int], None] | None, begin: float,
          plan_device: str | None) -> Path | str:
     work, ctx = started.work, started.context
     assert ctx is not None
-    ids = runner.select(work.missing())
+    ids = work.missing()
     total = sum(len(work.grid.tiles(k)) for k in ids)
     report = None if progress is None else (lambda done: progress(done, total))
     p = ctx.p
-    log.info("segmenting %s into %s: %d of %d tasks (%d tiles of %s) with %s",
+    log.info("segmenting %s into %s: %d of %d tasks to do (%d tiles of %s) with %s",
              p.source.path or p.source.format, started.out, len(ids), len(work.grid), total,
              p.plan.tile, runner.name)
     times = runner.run([Work(ctx, ids)], progress=report)
     setup = time.perf_counter() - begin - times.wall
-    if shard is not None:
-        try:
-            work.record_shard(shard, tasks=len(ids), tiles=total, seconds=round(times.wall, 3))
-        except FileNotFoundError:
-            pass
     if not work.path.is_dir():
-        log.info("%s was committed by another shard", started.out)
+        log.info("%s was committed by another process", started.out)
         return started.out
     missing = work.missing()
     if missing:
-        log.info("%s: %d of %d tasks remain for other shards", started.out, len(missing),
+        log.info("%s: %d of %d tasks remain for other processes", started.out, len(missing),
                  len(work.grid))
         return started.out
-    profile = {**times.as_dict(), "setup": round(setup, 3)}
     devices = [str(d) for d in p.devices] if plan_device is None else [
         f"{plan_device} (cluster workers)"]
-    attributes = {"profile": profile, "executor": runner.name, "devices": devices}
-    if plan_device is None and p.runner.made:  # what ran the model in this process
-        attributes["runtime"] = {"engine": p.runner.replica.engine,
-                                 "precision": p.options.precision}
-    if p.options.skip_background:
-        attributes["background"] = work.manifest["resolved"]["background"]
+
+    def attributes(work: WorkDir) -> dict[str, Any]:
+        """The run's profile, merged from every process's record, and what ran it."""
+        records = work.worker_records()
+        out: dict[str, Any] = {
+            "profile": {**merge_profile(records, times.wall), "setup": round(setup, 3)},
+            "executor": runner.name, "devices": devices}
+        runtimes = {(r["runtime"]["engine"], r["runtime"]["precision"])
+                    for r in records if r.get("runtime")}
+        if runtimes:  # what ran the model, in every process that computed tiles
+            out["runtime"] = {"engine": "+".join(sorted({e for e, _ in runtimes})),
+                              "precision": "+".join(sorted({q for _, q in runtimes}))}
+        if p.options.skip_background:
+            out["background"] = work.manifest["resolved"]["background"]
+        return out
+
     finishing = time.perf_counter()
-    commit(work, started.out, overwrite=overwrite, attributes=attributes, writer=ctx.writer,
-           mapper=runner.map)
+    started.release()  # the last process to leave the run commits it
+    if not commit(work, started.out, overwrite=overwrite, attributes=attributes,
+                  writer=ctx.writer, mapper=runner.map):
+        return started.out
     seconds = time.perf_counter() - begin
     pixels = int(np.prod(p.plan.image_shape))
     log.info("wrote %s in %.1f s (%.2f Mpx/s; set-up %.1f s, tiles %.1f s, pyramid and "

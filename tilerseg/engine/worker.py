@@ -1,11 +1,13 @@
-"""What a worker process keeps between tasks, and the function a Dask task calls.
+"""What a worker process keeps between runs, and the loop a Dask task runs in it.
 
-A task (:class:`~tilerseg.engine.jobs.Task`) is plain data. The process that runs it
+A run reaches a worker as plain data (:class:`~tilerseg.engine.jobs.RunRef`). The process
 finds the model in :data:`_MODELS` (put there once per process: by
 :class:`~tilerseg.engine.executors.plugin.ModelPlugin` on a cluster worker, or by the
-client itself for Dask's local threads) and the output's :class:`RunContext` in a
-small cache, rebuilt from the run's manifest on first use: the input is reopened by
-this process, nothing live crosses a process boundary.
+client itself for Dask's local threads) and the run's :class:`RunContext` in a small
+cache, rebuilt from the run's manifest on first use: the input is reopened by this
+process, nothing live crosses a process boundary. :func:`run_claims` then claims the
+runs' tasks and computes them through the same pipeline as a local run
+(:func:`~tilerseg.engine.executors.local.run_pipelined`).
 """
 
 from __future__ import annotations
@@ -14,21 +16,21 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..errors import OutputError
 from ..models.checkpoint import weights_digest
-from .jobs import Task, WorkDir
+from .jobs import RunRef, WorkDir
 from .options import RunOptions
-from .tasks import RunContext, Work, open_context, run_tasks
+from .tasks import RunContext, Work, open_context
 
-__all__ = ["run_task", "share_model", "share_context", "forget_context", "forget_model",
-           "one_task_at_a_time"]
+__all__ = ["run_claims", "share_model", "forget_model", "set_cores"]
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +39,11 @@ _lock = threading.Lock()
 _MODELS: dict[str, nn.Module] = {}
 _CONTEXTS: OrderedDict[tuple[str, str], RunContext] = OrderedDict()
 _OPTIONS: dict[str, RunOptions] = {}
-_SLOTS: threading.Semaphore | None = None  # tasks at once in this process (None: no limit)
+_CORES: list[int | None] = [None]  # the cores this worker process may use (None: all)
 
 
 def share_model(model: nn.Module, options: RunOptions | None = None) -> str:
-    """Make ``model`` (and how to run it) available to tasks in this process.
+    """Make ``model`` (and how to run it) available to runs joined in this process.
 
     Parameters
     ----------
@@ -63,28 +65,8 @@ def share_model(model: nn.Module, options: RunOptions | None = None) -> str:
     return digest
 
 
-def share_context(context: RunContext) -> None:
-    """Let tasks in this process use an output already opened here (e.g. an in-memory image).
-
-    Parameters
-    ----------
-    context : RunContext
-        The output; the cache keeps the last few.
-    """
-    with _lock:
-        _CONTEXTS[(os.fspath(context.work.path), context.work.config_hash)] = context
-        while len(_CONTEXTS) > _CACHE_SIZE:
-            _CONTEXTS.popitem(last=False)
-
-
-def forget_context(context: RunContext) -> None:
-    """Drop an output from this process's cache (its run is over)."""
-    with _lock:
-        _CONTEXTS.pop((os.fspath(context.work.path), context.work.config_hash), None)
-
-
 def forget_model(digest: str) -> None:
-    """Drop a model, and the outputs opened with it, from this process."""
+    """Drop a model, and the runs opened with it, from this process."""
     with _lock:
         _MODELS.pop(digest, None)
         _OPTIONS.pop(digest, None)
@@ -93,42 +75,38 @@ def forget_model(digest: str) -> None:
             del _CONTEXTS[key]
 
 
-def one_task_at_a_time() -> None:
-    """Run one task at a time in this process, whatever the threads of its Dask worker:
-    each task's forward passes use all the torch threads (a worker with several Dask
-    threads would otherwise oversubscribe the cores or share one GPU between tasks)."""
-    global _SLOTS
-    with _lock:
-        if _SLOTS is None:
-            _SLOTS = threading.Semaphore(1)
+def set_cores(cores: int | None) -> None:
+    """The cores the pipelines of this process may use (a cluster worker's share of its
+    host); None: all it may run on."""
+    _CORES[0] = cores
 
 
-def _context(task: Task) -> RunContext:
-    key = (task.work, task.config_hash)
+def _context(ref: RunRef) -> RunContext:
+    key = (ref.work, ref.config_hash)
     with _lock:
         context = _CONTEXTS.get(key)
         if context is not None:
             _CONTEXTS.move_to_end(key)
             return context
-    work = WorkDir.open(Path(task.work))
-    if work.config_hash != task.config_hash:
-        raise OutputError(f"the run in '{task.work}' is not the one this task belongs to "
-                          f"(hash {work.config_hash[:12]}, task {task.config_hash[:12]})")
+    work = WorkDir.open(Path(ref.work))
+    if work.config_hash != ref.config_hash:
+        raise OutputError(f"the run in '{ref.work}' is not the one this worker was sent "
+                          f"(hash {work.config_hash[:12]}, sent {ref.config_hash[:12]})")
     digest = work.manifest["model"]["digest"]
     with _lock:
         model = _MODELS.get(digest)
         options = _OPTIONS.get(digest)
     if model is None:
-        raise OutputError(f"the model {digest[:12]} of '{task.output}' is not loaded in this "
+        raise OutputError(f"the model {digest[:12]} of '{ref.output}' is not loaded in this "
                           f"worker process ({socket.gethostname()}, pid {os.getpid()})")
-    if task.image is None:
-        raise OutputError(f"the image of '{task.output}' is in another process's memory")
+    if ref.image is None:
+        raise OutputError(f"the image of '{ref.output}' is in another process's memory")
     recorded = work.manifest
-    if (task.image != recorded["input"].get("path") or task.level != recorded["options"]["level"]
-            or list(task.channels) != recorded["resolved"]["channels"]):
-        raise OutputError(f"task {task.task_id} of '{task.output}' does not match its run's "
-                          f"manifest (image, level or channels)")
-    context = open_context(work, model, task.image, options, path=task.image)
+    if (ref.image != recorded["input"].get("path") or ref.level != recorded["options"]["level"]
+            or list(ref.channels) != recorded["resolved"]["channels"]):
+        raise OutputError(f"the run of '{ref.output}' sent to this worker does not match its "
+                          "manifest (image, level or channels)")
+    context = open_context(work, model, ref.image, options, path=ref.image)
     with _lock:
         _CONTEXTS[key] = context
         while len(_CONTEXTS) > _CACHE_SIZE:
@@ -136,35 +114,94 @@ def _context(task: Task) -> RunContext:
     return context
 
 
-def run_task(task: Task, record: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Compute, store and record one task; a few figures about it.
+def run_claims(runs: Sequence[RunRef], record: dict[str, Any] | None = None, *,
+               isolate: bool = False, stop: str | None = None,
+               contexts: Sequence[RunContext] | None = None,
+               cores: int | None = None) -> dict[str, Any]:
+    """Join ``runs`` and compute their tasks, claiming them one at a time until every task
+    is recorded (a cluster worker's loop; see :mod:`tilerseg.engine.claims`).
 
     Parameters
     ----------
-    task : Task
-        What to do.
+    runs : sequence of RunRef
+        The runs, in order.
     record : dict, optional
-        Extra values for its completion record.
+        Extra values for the claims and completion records.
+    isolate : bool
+        A run that fails is reported in the result and the others go on; else its error
+        is raised.
+    stop : str, optional
+        The name of a ``distributed.Event``: once it is set (the client stopped), no task
+        is claimed any more; the tasks in flight are finished and recorded.
+    contexts : sequence of RunContext, optional
+        The runs already opened in this process (Dask's local threads), instead of
+        reopening them from ``runs``.
+    cores : int, optional
+        The cores this loop's pipeline may use (default: this worker process's share,
+        see :func:`set_cores`).
 
     Returns
     -------
     dict
-        ``task_id``, ``tiles`` (written), ``computed`` (tiles the model ran on, not
-        filled as background), ``seconds`` and ``worker`` (host:pid).
+        ``worker`` (host:pid), ``job`` (``SLURM_JOB_ID``), ``times`` (the pipeline's
+        :meth:`~tilerseg.engine.pipeline.StageTimes.as_dict`), ``runtime`` and, per run's
+        work directory, ``runs[work] = {"tasks", "tiles", "error"}``.
     """
-    if _SLOTS is not None:
-        with _SLOTS:
-            return _run(task, record)
-    return _run(task, record)
+    from .executors.local import run_pipelined
+
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    errors: dict[str, str] = {}
+    works: list[Work] = []
+    for k, ref in enumerate(runs):
+        try:
+            context = contexts[k] if contexts is not None else _context(ref)
+        except Exception as err:  # noqa: BLE001 - this run fails, the others go on
+            if not isolate:
+                raise
+            errors[ref.work] = _one_line(err)
+            continue
+        works.append(Work(context, context.work.missing()))
+    times = run_pipelined(works, cores=cores or _CORES[0], isolate=isolate, record=record,
+                          should_stop=_stopped(stop), worker=name)
+    result: dict[str, Any] = {"worker": name, "job": os.environ.get("SLURM_JOB_ID"),
+                              "times": times.as_dict(), "runs": {}}
+    for work in works:
+        result["runs"][os.fspath(work.context.work.path)] = {
+            "tasks": len(work.computed), "tiles": work.tiles,
+            "error": _one_line(work.error) if work.error is not None else None,
+            "error_type": type(work.error).__name__ if work.error is not None else None}
+        if work.context.p.runner.made:
+            replica = work.context.p.runner.replica
+            result["runtime"] = {"engine": replica.engine, "precision": replica.precision}
+    for path, error in errors.items():
+        result["runs"][path] = {"tasks": 0, "tiles": 0, "error": error, "error_type": None}
+    return result
 
 
-def _run(task: Task, record: dict[str, Any] | None) -> dict[str, Any]:
-    context = _context(task)
-    replica = context.p.runner.replica  # one compute thread: one stream, all the threads
-    replica.warm_up(context.p.runner.model_window, context.p.geometry.in_channels,
-                    context.p.batch_size, streams=1, threads=torch.get_num_threads())
-    work = Work(context, [task.task_id])
-    times = run_tasks([work], [replica], record=record)
-    return {"task_id": task.task_id, "tiles": work.tiles, "computed": times.tiles,
-            "seconds": round(times.wall, 3),
-            "worker": f"{socket.gethostname()}:{os.getpid()}"}
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _stopped(name: str | None) -> Callable[[], bool] | None:
+    """A check of the client's stop event, asked of the scheduler at most once a second."""
+    if name is None:
+        return None
+    from distributed import Event, get_client
+
+    event = Event(name, client=get_client())  # here: the pipeline's threads have no worker
+    last = [0.0, False]
+
+    def check() -> bool:
+        now = time.monotonic()
+        if not last[1] and now - last[0] >= 1.0:
+            last[0] = now
+            try:
+                last[1] = bool(event.is_set())
+            except Exception as err:  # noqa: BLE001 - the scheduler is gone: stop
+                log.warning("cannot reach the Dask scheduler (%s: %s); stopping",
+                            type(err).__name__, err)
+                last[1] = True
+        return bool(last[1])
+
+    return check

@@ -8,13 +8,16 @@ work's ``on_complete`` when all its tasks are recorded:
 - :class:`DaskExecutor`: one Dask task per task, on Dask's local threads or on a
   ``dask.distributed`` cluster (worker processes load the model once and reopen the
   input themselves);
-- :class:`ShardExecutor`: a deterministic share of the tasks (one job of a job array),
-  run by another executor.
+- :class:`ShardExecutor`: one job of a job array, run by another executor.
+
+Whatever the executor, the processes that compute claim their tasks one at a time (see
+:mod:`tilerseg.engine.claims`) and run them through one pipeline
+(:func:`~tilerseg.engine.executors.local.run_pipelined`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..._lazy import attach
@@ -37,9 +40,6 @@ class Executor(Protocol):
     waits_for_all: bool
     """Whether every thread that could write to the output has stopped when :meth:`run`
     returns or raises (so a refused run may be removed at once)."""
-
-    def select(self, task_ids: Sequence[int]) -> list[int]:
-        """The tasks (of those missing) this executor is responsible for."""
 
     def plan_device(self, requested: str | tuple[str, ...]) -> str | None:
         """Where the model runs when not in this process (a cluster's workers), for the
@@ -66,10 +66,10 @@ def resolve_executor(executor: Any = None) -> Executor:
     Parameters
     ----------
     executor : None, str, distributed.Client or Executor
-        None, ``"pipeline"`` or ``"local"``: :class:`LocalExecutor`; ``"dask"``: one Dask
-        task per task on Dask's local threads; a ``distributed.Client``: its cluster; an
-        :class:`Executor` (``name``, ``waits_for_all``, ``select``, ``plan_device``,
-        ``run``, ``map``): itself.
+        None, ``"pipeline"`` or ``"local"``: :class:`LocalExecutor`; ``"dask"``: pipelines
+        on Dask's local threads; a ``distributed.Client``: its cluster; an
+        :class:`Executor` (``name``, ``waits_for_all``, ``plan_device``, ``run``,
+        ``map``): itself.
 
     Examples
     --------

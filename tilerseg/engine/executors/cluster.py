@@ -16,11 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ...errors import InvalidArgumentError
+from ...errors import ClusterError, InvalidArgumentError
 from ..cores import available_cores
 
-__all__ = ["JobSpec", "ClusterSpec", "connect", "job_script", "parse_cluster",
-           "threads_per_worker"]
+__all__ = ["JobSpec", "ClusterSpec", "connect", "job_script", "parse_cluster"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +44,9 @@ class JobSpec:
         GPUs per job (0: none).
     queue, account : str, optional
         Partition/queue and account/project to charge.
+    replacements : int, optional
+        Worker jobs that end may be replaced by new ones up to this many times in all
+        (default twice ``jobs``; see :class:`~tilerseg.engine.executors.fleet.JobFleet`).
     """
 
     jobs: int = 1
@@ -54,6 +56,7 @@ class JobSpec:
     gpus: int = 0
     queue: str | None = None
     account: str | None = None
+    replacements: int | None = None
 
     def directives(self, kind: str) -> list[str]:
         """Scheduler directives requesting the GPUs (empty without GPUs; PBS asks for them
@@ -65,16 +68,19 @@ class JobSpec:
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """Where a run's tasks go: ``kind`` is ``"local"``, ``"scheduler"`` or a batch system."""
+    """Where a run's tasks go: ``kind`` is ``"local"``, ``"scheduler"`` or a batch system;
+    ``worker_timeout``: seconds a run waits with no live worker before it stops."""
 
     kind: str
     workers: int = 1
     address: str | None = None
     job: JobSpec = JobSpec()
+    worker_timeout: float = 300.0
 
 
 def parse_cluster(cluster: str | None, scheduler: str | None,
-                  job: JobSpec | None = None) -> ClusterSpec | None:
+                  job: JobSpec | None = None, worker_timeout: float = 300.0
+                  ) -> ClusterSpec | None:
     """The cluster a command line asks for (None: run locally).
 
     Parameters
@@ -85,6 +91,8 @@ def parse_cluster(cluster: str | None, scheduler: str | None,
         The address of a running scheduler, ``tcp://HOST:PORT``.
     job : JobSpec, optional
         Batch-job resources (for slurm, pbs, lsf).
+    worker_timeout : float
+        Seconds a run waits with no live worker before it stops (> 0).
 
     Returns
     -------
@@ -104,11 +112,17 @@ def parse_cluster(cluster: str | None, scheduler: str | None,
     """
     if cluster is not None and scheduler is not None:
         raise InvalidArgumentError("give --cluster or --scheduler, not both")
+    if not worker_timeout > 0:
+        raise InvalidArgumentError(
+            f"--worker-timeout {worker_timeout!r} must be a positive number of seconds")
+    if job is not None and job.replacements is not None and job.replacements < 0:
+        raise InvalidArgumentError(
+            f"--max-replacements {job.replacements} must be 0 or more")
     if scheduler is not None:
         if "://" not in scheduler:
             raise InvalidArgumentError(
                 f"--scheduler {scheduler!r} must be an address like tcp://HOST:PORT")
-        return ClusterSpec("scheduler", address=scheduler)
+        return ClusterSpec("scheduler", address=scheduler, worker_timeout=worker_timeout)
     if cluster is None:
         return None
     if cluster == "local" or cluster.startswith("local:"):
@@ -119,9 +133,10 @@ def parse_cluster(cluster: str | None, scheduler: str | None,
             workers = 0
         if workers < 1:
             raise InvalidArgumentError(f"--cluster {cluster!r} must be local:N with N >= 1")
-        return ClusterSpec("local", workers=workers)
+        return ClusterSpec("local", workers=workers, worker_timeout=worker_timeout)
     if cluster in _JOBQUEUE:
-        return ClusterSpec(cluster, workers=(job or JobSpec()).jobs, job=job or JobSpec())
+        return ClusterSpec(cluster, workers=(job or JobSpec()).jobs, job=job or JobSpec(),
+                           worker_timeout=worker_timeout)
     raise InvalidArgumentError(
         f"--cluster {cluster!r} is not understood; expected local:N, slurm, pbs or lsf")
 
@@ -195,23 +210,6 @@ def job_script(spec: ClusterSpec) -> str:
         cluster.close()
 
 
-def threads_per_worker(spec: ClusterSpec) -> int | None:
-    """Torch threads per worker process: this machine's cores shared among the processes of
-    ``local:N``, a job's cores for a batch system; None for a scheduler (each worker then
-    shares its host's cores among the workers on it).
-
-    Examples
-    --------
-    >>> threads_per_worker(ClusterSpec("slurm", job=JobSpec(cores=8)))
-    8
-    """
-    if spec.kind == "local":
-        return max(1, available_cores() // spec.workers)
-    if spec.kind in _JOBQUEUE:
-        return spec.job.cores
-    return None
-
-
 @contextlib.contextmanager
 def connect(spec: ClusterSpec) -> Iterator[Any]:
     """A ``distributed.Client`` on the cluster of ``spec``, closed (with the cluster) after.
@@ -248,7 +246,13 @@ def connect(spec: ClusterSpec) -> Iterator[Any]:
             cluster.scale(jobs=spec.workers)
         client = Client(cluster)
         if spec.kind == "local":
-            client.wait_for_workers(spec.workers)
+            try:
+                client.wait_for_workers(spec.workers, timeout=spec.worker_timeout)
+            except TimeoutError:
+                client.close()
+                cluster.close()
+                raise ClusterError(f"--cluster local:{spec.workers}: the worker processes did "
+                                   f"not start within {spec.worker_timeout:.0f} s") from None
     log.info("cluster: %s", client)
     try:
         yield client

@@ -1,25 +1,34 @@
-"""The Dask executor: one Dask task per task, on Dask's local threads or on a cluster.
+"""The Dask executor: one claiming pipeline per worker, on Dask's local threads or a cluster.
 
-With a ``distributed.Client`` every task is submitted as plain data
-(:class:`~tilerseg.engine.jobs.Task`, a few hundred bytes) to
-:func:`tilerseg.engine.worker.run_task`. Each worker process loads the model once
+With a ``distributed.Client`` every run is sent as plain data
+(:class:`~tilerseg.engine.jobs.RunRef`, a few hundred bytes) to
+:func:`tilerseg.engine.worker.run_claims`, one long Dask task per worker process, pinned
+to it. Each worker process loads the model once
 (:class:`~tilerseg.engine.executors.plugin.ModelPlugin`, registered on the client),
-reopens the input itself and writes whole chunks straight into the shared output, then
-the task's completion record. Failed tasks are retried (``retries``); the tasks of a
-worker that dies are rescheduled by Dask on the others. The client commits.
+reopens the input itself, claims tasks one at a time in the run's work directory and
+computes them through the same pipeline as a local run (reading, the model and writing
+overlapped), writing whole chunks straight into the shared output, then each task's
+completion record. A worker that joins later gets a loop of its own; the claims of a
+worker that dies are taken over by the others. The client commits.
+
+The client never waits forever (:class:`~tilerseg.engine.executors.fleet.Watchdog`): when
+no worker has been alive for ``worker_timeout`` seconds, or a dask-jobqueue cluster's jobs
+have all ended and may not be replaced any more, it stops with a
+:class:`~tilerseg.errors.ClusterError` naming the cause; the unfinished run is kept for
+``--resume``.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import dask
-from dask.callbacks import Callback
 
 from ...errors import ClusterError, InvalidArgumentError, TilersegError
 from ...models.checkpoint import model_to_bytes, weights_digest
@@ -27,44 +36,57 @@ from ..device import cpu_budget, torch_threads
 from ..options import RUNTIME_OPTIONS
 from ..pipeline import StageTimes
 from ..tasks import Work, complete
-from ..worker import forget_context, run_task, share_context, share_model
+from ..worker import run_claims, share_model
 
-__all__ = ["DaskExecutor"]
+__all__ = ["DaskExecutor", "WORKER_TIMEOUT"]
 
 log = logging.getLogger(__name__)
 
+WORKER_TIMEOUT = 300.0
+"""Seconds a cluster run waits with no live worker before it stops (``--worker-timeout``)."""
 
-def _local_error(err: BaseException, key: Any) -> BaseException:
-    """A task's error as the caller should see it: tilerseg's own errors and OSErrors as
-    they are, a failure of the cluster itself (a worker killed too often...) as a
-    :class:`~tilerseg.errors.ClusterError`."""
+POLL = 0.5
+"""Seconds between the client's looks at its workers, their loops and the runs."""
+
+
+def _local_error(err: BaseException, what: str) -> BaseException:
+    """A worker's error as the caller should see it: tilerseg's own errors and OSErrors as
+    they are, a failure of the cluster itself as a :class:`~tilerseg.errors.ClusterError`."""
     if isinstance(err, (TilersegError, OSError)):
         return err
     reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return ClusterError(f"task {key} failed on the cluster: {type(err).__name__}: {reason}")
+    return ClusterError(f"{what} failed on the cluster: {type(err).__name__}: {reason}")
 
 
 class DaskExecutor:
-    """Run each task as one Dask task.
+    """Run the tasks in claiming pipelines, one per worker process (or per thread).
 
     Parameters
     ----------
     client : distributed.Client, optional
-        The cluster to run on. Without one, Dask's local threaded scheduler runs the
-        tasks in this process (``workers`` threads of the run's options).
+        The cluster to run on. Without one, Dask's local threaded scheduler runs
+        ``workers`` pipelines (of the run's options) in this process.
     retries : int
-        How often a failed task is retried on a cluster before the run fails.
+        How often a worker's loop that failed for a reason of the cluster (not an error
+        of the input or the output) is started again before the run fails.
+    worker_timeout : float
+        Seconds the run waits with no live worker before it stops (see the module notes).
+    replacements : int, optional
+        For a dask-jobqueue cluster: how many worker jobs that ended may be replaced by
+        new ones (default twice the jobs asked for).
     """
 
-    def __init__(self, client: Any = None, retries: int = 2) -> None:
+    def __init__(self, client: Any = None, retries: int = 2,
+                 worker_timeout: float = WORKER_TIMEOUT, replacements: int | None = None
+                 ) -> None:
+        if worker_timeout <= 0:
+            raise InvalidArgumentError(
+                f"worker_timeout={worker_timeout!r} must be a positive number of seconds")
         self.client, self.retries = client, retries
+        self.worker_timeout, self.replacements = float(worker_timeout), replacements
         self.waits_for_all = False  # Dask does not wait for running tasks when one fails
         self.name = "dask" if client is None else "dask.distributed"
         self._plugins: set[str] = set()
-
-    def select(self, task_ids: Sequence[int]) -> list[int]:
-        """All of them."""
-        return list(task_ids)
 
     def plan_device(self, requested: str | tuple[str, ...]) -> str | None:
         """Where the workers of a cluster run the model (None without a cluster, where it
@@ -103,7 +125,7 @@ class DaskExecutor:
         try:
             return self.client.gather(futures)
         except Exception as err:  # noqa: BLE001 - named as a cluster failure
-            raise _local_error(err, "instances") from err
+            raise _local_error(err, "the instance pass") from err
         finally:
             self.client.cancel([f for f in futures if not f.done()])
 
@@ -111,41 +133,36 @@ class DaskExecutor:
 
     def _run_threads(self, works: Iterable[Work], progress: Callable[[int], None] | None,
                      isolate: bool, record: dict | None) -> int:
-        total, computed = [0], [0]
-        lock = threading.Lock()
-
-        class _Progress(Callback):
-            def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
-                if isinstance(result, dict) and "tiles" in result:
-                    with lock:
-                        total[0] += result["tiles"]
-                        computed[0] += result["computed"]
-                        done = total[0]
-                    if progress is not None:
-                        progress(done)
-
+        """``workers`` claiming pipelines at once on Dask's threaded scheduler, each with
+        its share of the cores."""
+        computed = 0
         for work in works:
             ctx = work.context
             share_model(ctx.p.model, ctx.p.options)
-            share_context(ctx)
             workers, threads = cpu_budget(ctx.p.options.workers, ctx.p.options.threads)
             if ctx.p.device.type != "cpu":
-                threads = None
-            tasks = [dask.delayed(run_task, pure=False)(t, record)
-                     for t in ctx.tasks(work.task_ids)]
+                workers, threads = 1, None
+            loops = [dask.delayed(run_claims, pure=False)(
+                [ctx.ref()], record, isolate=isolate, contexts=[ctx], cores=threads)
+                for _ in range(workers)]
+            done = threading.Event()
+            watcher = threading.Thread(target=_report, args=(work, progress, done),
+                                       daemon=True)
+            watcher.start()
             try:
-                with torch_threads(threads), _Progress():
-                    results = dask.compute(*tasks, scheduler="threads", num_workers=workers)
+                with torch_threads(threads):
+                    results = dask.compute(*loops, scheduler="threads", num_workers=workers)
             except Exception as err:  # noqa: BLE001
                 if not isolate:
                     raise
                 work.error = err
                 continue
             finally:
-                forget_context(ctx)
-            work.tiles += sum(r["tiles"] for r in results)
-            complete(work, isolate)
-        return computed[0]
+                done.set()
+                watcher.join()
+            computed += _apply(list(results), [work], isolate)
+            _commit_finished([work], isolate)
+        return computed
 
     # -- a dask.distributed cluster ---------------------------------------------------------
 
@@ -167,57 +184,132 @@ class DaskExecutor:
         per_host: dict[str, int] = {}
         for address in self.client.scheduler_info().get("workers", {}):
             per_host[host_of(address)] = per_host.get(host_of(address), 0) + 1
-        self.client.register_plugin(ModelPlugin(data, options, p.options.threads, per_host),
-                                    name=name)
+        self.client.register_plugin(ModelPlugin(data, options, per_host), name=name)
         self._plugins.add(name)
         log.info("cluster: model %s loaded on the workers", name)
 
     def _run_cluster(self, works: Iterable[Work], progress: Callable[[int], None] | None,
                      isolate: bool, record: dict | None) -> int:
-        from distributed import as_completed
+        from distributed import Event
 
-        run = uuid.uuid4().hex[:8]
-        owner: dict[str, Work] = {}
-        left: dict[int, int] = {}
-        futures = []
+        from .fleet import Watchdog
+
+        works = list(works)
+        refs = []
         for work in works:
-            ctx = work.context
-            if ctx.image is None:
+            if work.context.image is None:
                 raise InvalidArgumentError(
                     "an in-memory image cannot be sent to a cluster: save it (np.save, "
                     "tifffile.imwrite or zarr) and pass its path")
             self._register(work)
-            left[id(work)] = len(work.task_ids)
-            if not work.task_ids:
-                complete(work, isolate)
-            for task in ctx.tasks(work.task_ids):
-                key = f"tilerseg-{run}-{len(futures)}-task-{task.task_id}"
-                future = self.client.submit(run_task, task, record, key=key,
-                                            retries=self.retries, pure=False)
-                owner[future.key] = work
-                futures.append(future)
-        tiles = computed = 0
+            refs.append(work.context.ref())
+        run = uuid.uuid4().hex[:8]
+        stop = Event(f"tilerseg-stop-{run}", client=self.client)
+        watchdog = Watchdog(self.client, self.worker_timeout, self.replacements)
+        loops: dict[str, Any] = {}  # worker address -> its loop (a future)
+        results: list[dict[str, Any]] = []
+        restarts, submitted, shown = [0], [0], [-1]
+
+        def submit(address: str) -> None:
+            submitted[0] += 1
+            key = f"tilerseg-{run}-{submitted[0]}-{re.sub(r'[^0-9A-Za-z]+', '-', address)}"
+            loops[address] = self.client.submit(
+                run_claims, refs, record, isolate=isolate, stop=stop.name, key=key,
+                workers=[address], allow_other_workers=False, pure=False)
+
+        def collect(address: str, future: Any) -> None:
+            """A loop that ended: its result, or its error (raised, or the loop restarted)."""
+            del loops[address]
+            if future.status == "finished":
+                results.append(future.result())
+                finished.add(address)
+                return
+            err = future.exception()
+            if isinstance(err, (TilersegError, OSError)) or restarts[0] >= self.retries:
+                raise _local_error(err, f"the worker {address}")
+            restarts[0] += 1
+            log.warning("cluster: the loop of worker %s failed (%s); starting it again",
+                        address, _local_error(err, "it"))
+            submit(address)
+
+        finished: set[str] = set()  # workers whose loop ended with every task recorded
         try:
-            for future in as_completed(futures):
-                work = owner[future.key]
-                if future.status != "finished":
-                    err = _local_error(future.exception(), future.key)
-                    if not isolate:
-                        raise err
-                    work.error = work.error or err
-                    continue
-                result = future.result()
-                tiles += result["tiles"]
-                computed += result["computed"]
-                work.tiles += result["tiles"]
-                if progress is not None:
+            while True:
+                alive = watchdog.poll()  # raises ClusterError when nothing can run any more
+                for address, future in list(loops.items()):
+                    if future.done():
+                        collect(address, future)
+                    elif address not in alive:  # its worker is gone: its claims go stale
+                        future.cancel()
+                        del loops[address]
+                if not finished:  # a loop ends only when every task is recorded
+                    for address in sorted(set(alive) - set(loops)):
+                        submit(address)
+                tiles = _commit_finished(works, isolate)
+                if progress is not None and tiles != shown[0]:
+                    shown[0] = tiles
                     progress(tiles)
-                left[id(work)] -= 1
-                if left[id(work)] == 0 and work.error is None:
-                    complete(work, isolate)
+                if finished and not loops:
+                    break
+                time.sleep(POLL)
         finally:
-            self.client.cancel([f for f in futures if not f.done()])
+            stop.set()
+            self.client.cancel([f for f in loops.values() if not f.done()])
             for name in self._plugins:  # the workers forget the model again
                 self.client.unregister_worker_plugin(name)
             self._plugins.clear()
+            watchdog.close()
+        computed = _apply(results, works, isolate)
+        _commit_finished(works, isolate)
         return computed
+
+
+def _commit_finished(works: list[Work], isolate: bool) -> int:
+    """Complete (``on_complete``: commit) each work whose tasks are all recorded; the tiles
+    of the recorded tasks of all works (for the progress)."""
+    tiles = 0
+    for work in works:
+        wd = work.context.work
+        if work.complete or not wd.path.is_dir():  # committed here, or by someone else
+            tiles += sum(len(wd.grid.tiles(k)) for k in work.task_ids)
+            continue
+        done = wd.done()
+        tiles += sum(len(wd.grid.tiles(k)) for k in work.task_ids if k in done)
+        if work.error is None and len(done) == len(wd.grid):
+            work._completed = True
+            complete(work, isolate)
+    return tiles
+
+
+def _apply(results: list[dict[str, Any]], works: list[Work], isolate: bool) -> int:
+    """Fold the workers' results into ``works`` (tiles written, errors); returns the tiles
+    that ran the model."""
+    by_path = {str(w.context.work.path): w for w in works}
+    computed = 0
+    for result in results:
+        computed += int(result.get("times", {}).get("tiles", 0))
+        for path, run in result.get("runs", {}).items():
+            work = by_path.get(path)
+            if work is None:
+                continue
+            work.tiles += int(run.get("tiles", 0))
+            if run.get("error") and work.error is None and not work.complete:
+                work.error = ClusterError(f"{run['error']} (on {result.get('worker')})")
+                if not isolate:
+                    raise work.error
+    return computed
+
+
+def _report(work: Work, progress: Callable[[int], None] | None,
+            done: threading.Event) -> None:
+    """Report the recorded tiles of ``work`` every :data:`POLL` seconds until ``done``."""
+    if progress is None:
+        return
+    last = -1
+    while not done.wait(POLL):
+        wd = work.context.work
+        recorded = wd.done()
+        tiles = sum(len(wd.grid.tiles(k)) for k in work.task_ids if k in recorded)
+        if tiles != last:
+            last = tiles
+            progress(tiles)

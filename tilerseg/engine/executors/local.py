@@ -1,38 +1,137 @@
-"""The local executor: every task of a run through one pipeline of threads."""
+"""The pipeline of one process, and the local executor that runs a whole run through it.
+
+:func:`run_pipelined` is the one tile path of every executor: the local run, each job of a
+job array and each worker process of a Dask cluster claim their tasks and compute them
+through it, with the same bounded queues, batches and threads.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 
 from ..compute import replicate
+from ..cores import available_cores
 from ..device import cpu_budget, torch_threads
 from ..pipeline import StageTimes
 from ..tasks import Work, first_and_rest, run_tasks
 
-__all__ = ["LocalExecutor"]
+__all__ = ["LocalExecutor", "run_pipelined"]
 
 log = logging.getLogger(__name__)
 
 
-class LocalExecutor:
-    """Threads in this process: readers, one compute thread per model worker, writers.
+def run_pipelined(works: Iterable[Work], *, cores: int | None = None,
+                  progress: Callable[[int], None] | None = None, isolate: bool = False,
+                  record: dict | None = None, should_stop: Callable[[], bool] | None = None,
+                  worker: str | None = None) -> StageTimes:
+    """Claim and compute tasks of ``works`` in this process: readers, one compute thread per
+    model worker, writers (see :func:`~tilerseg.engine.tasks.run_tasks`).
 
-    On the CPU, ``workers`` forward passes run at once with ``threads`` torch threads
-    each (by default 2 x cores / 2, see :func:`~tilerseg.engine.device.cpu_budget`); on GPUs
-    one replica per device. The options come from the first work's run options.
+    On the CPU, ``workers`` forward passes run at once with ``threads`` torch threads each
+    (by default 2 x ``cores`` / 2, see :func:`~tilerseg.engine.device.cpu_budget`); on GPUs
+    one replica per device. The options come from the first work's run options. When the
+    pipeline stops, each work's run gets a record of what this process did
+    (:meth:`~tilerseg.engine.jobs.WorkDir.record_worker`): its tasks and tiles, its stage
+    times (when it computed one run only) and the runtime that ran the model.
+
+    Parameters
+    ----------
+    works : iterable of Work
+        Consumed lazily.
+    cores : int, optional
+        The cores this process may use (default :func:`~tilerseg.engine.cores.available_cores`;
+        a cluster worker passes its share of its host).
+    progress, isolate, record, should_stop
+        As for :func:`~tilerseg.engine.tasks.run_tasks`.
+    worker : str, optional
+        What this process is, for its records (e.g. ``"shard 2/3"``, a Dask worker's name).
+
+    Returns
+    -------
+    StageTimes
+    """
+    first, works = first_and_rest(works)
+    if first is None:
+        return StageTimes()
+    p = first.context.p
+    runner, options = p.runner, p.options
+    cpu = p.device.type == "cpu"
+    cores = cores or available_cores()
+    threads = None
+    if cpu:
+        workers, threads = cpu_budget(options.workers, options.threads, cores=cores)
+        replicas = [runner.replica] * workers
+    else:
+        replicas = [runner.replica] + replicate(
+            runner.model, p.devices[1:], runner.model_ndim, options.precision,
+            options.compile)
+    # I/O threads mostly wait on the queues; decoding and compressing release the GIL
+    readers = min(2, cores) if cpu else max(2, min(8, cores // (2 * len(replicas))))
+    seen: list[Work] = []
+
+    def track(items: Iterable[Work]) -> Iterable[Work]:
+        for work in items:
+            seen.append(work)
+            yield work
+
+    started = time.time()
+    times = StageTimes()
+    try:
+        with torch_threads(threads):
+            for r in replicas[: 1 if cpu else None]:  # the CPU's workers share one replica
+                r.warm_up(runner.model_window, p.geometry.in_channels, p.batch_size,
+                          streams=len(replicas) if cpu else 1,
+                          threads=len(replicas) * threads if cpu else None)
+            log.info("pipeline: %d reader(s), %d compute worker(s) on %s%s with %s, %d "
+                     "writer(s)", readers, len(replicas), ", ".join(str(d) for d in p.devices),
+                     f" x {torch.get_num_threads()} thread(s)" if cpu else "",
+                     runner.replica.engine, readers)
+            times = run_tasks(track(works), replicas, readers=readers, writers=readers,
+                              progress=progress, isolate=isolate, record=record,
+                              should_stop=should_stop)
+        log.info("pipeline: %s", times.summary())
+        return times
+    finally:
+        _record(seen, times, started, worker, record)
+
+
+def _record(works: Sequence[Work], times: StageTimes, started: float, worker: str | None,
+            record: dict | None) -> None:
+    """Leave in each run's work directory what this process did on it."""
+    for work in works:
+        if not work.computed:
+            continue
+        replica = work.context.p.runner.replica if work.context.p.runner.made else None
+        info: dict[str, Any] = {
+            "worker": worker or f"{socket.gethostname()}:{os.getpid()}",
+            "tasks": sorted(work.computed), "tiles": work.tiles,
+            "start": started, "end": time.time(), **(record or {})}
+        if replica is not None:
+            info["runtime"] = {"engine": replica.engine, "precision": replica.precision,
+                               "device": str(replica.device)}
+        if len(works) == 1:
+            info["times"] = times.as_dict()
+        try:
+            work.context.work.record_worker(**info)
+        except OSError as err:  # the run goes on without this record
+            log.warning("cannot record what this process did in %s: %s",
+                        work.context.work.path, err)
+
+
+class LocalExecutor:
+    """Threads in this process (:func:`run_pipelined`): readers, one compute thread per
+    model worker, writers.
     """
 
     name = "pipeline"
     waits_for_all = True  # every thread has stopped when run() returns or raises
-
-    def select(self, task_ids: Sequence[int]) -> list[int]:
-        """All of them."""
-        return list(task_ids)
 
     def plan_device(self, requested: str | tuple[str, ...]) -> str | None:
         """None: the model runs in this process."""
@@ -46,34 +145,5 @@ class LocalExecutor:
 
     def run(self, works: Iterable[Work], *, progress: Callable[[int], None] | None = None,
             isolate: bool = False, record: dict | None = None) -> StageTimes:
-        """Run the tasks of ``works`` (see :func:`~tilerseg.engine.tasks.run_tasks`)."""
-        first, works = first_and_rest(works)
-        if first is None:
-            return StageTimes()
-        p = first.context.p
-        runner, options = p.runner, p.options
-        cpu = p.device.type == "cpu"
-        threads = None
-        if cpu:
-            workers, threads = cpu_budget(options.workers, options.threads)
-            replicas = [runner.replica] * workers
-        else:
-            replicas = [runner.replica] + replicate(
-                runner.model, p.devices[1:], runner.model_ndim, options.precision,
-                options.compile)
-        many = os.cpu_count() or 1
-        # I/O threads mostly wait on the queues; decoding and compressing release the GIL
-        readers = min(2, many) if cpu else max(2, min(8, many // (2 * len(replicas))))
-        with torch_threads(threads):
-            for r in replicas[: 1 if cpu else None]:  # the CPU's workers share one replica
-                r.warm_up(runner.model_window, p.geometry.in_channels, p.batch_size,
-                          streams=len(replicas) if cpu else 1,
-                          threads=len(replicas) * threads if cpu else None)
-            log.info("pipeline: %d reader(s), %d compute worker(s) on %s%s with %s, %d "
-                     "writer(s)", readers, len(replicas), ", ".join(str(d) for d in p.devices),
-                     f" x {torch.get_num_threads()} thread(s)" if cpu else "",
-                     runner.replica.engine, readers)
-            times = run_tasks(works, replicas, readers=readers, writers=readers,
-                              progress=progress, isolate=isolate, record=record)
-        log.info("pipeline: %s", times.summary())
-        return times
+        """Claim and run the tasks of ``works`` here (see :func:`run_pipelined`)."""
+        return run_pipelined(works, progress=progress, isolate=isolate, record=record)

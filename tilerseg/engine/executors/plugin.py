@@ -101,18 +101,13 @@ class ModelPlugin(WorkerPlugin):
         The model file's bytes (:func:`~tilerseg.models.checkpoint.model_to_bytes`).
     options : dict
         How to run it: RunOptions fields (device, batch_size, compile...).
-    threads : int, optional
-        Torch intra-op threads per worker process; by default the cores the process may
-        use shared among the worker processes on its host (``per_host``), so they do not
-        oversubscribe it. Each worker process runs one task at a time, however many Dask
-        threads it has.
     per_host : dict of str to int, optional
         Worker processes per host when the plugin was registered.
     """
 
-    def __init__(self, data: bytes, options: dict[str, Any], threads: int | None,
+    def __init__(self, data: bytes, options: dict[str, Any],
                  per_host: dict[str, int] | None = None) -> None:
-        self.data, self.options, self.threads = data, dict(options), threads
+        self.data, self.options = data, dict(options)
         self.per_host = dict(per_host or {})
 
     def setup(self, worker: Any) -> None:
@@ -120,12 +115,13 @@ class ModelPlugin(WorkerPlugin):
 
         from ...models.checkpoint import model_from_bytes
         from ..options import run_options
-        from ..worker import one_task_at_a_time, share_model
+        from ..worker import set_cores, share_model
 
         keep_freed_memory()
         sharing = max(1, self.per_host.get(host_of(getattr(worker, "address", "")), 1))
-        torch.set_num_threads(self.threads or max(1, available_cores() // sharing))
-        one_task_at_a_time()
+        cores = max(1, available_cores() // sharing)
+        torch.set_num_threads(cores)
+        set_cores(cores)
         options = run_options(**{**self.options, "device": worker_device(
             getattr(worker, "name", 0), self.options.get("device", "auto"))})
         self.digest = share_model(model_from_bytes(self.data), options)
