@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -142,17 +142,37 @@ def _cluster(args: argparse.Namespace) -> Any:
 
 
 @contextlib.contextmanager
-def _executor(spec: Any) -> Iterator[Any]:
-    """An executor on the asked-for cluster, or None for this process's threads."""
+def _executor(spec: Any) -> Iterator[Callable[[], Any]]:
+    """``executor()``: the executor on the asked-for cluster (None for this process's
+    threads). The cluster starts in the background as the block begins (the caller loads
+    its model meanwhile), ``executor()`` waits for it, and it is closed as the block ends."""
     if spec is None:
-        yield None
+        yield lambda: None
         return
-    from .engine.executors.cluster import connect
-    from .engine.executors.dask import DaskExecutor
+    from concurrent.futures import ThreadPoolExecutor
 
-    with connect(spec) as client:
-        yield DaskExecutor(client, worker_timeout=spec.worker_timeout,
-                           replacements=spec.job.replacements)
+    from .engine.executors.cluster import connect, import_jobqueue
+
+    if spec.kind not in ("local", "scheduler"):
+        import_jobqueue(spec.kind)  # here, in the main thread (it touches SIGINT)
+    stack = contextlib.ExitStack()
+    with ThreadPoolExecutor(1, thread_name_prefix="tilerseg-cluster-start") as pool:
+        started = pool.submit(stack.enter_context, connect(spec))
+
+        def executor() -> Any:
+            from .engine.executors.dask import DaskExecutor
+
+            return DaskExecutor(started.result(), worker_timeout=spec.worker_timeout,
+                                replacements=spec.job.replacements)
+
+        try:
+            yield executor
+        finally:
+            try:
+                started.result()  # a cluster still starting is closed once it has started
+            except BaseException:  # noqa: BLE001 - its error was raised by executor()
+                pass
+            stack.close()
 
 
 def _finished(path: Path) -> dict | None:
@@ -197,22 +217,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"{out} is already complete")
         return 0
-    from .engine.finish import status
-    from .engine.instances import table_path
-    from .engine.to_zarr import segment_to_zarr
     from .io import open_image
-    from .models.checkpoint import model_from_spec
 
     image = open_image(args.image, level=args.level)  # input errors come first
-    model = model_from_spec(args.model, halo=args.halo)
-    before = _finished(out)
-    bar = ProgressBar(sys.stderr, sys.stderr.isatty() and not args.quiet)
     start = time.perf_counter()
     try:
-        with _executor(spec) as executor:
+        with _executor(spec) as executor:  # a cluster starts while the model loads
+            from .engine.finish import status
+            from .engine.instances import table_path
+            from .engine.to_zarr import segment_to_zarr
+            from .models.checkpoint import model_from_spec
+
+            model = model_from_spec(args.model, halo=args.halo)
+            before = _finished(out)
+            bar = ProgressBar(sys.stderr, sys.stderr.isatty() and not args.quiet)
             path = segment_to_zarr(image, model, out, options, resume=args.resume,
-                                   overwrite=args.overwrite, executor=executor, shard=args.shard,
-                                   progress=bar, model_source=args.model)
+                                   overwrite=args.overwrite, executor=executor(),
+                                   shard=args.shard, progress=bar, model_source=args.model)
     except KeyboardInterrupt as stop:
         from .engine.jobs import work_path
 
@@ -264,13 +285,13 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         print(job_script(spec))
         return 0
     options = _run_options(args)
-    model = model_from_spec(args.model, halo=args.halo)
-    bar = ProgressBar(sys.stderr, sys.stderr.isatty() and not args.quiet, unit="images")
     start = time.perf_counter()
-    with _executor(spec) as executor:
+    with _executor(spec) as executor:  # a cluster starts while the model loads
+        model = model_from_spec(args.model, halo=args.halo)
+        bar = ProgressBar(sys.stderr, sys.stderr.isatty() and not args.quiet, unit="images")
         results = segment_batch(args.inputs, model, args.output_dir, options,
-                                overwrite=args.overwrite, executor=executor, shard=args.shard,
-                                progress=bar, model_source=args.model)
+                                overwrite=args.overwrite, executor=executor(),
+                                shard=args.shard, progress=bar, model_source=args.model)
     seconds = time.perf_counter() - start
     print(_batch_table(results, seconds))
     return 1 if any(r.status in ("failed", "pending") for r in results) else 0

@@ -266,6 +266,11 @@ def openvino_forward(
     }
     if threads:
         config["INFERENCE_NUM_THREADS"] = str(threads)
+    # OpenVINO pins its stream threads to cores counted from the first one, so the single
+    # stream of each of two worker processes (or shards) on one machine land on the same
+    # core: 0.077 s against 0.037 s per forward, two such processes at once on 2 cores;
+    # a single process ran as fast unpinned (benchmarks in docs/benchmarks.md)
+    config["ENABLE_CPU_PINNING"] = "NO"
     start = time.perf_counter()
     compiled = core.compile_model(network, "CPU", config)
     actual = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()

@@ -19,11 +19,14 @@ from typing import Any
 from ...errors import ClusterError, InvalidArgumentError
 from ..cores import available_cores
 
-__all__ = ["JobSpec", "ClusterSpec", "connect", "job_script", "parse_cluster"]
+__all__ = ["JobSpec", "ClusterSpec", "connect", "import_jobqueue", "job_script",
+           "parse_cluster"]
 
 log = logging.getLogger(__name__)
 
 _JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "lsf": "LSFCluster"}
+_QUIET_MONITORS = {"distributed.worker.memory.monitor-interval": "1s",
+                   "distributed.admin.system-monitor.interval": "2s"}
 
 
 @dataclass(frozen=True)
@@ -141,24 +144,51 @@ def parse_cluster(cluster: str | None, scheduler: str | None,
         f"--cluster {cluster!r} is not understood; expected local:N, slurm, pbs or lsf")
 
 
-def _jobqueue_cluster(spec: ClusterSpec, **extra: Any) -> Any:
+def import_jobqueue(kind: str = "slurm") -> Any:
+    """``dask_jobqueue``, imported without letting it take SIGINT: importing it installs a
+    SIGINT handler that calls ``sys.exit()`` (``dask_jobqueue.runner``), which would turn
+    Ctrl-C into an exit without clean-up; the handler in place before is put back. Import
+    it in the main thread first (a thread cannot set signal handlers).
+
+    Raises
+    ------
+    InvalidArgumentError
+        dask-jobqueue is not installed.
+    """
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
     try:
         import dask_jobqueue
     except ImportError:
         raise InvalidArgumentError(
-            f"--cluster {spec.kind} needs dask-jobqueue (pip install 'tilerseg[cluster]')"
+            f"--cluster {kind} needs dask-jobqueue (pip install 'tilerseg[cluster]')"
         ) from None
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return dask_jobqueue
+
+
+def _jobqueue_cluster(spec: ClusterSpec, **extra: Any) -> Any:
+    dask_jobqueue = import_jobqueue(spec.kind)
     import dask
 
     job = spec.job
-    kwargs: dict[str, Any] = {"processes": 1, **extra}
+    # the scheduler's dashboard on a free port unless configured: the default, 8787, is
+    # taken by any other cluster on the host (and distributed then warns)
+    options = dict(dask.config.get(f"jobqueue.{spec.kind}.scheduler-options", None) or {})
+    options.setdefault("dashboard_address", ":0")
+    kwargs: dict[str, Any] = {"processes": 1, "scheduler_options": options, **extra}
     for name in ("memory", "walltime", "queue"):
         if getattr(job, name) is not None:
             kwargs[name] = getattr(job, name)
     if job.account is not None:  # LSF calls it the project
         kwargs["project" if spec.kind == "lsf" else "account"] = job.account
-    # the job books all its cores, its worker runs one task at a time with all of them as
-    # torch threads: one Dask thread, so that no task waits behind another on a worker
+    # the job books all its cores and its worker runs one claiming pipeline with all of
+    # them (SLURM_CPUS_PER_TASK); one Dask thread is enough for that one long Dask task
     cores = job.cores or dask.config.get(f"jobqueue.{spec.kind}.cores", None)
     if cores is not None:
         kwargs["cores"] = 1
@@ -203,7 +233,7 @@ def job_script(spec: ClusterSpec) -> str:
     str
         The script (nothing is submitted).
     """
-    cluster = _jobqueue_cluster(spec, scheduler_options={"dashboard_address": ":0"})
+    cluster = _jobqueue_cluster(spec)
     try:
         return str(cluster.job_script())
     finally:
@@ -239,8 +269,14 @@ def connect(spec: ClusterSpec) -> Iterator[Any]:
                 f"--scheduler {spec.address}: cannot connect ({err})") from None
     else:
         if spec.kind == "local":
-            cluster = LocalCluster(n_workers=spec.workers, threads_per_worker=1,
-                                   processes=True, host="127.0.0.1", dashboard_address=None)
+            import dask
+
+            # the workers look at their memory every second, not ten times a second (the
+            # nanny's default), and at the system every two (there is no dashboard)
+            with dask.config.set(_QUIET_MONITORS):
+                cluster = LocalCluster(n_workers=spec.workers, threads_per_worker=1,
+                                       processes=True, host="127.0.0.1",
+                                       dashboard_address=":0")  # None binds 8787
         else:
             cluster = _jobqueue_cluster(spec)
             cluster.scale(jobs=spec.workers)

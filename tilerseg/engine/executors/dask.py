@@ -101,6 +101,11 @@ class DaskExecutor:
             return "cuda"
         from .plugin import cuda_available
 
+        try:  # ask a worker: wait for the first one (a batch job may still be queued)
+            self.client.wait_for_workers(1, timeout=self.worker_timeout)
+        except TimeoutError:
+            raise ClusterError(f"no Dask worker started within {self.worker_timeout:.0f} s "
+                               "(--worker-timeout)") from None
         has_gpu = self.client.run(cuda_available)
         return "cuda" if any(has_gpu.values()) else "cpu"
 
@@ -190,7 +195,7 @@ class DaskExecutor:
 
     def _run_cluster(self, works: Iterable[Work], progress: Callable[[int], None] | None,
                      isolate: bool, record: dict | None) -> int:
-        from distributed import Event
+        from distributed import Event, wait
 
         from .fleet import Watchdog
 
@@ -251,7 +256,13 @@ class DaskExecutor:
                     progress(tiles)
                 if finished and not loops:
                     break
-                time.sleep(POLL)
+                if loops:  # wake up as soon as a loop ends (the last one: the run is done)
+                    try:
+                        wait(list(loops.values()), timeout=POLL, return_when="FIRST_COMPLETED")
+                    except TimeoutError:
+                        pass
+                else:
+                    time.sleep(POLL)
         finally:
             stop.set()
             self.client.cancel([f for f in loops.values() if not f.done()])

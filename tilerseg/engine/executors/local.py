@@ -72,8 +72,11 @@ def run_pipelined(works: Iterable[Work], *, cores: int | None = None,
         replicas = [runner.replica] + replicate(
             runner.model, p.devices[1:], runner.model_ndim, options.precision,
             options.compile)
-    # I/O threads mostly wait on the queues; decoding and compressing release the GIL
-    readers = min(2, cores) if cpu else max(2, min(8, cores // (2 * len(replicas))))
+    # I/O threads mostly wait on the queues; decoding and compressing release the GIL. Two
+    # even for a worker process with one core's share: with one, its model waited for
+    # input 0.9 s against 0.5 s in a 4096^2 run on 2 cores (two processes)
+    machine = os.cpu_count() or 1
+    readers = min(2, machine) if cpu else max(2, min(8, machine // (2 * len(replicas))))
     seen: list[Work] = []
 
     def track(items: Iterable[Work]) -> Iterable[Work]:
