@@ -65,6 +65,15 @@ def test_cluster_output_identical_to_local(client, data, tmp_path, case):
     assert_same_arrays(local, remote)
     attrs = zarr.open_group(remote, mode="r").attrs["tilerseg"]
     assert attrs["executor"] == "dask.distributed"
+    # the tiles were computed in the workers (not here), each through its own pipeline,
+    # whose stage times reached the output's profile
+    pids = {f"{os.uname().nodename}:{pid}" for pid in client.run(os.getpid).values()}
+    profile = attrs["profile"]
+    assert {w["worker"] for w in profile["workers"]} <= pids
+    assert sum(w["tasks"] for w in profile["workers"]) == attrs["manifest"]["tasks"]["count"]
+    assert profile["compute"] > 0 and profile["read"] > 0 and profile["write"] > 0
+    assert profile["compute_workers"] == len(profile["workers"])
+    assert all(w["runtime"]["engine"] == attrs["runtime"]["engine"] for w in profile["workers"])
 
 
 def test_a_run_is_sent_as_small_plain_data(data, tmp_path):
@@ -138,6 +147,52 @@ def test_a_killed_worker_costs_only_its_tasks(client, data, tmp_path):
     assert_same_arrays(local, out)
 
 
+def test_a_cluster_with_no_worker_left_stops_the_run(data, tmp_path):
+    """Every worker of a running scheduler dies mid-run (SIGKILL, no nanny to restart them):
+    the run stops with a ClusterError after the worker timeout instead of waiting forever;
+    the unfinished run is kept and a local --resume completes it, equal to a local run."""
+    import subprocess
+    import sys
+
+    from distributed import Client, LocalCluster
+
+    from tilerseg.engine.executors.dask import DaskExecutor
+    from tilerseg.errors import ClusterError
+
+    image = membrane_image((1024, 1024), cell_size=24, seed=12)[0]
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, image, tile=(256, 256), photometric="minisblack")
+    out = tmp_path / "o.zarr"
+    with LocalCluster(n_workers=0, processes=True, host="127.0.0.1",
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        workers = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker",
+                                     cluster.scheduler_address, "--no-nanny", "--nthreads",
+                                     "1", "--no-dashboard"], stderr=subprocess.DEVNULL)
+                   for _ in range(2)]
+        try:
+            client.wait_for_workers(2, timeout=60)
+            killed = []
+
+            def progress(done, total):
+                if not killed and done_count(out) >= 2:
+                    for w in workers:
+                        w.kill()
+                    killed.append(time.monotonic())
+
+            with pytest.raises(ClusterError, match="no Dask worker has been alive for 3 s"):
+                tilerseg.segment_to_zarr(path, data["one"], out, tile=64, progress=progress,
+                                         executor=DaskExecutor(client, worker_timeout=3))
+            assert killed and time.monotonic() - killed[0] < 60
+        finally:
+            for w in workers:
+                w.kill()
+                w.wait()
+    assert work_path(out).is_dir() and 0 < done_count(out) < 64
+    tilerseg.segment_to_zarr(path, data["one"], out, tile=64, resume=True)
+    assert_same_arrays(out, tilerseg.segment_to_zarr(path, data["one"], tmp_path / "l.zarr",
+                                                     tile=64))
+
+
 def test_jobqueue_script_carries_the_resources():
     pytest.importorskip("dask_jobqueue")
     spec = ClusterSpec("slurm", workers=4, job=JobSpec(
@@ -149,7 +204,7 @@ def test_jobqueue_script_carries_the_resources():
     assert "#SBATCH -t 04:00:00" in script
     assert "#SBATCH --gres=gpu:1" in script
     assert "#SBATCH -p gpu" in script and "#SBATCH -A lab42" in script
-    assert "--nthreads 1" in script  # one task at a time, with all the job's cores
+    assert "--nthreads 1" in script  # one claiming pipeline, with all the job's cores
     pbs = job_script(ClusterSpec("pbs", job=JobSpec(cores=4, memory="8GB", gpus=2)))
     assert "#PBS -l select=1:ncpus=4:mem=8GB:ngpus=2" in pbs
     lsf = job_script(ClusterSpec("lsf", job=JobSpec(cores=4, memory="8GB", gpus=1)))

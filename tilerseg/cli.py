@@ -40,7 +40,7 @@ examples:
   tilerseg run slide.tif --cluster local:4              4 worker processes on this machine
   tilerseg run slide.tif -o out.zarr --shard auto       one job of a SLURM job array
   tilerseg run slide.tif --cluster slurm --jobs 8 --cores 8 --memory 32GB --gpus-per-job 1
-  tilerseg status slide.tilerseg.zarr    complete? tasks done, parameters, shards
+  tilerseg status slide.tilerseg.zarr    complete? missing tasks, claims, workers
   tilerseg batch slides/ -o results/     every image of a folder, one model load
   tilerseg export em.pt -o em.zip --format bioimageio   a bioimage.io package
   tilerseg run slide.tif --model em.zip  run a bioimage.io package (.zip, rdf.yaml, folder)
@@ -748,8 +748,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="where a run stands: complete, tasks done, parameters",
                         description="Show whether OUT.zarr is complete or how many of its "
-                        "tasks are done, the run's parameters, the shards that worked on it "
-                        "and any run still holding it.")
+                        "tasks are done and which are missing, the run's parameters, who "
+                        "holds which task's claim (and whether that claim is stale), the "
+                        "processes working on it and what each process that computed tasks "
+                        "did.")
     st.add_argument("output", metavar="OUT.zarr", help="the output (or its .partial folder)")
     st.add_argument("--json", action="store_true", help="everything, as JSON")
     st.set_defaults(func=_cmd_status)
@@ -997,10 +999,13 @@ def _on_signals() -> dict[int, Any]:
 
 
 def _restore_signals(previous: dict[int, Any]) -> None:
+    """Put the previous handlers back; after a stop signal, ignore further ones instead:
+    the process is on its way out with the first signal's status (a later signal would
+    kill it with the default action, as a signal rather than the exit status)."""
     import signal
 
     for signum, handler in previous.items():
-        signal.signal(signum, handler)
+        signal.signal(signum, signal.SIG_IGN if _STOPPING[0] else handler)
 
 
 def _stopped(stop: BaseException) -> str:

@@ -48,6 +48,9 @@ WORKER_TIMEOUT = 300.0
 POLL = 0.5
 """Seconds between the client's looks at its workers, their loops and the runs."""
 
+_GRACE = 30.0
+"""Seconds the client waits for the workers' loops to end once every task is recorded."""
+
 
 def _local_error(err: BaseException, what: str) -> BaseException:
     """A worker's error as the caller should see it: tilerseg's own errors and OSErrors as
@@ -238,22 +241,30 @@ class DaskExecutor:
             submit(address)
 
         finished: set[str] = set()  # workers whose loop ended with every task recorded
+        recorded_at = None  # when every task of every run was first seen recorded
         try:
             while True:
-                alive = watchdog.poll()  # raises ClusterError when nothing can run any more
+                tiles = _commit_finished(works, isolate)
+                if progress is not None and tiles != shown[0]:
+                    shown[0] = tiles
+                    progress(tiles)
+                if all(w.complete or w.error is not None for w in works):
+                    # done; the loops end within a poll or two (they leave their records)
+                    recorded_at = recorded_at or time.monotonic()
+                    if not loops or time.monotonic() - recorded_at > _GRACE:
+                        break
+                    alive = {a: None for a in loops}
+                else:
+                    alive = watchdog.poll()  # raises ClusterError when nothing can run
                 for address, future in list(loops.items()):
                     if future.done():
                         collect(address, future)
                     elif address not in alive:  # its worker is gone: its claims go stale
                         future.cancel()
                         del loops[address]
-                if not finished:  # a loop ends only when every task is recorded
+                if not finished and recorded_at is None:  # a loop ends once all is recorded
                     for address in sorted(set(alive) - set(loops)):
                         submit(address)
-                tiles = _commit_finished(works, isolate)
-                if progress is not None and tiles != shown[0]:
-                    shown[0] = tiles
-                    progress(tiles)
                 if finished and not loops:
                     break
                 if loops:  # wake up as soon as a loop ends (the last one: the run is done)
