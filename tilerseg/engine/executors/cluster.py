@@ -241,28 +241,6 @@ def job_script(spec: ClusterSpec) -> str:
 
 
 @contextlib.contextmanager
-def _forked_workers() -> Iterator[None]:
-    """Start the worker processes of a local cluster from a fork server that imported
-    tilerseg (and torch) once, instead of spawning each from a fresh interpreter that imports
-    them again: the fork server is a single-threaded process, so forking it is safe (forking
-    the nanny, distributed's ``fork`` method, hung the workers). TILERSEG_WORKER_START=spawn
-    keeps distributed's default."""
-    import os
-
-    import dask
-
-    if os.environ.get("TILERSEG_WORKER_START", "forkserver") != "forkserver":
-        yield
-        return
-    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
-        from distributed.utils import get_mp_context
-
-        context = get_mp_context()  # distributed names its own modules first (once)
-        context.set_forkserver_preload(["distributed", "tilerseg.engine.worker"])
-        yield
-
-
-@contextlib.contextmanager
 def connect(spec: ClusterSpec) -> Iterator[Any]:
     """A ``distributed.Client`` on the cluster of ``spec``, closed (with the cluster) after.
 
@@ -295,7 +273,7 @@ def connect(spec: ClusterSpec) -> Iterator[Any]:
 
             # the workers look at their memory every second, not ten times a second (the
             # nanny's default), and at the system every two (there is no dashboard)
-            with dask.config.set(_QUIET_MONITORS), _forked_workers():
+            with dask.config.set(_QUIET_MONITORS):
                 cluster = LocalCluster(n_workers=spec.workers, threads_per_worker=1,
                                        processes=True, host="127.0.0.1",
                                        dashboard_address=":0")  # None binds 8787
