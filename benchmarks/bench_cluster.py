@@ -18,10 +18,12 @@ from the file, in one process, along two paths timed in alternating order for
     ``distributed.Client`` on a ``LocalCluster`` of ``--workers`` (2) worker processes
     x 1 Dask thread on the loopback interface, started once before the rounds with
     ``tilerseg.engine.executors.cluster.connect(ClusterSpec("local", workers=2))``
-    (what ``tilerseg run --cluster local:2`` does). Every task (up to 4 tiles) is one
-    Dask task; each worker process loads the model once, uses ``cores // workers`` torch
-    threads, reopens the TIFF itself and writes its chunks straight into the output; the
-    client commits (pyramid, metadata).
+    (what ``tilerseg run --cluster local:2`` does). Each worker process loads the model
+    once, runs one long Dask task that claims tasks (up to 4 tiles each) and computes them
+    through the same pipeline as the local run with ``cores // workers`` cores, reopens
+    the TIFF itself and writes its chunks straight into the output; the client commits
+    (pyramid, metadata). Whole processes, as users run them, are timed by
+    ``bench_scale_out.py``.
 
 Both times are the whole call. Throughput is output pixels (N^2) per second. The figure
 of merit is the per-round (paired) ratio ``cluster throughput / local throughput =

@@ -28,9 +28,9 @@ is the bundled one (:func:`tilerseg.load_model`: the ISBI 2012 valid U-Net, dept
 
 3. **claims** (``--claim-tasks``, default 2450: the tasks of a 100,000 x 100,000 slide in
    1024-px tiles): the bookkeeping of one task without the model: claim it
-   (:meth:`tilerseg.engine.jobs.WorkDir.claim`: a look for its record, an ``O_EXCL``
+   (:meth:`tilerseg.engine.workdir.WorkDir.claim`: a look for its record, an ``O_EXCL``
    create of the claim file and its JSON, a second look for the record), write its
-   completion record (:meth:`~tilerseg.engine.jobs.WorkDir.mark_done`) and release the
+   completion record (:meth:`~tilerseg.engine.workdir.WorkDir.mark_done`) and release the
    claim (read back, unlink), in a real work directory under ``--workdir``, in one process;
    the median of ``--repeats`` passes over all the tasks, per task and extrapolated to
    ``--claim-tasks`` tasks. The same with ``--claimers`` (3) processes claiming from one
@@ -203,7 +203,8 @@ def bench_shards(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def _work_dir(root: Path, tasks: int) -> Any:
     """A real work directory whose grid has ``tasks`` tasks (one row of tiles per task row)."""
-    from tilerseg.engine.jobs import TaskGrid, WorkDir
+    from tilerseg.engine.jobs import TaskGrid
+    from tilerseg.engine.workdir import WorkDir
 
     remove(root)
     grid = TaskGrid((tasks, 4), (1, 4))
@@ -217,7 +218,7 @@ def _work_dir(root: Path, tasks: int) -> Any:
 
 def _claim_all(path: str, ids: list[int], who: str) -> tuple[int, float]:
     """Claim, record and release every task of ``ids`` that nobody else has; (done, s)."""
-    from tilerseg.engine.jobs import WorkDir
+    from tilerseg.engine.workdir import WorkDir
 
     work = WorkDir.open(Path(path))
     done = 0

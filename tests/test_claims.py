@@ -15,7 +15,7 @@ import zarr
 
 import tilerseg
 from tilerseg.engine.claims import TaskClaims
-from tilerseg.engine.jobs import WorkDir, work_path
+from tilerseg.engine.workdir import WorkDir, work_path
 from tilerseg.engine.locks import _start_ticks, read_lock
 
 from .test_resume import assert_same_arrays, slide  # noqa: F401 - the fixture
@@ -50,7 +50,7 @@ def record_of(out, task) -> dict:
     return json.loads((work_path(out) / "done" / str(task)).read_text())
 
 
-def test_a_task_held_by_a_live_process_is_waited_for_then_taken_over(slide, tmp_path,
+def test_a_task_held_by_a_live_process_is_waited_for_then_taken_over(slide, tmp_path,  # noqa: F811
                                                                      monkeypatch):
     out = tmp_path / "o.zarr"
     work = interrupted(slide, out, monkeypatch)
@@ -78,7 +78,7 @@ def test_a_task_held_by_a_live_process_is_waited_for_then_taken_over(slide, tmp_
     assert sum(w["tasks"] for w in workers) == len(work.grid)
 
 
-def test_a_claim_of_a_process_that_is_gone_is_taken_over_at_once(slide, tmp_path,
+def test_a_claim_of_a_process_that_is_gone_is_taken_over_at_once(slide, tmp_path,  # noqa: F811
                                                                   monkeypatch):
     out = tmp_path / "o.zarr"
     work = interrupted(slide, out, monkeypatch)
@@ -93,7 +93,8 @@ def test_a_claim_of_a_process_that_is_gone_is_taken_over_at_once(slide, tmp_path
     assert_same_arrays(out, slide["reference"])
 
 
-def test_a_task_recorded_by_its_holder_is_not_computed_again(slide, tmp_path, monkeypatch):
+def test_a_task_recorded_by_its_holder_is_not_computed_again(slide, tmp_path,  # noqa: F811
+                                                           monkeypatch):
     """While this process waits for a task another live process holds, the holder records
     it: this process takes the record as it is (and never computes the task)."""
     out = tmp_path / "o.zarr"

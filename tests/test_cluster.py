@@ -16,7 +16,7 @@ import zarr
 
 import tilerseg
 from tilerseg.engine.executors.cluster import ClusterSpec, JobSpec, connect, job_script
-from tilerseg.engine.jobs import WorkDir, work_path
+from tilerseg.engine.workdir import WorkDir, work_path
 from tilerseg.errors import InvalidArgumentError
 from tilerseg.synthetic import membrane_image
 

@@ -23,7 +23,7 @@ from torch import nn
 import tilerseg
 from tilerseg.cli import main
 from tilerseg.engine.instances import InstanceRun
-from tilerseg.engine.jobs import work_path
+from tilerseg.engine.workdir import work_path
 from tilerseg.errors import InvalidArgumentError
 from tilerseg.instances import IdMap, face_pairs, id_dtype, label_chunk, span_of
 from tilerseg.io.writers import decode_probabilities, open_output

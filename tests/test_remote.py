@@ -780,19 +780,19 @@ def test_a_table_left_by_a_commit_killed_after_its_move_is_placed_by_resume(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Tables are placed after the move: a process killed in between leaves the table in
     the work directory, and --resume (finding the output complete) places it."""
-    from tilerseg.engine import finish
+    from tilerseg.engine import instances
 
     options = {"tile": 64, "output": "instances", "object_table": "csv"}
     segment_to_zarr(image, small_model, tmp_path / "reference.zarr", **options)
-    plain = finish.place_tables
+    plain = instances.place_tables
 
     def killed(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(finish, "place_tables", killed)
+    monkeypatch.setattr(instances, "place_tables", killed)
     with pytest.raises(KeyboardInterrupt):
         segment_to_zarr(image, small_model, tmp_path / "out.zarr", **options)
-    monkeypatch.setattr(finish, "place_tables", plain)
+    monkeypatch.setattr(instances, "place_tables", plain)
     assert open_output(tmp_path / "out.zarr")["attributes"]["complete"] is True
     assert not (tmp_path / "out.objects.csv").exists()
     assert (tmp_path / "out.zarr.partial" / "instances" / "objects.csv").is_file()

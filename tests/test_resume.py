@@ -20,7 +20,8 @@ import zarr
 
 import tilerseg
 from tilerseg.cli import main
-from tilerseg.engine.jobs import TaskGrid, WorkDir, work_path
+from tilerseg.engine.jobs import TaskGrid
+from tilerseg.engine.workdir import WorkDir, work_path
 from tilerseg.engine.locks import FileLock, live_locks, read_lock
 from tilerseg.errors import InvalidArgumentError, OutputError
 from tilerseg.synthetic import membrane_image

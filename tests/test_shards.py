@@ -12,7 +12,7 @@ import zarr
 
 import tilerseg
 from tilerseg.engine.executors.shard import Shard, parse_shard
-from tilerseg.engine.jobs import work_path
+from tilerseg.engine.workdir import work_path
 from tilerseg.errors import InvalidArgumentError, InvalidImageError
 
 from .test_resume import CLI, assert_same_arrays, slide  # noqa: F401 - the fixture
@@ -78,15 +78,15 @@ def test_shard_arguments():
 def test_finalize_commits_what_shards_left(slide, tmp_path, monkeypatch):  # noqa: F811
     """A shard killed after its last task but before the commit: finalize finishes it."""
     out = tmp_path / "o.zarr"
-    import tilerseg.engine.to_zarr as to_zarr
+    from tilerseg.engine.workdir import WorkDir
 
-    real = to_zarr.commit
-    monkeypatch.setattr(to_zarr, "commit", lambda *a, **k: (_ for _ in ()).throw(
+    real = WorkDir.commit
+    monkeypatch.setattr(WorkDir, "commit", lambda *a, **k: (_ for _ in ()).throw(
         KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         tilerseg.segment_to_zarr(slide["tif"], slide["model"], out, tile=64, output="both",
                                  shard=(0, 2))
-    monkeypatch.setattr(to_zarr, "commit", real)
+    monkeypatch.setattr(WorkDir, "commit", real)
     state = tilerseg.status(out)
     assert state["done"] == state["tasks"] and not state["complete"] and not state["running"]
     assert tilerseg.finalize(out) is True

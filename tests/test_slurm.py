@@ -9,7 +9,6 @@ task and wait for that one, so what is being checked does not depend on the mach
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import torch
 import zarr
 
 import tilerseg
-from tilerseg.engine.jobs import WorkDir, work_path
+from tilerseg.engine.workdir import WorkDir, work_path
 from tilerseg.engine.locks import FileLock
 from tilerseg.synthetic import membrane_image
 

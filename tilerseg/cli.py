@@ -235,7 +235,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                    overwrite=args.overwrite, executor=executor(),
                                    shard=args.shard, progress=bar, model_source=args.model)
     except KeyboardInterrupt as stop:
-        from .engine.jobs import work_path
+        from .engine.workdir import work_path
 
         kept = work_path(out)
         note = f"; the unfinished run is kept in {kept} (--resume continues it)" \
@@ -638,10 +638,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="background value in normalised input units (default: the most "
                    "common value of a low-resolution level)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="concurrent forward passes on the CPU (default 2)")
+                   help="concurrent forward passes on the CPU, in each process that "
+                   "computes (default 2, at most its cores)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch threads per CPU worker or per cluster worker process "
-                   "(default: the cores shared out)")
+                   help="torch threads per CPU worker (default: the cores the process may "
+                   "use, shared out: its affinity, SLURM_CPUS_PER_TASK, its host's share on "
+                   "a cluster)")
     p.add_argument("--no-pyramid", action="store_true",
                    help="write full resolution only, no lower-resolution levels")
     g = p.add_argument_group("instances", "with --output instances (see docs/instances.md)")

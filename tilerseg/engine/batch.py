@@ -25,7 +25,6 @@ from ..io import remote
 from ..io.formats import image_paths
 from .executors import parse_shard, resolve_executor
 from .options import RunOptions, run_options
-from .finish import commit
 from .resume import Started, start
 from .tasks import Work
 from .jobs import default_output_path
@@ -206,7 +205,7 @@ def segment_batch(
         result = by_work[id(work)]
         assert result._started is not None
         result._started.release()  # the last process to leave the run commits it
-        commit(work.context.work, result.output, overwrite=overwrite,
+        work.context.work.commit(result.output, overwrite=overwrite,
                attributes={"executor": runner.name, "batch": True},
                writer=work.context.writer, mapper=runner.map)
         result.status, result.tiles = "done", work.tiles

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from .locks import FileLock
 
 if TYPE_CHECKING:
-    from .jobs import WorkDir
+    from .workdir import WorkDir
 
 __all__ = ["TaskClaims", "POLL"]
 

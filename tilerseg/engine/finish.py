@@ -1,4 +1,6 @@
-"""Finishing a run (the commit), finishing it by hand, and telling where a run stands.
+"""Finishing a run by hand, clearing what a killed commit left, telling where a run stands.
+
+The commit itself is :meth:`~tilerseg.engine.workdir.WorkDir.commit`.
 
 Free of torch: ``tilerseg status`` and ``tilerseg finalize`` need no model.
 """
@@ -7,110 +9,20 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from ..errors import OutputError
 from ..io import remote
-from ..io.writers import OutputWriter, spec_from_dict
-from .instances import InstanceRun, Mapper, place_tables
-from .jobs import WorkDir, read_final_manifest, work_path
-from .locks import FileLock, LockedError
+from .instances import InstanceRun, place_tables
+from .jobs import read_final_manifest
+from .workdir import WorkDir, work_path
 
-__all__ = ["commit", "status", "finalize", "leftover", "clear_leftover"]
+__all__ = ["status", "finalize", "leftover", "clear_leftover"]
 
 log = logging.getLogger(__name__)
-
-
-def commit(work: WorkDir, out: Path, *, overwrite: bool = False,
-           attributes: dict[str, Any] | Callable[[WorkDir], dict[str, Any]] | None = None,
-           writer: OutputWriter | None = None, mapper: Mapper | None = None) -> bool:
-    """Finish a run whose tasks are all recorded: instances, pyramid, metadata, move,
-    object table, clean up.
-
-    The object table is placed beside the output only once the output is in place, so
-    a failed move leaves the old output and its table together; a process killed in
-    between leaves the table in the work directory, where :func:`clear_leftover` (run
-    by ``--resume`` and ``finalize``) finds and places it.
-
-    Exactly once among processes finishing at the same time, by the last one to stop
-    working on the run: under the commit lock, only if the output is still in the work
-    directory, and only if no other live process still works on it (holds a lock or a
-    claim of the run); each process releases its own lock before it calls this, so the
-    last one to leave finds nobody and commits, with every process's record in place.
-
-    Parameters
-    ----------
-    work : WorkDir
-        The run.
-    out : Path
-        The final output path.
-    overwrite : bool
-        Replace an existing output at ``out``.
-    attributes : dict or callable, optional
-        Added to the output's ``tilerseg`` attributes (executor...); a callable is given
-        the work directory once it is this call's to commit (so that a profile merged
-        from every process's record sees them all).
-    writer : OutputWriter, optional
-        The run's writer, already open on ``work.store`` (else one is opened).
-    mapper : callable, optional
-        Runs the instance passes over chunks (a cluster's ``map``); default: threads
-        here. See :meth:`~tilerseg.engine.instances.InstanceRun.run`.
-
-    Returns
-    -------
-    bool
-        True if this call committed, False if another process did, does, or will (it
-        still works on the run).
-
-    Raises
-    ------
-    OutputError
-        Tasks are missing, or ``out`` exists without ``overwrite``; the work directory is
-        kept.
-    OSError
-        The output cannot be finished or moved (disk full...); the work directory is kept:
-        the commit can be retried (``tilerseg finalize`` or ``--resume``).
-    """
-    lock = FileLock(work.locks / "commit.lock", "commit")
-    try:
-        lock.acquire()
-    except (LockedError, FileNotFoundError):
-        log.info("%s is being (or was) committed by another process", out)
-        return False
-    try:
-        if not remote.exists(work.store):
-            return False
-        me = (socket.gethostname(), os.getpid())
-        others = [h for h in work.running() if (h.host, h.pid) != me]
-        if others:
-            log.info("%s: %s still works on it and commits it", out, others[0].describe())
-            return False
-        missing = work.missing()
-        if missing:
-            raise OutputError(f"'{out}' cannot be finished: {len(missing)} of "
-                              f"{len(work.grid)} tasks are not done (e.g. task {missing[0]})")
-        if writer is None:
-            writer = OutputWriter(out, spec_from_dict(work.manifest["spec"]), staging=work.store,
-                                  existing=True)
-        writer.overwrite = overwrite
-        instances = InstanceRun.of(work.path, work.manifest)
-        extra = dict((attributes(work) if callable(attributes) else attributes) or {})
-        if instances is not None:
-            extra["instances"] = instances.run(mapper)
-        # a remote output's staging store is gone once committed: not recorded
-        manifest = {k: v for k, v in work.manifest.items() if k != "store"}
-        writer.update_attributes(manifest=manifest, config_hash=work.config_hash,
-                                 committed_by=f"{socket.gethostname()}:{os.getpid()}", **extra)
-        writer.commit()
-        place_tables(instances, out, replacing=writer.replaced)
-    finally:
-        lock.release()
-    work.remove()
-    return True
 
 
 def leftover(out: Path, final: dict[str, Any] | None) -> WorkDir | None:
@@ -250,7 +162,7 @@ def finalize(out: str | os.PathLike, *, overwrite: bool = False) -> bool:
                           f"{running[0].describe()}")
     if os.path.lexists(out) and not overwrite:
         raise OutputError(f"output '{out}' exists; pass --overwrite to replace it")
-    return commit(work, out, overwrite=overwrite, attributes={"executor": "finalize"})
+    return work.commit(out, overwrite=overwrite, attributes={"executor": "finalize"})
 
 
 def _output_path(out: str | os.PathLike) -> Path | str:

@@ -42,7 +42,7 @@ from ..io import remote
 from ..io.writers import INSTANCE_NAME, OutputSpec, decode_probabilities, encode_probabilities
 from ..labels import LabelPolicy
 from .cores import available_cores
-from .jobs import store_of
+from .workdir import store_of
 from .options import INSTANCE_MODES, TABLE_FORMATS
 
 __all__ = ["INSTANCE_MODES", "TABLE_FORMATS", "InstanceRun", "create_provisional",
@@ -444,7 +444,7 @@ class InstanceRun:
 
 def place_tables(run: InstanceRun | None, out: Path, replacing: bool) -> None:
     """Move a run's object table beside ``out`` (once the output itself is there: see
-    :func:`~tilerseg.engine.finish.commit`) and, when the run replaced an existing
+    :meth:`~tilerseg.engine.workdir.WorkDir.commit`) and, when the run replaced an existing
     output, remove that output's other tables.
 
     Parameters

@@ -1,66 +1,45 @@
-"""The output cut into tasks, and the work directory that makes a run resumable.
+"""What a run computes and how it is cut: tasks, the manifest, and comparing runs.
 
-Tasks
------
-The output's tile grid (one tile = one Zarr chunk of level 0, and one chunk of each
-eager pyramid level) is cut into rectangular blocks of up to :data:`TILES_PER_TASK`
-tiles along the last axis: a task. Tasks are numbered row-major. A run crosses process and
-machine boundaries as a :class:`RunRef`, plain data (input path, level, channels, the
-run's config hash, where the output is) of a few hundred bytes; the processes that
-compute it claim its tasks one at a time (see :mod:`tilerseg.engine.claims`).
+The output's tile grid (one tile = one Zarr chunk of level 0, and one chunk of each eager
+pyramid level) is cut into rectangular blocks of up to :data:`TILES_PER_TASK` tiles along
+the last axis: a task (:class:`TaskGrid`). Tasks are numbered row-major. A run crosses
+process and machine boundaries as a :class:`RunRef`, plain data (input path, level,
+channels, the run's config hash, where the output is) of a few hundred bytes; the
+processes that compute it claim its tasks one at a time in its work directory (see
+:mod:`tilerseg.engine.workdir` and :mod:`tilerseg.engine.claims`).
 
-The work directory
-------------------
-An unfinished output ``OUT.zarr`` lives beside it in ``OUT.zarr.partial/``::
-
-    OUT.zarr.partial/
-        manifest.json     what is being computed (see :func:`build_manifest`), with its hash
-        output.zarr/      the output being written; moved to OUT.zarr by the commit
-        done/             one completion record per finished task, e.g. done/17
-        claims/           one claim per task being computed, e.g. claims/18 (see
-                          tilerseg.engine.claims)
-        locks/            one lock per process running the run (run-*.lock, join-*.lock),
-                          commit.lock (see tilerseg.engine.locks)
-        workers/          what each process that computed tasks did: tasks, tiles, stage
-                          times, the runtime that ran the model
-
-A task's record is written only after all its chunks (eager pyramid levels included)
-are stored, so a crash between the two redoes the task; every chunk write is idempotent.
-The commit builds the remaining pyramid levels, marks the output complete, renames
-``output.zarr`` to ``OUT.zarr`` and removes the work directory.
+The manifest (:func:`build_manifest`) records everything that decides a run's output, with
+a hash of it; :func:`differences` names what a new request would change against it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
-import shutil
-import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidArgumentError, OutputError
+from ..errors import InvalidArgumentError
 from ..geometry import ModelGeometry, normalize_tile
 from ..io import remote
 from ..io.formats import SLICE_EXTENSIONS, is_zarr_dir, strip_image_suffix
 from ..io.dicom import dicom_files
 from ..normalize import Normalization, resolve_normalization
-from .locks import FileLock, LockedError, LockHolder, live_locks, read_lock
 from .options import PLAIN_OUTPUT_OPTIONS, RunOptions
 
 __all__ = [
-    "TILES_PER_TASK", "RunRef", "TaskGrid", "WorkDir", "default_output_path", "work_path",
-    "build_manifest",
-    "differences", "input_identity", "path_identity", "geometry_of", "read_final_manifest",
-    "quick_complete", "remove_debris", "remove_tree", "store_of",
+    "TILES_PER_TASK", "FORMAT", "FORMAT_VERSION", "RunRef", "TaskGrid", "default_output_path",
+    "build_manifest", "differences", "input_identity", "path_identity", "geometry_of",
+    "read_final_manifest", "quick_complete",
 ]
 
 log = logging.getLogger(__name__)
@@ -68,25 +47,8 @@ log = logging.getLogger(__name__)
 TILES_PER_TASK = 4
 """Tiles (output chunks) per task, along the last axis."""
 
-MANIFEST = "manifest.json"
-_FOLDERS = ("done", "claims", "locks", "workers")
-STORE = "output.zarr"
 FORMAT = "tilerseg-run"
 FORMAT_VERSION = 1
-
-
-def store_of(work: Path, manifest: dict[str, Any]) -> Path | str:
-    """The Zarr store a run writes: ``output.zarr`` in its work directory ``work``, or for
-    a remote output the staging URL beside it that the manifest records as ``store``.
-
-    Examples
-    --------
-    >>> store_of(Path("/data/out.zarr.partial"), {}).as_posix()
-    '/data/out.zarr.partial/output.zarr'
-    >>> store_of(Path("/tmp/w.partial"), {"store": "memory://runs/.out.zarr.partial-1"})
-    'memory://runs/.out.zarr.partial-1'
-    """
-    return manifest.get("store") or Path(work) / STORE
 
 
 def default_output_path(image: str | os.PathLike) -> Path:
@@ -109,18 +71,6 @@ def default_output_path(image: str | os.PathLike) -> Path:
     if any(c in path.name for c in "*?["):  # a glob: name it after its folder
         path = path.parent
     return path.with_name(f"{strip_image_suffix(path.name)}.tilerseg.zarr")
-
-
-def work_path(out: str | os.PathLike) -> Path:
-    """Where the unfinished output of ``out`` lives: ``OUT.zarr`` -> ``OUT.zarr.partial``.
-
-    Examples
-    --------
-    >>> work_path("/data/slide.tilerseg.zarr").as_posix()
-    '/data/slide.tilerseg.zarr.partial'
-    """
-    out = Path(os.path.abspath(os.fspath(out)))
-    return out.with_name(out.name + ".partial")
 
 
 # -- tasks ----------------------------------------------------------------------------------
@@ -161,6 +111,25 @@ class TaskGrid:
         position = np.unravel_index(task_id, self.shape)
         return tuple((int(p) * b, min(g, (int(p) + 1) * b))
                      for p, b, g in zip(position, self.block, self.grid))
+
+    @functools.cached_property
+    def tile_counts(self) -> np.ndarray:
+        """The number of tiles of every task, by task number.
+
+        Examples
+        --------
+        >>> TaskGrid((2, 10), (1, 4)).tile_counts.tolist()
+        [4, 4, 2, 4, 4, 2]
+        """
+        counts = np.ones((), dtype=np.int64)
+        for g, b in zip(self.grid, self.block):  # the tasks' extent along each axis
+            counts = np.multiply.outer(counts, np.minimum(b, g - np.arange(0, g, b)))
+        return counts.reshape(-1)
+
+    def tiles_of(self, task_ids: Iterable[int]) -> int:
+        """How many tiles the tasks ``task_ids`` have in all."""
+        ids = np.fromiter(task_ids, dtype=np.int64)
+        return int(self.tile_counts[ids].sum()) if ids.size else 0
 
     def tiles(self, task_id: int) -> list[tuple[int, ...]]:
         """The tile indices of a task, row-major."""
@@ -413,236 +382,6 @@ def differences(manifest: dict[str, Any], options: RunOptions, *, version: str,
         if then != now[name]:
             differ(name, then, now[name])
     return out
-
-
-# -- the work directory -----------------------------------------------------------------------
-
-
-class WorkDir:
-    """The unfinished output of one run (see the module notes).
-
-    Use :meth:`create` or :meth:`open`; the manifest is read once.
-    """
-
-    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
-        self.path = Path(path)
-        self.manifest = manifest
-        self.grid = TaskGrid(tuple(manifest["tasks"]["grid"]), tuple(manifest["tasks"]["block"]))
-
-    @property
-    def config_hash(self) -> str:
-        return str(self.manifest["config_hash"])
-
-    @property
-    def store(self) -> Path | str:
-        """The Zarr store being written: ``output.zarr`` here, or for a remote output the
-        staging URL beside it recorded as the manifest's ``store``."""
-        return store_of(self.path, self.manifest)
-
-    @property
-    def done_dir(self) -> Path:
-        return self.path / "done"
-
-    @property
-    def locks(self) -> Path:
-        return self.path / "locks"
-
-    @property
-    def claims_dir(self) -> Path:
-        return self.path / "claims"
-
-    @property
-    def workers_dir(self) -> Path:
-        return self.path / "workers"
-
-    @classmethod
-    def create(cls, path: Path, manifest: dict[str, Any],
-               make_store: Callable[[Path], None]) -> tuple[WorkDir, bool]:
-        """Create the work directory atomically, or open the one another process made.
-
-        Everything is built in a hidden sibling first and renamed into place, so
-        processes starting at once (shards of a job array) agree on one directory.
-
-        Returns
-        -------
-        (WorkDir, bool)
-            The work directory, and whether this call created it.
-        """
-        tmp = path.parent / f".{path.name}.new-{uuid.uuid4().hex}"
-        try:
-            tmp.mkdir()
-            for sub in _FOLDERS:
-                (tmp / sub).mkdir()
-            _write_json(tmp / MANIFEST, manifest)
-            make_store(tmp / STORE)
-            os.rename(tmp, path)
-        except OSError as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if path.is_dir():  # another process won the rename
-                return cls.open(path), False
-            raise OSError(err.errno, f"cannot create the work directory '{path}': "
-                          f"{err.strerror or err}") from err
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return cls(path, manifest), True
-
-    @classmethod
-    def open(cls, path: Path) -> WorkDir:
-        """Open an existing work directory."""
-        try:
-            with open(path / MANIFEST, encoding="utf-8") as f:
-                manifest = json.load(f)
-        except (OSError, ValueError) as err:
-            raise OutputError(
-                f"'{path}' is not a tilerseg work directory ({err}); remove it or pass "
-                "--overwrite") from None
-        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-            raise OutputError(f"'{path}' was written by another tilerseg version; remove it "
-                              "or pass --overwrite")
-        return cls(Path(path), manifest)
-
-    def done(self) -> set[int]:
-        """The tasks with a completion record."""
-        return {int(n) for n in _listdir(self.done_dir) if n.isdigit()}
-
-    def missing(self) -> list[int]:
-        """The tasks without a completion record, in order."""
-        done = self.done()
-        return [k for k in range(len(self.grid)) if k not in done]
-
-    def mark_done(self, task_id: int, **info: Any) -> None:
-        """Record that a task's chunks are all stored."""
-        record = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), **info}
-        with open(self.done_dir / str(task_id), "w", encoding="utf-8") as f:
-            json.dump(record, f)
-
-    def is_done(self, task_id: int) -> bool:
-        """Whether a task has a completion record."""
-        return os.path.exists(self.done_dir / str(int(task_id)))
-
-    def claim(self, task_id: int, info: dict[str, Any] | None = None) -> FileLock | None:
-        """Claim a task for this process (see :mod:`tilerseg.engine.claims`).
-
-        Returns
-        -------
-        FileLock or None
-            The claim, held (release it after the task's record is written); None when
-            the task is recorded, a live process holds it, or the run is over (its work
-            directory was committed and removed meanwhile).
-        """
-        if self.is_done(task_id):
-            return None
-        claim = FileLock(self.claims_dir / str(int(task_id)), "claim", info)
-        try:
-            claim.acquire()
-        except LockedError:
-            return None
-        except FileNotFoundError:
-            if not self.path.is_dir():
-                return None
-            self.claims_dir.mkdir(exist_ok=True)  # a run begun by an earlier tilerseg
-            return self.claim(task_id, info)
-        if self.is_done(task_id):  # finished by the previous holder meanwhile
-            claim.release()
-            return None
-        return claim
-
-    def claims(self) -> dict[int, LockHolder]:
-        """Who holds (or held) each claimed task's claim, stale or not."""
-        out = {}
-        for name in _listdir(self.claims_dir):
-            if name.isdigit():
-                holder = read_lock(self.claims_dir / name)
-                if holder is not None:
-                    out[int(name)] = holder
-        return out
-
-    def running(self) -> list[LockHolder]:
-        """The live processes working on this run: holders of its locks (runs, shards, a
-        commit) and of its claims, one entry per process."""
-        seen, out = set(), []
-        holders = live_locks(self.locks) + [h for _, h in sorted(self.claims().items())
-                                             if not h.stale]
-        for holder in holders:
-            if (holder.host, holder.pid) not in seen:
-                seen.add((holder.host, holder.pid))
-                out.append(holder)
-        return out
-
-    def record_worker(self, **info: Any) -> None:
-        """Write what one process did on this run (tasks, tiles, stage times...), once,
-        when it stops computing."""
-        name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
-        record = {"host": socket.gethostname(), "pid": os.getpid(),
-                  "job": os.environ.get("SLURM_JOB_ID"), "time": time.time(), **info}
-        try:
-            _write_json(self.workers_dir / name, record)
-        except FileNotFoundError:  # committed and removed by another process meanwhile
-            if self.path.is_dir():
-                self.workers_dir.mkdir(exist_ok=True)
-                _write_json(self.workers_dir / name, record)
-
-    def worker_records(self) -> list[dict[str, Any]]:
-        """What each process that computed tasks of this run did, oldest first."""
-        out = []
-        for name in _listdir(self.workers_dir):
-            try:
-                with open(self.workers_dir / name, encoding="utf-8") as f:
-                    out.append(json.load(f))
-            except (OSError, ValueError):
-                continue
-        return sorted(out, key=lambda r: r.get("time", 0))
-
-    def ref(self, image: str | None, level: int, channels: Sequence[int]) -> RunRef:
-        """This run as plain data for other processes (:class:`RunRef`)."""
-        return RunRef(self.manifest["output"], os.fspath(self.path), self.config_hash, image,
-                      int(level), tuple(int(c) for c in channels))
-
-    def remove(self) -> None:
-        """Delete the work directory (after a commit, or to start again)."""
-        remove_tree(self.path)
-
-
-def remove_debris(out: Path, older_than: float = 600.0) -> None:
-    """Remove what killed processes can leave beside ``out``: work directories renamed
-    aside for removal (``.OUT.zarr.partial.removed-*``), and ones never renamed into
-    place (``.OUT.zarr.partial.new-*``) older than ``older_than`` seconds."""
-    now = time.time()
-    for p in out.parent.glob(f".{out.name}.partial.*-*"):
-        try:
-            stale = ".removed-" in p.name or (".new-" in p.name
-                                              and now - p.stat().st_mtime > older_than)
-        except OSError:
-            continue
-        if stale:
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def remove_tree(path: Path) -> None:
-    """Delete a directory: renamed aside first, so it vanishes at once for other runs."""
-    aside = path.with_name(f".{path.name}.removed-{uuid.uuid4().hex}")
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def _listdir(folder: Path) -> list[str]:
-    """The names in a folder (none if it is not there), without hidden temporary files."""
-    try:
-        return [n for n in os.listdir(folder) if not n.startswith(".")]
-    except FileNotFoundError:
-        return []
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename: readers never see half of it."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def quick_complete(out: Path, image: str, model_file: Path, options: RunOptions,

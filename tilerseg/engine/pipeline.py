@@ -80,7 +80,7 @@ def merge_profile(records: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     Parameters
     ----------
     records : list of dict
-        :meth:`~tilerseg.engine.jobs.WorkDir.worker_records`: each with ``tasks``,
+        :meth:`~tilerseg.engine.workdir.WorkDir.worker_records`: each with ``tasks``,
         ``tiles`` and, when the process computed this run alone, ``times``
         (:meth:`StageTimes.as_dict`) and ``runtime``.
     wall : float

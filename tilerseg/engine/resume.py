@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import socket
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -43,17 +41,7 @@ from ..io.writers import OutputSpec, OutputWriter, check_output_folder, spec_to_
 from ..labels import LabelPolicy
 from ..models.checkpoint import source_file, weights_digest
 from .background import find_background
-from .jobs import (
-    TaskGrid,
-    WorkDir,
-    build_manifest,
-    differences,
-    input_identity,
-    read_final_manifest,
-    remove_debris,
-    remove_tree,
-    work_path,
-)
+from .jobs import TaskGrid, build_manifest, differences, input_identity, read_final_manifest
 from .finish import clear_leftover, leftover
 from .instances import check_table_format, create_provisional
 from .executors.shard import Shard
@@ -61,6 +49,7 @@ from .locks import FileLock
 from .options import RunOptions
 from .prepare import Prepared, check_model, is_lazy_input, model_normalize, prepare
 from .tasks import RunContext, open_context
+from .workdir import WorkDir, remove_debris, remove_tree, work_path
 
 __all__ = ["Started", "start"]
 
@@ -126,18 +115,10 @@ class Started:
 
 
 def _lock(work: WorkDir, shard: Shard | None) -> list[FileLock]:
-    """Take this process's own lock on the run (``locks/run-*.lock``, a shard's
-    ``locks/shard-*.lock``): it says the run is being worked on, so that nobody starts it
-    again or removes it meanwhile. Processes that join the run hold one each."""
-    kind = "run" if shard is None else "shard"
-    info = {} if shard is None else {"shard": shard.label}
-    name = f"{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.lock"
-    lock = FileLock(work.locks / name, kind, info)
-    try:
-        lock.acquire()
-    except FileNotFoundError:
-        raise OutputError(f"the unfinished run in '{work.path}' was removed meanwhile") from None
-    return [lock]
+    """This process's lock on the run (a shard's names the shard)."""
+    if shard is None:
+        return [work.join("run")]
+    return [work.join("shard", {"shard": shard.label})]
 
 
 def _busy(work: WorkDir, out: Path | str) -> OutputError | None:

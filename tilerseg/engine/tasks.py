@@ -28,10 +28,11 @@ from ..normalize import Normalization
 from .background import decode_skipped
 from .claims import TaskClaims
 from .instances import InstanceRun
-from .jobs import RunRef, WorkDir, geometry_of
+from .jobs import RunRef, geometry_of
 from .options import PLAIN_OUTPUT_OPTIONS, RunOptions, run_options
 from .pipeline import Direct, StageTimes, run_pipeline
 from .prepare import Prepared, prepare
+from .workdir import WorkDir
 
 __all__ = ["RunContext", "Work", "complete", "first_and_rest", "open_context", "recorded_options",
            "run_tasks"]
@@ -361,7 +362,7 @@ def run_tasks(
 
     def found_elsewhere(work: Work, claims: TaskClaims, before: int) -> None:
         """Count, for the progress, the tasks found recorded by other processes."""
-        tiles = sum(len(work.context.work.grid.tiles(k)) for k in claims.found[before:])
+        tiles = work.context.work.grid.tiles_of(claims.found[before:])
         if tiles:
             tell(tiles)
 

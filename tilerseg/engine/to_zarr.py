@@ -17,12 +17,12 @@ from ..errors import InvalidArgumentError, TilersegError
 from ..io import remote
 from .executors import ShardExecutor, parse_shard, resolve_executor
 from .executors.shard import Shard
-from .jobs import WorkDir, default_output_path
+from .jobs import default_output_path
 from .options import RunOptions, run_options
 from .pipeline import merge_profile
-from .finish import commit
 from .resume import Started, start
 from .tasks import Work
+from .workdir import WorkDir
 
 __all__ = ["segment_to_zarr", "default_output_path"]
 
@@ -188,7 +188,7 @@ def _run(started: Started, runner: Any, shard: Shard | None, overwrite: bool,
     work, ctx = started.work, started.context
     assert ctx is not None
     ids = work.missing()
-    total = sum(len(work.grid.tiles(k)) for k in ids)
+    total = work.grid.tiles_of(ids)
     report = None if progress is None else (lambda done: progress(done, total))
     p = ctx.p
     log.info("segmenting %s into %s: %d of %d tasks to do (%d tiles of %s) with %s",
@@ -224,7 +224,7 @@ def _run(started: Started, runner: Any, shard: Shard | None, overwrite: bool,
 
     finishing = time.perf_counter()
     started.release()  # the last process to leave the run commits it
-    if not commit(work, started.out, overwrite=overwrite, attributes=attributes,
+    if not work.commit(started.out, overwrite=overwrite, attributes=attributes,
                   writer=ctx.writer, mapper=runner.map):
         return started.out
     seconds = time.perf_counter() - begin

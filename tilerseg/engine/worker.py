@@ -26,9 +26,10 @@ from torch import nn
 
 from ..errors import OutputError
 from ..models.checkpoint import weights_digest
-from .jobs import RunRef, WorkDir
+from .jobs import RunRef
 from .options import RunOptions
 from .tasks import RunContext, Work, open_context
+from .workdir import WorkDir
 
 __all__ = ["run_claims", "share_model", "forget_model", "set_cores"]
 

@@ -293,10 +293,10 @@ def _commit_finished(works: list[Work], isolate: bool) -> int:
     for work in works:
         wd = work.context.work
         if work.complete or not wd.path.is_dir():  # committed here, or by someone else
-            tiles += sum(len(wd.grid.tiles(k)) for k in work.task_ids)
+            tiles += wd.grid.tiles_of(work.task_ids)
             continue
         done = wd.done()
-        tiles += sum(len(wd.grid.tiles(k)) for k in work.task_ids if k in done)
+        tiles += wd.grid.tiles_of(k for k in work.task_ids if k in done)
         if work.error is None and len(done) == len(wd.grid):
             work._completed = True
             complete(work, isolate)
@@ -331,7 +331,7 @@ def _report(work: Work, progress: Callable[[int], None] | None,
     while not done.wait(POLL):
         wd = work.context.work
         recorded = wd.done()
-        tiles = sum(len(wd.grid.tiles(k)) for k in work.task_ids if k in recorded)
+        tiles = wd.grid.tiles_of(k for k in work.task_ids if k in recorded)
         if tiles != last:
             last = tiles
             progress(tiles)

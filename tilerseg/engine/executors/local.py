@@ -38,7 +38,7 @@ def run_pipelined(works: Iterable[Work], *, cores: int | None = None,
     (by default 2 x ``cores`` / 2, see :func:`~tilerseg.engine.device.cpu_budget`); on GPUs
     one replica per device. The options come from the first work's run options. When the
     pipeline stops, each work's run gets a record of what this process did
-    (:meth:`~tilerseg.engine.jobs.WorkDir.record_worker`): its tasks and tiles, its stage
+    (:meth:`~tilerseg.engine.workdir.WorkDir.record_worker`): its tasks and tiles, its stage
     times (when it computed one run only) and the runtime that ran the model.
 
     Parameters
