@@ -55,7 +55,6 @@ import argparse
 import multiprocessing
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -63,10 +62,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from bench_cluster import same_level0
 from bench_end_to_end import add_output_arguments, open_workdir, write_json
 from bench_memory import make_slide
+from bench_resume import remove_output
 
 TARGETS = {"cluster-4096": 0.85, "cluster-8192": 0.9, "shards": 0.85}
 CLI = [sys.executable, "-m", "tilerseg", "run"]
@@ -116,20 +115,6 @@ def run_together(commands: list[list[str]], cwd: Path) -> float:
     return seconds
 
 
-def same_level0(a: Path, b: Path) -> bool:
-    import zarr
-
-    x = zarr.open_group(os.fspath(a), mode="r")["0"]
-    y = zarr.open_group(os.fspath(b), mode="r")["0"]
-    return x.dtype == y.dtype and np.array_equal(x[...], y[...])
-
-
-def remove(*paths: Path) -> None:
-    for p in paths:
-        shutil.rmtree(p, ignore_errors=True)
-        shutil.rmtree(p.with_name(p.name + ".partial"), ignore_errors=True)
-
-
 def paired(rounds: list[dict[str, Any]], a: str, b: str) -> float:
     return statistics.median(r[a] / r[b] for r in rounds)
 
@@ -157,7 +142,8 @@ def bench_cluster(workdir: Path, size: int, args: argparse.Namespace) -> dict[st
               f"({px / times['cluster']:.2f} Mpx/s), ratio "
               f"{times['local'] / times['cluster']:.3f}, identical {times['identical']}",
               flush=True)
-    remove(local, cluster)
+    remove_output(local)
+    remove_output(cluster)
     ratio = paired(rounds, "local", "cluster")
     target = TARGETS.get(f"cluster-{size}", 0.85)
     return {"size": size, "rounds": rounds, "ratio": ratio, "target": target,
@@ -182,7 +168,7 @@ def bench_shards(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
             if name == "local":
                 times["local"] = run([*CLI, *common, "-o", str(local), "--overwrite"], workdir)
             else:
-                remove(sharded)
+                remove_output(sharded)
                 times["shards"] = run_together(
                     [[*CLI, *common, "-o", str(sharded), "--shard", f"{i}/{n}"]
                      for i in range(n)], workdir)
@@ -191,7 +177,8 @@ def bench_shards(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
         print(f"  {n} shards, {size}^2 round {k + 1}: local {times['local']:.2f} s, "
               f"shards {times['shards']:.2f} s, ratio {times['local'] / times['shards']:.3f}, "
               f"identical {times['identical']}", flush=True)
-    remove(local, sharded)
+    remove_output(local)
+    remove_output(sharded)
     ratio = paired(rounds, "local", "shards")
     return {"size": size, "shards": n, "rounds": rounds, "ratio": ratio,
             "target": TARGETS["shards"],
@@ -206,7 +193,7 @@ def _work_dir(root: Path, tasks: int) -> Any:
     from tilerseg.engine.jobs import TaskGrid
     from tilerseg.engine.workdir import WorkDir
 
-    remove(root)
+    remove_output(root)
     grid = TaskGrid((tasks, 4), (1, 4))
     manifest = {"format": "tilerseg-run", "format_version": 1, "config_hash": "bench",
                 "output": str(root), "tasks": {"grid": list(grid.grid),
@@ -253,7 +240,7 @@ def bench_claims(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
         print(f"  {n} tasks: one process {seconds:.3f} s ({1e3 * seconds / n:.3f} ms/task); "
               f"{args.claimers} processes at once {wall:.3f} s (tasks each: "
               f"{[d for d, _ in results]})", flush=True)
-    remove(workdir / "claims.zarr")
+    remove_output(workdir / "claims.zarr")
     per_task = statistics.median(one) / n
     return {"tasks": n, "one_process_s": statistics.median(one),
             "per_task_ms": 1e3 * per_task, "claimers": args.claimers,

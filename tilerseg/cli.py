@@ -141,6 +141,11 @@ def _cluster(args: argparse.Namespace) -> Any:
     return spec
 
 
+def _submits_jobs(spec: Any) -> bool:
+    """Whether the cluster asked for submits batch jobs (SLURM, PBS, LSF)."""
+    return spec is not None and spec.kind not in ("local", "scheduler")
+
+
 @contextlib.contextmanager
 def _executor(spec: Any) -> Iterator[Callable[[], Any]]:
     """``executor()``: the executor on the asked-for cluster (None for this process's
@@ -153,7 +158,7 @@ def _executor(spec: Any) -> Iterator[Callable[[], Any]]:
 
     from .engine.executors.cluster import connect, import_jobqueue
 
-    if spec.kind not in ("local", "scheduler"):
+    if _submits_jobs(spec):
         import_jobqueue(spec.kind)  # here, in the main thread (it touches SIGINT)
     stack = contextlib.ExitStack()
     with ThreadPoolExecutor(1, thread_name_prefix="tilerseg-cluster-start") as pool:
@@ -218,17 +223,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"{out} is already complete")
         return 0
     from .io import open_image
+    from .models.checkpoint import model_from_spec
 
     image = open_image(args.image, level=args.level)  # input errors come first
+    # no batch jobs are submitted for a model that does not load; other clusters start
+    # while the model loads
+    model = model_from_spec(args.model, halo=args.halo) if _submits_jobs(spec) else None
     start = time.perf_counter()
     try:
-        with _executor(spec) as executor:  # a cluster starts while the model loads
+        with _executor(spec) as executor:
             from .engine.finish import status
             from .engine.instances import table_path
             from .engine.to_zarr import segment_to_zarr
-            from .models.checkpoint import model_from_spec
 
-            model = model_from_spec(args.model, halo=args.halo)
+            if model is None:
+                model = model_from_spec(args.model, halo=args.halo)
             before = _finished(out)
             bar = ProgressBar(sys.stderr, sys.stderr.isatty() and not args.quiet)
             path = segment_to_zarr(image, model, out, options, resume=args.resume,
@@ -285,9 +294,11 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         print(job_script(spec))
         return 0
     options = _run_options(args)
+    model = model_from_spec(args.model, halo=args.halo) if _submits_jobs(spec) else None
     start = time.perf_counter()
-    with _executor(spec) as executor:  # a cluster starts while the model loads
-        model = model_from_spec(args.model, halo=args.halo)
+    with _executor(spec) as executor:  # other clusters start while the model loads
+        if model is None:
+            model = model_from_spec(args.model, halo=args.halo)
         bar = ProgressBar(sys.stderr, sys.stderr.isatty() and not args.quiet, unit="images")
         results = segment_batch(args.inputs, model, args.output_dir, options,
                                 overwrite=args.overwrite, executor=executor(),

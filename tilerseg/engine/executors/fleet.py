@@ -28,9 +28,12 @@ from typing import Any
 
 from ...errors import ClusterError
 
-__all__ = ["Watchdog", "JobFleet", "slurm_states"]
+__all__ = ["Watchdog", "JobFleet", "slurm_states", "ASK_EVERY"]
 
 log = logging.getLogger(__name__)
+
+ASK_EVERY = 5.0
+"""Seconds between two looks at a batch cluster's jobs (``squeue``)."""
 
 _LIVE = {"PENDING", "RUNNING", "CONFIGURING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
          "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD"}
@@ -84,19 +87,23 @@ class JobFleet:
         self.budget = 2 * self.target if replacements is None else int(replacements)
         self.replaced = 0
         self.ended: dict[str, str] = {}  # job id -> state
-        self.seen: set[str] = set()  # job ids submitted
         self.slurm = getattr(getattr(cluster, "job_cls", None), "submit_command", "") == "sbatch"
         self._closing: set[Any] = set()
         self._handled: set[str] = set()  # job names seen to end
         # job names asked for whose job is not submitted yet (not an ended job)
         self._pending: set[str] = set(cluster.worker_spec) - set(cluster.workers)
+        self._asked = -ASK_EVERY
 
     def poll(self) -> None:
-        """Look at the jobs; replace (or drop) those that ended."""
+        """Look at the jobs (the batch system is asked at most every :data:`ASK_EVERY`
+        seconds); replace (or drop) those that ended."""
+        now = time.monotonic()
+        if now - self._asked < ASK_EVERY:
+            return
+        self._asked = now
         jobs = dict(self.cluster.workers)
         ids = {name: str(job.job_id) for name, job in jobs.items()
                if getattr(job, "job_id", None)}
-        self.seen.update(ids.values())
         states = slurm_states(sorted(set(ids.values()))) if self.slurm else None
         ended = []
         if states is not None:
@@ -133,7 +140,9 @@ class JobFleet:
         job = cluster.workers.pop(name, None)
         cluster.worker_spec.pop(name, None)
         if job is not None:
-            self._closing.add(asyncio.ensure_future(job.close()))
+            closing = asyncio.ensure_future(job.close())
+            self._closing.add(closing)  # keep a reference until it is done
+            closing.add_done_callback(self._closing.discard)
         if replace:
             new = cluster.new_worker_spec()
             self._pending.update(new)
@@ -156,7 +165,8 @@ class JobFleet:
                 "--max-replacements)")
 
     def pending(self) -> str:
-        """The jobs not ended, for a message: e.g. ``"2 worker jobs pending or running"``."""
+        """The jobs submitted and not seen to end, for a message: e.g. ``"2 worker job(s)
+        submitted, none connected"``."""
         return f"{len(self.cluster.workers)} worker job(s) submitted, none connected"
 
 
