@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import imagecodecs
 import numpy as np
 import pytest
@@ -81,9 +83,18 @@ def test_a_failing_image_mid_stream_does_not_stop_the_others(folder, tmp_path):
     image[250, 250] = np.nan
     np.save(bad, image)
     model = tilerseg.load_model(folder["model"])
+    claims = tmp_path / "nan.tilerseg.zarr.partial" / "claims"
+    held_later = []
+
+    def progress(finished, images):  # when the image after the bad one is done (the
+        if finished == 2:              # failed one is told after the run)...
+            held_later.extend(os.listdir(claims))
+
     results = tilerseg.segment_batch([folder["images"] / "a.tif", bad,
-                                      folder["images"] / "c.npy"], model, tmp_path, tile=64)
+                                      folder["images"] / "c.npy"], model, tmp_path, tile=64,
+                                     progress=progress)
     assert [r.status for r in results] == ["done", "failed", "done"]
+    assert held_later == []  # ... the failed image's claims were given up already
     assert "NaN or Inf" in results[1].error
     # the tasks before the bad tile are kept for a resume (the pipeline holds at most a
     # few tiles in flight, so the first rows were recorded before row 3 was read)

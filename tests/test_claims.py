@@ -143,3 +143,55 @@ def test_claims_are_tried_in_order_and_released(tmp_path, slide, monkeypatch):  
     waited = list(claims.wait(poll=0.05))  # the holder is gone: its task is taken over
     assert waited == [missing[1]] and claims.held == [missing[1]]
     claims.release_all()
+
+
+def test_a_claim_taken_over_is_no_longer_owned(slide, tmp_path, monkeypatch):  # noqa: F811
+    """A process presumed dead (its claim taken over) sees it before writing a tile."""
+    out = tmp_path / "o.zarr"
+    work = interrupted(slide, out, monkeypatch)
+    task = work.missing()[0]
+    claims = TaskClaims(work, [task])
+    assert list(claims.claimable()) == [task] and claims.owns(task)
+    path = work.claims_dir / str(task)
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "token": "another process", "pid": 1}))
+    assert not claims.owns(task)
+    claims.release_all()
+    assert json.loads(path.read_text())["token"] == "another process"  # not removed
+
+
+def test_a_commit_does_not_wait_forever_for_a_process_still_holding_a_lock(
+        slide, tmp_path, monkeypatch):  # noqa: F811
+    """Every task recorded, another live process still holds its lock (it is about to leave,
+    or stuck): the commit waits a little for it, then commits anyway; nobody leaves the
+    run uncommitted."""
+    import tilerseg.engine.workdir as workdir
+
+    out = tmp_path / "o.zarr"
+    interrupted(slide, out, monkeypatch)
+    monkeypatch.setattr(workdir, "LEAVE_WAIT", 0.5)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        locks = work_path(out) / "locks"
+        (locks / "run-elsewhere.lock").write_text(json.dumps({
+            "kind": "run", "host": os.uname().nodename, "pid": holder.pid,
+            "ticks": _start_ticks(holder.pid), "token": "t", "since": "now", "info": {}}))
+        run(slide, out, resume=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_same_arrays(out, slide["reference"])
+
+
+def test_a_lock_file_is_not_left_empty_when_writing_it_fails(tmp_path, monkeypatch):
+    import errno
+
+    from tilerseg.engine.locks import FileLock
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", full)
+    with pytest.raises(OSError, match="No space left"):
+        FileLock(tmp_path / "a.lock", "run").acquire()
+    assert not (tmp_path / "a.lock").exists()

@@ -175,6 +175,12 @@ def test_pipelined_output_identical_to_simple_paths(tmp_path, image, small_model
     profile = attrs["profile"]
     assert profile["tiles"] == len(tilerseg.plan(image.shape, small_model, tile=64))
     assert 0 < profile["compute"] and 0 < profile["wall"] and attrs["executor"] == "pipeline"
+    # Dask's threads: one claiming pipeline per model worker, each with one of them
+    again = tilerseg.segment_to_zarr(path, small_model, tmp_path / "w.zarr", batch_size=3,
+                                     executor="dask", workers=2, threads=1, **kwargs)
+    profile = zarr.open_group(again, mode="r").attrs["tilerseg"]["profile"]
+    assert profile["compute_workers"] == 2 and profile["processes"] == 2, profile
+    np.testing.assert_array_equal(probabilities(again), probabilities(piped))
 
 
 @pytest.mark.parametrize("workers,threads", [(1, 1), (1, 2), (3, 1)])

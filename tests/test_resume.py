@@ -482,7 +482,9 @@ def test_a_requeued_job_takes_over_its_own_lock(tmp_path, monkeypatch):
     path.write_text(json.dumps({"kind": "shard", "host": "node17", "pid": 4242, "ticks": None,
                                 "token": "t", "job": "987654", "since": "then", "info": {}}))
     assert not read_lock(path).stale  # another host, touched just now
-    monkeypatch.setenv("SLURM_JOB_ID", "987654")  # the same job, requeued onto this node
+    monkeypatch.setenv("SLURM_JOB_ID", "987654")  # the same run of the same job: another
+    assert not read_lock(path).stale              # node of a multi-node job, alive
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the job, requeued onto this node
     assert read_lock(path).stale
     with FileLock(path, "shard"):
         assert read_lock(path).pid == os.getpid()

@@ -265,7 +265,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"{who}: done in {seconds:.1f} s; {state['done']} of {state['tasks']} tasks "
                   f"of {path} are done"
                   + (" (committed by another process)" if state["complete"] else
-                     " (the last process working on it commits it; 'tilerseg finalize' "
+                     " (another process working on it commits it; 'tilerseg finalize' "
                      "does it by hand)"))
         return 0
     if not args.quiet:
@@ -381,12 +381,13 @@ def _status_report(state: dict) -> str:
     for holder in state.get("running", []):
         lines.append(f"running     {holder}")
     for worker in state.get("workers", []):
-        times = worker.get("times") or {}
         what = f"shard {worker['shard']}" if worker.get("shard") else worker.get("worker")
+        seconds = worker.get("end", 0) - worker.get("start", 0)
         lines.append(f"worked      {what} on {worker.get('host')}"
                      + (f" (SLURM job {worker['job']})" if worker.get("job") else "")
                      + f": {len(worker.get('tasks', []))} tasks, {worker.get('tiles', 0)} tiles"
-                     + (f" in {times['wall']:.1f} s" if "wall" in times else ""))
+                     + (f" in {seconds:.1f} s" if seconds > 0 else "")
+                     + ("" if worker.get("times") else " (stopped)"))
     return "\n".join(lines)
 
 
@@ -951,8 +952,23 @@ def _window_value(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+def run() -> None:
+    """The ``tilerseg`` command: :func:`main`, then exit with its status (a signal that
+    arrives while the process exits after a stop signal changes nothing)."""
+    sys.exit(main(exiting=True))
+
+
+def main(argv: Sequence[str] | None = None, *, exiting: bool = False) -> int:
+    """Run the command line; returns the exit status.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments (default ``sys.argv[1:]``).
+    exiting : bool
+        The process exits when this returns: after a stop signal (SIGTERM, Ctrl-C), further
+        ones are then ignored to the end, instead of restoring the previous handlers.
+    """
     parser = build_parser()
     args = parser.parse_args(_window_value(sys.argv[1:] if argv is None else list(argv)))
     _configure_logging(args.verbose)
@@ -973,27 +989,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tilerseg: {_stopped(stop)}", file=sys.stderr)
         return _stop_status(stop)
     finally:
-        _restore_signals(previous)
+        _restore_signals(previous, exiting)
 
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a batch system's walltime or preemption, ``kill``): stop like Ctrl-C."""
 
 
-_STOPPING = [False]  # a first SIGTERM or SIGINT was raised: the run is stopping
+_STOPPING = [0]  # stop signals received (SIGTERM, SIGINT) in this run
 
 
 def _stop_signal(signum: int, frame: Any) -> None:
     """The first SIGTERM (or SIGINT) stops the run like Ctrl-C; a second one while it is
     stopping (``scancel`` sends SIGTERM twice in quick succession) is ignored, so the
     stopping run still finishes its clean-up (threads joined, claims and locks
-    released) and exits with the first signal's status."""
+    released) and exits with the first signal's status; a third one ends the process at
+    once, with that status (for a clean-up that hangs)."""
     import signal
 
-    if _STOPPING[0]:
-        return
-    _STOPPING[0] = True
-    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    _STOPPING[0] += 1
+    if _STOPPING[0] == 1:
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    if _STOPPING[0] >= 3:
+        os._exit(128 + signum)
 
 
 def _on_signals() -> dict[int, Any]:
@@ -1002,7 +1020,7 @@ def _on_signals() -> dict[int, Any]:
     import signal
     import threading
 
-    _STOPPING[0] = False
+    _STOPPING[0] = 0
     if threading.current_thread() is not threading.main_thread():
         return {}
     previous = {}
@@ -1011,14 +1029,14 @@ def _on_signals() -> dict[int, Any]:
     return previous
 
 
-def _restore_signals(previous: dict[int, Any]) -> None:
-    """Put the previous handlers back; after a stop signal, ignore further ones instead:
-    the process is on its way out with the first signal's status (a later signal would
-    kill it with the default action, as a signal rather than the exit status)."""
+def _restore_signals(previous: dict[int, Any], exiting: bool) -> None:
+    """Put the previous handlers back; in a process that exits now after a stop signal,
+    ignore further ones instead (a later signal would kill it with the default action, a
+    signal rather than the first one's exit status)."""
     import signal
 
     for signum, handler in previous.items():
-        signal.signal(signum, signal.SIG_IGN if _STOPPING[0] else handler)
+        signal.signal(signum, signal.SIG_IGN if exiting and _STOPPING[0] else handler)
 
 
 def _stopped(stop: BaseException) -> str:

@@ -27,7 +27,7 @@ from .executors import parse_shard, resolve_executor
 from .options import RunOptions, run_options
 from .resume import Started, start
 from .tasks import Work
-from .jobs import default_output_path
+from .jobs import default_output_path, read_final_manifest
 from .to_zarr import discardable
 
 __all__ = ["BatchResult", "batch_inputs", "segment_batch"]
@@ -204,11 +204,13 @@ def segment_batch(
     def finish(work: Work) -> None:
         result = by_work[id(work)]
         assert result._started is not None
-        result._started.release()  # the last process to leave the run commits it
+        result._started.release()  # before the commit: it waits for the others to leave
         work.context.work.commit(result.output, overwrite=overwrite,
-               attributes={"executor": runner.name, "batch": True},
-               writer=work.context.writer, mapper=runner.map)
-        result.status, result.tiles = "done", work.tiles
+                                 attributes={"executor": runner.name, "batch": True},
+                                 writer=work.context.writer, mapper=runner.map)
+        # committed here or by another process working on it (which may still be at it)
+        result.status = "done" if read_final_manifest(result.output) is not None else "pending"
+        result.tiles = work.tiles
         result.seconds = round(time.perf_counter() - result._begin, 3)
         tell(result)
 

@@ -123,6 +123,14 @@ class TaskClaims:
             if left:
                 sleep(poll)
 
+    def owns(self, task_id: int) -> bool:
+        """Whether this process still holds the claim of a task: False once another
+        process took it over (this one was presumed dead: stalled, suspended) or the run
+        is over; what it would write then is left to the new holder."""
+        with self._lock:
+            claim = self._held.get(task_id)
+        return claim is not None and claim.mine()
+
     @property
     def over(self) -> bool:
         """Whether the run is over: committed by another process (its work directory gone)."""

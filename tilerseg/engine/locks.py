@@ -9,8 +9,9 @@ is held. A lock is stale, and may be taken over, when
   process that started at another time: the pid was reused), or
 - it was made on another host and has not been touched for :data:`STALE_AFTER`
   seconds (that host may have crashed; a process on it cannot be checked from here), or
-- it was made by an earlier run of this very batch job (the same ``SLURM_JOB_ID``: the
-  job was requeued, so that run is over).
+- it was made by an earlier run of this very batch job: the same ``SLURM_JOB_ID`` with a
+  lower ``SLURM_RESTART_COUNT`` (the job was requeued, so that run is over; processes of
+  one run of a job, such as the tasks of a multi-node job, share its id and count).
 
 Each lock carries a random token: a process touches or removes only a lock file that
 still holds its own token, so a lock taken over meanwhile is never lost by its new holder.
@@ -82,6 +83,12 @@ def _own_ticks() -> int | None:
     return _ticks_of(os.getpid())
 
 
+def _restart_count() -> int:
+    """How often this SLURM job was requeued (``SLURM_RESTART_COUNT``; 0 outside SLURM)."""
+    value = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return int(value) if value.isdigit() else 0
+
+
 def _alive(pid: int, ticks: int | None) -> bool:
     try:
         os.kill(pid, 0)
@@ -107,13 +114,15 @@ class LockHolder:
     info: dict[str, Any]
     token: str | None = None
     job: str | None = None
+    restart: int = 0
 
     @property
     def stale(self) -> bool:
         """True when the holder is known to be gone (see the module notes)."""
         if self.host == socket.gethostname():
             return not _alive(self.pid, self.ticks)
-        if self.job is not None and self.job == os.environ.get("SLURM_JOB_ID"):
+        if self.job is not None and self.job == os.environ.get("SLURM_JOB_ID") and \
+                self.restart < _restart_count():
             return True
         return time.time() - self.touched > STALE_AFTER
 
@@ -138,7 +147,8 @@ def read_lock(path: str | os.PathLike) -> LockHolder | None:
             data = json.load(f)
         return LockHolder(path, str(data["kind"]), str(data["host"]), int(data["pid"]),
                           data.get("ticks"), str(data["since"]), touched,
-                          dict(data.get("info") or {}), data.get("token"), data.get("job"))
+                          dict(data.get("info") or {}), data.get("token"), data.get("job"),
+                          int(data.get("restart") or 0))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError):
@@ -192,7 +202,7 @@ class FileLock:
         record = json.dumps({
             "kind": self.kind, "host": socket.gethostname(), "pid": os.getpid(),
             "ticks": _own_ticks(), "token": self.token,
-            "job": os.environ.get("SLURM_JOB_ID"),
+            "job": os.environ.get("SLURM_JOB_ID"), "restart": _restart_count(),
             "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "info": self.info,
         })
         for _ in range(3):
@@ -206,8 +216,13 @@ class FileLock:
                     raise LockedError(holder) from None
                 self._take_over(holder)
                 continue
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(record)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(record)
+            except BaseException:  # e.g. a full disk: no empty lock file left behind
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+                raise
             self.held = True
             if self.heartbeat:
                 _HEARTBEAT.add(self)
@@ -230,7 +245,8 @@ class FileLock:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(aside)
 
-    def _mine(self) -> bool:
+    def mine(self) -> bool:
+        """Whether the lock file is still this lock's (not released, not taken over)."""
         holder = read_lock(self.path)
         return holder is not None and holder.token == self.token
 
@@ -238,7 +254,7 @@ class FileLock:
         """Refresh the lock's modification time; False if it is no longer this process's."""
         if not self.held:
             return False
-        if not self._mine():
+        if not self.mine():
             if self.held:  # not released meanwhile: taken over
                 log.warning("lost the lock %s to another process", self.path)
             return False
@@ -252,7 +268,7 @@ class FileLock:
         _HEARTBEAT.discard(self)
         self.held = False
         with contextlib.suppress(FileNotFoundError):
-            if self._mine():
+            if self.mine():
                 os.unlink(self.path)
 
     def __enter__(self) -> FileLock:

@@ -263,7 +263,11 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
 
     wp = work_path(out) if not private else Path(
         tempfile.gettempdir()) / f"tilerseg-{uuid.uuid4().hex}.partial"
-    if remote.exists(out):
+    def complete_now() -> bool:
+        """Whether ``out`` is a finished run of the same parameters (then a joining run has
+        nothing to do); refuses an existing output it may not replace."""
+        if not remote.exists(out):
+            return False
         final = read_final_manifest(out)
         if joining and final is not None:
             changed = diffs(final)
@@ -271,20 +275,35 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
                 left = leftover(out, final)  # a crash between the commit's rename and clean-up
                 if left is not None:
                     clear_leftover(left, out)
-                return Started(out, complete=True)
+                return True
             if not overwrite:
                 raise OutputError(f"output '{out}' exists with other parameters: {changed[0]}; "
                                   "pass --overwrite to replace it")
         elif not overwrite:
             raise OutputError(f"output '{out}' exists; pass --overwrite to replace it")
+        return False
+
+    if complete_now():
+        return Started(out, complete=True)
     for _ in range(2):  # a second pass when another process created the run meanwhile
         if wp.exists():
-            joined = _join(wp, out, shard, joining, overwrite, diffs)
+            try:
+                joined = _join(wp, out, shard, joining, overwrite, diffs)
+            except OutputError:
+                if joining and not wp.exists() and complete_now():  # committed meanwhile
+                    return Started(out, complete=True)
+                raise
             if joined is not None:
                 work, locks = joined
                 try:
                     context = open_context(work, model, image_arg, local, path=path)
                     context.p = dataclasses.replace(context.p, options=options)
+                except OutputError:
+                    for lock in locks:
+                        lock.release()
+                    if joining and not wp.exists() and complete_now():  # committed meanwhile
+                        return Started(out, complete=True)
+                    raise
                 except BaseException:
                     for lock in locks:
                         lock.release()
@@ -317,6 +336,8 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
             if spec.instances:
                 create_provisional(staging.parent, spec, options.instances)
 
+        if joining and complete_now():  # committed (and cleaned up) while this one prepared
+            return Started(out, complete=True)
         work, created = WorkDir.create(wp, manifest, make_store)
         if not created:
             continue  # join (or refuse) the run another process created, as recorded

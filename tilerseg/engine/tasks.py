@@ -1,9 +1,11 @@
 """Running tasks: one process's view of an output (:class:`RunContext`) and the pipeline
-that computes the tiles of many tasks, records each finished task and reports each
-finished output (:func:`run_tasks`).
+that claims and computes the tiles of many tasks, records each finished task and reports
+each finished output (:func:`run_tasks`).
 
-Every executor ends up here: the local executor runs all tasks of a run (or of a batch of
-images) through one :func:`run_tasks`; a Dask worker runs the one task it was given.
+Every process that computes ends up here, through
+:func:`~tilerseg.engine.executors.local.run_pipelined`: a local run or a shard runs all
+the tasks it can claim of its run (or of a batch of images), and so does each worker
+process of a Dask cluster.
 """
 
 from __future__ import annotations
@@ -313,8 +315,11 @@ def run_tasks(
         if not isolate:
             raise err
         with lock:
-            if work.error is None:
+            first = work.error is None
+            if first:
                 work.error = err
+        if first and work._claims is not None:  # others may take this run's tasks at once
+            work._claims.release_all()
 
     def tell(tiles: int) -> None:
         with lock:
@@ -397,11 +402,28 @@ def run_tasks(
             fail(work, err)
             return Direct([None] * len(batch))
 
+    def abandon(item: _Item) -> None:
+        """Drop an item of a task this process no longer holds."""
+        with lock:
+            work = item.work
+            work._left[item.task_id] -= 1
+            last = work._left[item.task_id] == 0
+            if last:
+                work._in_flight -= 1
+        if last:
+            log.warning("task %d of %s was taken over by another process (this one was "
+                        "presumed dead); left to it", item.task_id, item.work.context.work.path)
+            finish_if_done(item.work)
+
     def write(item: _Item, result: Any) -> None:
         work = item.work
         if isinstance(result, _Failed):
             fail(work, result.error)
         if work.error is not None or result is None:
+            return
+        assert work._claims is not None
+        if not work._claims.owns(item.task_id):
+            abandon(item)
             return
         try:
             work.context.write(item.tile, result)
@@ -418,7 +440,6 @@ def run_tasks(
             except Exception as err:  # noqa: BLE001
                 fail(work, err)
                 return
-            assert work._claims is not None
             work._claims.release(item.task_id)
             with lock:
                 work.computed.append(item.task_id)

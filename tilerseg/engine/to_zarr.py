@@ -76,9 +76,9 @@ def segment_to_zarr(
         Replace an existing output (only once the new one is complete), and start an
         unfinished run again instead of refusing.
     executor : None, "pipeline", "dask", distributed.Client or Executor
-        How the tasks run: threads in this process (default), one Dask task per task on
-        Dask's local threads, a ``dask.distributed`` cluster, or any
-        :class:`~tilerseg.engine.executors.Executor`.
+        How the tasks run: threads in this process (default), claiming pipelines on
+        Dask's local threads, a ``dask.distributed`` cluster (one per worker process), or
+        any :class:`~tilerseg.engine.executors.Executor`.
     shard : "I/N", (I, N), "auto" or Shard, optional
         Run as a shard of a job array: join the run (creating it if first) and claim
         tasks until none is left, with any number of other shards, in any order and at
@@ -223,7 +223,7 @@ def _run(started: Started, runner: Any, shard: Shard | None, overwrite: bool,
         return out
 
     finishing = time.perf_counter()
-    started.release()  # the last process to leave the run commits it
+    started.release()  # before the commit: it waits for the others to leave
     if not work.commit(started.out, overwrite=overwrite, attributes=attributes,
                   writer=ctx.writer, mapper=runner.map):
         return started.out

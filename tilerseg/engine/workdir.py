@@ -21,8 +21,8 @@ working on the run holds (:meth:`WorkDir.join`), what each process did
 A task's record is written only after all its chunks (eager pyramid levels included) are
 stored, so a crash between the two redoes the task; every chunk write is idempotent. The
 commit builds the remaining pyramid levels, marks the output complete, renames
-``output.zarr`` to ``OUT.zarr`` and removes the work directory, exactly once, by the last
-process to leave the run.
+``output.zarr`` to ``OUT.zarr`` and removes the work directory, exactly once, by the first
+process that finds every task recorded (once the others have left, or after a short wait).
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ if TYPE_CHECKING:
 __all__ = ["WorkDir", "work_path", "store_of", "remove_debris", "remove_tree"]
 
 log = logging.getLogger(__name__)
+
+LEAVE_WAIT = 10.0
+"""Seconds a committing process waits for the others working on the run to leave."""
 
 MANIFEST = "manifest.json"
 STORE = "output.zarr"
@@ -306,12 +309,12 @@ class WorkDir:
         :func:`~tilerseg.engine.finish.clear_leftover` (run by ``--resume`` and
         ``finalize``) finds and places it.
 
-        Exactly once among processes finishing at the same time, by the last one to stop
-        working on the run: under the commit lock, only if the output is still in the work
-        directory, and only if no other live process still works on it (holds a lock or a
-        claim of the run); each process releases its own lock (:meth:`join`) before it
-        calls this, so the last one to leave finds nobody and commits, with every
-        process's record in place.
+        Exactly once among processes finishing at the same time: under the commit lock (a
+        process finding it held by a live one leaves the commit to it) and only if the
+        output is still in the work directory. Each process releases its own lock
+        (:meth:`join`) before it calls this; the committer waits up to
+        :data:`LEAVE_WAIT` seconds for the other processes working on the run to leave
+        too, so that their records (stage times) reach the profile, then commits anyway.
 
         Parameters
         ----------
@@ -332,8 +335,7 @@ class WorkDir:
         Returns
         -------
         bool
-            True if this call committed, False if another process did, does, or will (it
-            still works on the run).
+            True if this call committed, False if another process did or does.
 
         Raises
         ------
@@ -356,16 +358,12 @@ class WorkDir:
         try:
             if not remote.exists(self.store):
                 return False
-            me = (socket.gethostname(), os.getpid())
-            others = [h for h in self.running() if (h.host, h.pid) != me]
-            if others:
-                log.info("%s: %s still works on it and commits it", out, others[0].describe())
-                return False
             missing = self.missing()
             if missing:
                 raise OutputError(f"'{out}' cannot be finished: {len(missing)} of "
                                   f"{len(self.grid)} tasks are not done (e.g. task "
                                   f"{missing[0]})")
+            self._wait_for_others(out)
             if writer is None:
                 writer = OutputWriter(out, spec_from_dict(self.manifest["spec"]),
                                       staging=self.store, existing=True)
@@ -385,6 +383,20 @@ class WorkDir:
             lock.release()
         self.remove()
         return True
+
+    def _wait_for_others(self, out: Path | str) -> None:
+        """Wait (at most :data:`LEAVE_WAIT` seconds) until no other process holds a lock or
+        a claim of the run: once every task is recorded they only write their records."""
+        me = (socket.gethostname(), os.getpid())
+        deadline = time.monotonic() + LEAVE_WAIT
+        while True:
+            others = [h for h in self.running() if (h.host, h.pid) != me]
+            if not others:
+                return
+            if time.monotonic() > deadline:
+                log.info("%s: committing while %s still holds it", out, others[0].describe())
+                return
+            time.sleep(0.2)
 
     def remove(self) -> None:
         """Delete the work directory (after a commit, or to start again)."""

@@ -118,7 +118,8 @@ def _context(ref: RunRef) -> RunContext:
 def run_claims(runs: Sequence[RunRef], record: dict[str, Any] | None = None, *,
                isolate: bool = False, stop: str | None = None,
                contexts: Sequence[RunContext] | None = None,
-               cores: int | None = None) -> dict[str, Any]:
+               cores: int | None = None, workers: int | None = None,
+               should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Join ``runs`` and compute their tasks, claiming them one at a time until every task
     is recorded (a cluster worker's loop; see :mod:`tilerseg.engine.claims`).
 
@@ -140,6 +141,11 @@ def run_claims(runs: Sequence[RunRef], record: dict[str, Any] | None = None, *,
     cores : int, optional
         The cores this loop's pipeline may use (default: this worker process's share,
         see :func:`set_cores`).
+    workers : int, optional
+        Its model workers (default: the run's options).
+    should_stop : callable, optional
+        In this process: no task is claimed any more once it returns True (with ``stop``,
+        either stops the loop).
 
     Returns
     -------
@@ -162,8 +168,10 @@ def run_claims(runs: Sequence[RunRef], record: dict[str, Any] | None = None, *,
             errors[ref.work] = _one_line(err)
             continue
         works.append(Work(context, context.work.missing()))
-    times = run_pipelined(works, cores=cores or _CORES[0], isolate=isolate, record=record,
-                          should_stop=_stopped(stop), worker=name)
+    stops = [check for check in (_stopped(stop), should_stop) if check is not None]
+    times = run_pipelined(works, cores=cores or _CORES[0], workers=workers, isolate=isolate,
+                          record=record, should_stop=lambda: any(c() for c in stops),
+                          worker=name)
     result: dict[str, Any] = {"worker": name, "job": os.environ.get("SLURM_JOB_ID"),
                               "times": times.as_dict(), "runs": {}}
     for work in works:
@@ -185,24 +193,28 @@ def _one_line(err: BaseException) -> str:
 
 
 def _stopped(name: str | None) -> Callable[[], bool] | None:
-    """A check of the client's stop event, asked of the scheduler at most once a second."""
+    """A check of the client's stop event, asked of the scheduler at most once a second.
+    Only the event set stops the loop: when the scheduler cannot be asked, the loop goes
+    on (what it computes is recorded; a worker whose scheduler is gone for good is ended
+    by its nanny)."""
     if name is None:
         return None
     from distributed import Event, get_client
 
     event = Event(name, client=get_client())  # here: the pipeline's threads have no worker
-    last = [0.0, False]
+    state = {"asked": 0.0, "set": False, "warned": False}
 
     def check() -> bool:
         now = time.monotonic()
-        if not last[1] and now - last[0] >= 1.0:
-            last[0] = now
+        if not state["set"] and now - state["asked"] >= 1.0:
+            state["asked"] = now
             try:
-                last[1] = bool(event.is_set())
-            except Exception as err:  # noqa: BLE001 - the scheduler is gone: stop
-                log.warning("cannot reach the Dask scheduler (%s: %s); stopping",
-                            type(err).__name__, err)
-                last[1] = True
-        return bool(last[1])
+                state["set"] = bool(event.is_set())
+            except Exception as err:  # noqa: BLE001 - asked again in a second
+                if not state["warned"]:
+                    log.warning("cannot ask the Dask scheduler whether to stop (%s: %s); "
+                                "going on", type(err).__name__, err)
+                    state["warned"] = True
+        return bool(state["set"])
 
     return check

@@ -5,9 +5,9 @@ outputs), computes and stores them, writes each task's completion record and cal
 work's ``on_complete`` when all its tasks are recorded:
 
 - :class:`LocalExecutor`: threads in this process (the pipelined executor);
-- :class:`DaskExecutor`: one Dask task per task, on Dask's local threads or on a
-  ``dask.distributed`` cluster (worker processes load the model once and reopen the
-  input themselves);
+- :class:`DaskExecutor`: one claiming pipeline per worker process of a
+  ``dask.distributed`` cluster (each loads the model once and reopens the input
+  itself), or per thread on Dask's local threads;
 - :class:`ShardExecutor`: one job of a job array, run by another executor.
 
 Whatever the executor, the processes that compute claim their tasks one at a time (see

@@ -150,9 +150,10 @@ class DaskExecutor:
             workers, threads = cpu_budget(ctx.p.options.workers, ctx.p.options.threads)
             if ctx.p.device.type != "cpu":
                 workers, threads = 1, None
+            stopping = threading.Event()  # set if this thread is interrupted
             loops = [dask.delayed(run_claims, pure=False)(
-                [ctx.ref()], record, isolate=isolate, contexts=[ctx], cores=threads)
-                for _ in range(workers)]
+                [ctx.ref()], record, isolate=isolate, contexts=[ctx], cores=threads,
+                workers=1, should_stop=stopping.is_set) for _ in range(workers)]
             done = threading.Event()
             watcher = threading.Thread(target=_report, args=(work, progress, done),
                                        daemon=True)
@@ -166,6 +167,7 @@ class DaskExecutor:
                 work.error = err
                 continue
             finally:
+                stopping.set()
                 done.set()
                 watcher.join()
             computed += _apply(list(results), [work], isolate)
@@ -215,45 +217,54 @@ class DaskExecutor:
         stop = Event(f"tilerseg-stop-{run}", client=self.client)
         watchdog = Watchdog(self.client, self.worker_timeout, self.replacements)
         loops: dict[str, Any] = {}  # worker address -> its loop (a future)
-        results: list[dict[str, Any]] = []
-        restarts, submitted, shown = [0], [0], [-1]
+        counts = {"submitted": 0, "restarts": 0, "computed": 0, "shown": -1}
 
         def submit(address: str) -> None:
-            submitted[0] += 1
-            key = f"tilerseg-{run}-{submitted[0]}-{re.sub(r'[^0-9A-Za-z]+', '-', address)}"
+            counts["submitted"] += 1
+            key = f"tilerseg-{run}-{counts['submitted']}-{re.sub(r'[^0-9A-Za-z]+', '-', address)}"
             loops[address] = self.client.submit(
                 run_claims, refs, record, isolate=isolate, stop=stop.name, key=key,
                 workers=[address], allow_other_workers=False, pure=False)
 
+        def restart(address: str, why: str) -> None:
+            if counts["restarts"] >= self.retries:
+                raise ClusterError(f"the loop of worker {address} {why}, "
+                                   f"{self.retries + 1} times; the unfinished run is kept "
+                                   "(--resume continues it)")
+            counts["restarts"] += 1
+            log.warning("cluster: the loop of worker %s %s; starting it again", address, why)
+
         def collect(address: str, future: Any) -> None:
-            """A loop that ended: its result, or its error (raised, or the loop restarted)."""
+            """A loop that ended: its result folded into the works, or its error raised
+            (or the loop started again, next time round, for a failure of the cluster)."""
             del loops[address]
+            if future.status == "cancelled":  # e.g. the client reconnected: submit again
+                return
             if future.status == "finished":
-                results.append(future.result())
-                finished.add(address)
+                result = future.result()
+                counts["computed"] += _apply([result], works, isolate)
+                if not all(w.complete or w.error is not None for w in works) and \
+                        not any(r.get("tasks") for r in result.get("runs", {}).values()):
+                    restart(address, "ended without finishing the run or computing a task")
                 return
             err = future.exception()
-            if isinstance(err, (TilersegError, OSError)) or restarts[0] >= self.retries:
-                raise _local_error(err, f"the worker {address}")
-            restarts[0] += 1
-            log.warning("cluster: the loop of worker %s failed (%s); starting it again",
-                        address, _local_error(err, "it"))
-            submit(address)
+            if isinstance(err, (TilersegError, OSError)):
+                raise err
+            restart(address, f"failed ({_local_error(err, 'it')})")
 
-        finished: set[str] = set()  # workers whose loop ended with every task recorded
-        recorded_at = None  # when every task of every run was first seen recorded
+        recorded_at = None  # when every run was first seen complete or failed
         try:
             while True:
                 tiles = _commit_finished(works, isolate)
-                if progress is not None and tiles != shown[0]:
-                    shown[0] = tiles
+                if progress is not None and tiles != counts["shown"]:
+                    counts["shown"] = tiles
                     progress(tiles)
-                if all(w.complete or w.error is not None for w in works):
-                    # done; the loops end within a poll or two (they leave their records)
+                done = all(w.complete or w.error is not None for w in works)
+                if done:  # the loops end within a poll or two (they leave their records)
                     recorded_at = recorded_at or time.monotonic()
                     if not loops or time.monotonic() - recorded_at > _GRACE:
                         break
-                    alive = {a: None for a in loops}
+                    alive = dict.fromkeys(loops)
                 else:
                     alive = watchdog.poll()  # raises ClusterError when nothing can run
                 for address, future in list(loops.items()):
@@ -262,11 +273,9 @@ class DaskExecutor:
                     elif address not in alive:  # its worker is gone: its claims go stale
                         future.cancel()
                         del loops[address]
-                if not finished and recorded_at is None:  # a loop ends once all is recorded
+                if not done:  # every live worker runs a loop until the runs are done
                     for address in sorted(set(alive) - set(loops)):
                         submit(address)
-                if finished and not loops:
-                    break
                 if loops:  # wake up as soon as a loop ends (the last one: the run is done)
                     try:
                         wait(list(loops.values()), timeout=POLL, return_when="FIRST_COMPLETED")
@@ -280,10 +289,7 @@ class DaskExecutor:
             for name in self._plugins:  # the workers forget the model again
                 self.client.unregister_worker_plugin(name)
             self._plugins.clear()
-            watchdog.close()
-        computed = _apply(results, works, isolate)
-        _commit_finished(works, isolate)
-        return computed
+        return counts["computed"]
 
 
 def _commit_finished(works: list[Work], isolate: bool) -> int:

@@ -92,6 +92,7 @@ class JobFleet:
         self._handled: set[str] = set()  # job names seen to end
         # job names asked for whose job is not submitted yet (not an ended job)
         self._pending: set[str] = set(cluster.worker_spec) - set(cluster.workers)
+        self._lost: set[str] = set()  # jobs whose worker left, not yet handled by poll()
         self._asked = -ASK_EVERY
 
     def poll(self) -> None:
@@ -113,7 +114,7 @@ class JobFleet:
                     ended.append((name, job_id, state))
         # jobs whose worker left the scheduler, removed from ``workers`` by the cluster itself
         self._pending -= set(jobs)
-        for name in set(self.cluster.worker_spec) - set(jobs) - self._pending:
+        for name in (set(self.cluster.worker_spec) - set(jobs) - self._pending) | self._lost:
             if name not in self._handled:
                 ended.append((name, None, "LEFT"))
         for name, job_id, state in ended:
@@ -147,6 +148,11 @@ class JobFleet:
             new = cluster.new_worker_spec()
             self._pending.update(new)
             cluster.worker_spec.update(new)
+        # a job whose worker left since poll() looked would be submitted again under its
+        # name by the scale below, outside the budget: the next poll() handles it instead
+        for other in set(cluster.worker_spec) - set(cluster.workers) - self._pending:
+            cluster.worker_spec.pop(other, None)
+            self._lost.add(other)
         cluster.scale(jobs=len(cluster.worker_spec))
 
     @property
@@ -218,6 +224,3 @@ class Watchdog:
                                "the unfinished run is kept (--resume continues it; "
                                "--worker-timeout waits longer)")
         return {address: info.get("name") for address, info in workers.items()}
-
-    def close(self) -> None:
-        """Nothing to release (the cluster is closed by whoever started it)."""

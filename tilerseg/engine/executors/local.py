@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def run_pipelined(works: Iterable[Work], *, cores: int | None = None,
+                  workers: int | None = None,
                   progress: Callable[[int], None] | None = None, isolate: bool = False,
                   record: dict | None = None, should_stop: Callable[[], bool] | None = None,
                   worker: str | None = None) -> StageTimes:
@@ -48,6 +49,9 @@ def run_pipelined(works: Iterable[Work], *, cores: int | None = None,
     cores : int, optional
         The cores this process may use (default :func:`~tilerseg.engine.cores.available_cores`;
         a cluster worker passes its share of its host).
+    workers : int, optional
+        Model workers on the CPU (default: the run's options, see
+        :func:`~tilerseg.engine.device.cpu_budget`).
     progress, isolate, record, should_stop
         As for :func:`~tilerseg.engine.tasks.run_tasks`.
     worker : str, optional
@@ -66,8 +70,8 @@ def run_pipelined(works: Iterable[Work], *, cores: int | None = None,
     cores = cores or available_cores()
     threads = None
     if cpu:
-        workers, threads = cpu_budget(options.workers, options.threads, cores=cores)
-        replicas = [runner.replica] * workers
+        count, threads = cpu_budget(workers or options.workers, options.threads, cores=cores)
+        replicas = [runner.replica] * count
     else:
         replicas = [runner.replica] + replicate(
             runner.model, p.devices[1:], runner.model_ndim, options.precision,
@@ -85,7 +89,7 @@ def run_pipelined(works: Iterable[Work], *, cores: int | None = None,
             yield work
 
     started = time.time()
-    times = StageTimes()
+    times: StageTimes | None = None  # None: the pipeline stopped or failed
     try:
         with torch_threads(threads):
             for r in replicas[: 1 if cpu else None]:  # the CPU's workers share one replica
@@ -105,8 +109,8 @@ def run_pipelined(works: Iterable[Work], *, cores: int | None = None,
         _record(seen, times, started, worker, record)
 
 
-def _record(works: Sequence[Work], times: StageTimes, started: float, worker: str | None,
-            record: dict | None) -> None:
+def _record(works: Sequence[Work], times: StageTimes | None, started: float,
+            worker: str | None, record: dict | None) -> None:
     """Leave in each run's work directory what this process did on it."""
     for work in works:
         if not work.computed:
@@ -119,7 +123,7 @@ def _record(works: Sequence[Work], times: StageTimes, started: float, worker: st
         if replica is not None:
             info["runtime"] = {"engine": replica.engine, "precision": replica.precision,
                                "device": str(replica.device)}
-        if len(works) == 1:
+        if len(works) == 1 and times is not None:  # the stage times of this run alone
             info["times"] = times.as_dict()
         try:
             work.context.work.record_worker(**info)
