@@ -193,6 +193,37 @@ def test_a_cluster_with_no_worker_left_stops_the_run(data, tmp_path):
                                                      tile=64))
 
 
+def _do_nothing(*args, **kwargs):
+    """Stands in for a worker's loop that is stuck: it never claims a task."""
+    time.sleep(3600)
+
+
+def _stick(module_name: str) -> None:
+    import importlib
+
+    setattr(importlib.import_module(module_name), "run_claims", _do_nothing)
+
+
+def test_live_workers_that_compute_nothing_stop_the_run(data, tmp_path):
+    """Workers alive but stuck (their loops never claim a task, as deadlocked workers):
+    the run stops after the worker timeout with one line naming it, never a hang."""
+    from distributed import Client, LocalCluster
+
+    from tilerseg.engine.executors.dask import DaskExecutor
+    from tilerseg.errors import ClusterError
+
+    out = tmp_path / "o.zarr"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        client.run(_stick, "tilerseg.engine.worker")  # the loop the client sends, stuck
+        start = time.monotonic()
+        with pytest.raises(ClusterError, match="neither recorded nor claimed a task for 3 s"):
+            tilerseg.segment_to_zarr(data["dir"] / "slide.tif", data["one"], out, tile=64,
+                                     executor=DaskExecutor(client, worker_timeout=3))
+        assert time.monotonic() - start < 60
+    assert work_path(out).is_dir()
+
+
 def test_jobqueue_script_carries_the_resources():
     pytest.importorskip("dask_jobqueue")
     spec = ClusterSpec("slurm", workers=4, job=JobSpec(

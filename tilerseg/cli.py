@@ -703,7 +703,8 @@ def _add_scale_out(p: argparse.ArgumentParser, what: str) -> None:
                    "by new ones, up to N in all (default twice --jobs)")
     g.add_argument("--worker-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="stop a cluster run (exit status 1, the unfinished run kept) when no "
-                   "worker has been alive for this long (default 300)")
+                   "worker has been alive, or none has recorded or claimed a task, for this "
+                   "long (default 300)")
     g.add_argument("--job-script", action="store_true",
                    help="print the job script that would start each worker, and exit")
 

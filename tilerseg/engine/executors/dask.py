@@ -11,9 +11,10 @@ overlapped), writing whole chunks straight into the shared output, then each tas
 completion record. A worker that joins later gets a loop of its own; the claims of a
 worker that dies are taken over by the others. The client commits.
 
-The client never waits forever (:class:`~tilerseg.engine.executors.fleet.Watchdog`): when
-no worker has been alive for ``worker_timeout`` seconds, or a dask-jobqueue cluster's jobs
-have all ended and may not be replaced any more, it stops with a
+The client never waits forever: when no worker has been alive for ``worker_timeout``
+seconds, or a dask-jobqueue cluster's jobs have all ended and may not be replaced any more
+(:class:`~tilerseg.engine.executors.fleet.Watchdog`), or live workers have neither
+recorded nor claimed a task for ``worker_timeout`` seconds (stuck), it stops with a
 :class:`~tilerseg.errors.ClusterError` naming the cause; the unfinished run is kept for
 ``--resume``.
 """
@@ -21,6 +22,7 @@ have all ended and may not be replaced any more, it stops with a
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -253,12 +255,15 @@ class DaskExecutor:
             restart(address, f"failed ({_local_error(err, 'it')})")
 
         recorded_at = None  # when every run was first seen complete or failed
+        active = time.monotonic()  # when a task was last seen recorded or claimed
         try:
             while True:
                 tiles = _commit_finished(works, isolate)
+                if tiles != counts["shown"] or _claimed(works):
+                    active = time.monotonic()
                 if progress is not None and tiles != counts["shown"]:
-                    counts["shown"] = tiles
                     progress(tiles)
+                counts["shown"] = tiles
                 done = all(w.complete or w.error is not None for w in works)
                 if done:  # the loops end within a poll or two (they leave their records)
                     recorded_at = recorded_at or time.monotonic()
@@ -267,6 +272,12 @@ class DaskExecutor:
                     alive = dict.fromkeys(loops)
                 else:
                     alive = watchdog.poll()  # raises ClusterError when nothing can run
+                    if time.monotonic() - active > self.worker_timeout:  # alive, yet idle
+                        raise ClusterError(
+                            f"the cluster's {len(alive)} worker(s) have neither recorded nor "
+                            f"claimed a task for {self.worker_timeout:.0f} s; the unfinished "
+                            "run is kept (--resume continues it; --worker-timeout waits "
+                            "longer)")
                 for address, future in list(loops.items()):
                     if future.done():
                         collect(address, future)
@@ -290,6 +301,19 @@ class DaskExecutor:
                 self.client.unregister_worker_plugin(name)
             self._plugins.clear()
         return counts["computed"]
+
+
+def _claimed(works: list[Work]) -> bool:
+    """Whether a task of an unfinished work is claimed now (someone computes it)."""
+    for work in works:
+        if work.complete or work.error is not None:
+            continue
+        try:
+            if any(n.isdigit() for n in os.listdir(work.context.work.claims_dir)):
+                return True
+        except FileNotFoundError:
+            continue
+    return False
 
 
 def _commit_finished(works: list[Work], isolate: bool) -> int:
