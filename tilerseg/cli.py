@@ -146,6 +146,17 @@ def _submits_jobs(spec: Any) -> bool:
     return spec is not None and spec.kind not in ("local", "scheduler")
 
 
+def _model_before_jobs(args: argparse.Namespace, spec: Any) -> Any:
+    """The model, loaded before a batch cluster submits its jobs (none are submitted for a
+    model that does not load); None otherwise, to be loaded (and torch imported) while
+    the other clusters start."""
+    if not _submits_jobs(spec):
+        return None
+    from .models.checkpoint import model_from_spec
+
+    return model_from_spec(args.model, halo=args.halo)
+
+
 @contextlib.contextmanager
 def _executor(spec: Any) -> Iterator[Callable[[], Any]]:
     """``executor()``: the executor on the asked-for cluster (None for this process's
@@ -223,18 +234,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"{out} is already complete")
         return 0
     from .io import open_image
-    from .models.checkpoint import model_from_spec
 
     image = open_image(args.image, level=args.level)  # input errors come first
-    # no batch jobs are submitted for a model that does not load; other clusters start
-    # while the model loads
-    model = model_from_spec(args.model, halo=args.halo) if _submits_jobs(spec) else None
+    model = _model_before_jobs(args, spec)
     start = time.perf_counter()
     try:
-        with _executor(spec) as executor:
+        with _executor(spec) as executor:  # other clusters start while torch is imported
             from .engine.finish import status
             from .engine.instances import table_path
             from .engine.to_zarr import segment_to_zarr
+            from .models.checkpoint import model_from_spec
 
             if model is None:
                 model = model_from_spec(args.model, halo=args.halo)
@@ -284,9 +293,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from .engine.batch import segment_batch
-    from .models.checkpoint import model_from_spec
-
     spec = _cluster(args)
     if args.job_script:
         from .engine.executors.cluster import job_script
@@ -294,9 +300,12 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         print(job_script(spec))
         return 0
     options = _run_options(args)
-    model = model_from_spec(args.model, halo=args.halo) if _submits_jobs(spec) else None
+    model = _model_before_jobs(args, spec)
     start = time.perf_counter()
-    with _executor(spec) as executor:  # other clusters start while the model loads
+    with _executor(spec) as executor:  # other clusters start while torch is imported
+        from .engine.batch import segment_batch
+        from .models.checkpoint import model_from_spec
+
         if model is None:
             model = model_from_spec(args.model, halo=args.halo)
         bar = ProgressBar(sys.stderr, sys.stderr.isatty() and not args.quiet, unit="images")

@@ -25,8 +25,23 @@ __all__ = ["JobSpec", "ClusterSpec", "connect", "import_jobqueue", "job_script",
 log = logging.getLogger(__name__)
 
 _JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "lsf": "LSFCluster"}
-_QUIET_MONITORS = {"distributed.worker.memory.monitor-interval": "1s",
-                   "distributed.admin.system-monitor.interval": "2s"}
+
+
+def _local_worker_config() -> dict[str, Any]:
+    """Dask settings for the worker processes of ``local:N``: they look at their memory
+    every second, not ten times a second (the nanny's default), and at the system every
+    two (there is no dashboard); and they start without the ``MALLOC_TRIM_THRESHOLD_``
+    that distributed puts in their environment (glibc's own adaptive thresholds, as in a
+    local run; see :func:`~tilerseg.engine.executors.plugin.keep_freed_memory` for workers
+    started elsewhere)."""
+    import dask
+    import distributed  # noqa: F401 - loads distributed's defaults
+
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", None) or {})
+    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    return {"distributed.worker.memory.monitor-interval": "1s",
+            "distributed.admin.system-monitor.interval": "2s",
+            "distributed.nanny.pre-spawn-environ": environ}
 
 
 @dataclass(frozen=True)
@@ -271,9 +286,7 @@ def connect(spec: ClusterSpec) -> Iterator[Any]:
         if spec.kind == "local":
             import dask
 
-            # the workers look at their memory every second, not ten times a second (the
-            # nanny's default), and at the system every two (there is no dashboard)
-            with dask.config.set(_QUIET_MONITORS):
+            with dask.config.set(_local_worker_config()):
                 cluster = LocalCluster(n_workers=spec.workers, threads_per_worker=1,
                                        processes=True, host="127.0.0.1",
                                        dashboard_address=":0")  # None binds 8787
