@@ -46,7 +46,7 @@ API_MODULES: dict[str, list[str]] = {
     "bioimage.io": ["tilerseg.bioimageio.export", "tilerseg.bioimageio.load"],
     "Normalisation": ["tilerseg.normalize"],
     "DICOM": ["tilerseg.io.dicom"],
-    "Remote inputs and outputs (fsspec)": ["tilerseg.io.remote"],
+    "Locations: local paths and URLs (universal-pathlib, fsspec)": ["tilerseg.io.remote"],
     "Training": ["tilerseg.train"],
     "Metrics": ["tilerseg.metrics"],
     "Instance labels (algorithm)": ["tilerseg.instances"],

@@ -7,6 +7,7 @@ import io
 import os
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,11 @@ def prefix() -> Any:
     yield name
     if MEMORY.exists(name):
         MEMORY.rm(name, recursive=True)
+
+
+def _named(url: str) -> str:
+    """A memory URL as universal-pathlib names it: ``memory:///a/b`` is ``memory://a/b``."""
+    return url.replace("memory:///", "memory://", 1)
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +221,7 @@ def test_memory_output_equals_a_local_run(tmp_path: Path, prefix: str, image: np
     url = f"memory://{prefix}/out.zarr"
     got = segment_to_zarr(image, small_model, url, tile=64, output="both")
     segment_to_zarr(image, small_model, tmp_path / "local.zarr", tile=64, output="both")
-    assert got == url
+    assert str(got) == _named(url) and not isinstance(got, Path)  # a remote location
     assert_same_store(url, str(tmp_path / "local.zarr"))
     assert len(zarr.open_group(url, mode="r").attrs["ome"]["multiscales"][0]["datasets"]) == 3
     # only the output is left: no staging prefix, no local work directory
@@ -500,7 +506,7 @@ def test_a_failed_move_leaves_no_output_and_keeps_the_finished_store(
     monkeypatch.undo()
     assert not MEMORY.exists(f"{prefix}/out.zarr")
     staging = _staging_in(str(info.value))
-    assert staging.startswith(f"memory://{prefix}/.out.zarr.partial-")
+    assert staging.startswith(_named(f"memory://{prefix}/.out.zarr.partial-"))
     segment_to_zarr(image, small_model, tmp_path / "local.zarr", tile=64, output="both")
     assert_same_store(staging, str(tmp_path / "local.zarr"))
     assert {p.split("/")[2] for p in MEMORY.find(prefix)} == {staging.rsplit("/", 1)[1]}
@@ -558,12 +564,28 @@ def test_an_output_appearing_meanwhile_is_refused_and_the_new_one_kept(
     assert dict(zarr.open_group(url, mode="r").attrs) == {"someone": "else"}
 
 
+def test_upath_locations_are_taken_as_the_paths_and_urls_they_name(
+        tmp_path: Path, prefix: str, image: np.ndarray, small_model: torch.nn.Module) -> None:
+    """universal-pathlib's objects in, the same run as with strings; the output's location out."""
+    from upath import UPath
+
+    MEMORY.pipe_file(f"{prefix}/in.tif", _tiff_bytes(image, tile=(64, 64)))
+    url = f"memory://{prefix}/out.zarr"
+    got = segment_to_zarr(UPath(f"memory://{prefix}/in.tif"), small_model, UPath(url), tile=64)
+    local = segment_to_zarr(image, small_model, UPath(tmp_path / "local.zarr"), tile=64)
+    assert isinstance(got, UPath) and not isinstance(got, Path) and str(got) == _named(url)
+    assert isinstance(local, Path) and local == tmp_path / "local.zarr"
+    assert_same_store(url, str(local))
+    assert open_output(url)["attributes"]["manifest"]["input"]["path"] == \
+        _named(f"memory://{prefix}/in.tif")
+
+
 def test_a_committed_remote_output_names_no_staging_store(
         prefix: str, image: np.ndarray, small_model: torch.nn.Module) -> None:
     url = f"memory://{prefix}/out.zarr"
     segment_to_zarr(image, small_model, url, tile=64)
     manifest = open_output(url)["attributes"]["manifest"]
-    assert "store" not in manifest and manifest["output"] == url
+    assert "store" not in manifest and manifest["output"] == _named(url)
 
 
 def test_move_copies_the_root_metadata_last_and_clears_the_target_when_interrupted(
@@ -649,6 +671,9 @@ def test_filesystem_failures_are_one_line_errors_with_status_2(
         assert status == 2, (args, err)
         assert err.startswith("tilerseg: error: ") and message in err, (args, err)
         assert err.count("\n") == 1, err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no raw Python warning for a protocol upath lacks
+        assert str(remote.location("brokenfs://b/x")) == "brokenfs://b/x"
     for call in (lambda: remote.remove("brokenfs://b/x"), lambda: remote.exists("brokenfs://b/x"),
                  lambda: remote.move("brokenfs://b/x", "brokenfs://b/y")):
         with pytest.raises(OutputError, match="'brokenfs://b/x': NoCredentialsError"):

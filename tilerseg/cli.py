@@ -200,7 +200,7 @@ def _finished(path: Path) -> dict | None:
 
     if not exists(path) or read_final_manifest(path) is None:
         return None
-    return dict(zarr.open_group(os.fspath(path), mode="r").attrs["tilerseg"])
+    return dict(zarr.open_group(str(path), mode="r").attrs["tilerseg"])
 
 
 def _quick_complete(out: Path, args: argparse.Namespace, options: Any) -> bool:
@@ -224,10 +224,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(job_script(spec))
         return 0
     options = _run_options(args)
-    from .io.remote import check_remote_run, is_url, output_location
+    from .io.remote import check_remote_run, is_local, output_location
 
     out = output_location(args.output_path or default_output_path(args.image))
-    if is_url(out):  # before a cluster starts or a model loads
+    if not is_local(out):  # before a cluster starts or a model loads
         check_remote_run(out, resume=args.resume, shard=args.shard, in_process=spec is None)
     if (args.resume or args.shard) and _quick_complete(out, args, options):
         if not args.quiet:
@@ -423,7 +423,7 @@ def _profile_report(path: Path, seconds: float) -> str:
     every process that computed tiles: this one, shards, a cluster's workers)."""
     import zarr
 
-    attrs = zarr.open_group(os.fspath(path), mode="r").attrs["tilerseg"]
+    attrs = zarr.open_group(str(path), mode="r").attrs["tilerseg"]
     t = attrs["profile"]
     tail = seconds - t["setup"] - t["wall"]
     used = attrs.get("runtime")

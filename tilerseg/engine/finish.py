@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from upath import UPath
+
 from ..errors import OutputError
 from ..io import remote
 from .instances import InstanceRun, place_tables
@@ -76,7 +78,7 @@ def status(out: str | os.PathLike) -> dict[str, Any]:
         Neither a finished output nor an unfinished run is there.
     """
     out = _output_path(out)
-    wp = None if remote.is_url(out) else work_path(out)  # a remote output is never unfinished
+    wp = work_path(out) if remote.is_local(out) else None  # a remote one is never unfinished
     final = read_final_manifest(out) if remote.exists(out) else None
     if wp is not None and wp.is_dir() and leftover(out, final) is None:
         work = WorkDir.open(wp)
@@ -143,7 +145,7 @@ def finalize(out: str | os.PathLike, *, overwrite: bool = False) -> bool:
         without ``overwrite``.
     """
     out = _output_path(out)
-    if remote.is_url(out):
+    if not remote.is_local(out):
         raise OutputError(f"'{out}' is remote: a remote output has no unfinished runs to finish")
     wp = work_path(out)
     final = read_final_manifest(out) if out.exists() else None
@@ -165,12 +167,9 @@ def finalize(out: str | os.PathLike, *, overwrite: bool = False) -> bool:
     return work.commit(out, overwrite=overwrite, attributes={"executor": "finalize"})
 
 
-def _output_path(out: str | os.PathLike) -> Path | str:
-    """``OUT.zarr`` as an absolute path, also when given ``OUT.zarr.partial`` (a remote
-    output: its URL)."""
-    if remote.is_remote(out):
-        return remote.output_location(out)
-    out = Path(os.path.abspath(remote.local_path(out)))
-    if out.name.endswith(".partial"):
+def _output_path(out: str | os.PathLike) -> UPath:
+    """The location of ``OUT.zarr``, also when given ``OUT.zarr.partial`` (locally)."""
+    out = remote.output_location(out)
+    if remote.is_local(out) and out.name.endswith(".partial"):
         out = out.with_name(out.name[: -len(".partial")])
     return out

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from upath import UPath
 
 from ..errors import InvalidArgumentError
 from ..instances import (IdMap, ObjectStats, elevation, face_pairs, id_dtype, label_local,
@@ -65,12 +66,12 @@ def local_mapper(fn: Callable[..., Any], items: list) -> list:
         return list(pool.map(lambda item: fn(*item), items))
 
 
-def table_path(out: Path | str, fmt: str) -> Path | str:
-    """Where the object table of output ``out`` goes: ``slide.zarr`` -> ``slide.objects.csv``
-    (a URL beside a remote output)."""
-    name = remote.name(out)
-    name = name[: -len(".zarr")] if name.endswith(".zarr") else name
-    return remote.sibling(out, f"{name}.objects.{fmt}")
+def table_path(out: UPath, fmt: str) -> UPath:
+    """Where the object table of output ``out`` (a location, see
+    :func:`~tilerseg.io.remote.output_location`) goes: ``slide.zarr`` ->
+    ``slide.objects.csv`` beside it."""
+    name = out.name[: -len(".zarr")] if out.name.endswith(".zarr") else out.name
+    return out.with_name(f"{name}.objects.{fmt}")
 
 
 def foreground(probs: np.ndarray, policy: LabelPolicy, dtype: str) -> np.ndarray:
@@ -211,7 +212,7 @@ class InstanceRun:
                 "instances": (self.store, f"labels/{INSTANCE_NAME}/0"),
                 "probabilities": (self.store, "0"),
             }.get(name, (self.path / PROVISIONAL, name))
-            self._arrays[name] = zarr.open_array(os.fspath(store), path=path, mode="r+",
+            self._arrays[name] = zarr.open_array(str(store), path=path, mode="r+",
                                                  zarr_format=3)
         return self._arrays[name]
 
@@ -408,13 +409,13 @@ class InstanceRun:
         """Create ``labels/instances/0`` (kept as it is when a resumed run made it)."""
         name = f"labels/{INSTANCE_NAME}/0"
         try:
-            existing = zarr.open_array(os.fspath(self.store), path=name, mode="r",
+            existing = zarr.open_array(str(self.store), path=name, mode="r",
                                        zarr_format=3)
         except (FileNotFoundError, KeyError, ValueError, zarr.errors.NodeNotFoundError):
             existing = None
         if existing is not None and existing.dtype == dtype:
             return
-        zarr.create_array(os.fspath(self.store), name=name, shape=self.shape,
+        zarr.create_array(str(self.store), name=name, shape=self.shape,
                           chunks=self.chunks, dtype=dtype, fill_value=0,
                           dimension_names=tuple(self.spec.spatial_axes.lower()),
                           zarr_format=3, overwrite=True)

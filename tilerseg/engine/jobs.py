@@ -276,7 +276,7 @@ def build_manifest(*, output: Path, version: str, identity: dict[str, Any],
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "tilerseg": version,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_id": uuid.uuid4().hex,
-        "output": os.fspath(output), "input": identity, "model": model,
+        "output": str(output), "input": identity, "model": model,
         "geometry": {**geometry.as_dict(), "per_plane": per_plane},
         "options": options, "resolved": resolved, "spec": spec,
         "tasks": {"grid": list(grid.grid), "block": list(grid.block), "count": len(grid)},
@@ -431,7 +431,7 @@ def read_final_manifest(out: Path) -> dict[str, Any] | None:
     import zarr
 
     try:
-        attrs = dict(zarr.open_group(os.fspath(out), mode="r", zarr_format=3).attrs)
+        attrs = dict(zarr.open_group(str(out), mode="r", zarr_format=3).attrs)
     except Exception:  # noqa: BLE001 - not a readable output: treated as foreign
         return None
     info = attrs.get("tilerseg") or {}

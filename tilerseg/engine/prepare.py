@@ -8,7 +8,6 @@ and resolves the global normalisation once.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from torch import nn
 from ..errors import InvalidImageError, InvalidModelError
 from ..geometry import ModelGeometry, TilePlan, plan_tiles
 from ..io.readers import open_image, sample_for_statistics
+from ..io.remote import PATHS
 from ..io.source import ImageSource
 from ..labels import LabelPolicy
 from ..models.probe import model_geometry
@@ -39,7 +39,7 @@ _AXES = {2: "(Y, X) or (C, Y, X)", 3: "(Z, Y, X) or (C, Z, Y, X)"}
 
 def is_lazy_input(image: Any) -> bool:
     """True for inputs read lazily: paths, :class:`ImageSource`, Dask and Zarr arrays."""
-    if isinstance(image, (str, os.PathLike, ImageSource)):
+    if isinstance(image, (*PATHS, ImageSource)):
         return True
     module = type(image).__module__
     return module.startswith(("dask.", "zarr."))

@@ -32,6 +32,7 @@ from types import TracebackType
 from typing import Any
 
 from torch import nn
+from upath import UPath
 
 from ..errors import InvalidArgumentError, OutputError
 from ..io import remote
@@ -80,7 +81,7 @@ class Started:
         was refused (the writer's ``kept``): that one stays where the error says.
     """
 
-    out: Path | str
+    out: UPath
     complete: bool = False
     context: RunContext | None = None
     created: bool = False
@@ -121,7 +122,7 @@ def _lock(work: WorkDir, shard: Shard | None) -> list[FileLock]:
     return [work.join("shard", {"shard": shard.label})]
 
 
-def _busy(work: WorkDir, out: Path | str) -> OutputError | None:
+def _busy(work: WorkDir, out: UPath) -> OutputError | None:
     """The refusal to start ``work`` again (or to start another run on ``out``) while a
     live process works on it, naming that process; None when nobody does."""
     running = work.running()
@@ -239,7 +240,7 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
 
     options = model_normalize(options, model)  # the model's own normalisation, if it states one
     out = remote.output_location(out)
-    private = remote.is_url(out)  # bookkeeping in a private local folder, no resume
+    private = not remote.is_local(out)  # bookkeeping in a private local folder, no resume
     check_output_folder(out)
     if options.output == "instances":
         check_table_format(options.object_table)
@@ -329,7 +330,7 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
         grid = TaskGrid.for_grid(p.plan.grid)
         manifest = _manifest(p, out, identity, digest, model_source, background, spec, grid)
         if private:  # the store is written beside the remote output, moved at the commit
-            manifest["store"] = remote.sibling(out, remote.staging_name(out))
+            manifest["store"] = str(out.with_name(remote.staging_name(out)))
 
         def make_store(staging: Path) -> None:
             OutputWriter(out, spec, overwrite=True, staging=manifest.get("store") or staging)

@@ -7,11 +7,11 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import nn
+from upath import UPath
 
 from ..errors import InvalidArgumentError, TilersegError
 from ..io import remote
@@ -42,7 +42,7 @@ def segment_to_zarr(
     progress: Callable[[int, int], None] | None = None,
     model_source: str | None = None,
     **option_values: Any,
-) -> Path | str:
+) -> UPath:
     """Segment ``image`` tile by tile into an OME-Zarr (v0.5, Zarr v3) store, resumably.
 
     The image is read lazily, one mirror-filled window per output tile, and every output
@@ -126,8 +126,9 @@ def segment_to_zarr(
 
     Returns
     -------
-    pathlib.Path or str
-        The written store (also when it was already complete); the URL of a remote one.
+    upath.UPath
+        The written store (also when it was already complete): a local path (a
+        :class:`pathlib.Path`), or a remote location (``str()`` of it is its URL).
         Timings are stored under ``tilerseg/profile`` in its metadata. A shard returns it
         even when other shards still have tasks to do (see :func:`tilerseg.status`).
 
@@ -141,7 +142,7 @@ def segment_to_zarr(
     begin = time.perf_counter()
     options = run_options(options, **option_values)
     if out is None:
-        if not isinstance(image, (str, os.PathLike)):
+        if not isinstance(image, remote.PATHS):
             raise InvalidArgumentError("out is required when the image is not a path")
         out = default_output_path(image)
     shard_at = parse_shard(shard)
@@ -150,7 +151,7 @@ def segment_to_zarr(
         runner = ShardExecutor(shard_at, inner=runner)
     plan_device = runner.plan_device(options.device)
     out = remote.output_location(out)
-    if remote.is_url(out):
+    if not remote.is_local(out):
         remote.check_remote_run(out, resume=resume, shard=shard_at,
                                 in_process=plan_device is None,
                                 waits_for_all=runner.waits_for_all)
@@ -184,7 +185,7 @@ def discardable(started: Started, runner: Any, shard: Shard | None) -> bool:
 
 def _run(started: Started, runner: Any, shard: Shard | None, overwrite: bool,
          progress: Callable[[int, int], None] | None, begin: float,
-         plan_device: str | None) -> Path | str:
+         plan_device: str | None) -> UPath:
     work, ctx = started.work, started.context
     assert ctx is not None
     ids = work.missing()

@@ -38,6 +38,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from upath import UPath
+
 from ..errors import OutputError
 from ..io import remote
 from .jobs import FORMAT, FORMAT_VERSION, RunRef, TaskGrid
@@ -59,18 +61,19 @@ STORE = "output.zarr"
 _FOLDERS = ("done", "claims", "locks", "workers")
 
 
-def store_of(work: Path, manifest: dict[str, Any]) -> Path | str:
-    """The Zarr store a run writes: ``output.zarr`` in its work directory ``work``, or for
-    a remote output the staging URL beside it that the manifest records as ``store``.
+def store_of(work: Path, manifest: dict[str, Any]) -> UPath:
+    """The location of the Zarr store a run writes: ``output.zarr`` in its work directory
+    ``work``, or for a remote output the staging URL beside it that the manifest records
+    as ``store``.
 
     Examples
     --------
     >>> store_of(Path("/data/out.zarr.partial"), {}).as_posix()
     '/data/out.zarr.partial/output.zarr'
-    >>> store_of(Path("/tmp/w.partial"), {"store": "memory://runs/.out.zarr.partial-1"})
+    >>> str(store_of(Path("/tmp/w.partial"), {"store": "memory://runs/.out.zarr.partial-1"}))
     'memory://runs/.out.zarr.partial-1'
     """
-    return manifest.get("store") or Path(work) / STORE
+    return remote.location(manifest.get("store") or Path(work) / STORE)
 
 
 
@@ -103,7 +106,7 @@ class WorkDir:
         return str(self.manifest["config_hash"])
 
     @property
-    def store(self) -> Path | str:
+    def store(self) -> UPath:
         """The Zarr store being written: ``output.zarr`` here, or for a remote output the
         staging URL beside it recorded as the manifest's ``store``."""
         return store_of(self.path, self.manifest)
@@ -297,7 +300,7 @@ class WorkDir:
 
     # -- the commit ---------------------------------------------------------------------
 
-    def commit(self, out: Path | str, *, overwrite: bool = False,
+    def commit(self, out: UPath, *, overwrite: bool = False,
                attributes: dict[str, Any] | Callable[[WorkDir], dict[str, Any]] | None = None,
                writer: OutputWriter | None = None, mapper: Mapper | None = None) -> bool:
         """Finish the run once its tasks are all recorded: instances, pyramid, metadata,
@@ -384,7 +387,7 @@ class WorkDir:
         self.remove()
         return True
 
-    def _wait_for_others(self, out: Path | str) -> None:
+    def _wait_for_others(self, out: UPath) -> None:
         """Wait (at most :data:`LEAVE_WAIT` seconds) until no other process holds a lock or
         a claim of the run: once every task is recorded they only write their records."""
         me = (socket.gethostname(), os.getpid())

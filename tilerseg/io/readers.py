@@ -274,7 +274,8 @@ def _open_file(path: str) -> RawImage:
 def _open_url(url: str) -> RawImage:
     """A Zarr store or a single file at a remote URL (see :mod:`tilerseg.io.remote`):
     Zarr through fsspec, TIFF lazily through an fsspec file, the others read whole."""
-    fs, path = remote.filesystem(url)
+    loc = remote.location(url)
+    fs, path = remote.filesystem(loc)
     try:
         kind, _ = remote.probe(fs, path)  # not isdir: over HTTP it downloads the file
     except Exception as exc:  # noqa: BLE001 - an unreachable server, denied access...
@@ -287,7 +288,7 @@ def _open_url(url: str) -> RawImage:
             "slices are read from local paths only")
     if kind is None:
         raise ImageNotFoundError(f"image {url} does not exist")
-    f = remote.open_file(url)
+    f = remote.open_file(loc)
     try:
         head = f.read(132)  # a DICOM file has its magic at byte 128
         f.seek(0)
@@ -379,7 +380,7 @@ def open_image(source: Any, level: int = 0) -> ImageSource:
     >>> image.axes, image.shape, image.format
     ('CYX', (2, 64, 48), 'array')
     """
-    if not isinstance(source, (str, os.PathLike)):
+    if not isinstance(source, remote.PATHS):
         if all(hasattr(source, a) for a in ("shape", "dtype", "__getitem__")):
             return _open_array(source, level)
         raise InvalidArgumentError(

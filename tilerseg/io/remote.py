@@ -1,25 +1,32 @@
-"""fsspec URLs: remote inputs, and the few filesystem operations an output needs.
+"""Locations: local paths and fsspec URLs as one type, and what an output needs of them.
 
-A *location* is where an input or output lives: a local :class:`~pathlib.Path`, or a URL
-string on an fsspec filesystem (``memory://``, ``s3://``, ``gs://``, ``https://``...).
-``file://`` URLs are local paths (:func:`output_location` turns them into one), so they
-keep every guarantee of a local path. For the others this module gives the handful of
-operations the output's life needs, whatever the filesystem: :func:`exists`,
-:func:`remove`, :func:`move` and :func:`sibling`; Zarr reads and writes them through
-``zarr.storage.FsspecStore`` (zarr takes URL strings as stores).
+A *location* is where an input or output lives, as a :class:`upath.UPath` (universal-pathlib):
+a local path is a ``PosixUPath`` (a :class:`pathlib.Path`, with every guarantee of one),
+a URL on an fsspec filesystem (``memory://``, ``s3://``, ``gs://``, ``https://``...) a
+``UPath`` of that filesystem, with the same path algebra (``/``, ``name``, ``with_name``,
+``parent``) and its fsspec filesystem at ``.fs``. :func:`location` makes one from what a
+user gives (``file://`` URLs are local paths); Zarr reads and writes ``str(location)``
+(zarr takes URL strings as stores, through ``zarr.storage.FsspecStore``).
 
-On an object store a "move" is a copy and a delete, not an atomic rename, and there are no
-exclusive-create lock files; so the engine refuses, for non-local outputs, what relies on
-them (``--resume``, ``--shard``, clusters): see :func:`check_remote_run`.
+What this module adds to universal-pathlib is the policy of an output's life, the same on
+every filesystem: :func:`exists`, :func:`remove`, :func:`move` and :func:`move_file` turn
+what a filesystem raises into one-line errors naming the location, look past fsspec's
+listing caches (zarr writes through its own filesystem instance), and move a store with
+its root ``zarr.json`` last. On an object store a "move" is a copy and a delete, not an
+atomic rename, and there are no exclusive-create lock files; so the engine refuses, for
+non-local outputs, what relies on them (``--resume``, ``--shard``, clusters): see
+:func:`check_remote_run`.
 
 Examples
 --------
 >>> is_url("s3://bucket/slide.tif"), is_url("/data/slide.tif"), is_remote("file:///tmp/a")
 (True, False, False)
->>> sibling("memory://runs/out.zarr", ".out.zarr.partial-1")
-'memory://runs/.out.zarr.partial-1'
->>> name("memory://runs/out.zarr/"), staging_name("/data/out.zarr").startswith(".out.zarr.partial-")
-('out.zarr', True)
+>>> out = location("memory://runs/out.zarr")
+>>> str(out.with_name(".out.zarr.partial-1")), out.name, is_local(out)
+('memory://runs/.out.zarr.partial-1', 'out.zarr', False)
+>>> here = location("file:///data/out.zarr")
+>>> here.as_posix(), is_local(here), staging_name(here).startswith(".out.zarr.partial-")
+('/data/out.zarr', True, True)
 """
 
 from __future__ import annotations
@@ -30,24 +37,28 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from upath import UPath
 
 from tilerseg.errors import (ImageNotFoundError, InvalidArgumentError, InvalidImageError,
                              OutputError, TilersegError)
 from tilerseg.io.raw import short_reason
 
 __all__ = [
-    "check_remote_run", "exists", "filesystem", "identity", "is_remote", "is_url",
-    "local_path", "move", "move_file", "name", "open_file", "output_location", "probe",
-    "protocol",
-    "remove", "sibling", "staging_name",
+    "PATHS", "check_remote_run", "exists", "filesystem", "identity", "is_local", "is_remote", "is_url",
+    "local_path", "location", "move", "move_file", "open_file", "output_location", "probe",
+    "protocol", "remove", "staging_name",
 ]
 
+#: what names a location: a path, a URL string, a ``UPath`` (a remote ``UPath`` is no
+#: ``os.PathLike``: it has no local path)
+PATHS = (str, os.PathLike, UPath)
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*(?:::[A-Za-z][A-Za-z0-9+.\-]*)*)://")
 _LOCAL_PROTOCOLS = ("file", "local")
-_EXTRA = 'pip install "tilerseg[remote]"'
 
 
 def is_url(path: Any) -> bool:
@@ -74,7 +85,7 @@ def is_remote(path: Any) -> bool:
     return is_url(path) and protocol(path) not in _LOCAL_PROTOCOLS
 
 
-def local_path(path: str | os.PathLike) -> str:
+def local_path(path: str | os.PathLike | UPath) -> str:
     """A ``file://`` URL as an absolute local path; any other path unchanged.
 
     Raises
@@ -87,7 +98,7 @@ def local_path(path: str | os.PathLike) -> str:
     >>> local_path("file:///data/slide.tif"), local_path("/data/slide.tif")
     ('/data/slide.tif', '/data/slide.tif')
     """
-    text = os.fspath(path)
+    text = str(path) if isinstance(path, UPath) else os.fspath(path)  # a URL's: its URL
     if is_url(text) and protocol(text) in _LOCAL_PROTOCOLS and "::" not in text:
         rest = text.split("://", 1)[1]
         if not rest.startswith("/"):
@@ -98,40 +109,66 @@ def local_path(path: str | os.PathLike) -> str:
     return text
 
 
-def filesystem(url: str) -> tuple[Any, str]:
-    """The fsspec filesystem of a URL, and the path on it.
+def location(path: str | os.PathLike | UPath) -> UPath:
+    """The location of ``path``: a local path (a ``file://`` URL too) as a ``PosixUPath``,
+    as given (relative stays relative), or a URL as the ``UPath`` of its fsspec filesystem,
+    which is made now, so that a URL no filesystem can serve fails here.
 
     Raises
     ------
     InvalidArgumentError
-        fsspec is not installed, the protocol is unknown, or its implementation package
-        (s3fs, gcsfs, adlfs...) is not installed: one line naming what to install.
+        A relative ``file://`` URL; an unknown protocol, or one whose implementation
+        package (s3fs, gcsfs, adlfs...) is not installed; a URL its filesystem cannot be
+        made from alone: one line naming what to do.
+
+    Examples
+    --------
+    >>> location("memory://runs/out.zarr/")
+    MemoryPath('/runs/out.zarr', protocol='memory')
+    >>> location("file:///data/slide.tif") == Path("/data/slide.tif")
+    True
     """
+    if isinstance(path, UPath) and not isinstance(path, Path):
+        return path
+    text = local_path(path)
+    if not is_url(text):
+        return UPath(text)
+    name = protocol(text)
     try:
-        import fsspec.core
-    except ImportError:
-        raise InvalidArgumentError(f"{url}: reading and writing URLs needs fsspec ({_EXTRA})"
-                                   ) from None
-    name = protocol(url)
-    try:
-        fs, path = fsspec.core.url_to_fs(url)
-        fs.invalidate_cache()  # listings cached earlier miss what zarr's own instance wrote
-        return fs, path
+        with warnings.catch_warnings():  # a protocol universal-pathlib has no class of its
+            warnings.filterwarnings("ignore", "UPath .* not explicitly implemented")  # own
+            loc = UPath(text)
+        loc.fs  # noqa: B018 - made now: the URL's errors come here
+        return loc
     except ImportError as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InvalidArgumentError(
-            f"{url}: the '{name}' protocol needs a package that is not installed ({reason})"
+            f"{text}: the '{name}' protocol needs a package that is not installed ({reason})"
         ) from None
     except ValueError as err:
-        if "protocol not known" in str(err).lower():
+        if any(m in str(err).lower() for m in ("protocol not known", "unsupported filesystem")):
             raise InvalidArgumentError(
-                f"{url}: unknown URL protocol '{name}' (no fsspec implementation of it)"
+                f"{text}: unknown URL protocol '{name}' (no fsspec implementation of it)"
             ) from None
-        raise InvalidArgumentError(f"{url}: {err}") from None
+        raise InvalidArgumentError(f"{text}: {err}") from None
     except TilersegError:
         raise
     except Exception as err:  # noqa: BLE001 - a protocol that needs other arguments...
-        raise InvalidArgumentError(f"{url}: cannot use this URL ({_reason(err)})") from None
+        raise InvalidArgumentError(f"{text}: cannot use this URL ({_reason(err)})") from None
+
+
+def is_local(loc: os.PathLike) -> bool:
+    """Whether the location ``loc`` is on this machine's filesystem (a :class:`~pathlib.Path`:
+    renames are atomic, lock files exclusive)."""
+    return isinstance(loc, Path)
+
+
+def filesystem(loc: UPath) -> tuple[Any, str]:
+    """The fsspec filesystem of a remote location and the path on it, its listing caches
+    cleared (listings cached earlier miss what zarr's own filesystem instance wrote)."""
+    fs = loc.fs
+    fs.invalidate_cache()
+    return fs, loc.path
 
 
 def _reason(err: BaseException) -> str:
@@ -141,7 +178,7 @@ def _reason(err: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _reporting(location: Path | str, what: str,
+def _reporting(location: UPath, what: str,
                error: type[TilersegError] = OutputError) -> Iterator[None]:
     """Turn what a filesystem raises that is neither a :class:`TilersegError` nor an
     ``OSError`` (missing credentials, a protocol's own errors) into a one-line ``error``
@@ -154,7 +191,7 @@ def _reporting(location: Path | str, what: str,
         raise error(f"cannot {what} '{location}': {_reason(err)}") from None
 
 
-def open_file(url: str) -> Any:
+def open_file(loc: UPath) -> Any:
     """A seekable binary file object on a remote file, reading only what is asked for.
 
     Remote filesystems read ahead in blocks of 256 KiB (fsspec's default is 5 MiB), so a
@@ -163,13 +200,13 @@ def open_file(url: str) -> Any:
     Raises
     ------
     ImageNotFoundError
-        There is no file at ``url``.
+        There is no file at ``loc``.
     """
-    fs, path = filesystem(url)
+    fs, path = filesystem(loc)
     try:
         f = fs.open(path, "rb", block_size=1 << 18, cache_type="readahead")
     except FileNotFoundError:
-        raise ImageNotFoundError(f"image {url} does not exist") from None
+        raise ImageNotFoundError(f"image {loc} does not exist") from None
     except TypeError:  # a filesystem that takes no block options
         f = fs.open(path, "rb")
     return _ReadOnly(f) if f.writable() else f  # memory:// files are BytesIO
@@ -212,12 +249,13 @@ class _ReadOnly(io.RawIOBase):
 
 
 def identity(url: str) -> dict[str, Any]:
-    """A remote input's identity without reading its pixels: the URL, and the number and
-    total size of the files that make it up (a Zarr store: its metadata files), with
-    their latest modification time where the filesystem reports one (else 0)."""
-    fs, path = filesystem(url)
+    """A remote input's identity without reading its pixels: its URL as given, and the
+    number and total size of the files that make it up (a Zarr store: its metadata
+    files), with their latest modification time where the filesystem reports one (else 0)."""
+    loc = location(url)
+    fs, path = filesystem(loc)
     names = ("zarr.json", ".zarray", ".zgroup", ".zattrs")
-    with _reporting(url, "read", InvalidImageError):
+    with _reporting(loc, "read", InvalidImageError):
         kind, info = probe(fs, path)
         if kind == "file":
             infos = [info]
@@ -225,7 +263,8 @@ def identity(url: str) -> dict[str, Any]:
             infos = [i for i in fs.find(path, maxdepth=3, detail=True).values()
                      if i["name"].rsplit("/", 1)[-1] in names]
     mtimes = [_mtime_ns(i) for i in infos]
-    return {"path": url, "files": len(infos), "size": sum(int(i.get("size") or 0) for i in infos),
+    return {"path": url, "files": len(infos),
+            "size": sum(int(i.get("size") or 0) for i in infos),
             "mtime_ns": max(mtimes, default=0)}
 
 
@@ -274,9 +313,9 @@ def _mtime_ns(info: dict[str, Any]) -> int:
 # -- output locations ---------------------------------------------------------------------
 
 
-def output_location(out: str | os.PathLike) -> Path | str:
-    """Where an output goes: a local absolute :class:`~pathlib.Path` (``file://`` URLs
-    included), or a remote URL string (its protocol checked to be usable).
+def output_location(out: str | os.PathLike) -> UPath:
+    """Where an output goes: a local absolute path (``file://`` URLs included), or a
+    remote location (its filesystem made, see :func:`location`).
 
     Raises
     ------
@@ -288,51 +327,49 @@ def output_location(out: str | os.PathLike) -> Path | str:
     --------
     >>> output_location("file:///data/out.zarr").as_posix()
     '/data/out.zarr'
-    >>> output_location("memory://runs/out.zarr")
+    >>> str(output_location("memory://runs/out.zarr/"))
     'memory://runs/out.zarr'
     """
     if is_url(out) and "::" in str(out).split("://", 1)[0]:
         raise InvalidArgumentError(
             f"'{out}': a chained URL cannot be an output (caches are for reading); give "
             "the URL of the filesystem itself")
-    if is_remote(out):
-        url = str(out).rstrip("/")
-        filesystem(url)
-        return url
-    return Path(os.path.abspath(local_path(out)))
+    loc = location(out)
+    return UPath(os.path.abspath(loc)) if is_local(loc) else loc
 
 
-def exists(location: Path | str) -> bool:
-    """Whether anything is at ``location`` (a dangling symbolic link counts)."""
-    if is_url(location):
-        fs, path = filesystem(str(location))
-        with _reporting(location, "reach"):
-            return bool(fs.exists(path))
-    return os.path.lexists(location)
+def exists(loc: UPath | str) -> bool:
+    """Whether anything is at ``loc`` (locally, a dangling symbolic link counts)."""
+    loc = location(loc)
+    if is_local(loc):
+        return os.path.lexists(loc)
+    with _reporting(loc, "reach"):
+        fs, path = filesystem(loc)
+        return bool(fs.exists(path))
 
 
-def remove(location: Path | str, *, ignore_errors: bool = False) -> None:
-    """Delete whatever is at ``location`` (a folder or prefix recursively); nothing if
-    nothing is there. A local folder is removed ignoring errors, as ``shutil.rmtree``
-    does with ``ignore_errors``; ``ignore_errors`` extends that to everything."""
+def remove(loc: UPath | str, *, ignore_errors: bool = False) -> None:
+    """Delete whatever is at ``loc`` (a folder or prefix recursively); nothing if nothing
+    is there. A local folder is removed ignoring errors, as ``shutil.rmtree`` does with
+    ``ignore_errors``; ``ignore_errors`` extends that to everything."""
     try:
-        if is_url(location):
-            fs, path = filesystem(str(location))
-            with _reporting(location, "remove"):
+        loc = location(loc)
+        if not is_local(loc):
+            with _reporting(loc, "remove"):
+                fs, path = filesystem(loc)
                 if fs.exists(path):
                     fs.rm(path, recursive=True)
             return
-        path = Path(location)
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        elif os.path.lexists(path):
-            path.unlink()
+        if loc.is_dir() and not loc.is_symlink():
+            shutil.rmtree(loc, ignore_errors=True)
+        elif os.path.lexists(loc):
+            loc.unlink()
     except Exception:
         if not ignore_errors:
             raise
 
 
-def move(source: Path | str, target: Path | str) -> None:
+def move(source: UPath | str, target: UPath | str) -> None:
     """Move ``source`` to ``target`` (which must not exist): a rename on a local disk; on
     a remote filesystem a copy of every file under ``source`` (server-side on object
     stores), then the deletion of ``source``: not atomic, but never half done.
@@ -351,17 +388,18 @@ def move(source: Path | str, target: Path | str) -> None:
         The filesystem failed otherwise (the same), or the locations are on two
         filesystems.
     """
-    if is_url(source) != is_url(target):
-        raise OutputError(f"cannot move '{source}' to '{target}': not on one filesystem")
-    if not is_url(source):
+    source, target = location(source), location(target)
+    if is_local(source) and is_local(target):
         os.rename(source, target)
         return
-    fs, src = filesystem(str(source))
-    _, dst = filesystem(str(target))
+    if is_local(source) or is_local(target) or type(source.fs) is not type(target.fs):
+        raise OutputError(f"cannot move '{source}' to '{target}': not on one filesystem")
     with _reporting(source, "move"):
+        fs, src = filesystem(source)
         files = [src] if fs.isfile(src) else sorted(fs.find(src))
     if not files:
         raise FileNotFoundError(f"nothing to move at {source}")
+    dst = target.path
     root = f"{src}/zarr.json"
     try:
         with _reporting(source, f"move to '{target}'"):
@@ -375,39 +413,26 @@ def move(source: Path | str, target: Path | str) -> None:
         fs.rm(src, recursive=True)
 
 
-def move_file(source: Path, target: Path | str) -> None:
+def move_file(source: Path, target: UPath | str) -> None:
     """Move the local file ``source`` to ``target``, replacing a file there: ``os.replace``
-    on a local disk; for a URL an upload, then the deletion of ``source``."""
-    if not is_url(target):
+    on a local disk; to a remote location an upload, then the deletion of ``source``."""
+    target = location(target)
+    if is_local(target):
         os.replace(source, target)
         return
-    fs, path = filesystem(str(target))
     with _reporting(target, "write"):
+        fs, path = filesystem(target)
         fs.put_file(os.fspath(source), path)
     os.unlink(source)
 
 
-def sibling(location: Path | str, name: str) -> Path | str:
-    """The location named ``name`` in the same folder (or prefix) as ``location``."""
-    if is_url(location):
-        return f"{str(location).rstrip('/').rsplit('/', 1)[0]}/{name}"
-    return Path(location).with_name(name)
-
-
-def name(location: Path | str) -> str:
-    """The last part of a path or URL (``s3://b/runs/out.zarr/`` -> ``out.zarr``)."""
-    if is_url(location):
-        return str(location).rstrip("/").rsplit("/", 1)[-1]
-    return Path(location).name
-
-
-def staging_name(location: Path | str) -> str:
+def staging_name(loc: UPath) -> str:
     """A new hidden name ``.NAME.partial-UUID`` for a store written before it is moved
-    to ``location`` (see :func:`sibling`)."""
-    return f".{name(location)}.partial-{uuid.uuid4().hex}"
+    to ``loc`` (in the same folder or prefix)."""
+    return f".{loc.name}.partial-{uuid.uuid4().hex}"
 
 
-def check_remote_run(out: str, *, resume: bool, shard: Any, in_process: bool,
+def check_remote_run(out: UPath, *, resume: bool, shard: Any, in_process: bool,
                      waits_for_all: bool = True) -> None:
     """Refuse, in one line, what a run cannot do safely on a remote (non-``file://``)
     output: resuming, sharding and clusters need lock files created atomically and a

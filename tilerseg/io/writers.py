@@ -63,6 +63,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from upath import UPath
 
 from tilerseg.errors import InvalidArgumentError, OutputError
 from tilerseg.io import remote
@@ -160,9 +161,10 @@ class OutputSpec:
 def check_output_folder(path: str | os.PathLike) -> None:
     """Raise :class:`OutputError` unless the folder of output ``path`` exists and is
     writable (nothing is checked for a remote URL: object stores have no folders)."""
-    if remote.is_remote(path):
+    loc = remote.location(path)
+    if not remote.is_local(loc):
         return
-    parent = Path(os.path.abspath(os.fspath(path))).parent
+    parent = Path(os.path.abspath(loc)).parent
     if not parent.is_dir():
         raise OutputError(f"output directory '{parent}' does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -372,7 +374,7 @@ class OutputWriter:
         #: :meth:`commit` replaced an output that was at :attr:`path` (``overwrite``)
         self.replaced = False
         self.staging = (remote.output_location(staging) if staging is not None
-                        else remote.sibling(self.path, remote.staging_name(self.path)))
+                        else self.path.with_name(remote.staging_name(self.path)))
         self.probabilities: zarr.Array | None = None
         self.labels: zarr.Array | None = None
         if existing:
@@ -413,7 +415,7 @@ class OutputWriter:
         if 0 < level <= self.eager:
             nominal = tuple(c >> level for c in self._chunks)
         chunks = level_chunks(nominal, shape)
-        store = os.fspath(self.staging)
+        store = str(self.staging)
         probs = labels = None
         if self.spec.probabilities is not None:
             c = int(self.spec.num_classes)
@@ -439,7 +441,7 @@ class OutputWriter:
 
     def _create(self) -> None:
         """Create the temporary output with level 0 and provisional metadata."""
-        root = zarr.open_group(os.fspath(self.staging), mode="w-", zarr_format=3)
+        root = zarr.open_group(str(self.staging), mode="w-", zarr_format=3)
         if self.spec.probabilities is not None and self._label_images:
             group = root.create_group("labels")
             for name in self._label_images:
@@ -451,7 +453,7 @@ class OutputWriter:
 
     def _open_level(self, level: int) -> tuple[zarr.Array | None, zarr.Array | None]:
         """Open the arrays of one existing level for writing: (probabilities, labels)."""
-        store = os.fspath(self.staging)
+        store = str(self.staging)
         probs = labels = None
         if self.spec.probabilities is not None:
             probs = zarr.open_array(store, path=str(level), mode="r+", zarr_format=3)
@@ -462,7 +464,7 @@ class OutputWriter:
 
     def _open_existing(self) -> None:
         """Open level 0 and the eager levels of an unfinished output made by this spec."""
-        if not remote.exists(f"{self.staging}/zarr.json"):
+        if not remote.exists(self.staging / "zarr.json"):
             raise OSError(f"no Zarr group at '{self.staging}'")
         self.probabilities, self.labels = self._open_level(0)
         self._eager_arrays = {k: self._open_level(k) for k in range(1, self.eager + 1)}
@@ -521,7 +523,7 @@ class OutputWriter:
 
     def _write_metadata(self, levels: int, *, complete: bool) -> None:
         """Write the ``ome`` and ``tilerseg`` attributes for ``levels`` levels."""
-        root = zarr.open_group(os.fspath(self.staging), mode="r+", zarr_format=3)
+        root = zarr.open_group(str(self.staging), mode="r+", zarr_format=3)
         info = dict(self._attributes)
         info["complete"] = complete
         if self.spec.probabilities == "uint8":
@@ -635,13 +637,13 @@ class OutputWriter:
 
     def _build_pyramid(self, shapes: list[tuple[int, ...]]) -> None:
         """Create and fill levels 1.. from the level before each."""
-        root = zarr.open_group(os.fspath(self.staging), mode="r+", zarr_format=3)
+        root = zarr.open_group(str(self.staging), mode="r+", zarr_format=3)
         nd = len(self._shape)
         for k in range(1, len(shapes)):
             if self.spec.instances:  # created after the tiles: never eager
                 before = root[f"labels/{INSTANCE_NAME}/{k - 1}"]
                 level = zarr.create_array(
-                    os.fspath(self.staging), name=f"labels/{INSTANCE_NAME}/{k}", shape=shapes[k],
+                    str(self.staging), name=f"labels/{INSTANCE_NAME}/{k}", shape=shapes[k],
                     chunks=level_chunks(self._chunks, shapes[k]), dtype=before.dtype,
                     fill_value=0, dimension_names=before.metadata.dimension_names,
                     zarr_format=3, overwrite=True)
@@ -661,7 +663,7 @@ class OutputWriter:
                     root[f"{prefix}{k - 1}"], root[f"{prefix}{k}"], "nearest", spatial_ndim=nd
                 )
 
-    def commit(self) -> Path:
+    def commit(self) -> UPath:
         """Finish the output and move it into place.
 
         Builds the lower-resolution levels, writes the final metadata (``complete``
@@ -674,8 +676,8 @@ class OutputWriter:
 
         Returns
         -------
-        pathlib.Path
-            The final path. :attr:`probabilities` and :attr:`labels` then refer to the
+        upath.UPath
+            The final location (:attr:`path`). :attr:`probabilities` and :attr:`labels` then refer to the
             final arrays, opened read-only.
 
         Raises
@@ -718,7 +720,7 @@ class OutputWriter:
                     f"output '{self.path}' exists; pass --overwrite to replace it "
                     f"(the new output is kept in '{self.staging}')"
                 )
-            old = remote.sibling(self.path, f".{remote.name(self.path)}.old-{uuid.uuid4().hex}")
+            old = self.path.with_name(f".{self.path.name}.old-{uuid.uuid4().hex}")
             try:
                 remote.move(self.path, old)  # on failure: ``old`` cleared, ``path`` as it was
             except Exception as err:
@@ -739,13 +741,13 @@ class OutputWriter:
         if old is not None:
             remote.remove(old)
 
-    def _restore(self, old: Path | str | None) -> str:
+    def _restore(self, old: UPath | None) -> str:
         """Put the output moved aside to ``old`` back at :attr:`path` after a failed move
         (clearing what that move left there); a note on it for the message."""
         if old is None:
             return ""
         try:
-            if remote.is_url(self.path):  # a local rename leaves nothing half-way
+            if not remote.is_local(self.path):  # a local rename leaves nothing half-way
                 remote.remove(self.path)
             remote.move(old, self.path)
         except BaseException as err:
@@ -760,7 +762,7 @@ class OutputWriter:
         """Read-only array ``name`` of the committed output."""
         if name is None:
             return None
-        return zarr.open_array(os.fspath(self.path), path=name, mode="r", zarr_format=3)
+        return zarr.open_array(str(self.path), path=name, mode="r", zarr_format=3)
 
     def abort(self) -> None:
         """Delete the temporary output (unless :attr:`kept`); the final path is untouched.

@@ -133,8 +133,8 @@ def _input_exists(source: str) -> bool:
     if any(c in source for c in "*?[") and not remote.is_url(source):
         return True  # a glob: the read says whether it matches
     try:
-        path = remote.local_path(source)
-        return remote.exists(path) if remote.is_url(path) else os.path.exists(path)
+        loc = remote.location(source)
+        return loc.exists() if remote.is_local(loc) else remote.exists(loc)
     except TilersegError:
         return True
 
@@ -232,12 +232,13 @@ def render_preview(
     from ..io import remote
     from ..io.writers import decode_probabilities, open_output
 
-    output = remote.local_path(os.fspath(output))
+    loc = remote.location(output)
+    output = str(loc)
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 16:
         raise InvalidArgumentError(f"size={size!r} must be an integer >= 16 (pixels)")
     if not 0 <= opacity <= 1:
         raise InvalidArgumentError(f"opacity={opacity!r} must be within [0, 1]")
-    if not (remote.exists(output) if remote.is_url(output) else os.path.isdir(output)):
+    if not (loc.is_dir() if remote.is_local(loc) else remote.exists(loc)):
         raise OutputError(f"'{output}' is not a tilerseg output (no such folder)")
     info = open_output(output)
     attrs = info["attributes"]
