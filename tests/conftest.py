@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, settings
 
 import tilerseg
 import tilerseg.engine.backends
+from tilerseg.engine.compute import STRICT_RUNTIME
 from tests.reference import one_shot_reference  # noqa: F401 - the tests import it from here
 
 # Deterministic by default (fixed seeds); HYPOTHESIS_PROFILE=explore searches randomly.
@@ -25,8 +26,20 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-BACKENDS = ["torch"] + (["openvino"] if tilerseg.engine.backends.openvino_available() else [])
-"""The CPU runtimes every exactness test runs on (OpenVINO is in the test extra)."""
+BACKENDS = ["torch", "openvino"]
+"""The CPU runtimes every exactness test runs on (OpenVINO is in the test extra: without it
+the OpenVINO cases fail, they are not left out)."""
+
+# A runtime that a test asks for runs, or the test fails: no fall-back to eager torch in
+# this process, its shards and its cluster workers (they inherit the environment). The
+# tests of the fall-back itself unset it (``no_strict_runtime``).
+os.environ[STRICT_RUNTIME] = "1"
+
+
+@pytest.fixture
+def no_strict_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Falling back to eager torch allowed, as it is for users by default."""
+    monkeypatch.delenv(STRICT_RUNTIME)
 
 
 @pytest.fixture(scope="session", autouse=True)

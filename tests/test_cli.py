@@ -157,10 +157,42 @@ def test_bad_input_is_one_line_exit_2_and_damages_nothing(
     assert not [p for p in d.iterdir() if ".partial" in p.name]
 
 
-def test_output_problems(files: dict, capsys: pytest.CaptureFixture) -> None:
-    args = ["run", str(files["slide"]), "--model", str(files["model"])]
-    status, _, err = _run([*args, "-o", str(files["dir"] / "no" / "such" / "out.zarr")], capsys)
-    assert status == 2 and "does not exist" in err
+def test_output_problems(files: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["run", str(files["slide"]), "--model", str(files["model"]), "-q"]
+    # a missing folder is made, as mkdir -p would
+    assert _run([*args, "-o", str(tmp_path / "no" / "such" / "out.zarr")], capsys)[0] == 0
+    assert (tmp_path / "no" / "such" / "out.zarr" / "zarr.json").is_file()
+    (tmp_path / "file").write_text("not a folder")
+    status, _, err = _run([*args, "-o", str(tmp_path / "file" / "out.zarr")], capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert "output directory" in err and "file" in err
+
+
+def test_info_describes_an_image_the_model_cannot_take_as_it_is(
+        tmp_path: Path, files: dict, capsys: pytest.CaptureFixture) -> None:
+    """Three channels for a one-channel model: info still describes the image, and says
+    why a run would be refused (the check belongs to run)."""
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((3, 64, 64), np.uint8),
+                     photometric="minisblack", metadata={"axes": "CYX"})
+    status, out, err = _run(["info", str(tmp_path / "rgb.tif"), "--model", str(files["model"])],
+                            capsys)
+    assert status == 0 and err == ""
+    assert "shape       (3, 64, 64), axes 'CYX'" in out
+    assert "refused as it is: image has 3 channel(s)" in out and "--channel" in out
+
+
+def test_a_corrupt_slice_of_a_folder_is_named_in_one_line(
+        tmp_path: Path, files: dict, capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for k in range(3):
+        tifffile.imwrite(folder / f"s{k}.tif", np.full((100, 90), 10 * k, np.uint8))
+    with open(folder / "s1.tif", "r+b") as f:  # the middle slice cut short after its header
+        f.truncate(300)
+    status, _, err = _run(["run", f"{folder}/", "-o", str(tmp_path / "o.zarr"), "--model",
+                           str(files["model"]), "-q"], capsys)
+    assert status == 2 and err.count("\n") == 1, err
+    assert "s1.tif" in err and "is not a readable image" in err
 
 
 def test_process_exit_status_and_single_line() -> None:
@@ -168,6 +200,24 @@ def test_process_exit_status_and_single_line() -> None:
                             capture_output=True, text=True, check=False)
     assert result.returncode == 2
     assert result.stderr.startswith("tilerseg: error: ") and result.stderr.count("\n") == 1
+
+
+def test_a_plain_run_prints_no_python_warning(files: dict, tmp_path: Path) -> None:
+    """A first run (the OpenVINO network converted, not read from a cache) with every
+    warning shown once (``-W default``; an unclosed file's ResourceWarning aside): stderr
+    stays empty, and the network really ran on OpenVINO (TILERSEG_STRICT_RUNTIME)."""
+    import os
+
+    env = {**os.environ, "TILERSEG_CACHE_DIR": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, "-W", "default", "-W", "ignore::ResourceWarning", "-m", "tilerseg",
+         "run", str(files["slide"]), "-o", str(tmp_path / "o.zarr"), "--model",
+         str(files["model"]), "--backend", "openvino", "-q"],
+        capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert list((tmp_path / "cache" / "openvino").glob("*.xml"))  # converted in this run
+    attrs = open_output(tmp_path / "o.zarr")["attributes"]
+    assert attrs["runtime"]["engine"] == "openvino"
 
 
 def test_synthetic_membranes_are_reproducible() -> None:

@@ -102,10 +102,17 @@ def test_a_batch_spreads_over_the_cluster(client, data, tmp_path):
         [data["dir"] / "slide.tif", data["dir"] / "stack.tif"], data["one"], tmp_path / "out",
         tile=64, executor=client)
     assert [r.status for r in results] == ["done", "done"]
+    pids = {f"{os.uname().nodename}:{pid}" for pid in client.run(os.getpid).values()}
     for r in results:
         single = tilerseg.segment_to_zarr(r.image, data["one"], tmp_path / "single.zarr",
                                           tile=64, overwrite=True)
         assert_same_arrays(r.output, single)
+        # computed by the cluster's worker processes, not here
+        attrs = zarr.open_group(r.output, mode="r").attrs["tilerseg"]
+        assert attrs["executor"] == "dask.distributed"
+        workers = attrs["profile"]["workers"]
+        assert workers and {w["worker"] for w in workers} <= pids
+        assert sum(w["tasks"] for w in workers) == attrs["manifest"]["tasks"]["count"]
 
 
 def test_in_memory_images_and_foreign_models_get_clear_errors(client, data, tmp_path):

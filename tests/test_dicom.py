@@ -492,3 +492,60 @@ def test_a_remote_dicom_file_is_refused_saying_dicom_is_read_locally(tmp_path: P
     finally:
         memory.rm(prefix, recursive=True)
     assert tilerseg.open_image((tmp_path / "one.dcm").as_uri()).shape == (8, 8)
+
+
+# -- files written by other software: pydicom's own test files ---------------------------------
+
+
+def _pydicom_file(name: str) -> str:
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    assert path is not None, f"pydicom ships {name}"
+    return path
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "MR_small_RLE.dcm",
+                                  "image_dfl.dcm"])
+def test_pydicoms_own_single_files_open_with_pydicoms_values(name: str) -> None:
+    """A preamble that starts like a TIFF (CT_small, MR_small), RLE, and a deflated data set
+    (which pydicom.pixels.pixel_array(path) cannot inflate): pydicom's own array, rescaled."""
+    import pydicom
+    from pydicom.pixels import apply_rescale
+
+    path = _pydicom_file(name)
+    ds = pydicom.dcmread(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no raw warning reaches the user
+        image = tilerseg.open_image(path)
+    expected = apply_rescale(ds.pixel_array, ds)
+    assert image.format == "dicom" and image.axes == "YX"
+    np.testing.assert_array_equal(np.asarray(image.data[:]), expected)
+    if "PixelSpacing" in ds:
+        spacing = [float(v) * 1000 for v in ds.PixelSpacing]  # mm -> um
+        assert [image.pixel_size["Y"], image.pixel_size["X"]] == pytest.approx(spacing)
+    else:  # image_dfl.dcm states none
+        assert image.pixel_size == {}
+
+
+def test_a_12_bit_jpeg_extended_file_without_its_decoder_names_what_to_install() -> None:
+    with pytest.raises(InvalidImageError, match=r"JPEG-lossy\.dcm is not a readable image: "
+                       r"cannot decode pixel data \(.*\); other decoders of JPEG Extended "
+                       r".*pylibjpeg-libjpeg"):
+        np.asarray(tilerseg.open_image(_pydicom_file("JPEG-lossy.dcm")).data[:])
+
+
+def test_an_rt_dose_grid_has_its_frame_offsets_as_z_spacing() -> None:
+    import pydicom
+
+    path = _pydicom_file("rtdose.dcm")
+    offsets = [float(v) for v in pydicom.dcmread(path).GridFrameOffsetVector]
+    image = tilerseg.open_image(path)
+    assert image.axes == "ZYX" and image.shape[0] == len(offsets)
+    assert image.pixel_size["Z"] == pytest.approx((offsets[1] - offsets[0]) * 1000)  # mm -> um
+
+
+def test_an_ultrasound_cine_is_time_not_space() -> None:
+    """examples_ybr_color.dcm: 30 frames whose FrameIncrementPointer is FrameTime."""
+    with pytest.raises(InvalidImageError, match="has a time axis of length 30"):
+        tilerseg.open_image(_pydicom_file("examples_ybr_color.dcm"))

@@ -140,6 +140,20 @@ def test_many_tiles_and_large_halo(small_model: torch.nn.Module, backend: str) -
         assert np.abs(tiled - reference).max() <= TOLERANCE, (tile, batch)
 
 
+def test_a_window_off_the_pooling_grid_changes_the_output(small_model: torch.nn.Module) -> None:
+    """Why tiles start at multiples of the pooling step (docs/geometry.md): the same output
+    pixels computed from a window shifted by one pixel differ; shifted by a whole step,
+    they do not."""
+    g = tilerseg.model_geometry(small_model)
+    step, n = g.step[0], g.min_input[0] + 2 * g.step[0]
+    x = torch.rand(1, 1, n + step, n + step, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, one, whole = (torch.softmax(small_model(x[..., s:s + n, s:s + n]), 1)
+                         for s in (0, 1, step))
+    assert float((one[..., :-1, :-1] - a[..., 1:, 1:]).abs().max()) > 1e-3
+    assert float((whole[..., :-step, :-step] - a[..., step:, step:]).abs().max()) <= 1e-5
+
+
 def test_default_normalisation_is_global_dtype_range(small_model: torch.nn.Module) -> None:
     image = np.random.default_rng(4).integers(0, 256, (40, 60), dtype=np.uint8)
     scaled = image.astype(np.float32) / 255

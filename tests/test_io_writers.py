@@ -305,11 +305,12 @@ def test_abort_keeps_existing_output(tmp_path: Path) -> None:
     assert _tree_hash(out) == before and os.listdir(tmp_path) == ["o.zarr"]
 
 
-def test_missing_parent(tmp_path: Path) -> None:
-    with pytest.raises(OutputError, match="does not exist") as info:
-        OutputWriter(tmp_path / "nope" / "o.zarr", _spec())
-    assert str(tmp_path / "nope") in str(info.value)
-    assert os.listdir(tmp_path) == []
+def test_missing_parent_is_made_and_a_file_in_the_way_refused(tmp_path: Path) -> None:
+    OutputWriter(tmp_path / "nope" / "deeper" / "o.zarr", _spec()).abort()
+    assert (tmp_path / "nope" / "deeper").is_dir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OutputError, match="output directory .*file.* is not a folder"):
+        OutputWriter(tmp_path / "file" / "o.zarr", _spec())
 
 
 def test_invalid_spec(tmp_path: Path) -> None:

@@ -399,9 +399,10 @@ def test_s3_through_a_local_moto_server(tmp_path: Path, image: np.ndarray,
                                         small_model: torch.nn.Module,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The same on a real object-store protocol: s3fs against moto's S3 server on loopback
-    (listings cached by one client, prefixes copied key by key); skipped without them."""
-    pytest.importorskip("s3fs")
-    server_module = pytest.importorskip("moto.server")
+    (listings cached by one client, prefixes copied key by key). Both are in the test extra:
+    without them this fails, it is not skipped."""
+    import moto.server as server_module
+    import s3fs  # noqa: F401 - the protocol under test
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(name, "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
@@ -769,7 +770,7 @@ class _RangeServer:
 
 
 def test_an_https_tiff_is_opened_without_downloading_it(tmp_path: Path) -> None:
-    pytest.importorskip("aiohttp")
+    import aiohttp  # noqa: F401 - fsspec's HTTP filesystem (in the test extra)
     image = np.random.default_rng(0).integers(0, 255, (2048, 2048), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "big.tif", image, tile=(256, 256))
     size = (tmp_path / "big.tif").stat().st_size
@@ -789,7 +790,7 @@ def test_an_https_tiff_is_opened_without_downloading_it(tmp_path: Path) -> None:
 
 
 def test_an_http_zarr_store_is_still_recognised(tmp_path: Path, image: np.ndarray) -> None:
-    pytest.importorskip("aiohttp")
+    import aiohttp  # noqa: F401 - fsspec's HTTP filesystem (in the test extra)
     _write_ome_zarr(str(tmp_path / "in.ome.zarr"), image)
     server = _RangeServer(tmp_path)
     try:

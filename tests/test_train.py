@@ -221,6 +221,7 @@ def test_compile_trains_through_torch_compile(tmp_path: Path, caplog: pytest.Log
     assert state["config"]["compile"] is True and state["epoch"] == 2
 
 
+@pytest.mark.usefixtures("no_strict_runtime")
 def test_compile_failure_falls_back_to_eager(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(model: torch.nn.Module, **kwargs: object) -> object:

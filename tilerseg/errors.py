@@ -18,6 +18,7 @@ __all__ = [
     "OutputError",
     "NumericalError",
     "ClusterError",
+    "RuntimeFallbackError",
 ]
 
 
@@ -51,6 +52,12 @@ class OutputError(TilersegError, ValueError):
 
 class NumericalError(TilersegError, ArithmeticError):
     """The model's output is not finite (NaN or Inf), e.g. fp16 activations overflowing."""
+
+
+class RuntimeFallbackError(TilersegError, RuntimeError):
+    """A faster runtime that was asked for (OpenVINO, ``torch.compile``) failed its set-up
+    or its check against eager torch while ``TILERSEG_STRICT_RUNTIME=1`` forbids falling
+    back to eager torch."""
 
 
 class ClusterError(OSError):

@@ -13,6 +13,9 @@ from torch.func import functional_call
 from .engine.device import default_workers
 from .engine.options import run_options
 from .engine.prepare import prepare
+from .errors import InvalidImageError
+from .io.readers import open_image
+from .io.remote import PATHS
 from .models.probe import eval_mode, meta_state
 
 __all__ = ["describe", "activation_bytes", "describe_machine"]
@@ -89,11 +92,17 @@ def describe(
         Several lines: source, shape, axes, dtype, levels, pixel size, tile plan, and
         estimates of peak memory and output size.
     """
-    p = prepare(image, model, run_options(tile=tile, device=device, normalize="none",
-                                          level=level, channel=channel))
+    options = run_options(tile=tile, device=device, normalize="none", level=level,
+                          channel=channel)
+    try:
+        p = prepare(image, model, options)
+    except InvalidImageError as err:  # e.g. channels to pick: the image is still described
+        source = open_image(image, level) if isinstance(image, PATHS) else None
+        if source is None:
+            raise
+        return "\n".join([*_image_lines(source), f"run         refused as it is: {err}",
+                          describe_machine()])
     s, g, plan = p.source, p.geometry, p.plan
-    pixel = ", ".join(f"{a} {v:g} um" for a, v in s.pixel_size.items()) or "unknown"
-    levels = "; ".join(f"{k}: {tuple(shape)}" for k, shape in enumerate(s.levels or [s.shape]))
     workers = default_workers(p.device)
     window_in = int(np.prod(plan.window)) * g.in_channels * 4
     model_window = p.runner.model_window  # without the plane axis of a z-stack
@@ -105,10 +114,7 @@ def describe(
     pixels = int(np.prod(plan.image_shape))
     probs = pixels * g.out_channels * 4 / 3  # uint8 probabilities with the pyramid levels
     lines = [
-        f"source      {s.path or s.format} ({s.format})",
-        f"shape       {s.shape}, axes {s.axes!r}, dtype {s.dtype}",
-        f"levels      {levels} (using {s.level})",
-        f"pixel size  {pixel}",
+        *_image_lines(s),
         f"model input {p.view.shape} (channels {p.view.channels})",
         f"geometry    halo {g.halo}, pooling step {g.step}, admissible sides "
         f"{g.admissible_inputs(3, axis=g.ndim - 1)}...",
@@ -124,6 +130,16 @@ def describe(
         describe_machine(),
     ]
     return "\n".join(lines)
+
+
+def _image_lines(s: Any) -> list[str]:
+    """What an opened image is: source, shape, axes, dtype, levels, pixel size."""
+    pixel = ", ".join(f"{a} {v:g} um" for a, v in s.pixel_size.items()) or "unknown"
+    levels = "; ".join(f"{k}: {tuple(shape)}" for k, shape in enumerate(s.levels or [s.shape]))
+    return [f"source      {s.path or s.format} ({s.format})",
+            f"shape       {s.shape}, axes {s.axes!r}, dtype {s.dtype}",
+            f"levels      {levels} (using {s.level})",
+            f"pixel size  {pixel}"]
 
 
 def describe_machine() -> str:

@@ -111,7 +111,9 @@ def _torchscript(model: nn.Module, x: np.ndarray, sizes: list[AxisSizes], path: 
         raise InvalidModelError(
             f"the TorchScript trace of {type(model).__name__} does not reproduce it at another "
             "size; it cannot be exported")
-    torch.jit.save(traced, str(path))
+    with warnings.catch_warnings():  # TorchScript is what the spec's torchscript weights are
+        warnings.filterwarnings("ignore", r"`?torch\.jit\.\w+`? is deprecated")
+        torch.jit.save(traced, str(path))
 
 
 def _cover(x: np.ndarray, y: np.ndarray, shrink: tuple[int, ...], foreground: int,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -22,14 +23,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError, NumericalError
+from ..errors import InvalidArgumentError, NumericalError, RuntimeFallbackError
 from ..geometry import Tile
 
-__all__ = ["PRECISIONS", "Replica", "resolve_precision", "memory_format", "replicate"]
+__all__ = ["PRECISIONS", "STRICT_RUNTIME", "Replica", "resolve_precision", "memory_format",
+           "replicate", "strict_runtime"]
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+STRICT_RUNTIME = "TILERSEG_STRICT_RUNTIME"
+"""Environment variable: ``1`` makes a faster runtime that fails its set-up or its check an
+error (:class:`~tilerseg.errors.RuntimeFallbackError`) instead of a fall-back to eager
+torch; inherited by shard and worker processes (the test suite sets it)."""
+
+
+def strict_runtime() -> bool:
+    """Whether falling back to eager torch is forbidden (see :data:`STRICT_RUNTIME`)."""
+    return os.environ.get(STRICT_RUNTIME, "").strip().lower() in ("1", "true", "yes")
 
 
 def memory_format(ndim: int) -> torch.memory_format:
@@ -232,6 +243,7 @@ class Replica:
             return self.model, None
         x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
         reference: list[Any] = []  # (eager probabilities, tolerance), computed when needed
+        failures: list[str] = []
         for engine in candidates:
             start = time.perf_counter()
             try:
@@ -243,9 +255,10 @@ class Replica:
                     fast = self._probabilities(fast_model, x, static_batch=shape[0])
                     deviation = float((reference[0] - fast).abs().max())
                     if not deviation <= reference[1]:
-                        log.warning("%s changed the probabilities by %.2e (allowed %.1e) on "
-                                    "%s; running torch eagerly", engine, deviation,
-                                    reference[1], self.device)
+                        failures.append(f"{engine} changed the probabilities by "
+                                        f"{deviation:.2e} (allowed {reference[1]:.1e}) on "
+                                        f"{self.device}")
+                        log.warning("%s; running torch eagerly", failures[-1])
                         continue
                     if hasattr(fast_model, "verify"):
                         fast_model.verify(deviation)
@@ -254,14 +267,18 @@ class Replica:
                     how = "checked against eager torch when it was cached: max deviation"
             except Exception as err:  # noqa: BLE001 - runtimes fail in many ways
                 first = str(err).splitlines()[0] if str(err) else ""
-                log.warning("%s failed on %s (%s: %s); running torch eagerly", engine,
-                            self.device, type(err).__name__, first[:300])
+                failures.append(f"{engine} failed on {self.device} ({type(err).__name__}: "
+                                f"{first[:300]})")
+                log.warning("%s; running torch eagerly", failures[-1])
                 continue
             self._engines.add(engine)
             log.info("%s runs the model on %s for input %s in %s (set up in %.2f s; %s "
                      "%.1e)", engine, self.device, list(shape), self.precision,
                      time.perf_counter() - start, how, deviation)
             return fast_model, shape[0]
+        if strict_runtime():
+            raise RuntimeFallbackError(f"{'; '.join(failures)}; {STRICT_RUNTIME}=1 forbids "
+                                       "running torch eagerly")
         self._engines.add("torch")
         return self.model, None
 

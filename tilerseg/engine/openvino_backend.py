@@ -24,6 +24,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,10 +93,26 @@ def _class_code(cls: type) -> str:
 
 
 def _convert(model: nn.Module, input_shape: tuple[int, ...]) -> Any:
+    """The OpenVINO network of ``model`` for one input shape: through :func:`torch.export`
+    (an ``ExportedProgram``, which OpenVINO converts), or, for a TorchScript network or a
+    model torch.export cannot capture, as OpenVINO converts it itself (TorchScript as it
+    is; a module by tracing it, whose deprecation warnings are not the user's to see)."""
     import openvino
 
     example = torch.zeros(input_shape)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch's own deprecations, raised inside OpenVINO's PyTorch frontend
+        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+        warnings.filterwarnings("ignore", r"`?torch\.jit\.\w+`? is deprecated")
+        if not isinstance(model, torch.jit.ScriptModule):
+            try:
+                program = torch.export.export(model, (example,))
+            except Exception as err:  # noqa: BLE001 - what export cannot capture, traced
+                log.info("OpenVINO: torch.export could not capture %s (%s: %s); converting "
+                         "it by tracing", type(model).__name__, type(err).__name__,
+                         (str(err).splitlines() or [""])[0][:200])
+            else:
+                return openvino.convert_model(program, input=[input_shape])
         return openvino.convert_model(model, example_input=example, input=[input_shape])
 
 

@@ -226,6 +226,28 @@ class _Header:
     normal: tuple[float, float, float] | None
     instance: int | None
     series: str | None
+    time: bool = False  # the frames are moments in time (FrameTime...), not slices
+
+
+_TIME_POINTERS = {0x00181063, 0x00181065, 0x00181055}  # FrameTime, FrameTimeVector, TriggerTime
+_GRID_OFFSETS = 0x3004000C  # GridFrameOffsetVector (RT dose): the frames' offsets in mm
+
+
+def _frame_increments(ds: Any) -> set[int]:
+    """The tags ``FrameIncrementPointer`` names: what changes from one frame to the next."""
+    pointer = ds.get("FrameIncrementPointer")
+    if pointer is None:
+        return set()
+    return {int(v) for v in ([pointer] if isinstance(pointer, int) else pointer)}  # a tag or tags
+
+
+def _grid_step(ds: Any) -> float | None:
+    """The median step between an RT dose's frame offsets (``GridFrameOffsetVector``), mm."""
+    offsets = ds.get("GridFrameOffsetVector")
+    if offsets is None or len(offsets) < 2:
+        return None
+    steps = np.abs(np.diff(np.asarray([float(v) for v in offsets])))
+    return float(np.median(steps)) if steps.size and np.median(steps) > 0 else None
 
 
 def _stored_dtype(ds: Any, label: str) -> tuple[np.dtype, tuple[int, int]]:
@@ -248,7 +270,7 @@ def _check_pixel_data(ds: Any, f: Any, size: int, label: str, frames: int,
     """Refuse a file without pixel data, or whose native pixel data is cut short."""
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    if syntax == "1.2.840.10008.1.2.1.99":  # deflated: file offsets tell nothing
+    if syntax == _DEFLATED:  # deflated: file offsets tell nothing
         return
     at = f.tell()
     head = f.read(8)
@@ -280,6 +302,42 @@ def _check_decoder(pydicom: Any, ds: Any, label: str) -> None:
         raise InvalidImageError(
             f"{label}: compressed DICOM ({syntax.name}) needs a decoder that is not "
             f"installed: {needs}")
+
+
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def _decode(path: str, index: int | None) -> np.ndarray:
+    """Frame ``index`` of a file (all of it for None), decoded by pydicom. A deflated data
+    set is read whole (``pydicom.pixels.pixel_array`` reads a file's pixel data in place,
+    which a deflated file has no offsets for)."""
+    import pydicom
+    from pydicom.pixels import pixel_array
+
+    try:
+        return np.asarray(pixel_array(path, index=index))
+    except Exception:
+        ds = pydicom.dcmread(path)
+        if str(ds.file_meta.get("TransferSyntaxUID", "")) != _DEFLATED:
+            raise
+        array = np.asarray(ds.pixel_array)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        return array if index is None or frames == 1 else array[index]
+
+
+def _other_decoders(path: str) -> str:
+    """What else could decode the file's compressed pixel data: ``"; other decoders of
+    <syntax>: <what they need>"`` (pydicom's own list), or "" (native data, none known)."""
+    try:
+        import pydicom
+
+        syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+        if str(syntax) in _NATIVE_SYNTAXES or str(syntax) == _DEFLATED:
+            return ""
+        missing = pydicom.pixels.get_decoder(syntax).missing_dependencies
+    except Exception:  # noqa: BLE001 - only a hint
+        return ""
+    return f"; other decoders of {syntax.name}: {'; '.join(missing)}" if missing else ""
 
 
 def _read_header(path: str) -> _Header:
@@ -318,7 +376,9 @@ def _parse_header(pydicom: Any, path: str) -> _Header:
         width = _number(_group_value(ds, "FrameVOILUTSequence", "WindowWidth", 0))
         spacing = _floats(_group_value(ds, "PixelMeasuresSequence", "PixelSpacing", 0) or
                           ds.get("ImagerPixelSpacing") or (), 2)
-        z_step = (_number(_group_value(ds, "PixelMeasuresSequence", "SpacingBetweenSlices", 0))
+        increments = _frame_increments(ds)
+        z_step = ((_grid_step(ds) if _GRID_OFFSETS in increments else None)
+                  or _number(_group_value(ds, "PixelMeasuresSequence", "SpacingBetweenSlices", 0))
                   or _number(_group_value(ds, "PixelMeasuresSequence", "SliceThickness", 0)))
         orientation = _floats(_group_value(ds, "PlaneOrientationSequence",
                                            "ImageOrientationPatient", 0) or (), 6)
@@ -336,7 +396,8 @@ def _parse_header(pydicom: Any, path: str) -> _Header:
             z_step=z_step if z_step and z_step > 0 else None,
             positions=tuple(positions) if all(positions) else None,  # type: ignore[arg-type]
             normal=normal, instance=int(instance) if instance not in (None, "") else None,
-            series=str(ds.get("SeriesInstanceUID")) if ds.get("SeriesInstanceUID") else None)
+            series=str(ds.get("SeriesInstanceUID")) if ds.get("SeriesInstanceUID") else None,
+            time=frames > 1 and bool(increments & _TIME_POINTERS))
     except TilersegError:
         raise
     except Exception as exc:
@@ -411,13 +472,12 @@ class DicomFrames:
                 self._cache.move_to_end(k)
                 return self._cache[k]
         path, index, slope, intercept = self.frames[k]
-        from pydicom.pixels import pixel_array
-
         try:
             with _quiet_pydicom(path):
-                array = np.asarray(pixel_array(path, index=index))
+                array = _decode(path, index)
         except Exception as exc:
-            raise unreadable(path, f"cannot decode pixel data ({short_reason(exc)})") from None
+            raise unreadable(path, f"cannot decode pixel data ({short_reason(exc)})"
+                             f"{_other_decoders(path)}") from None
         if array.shape != self.frame_shape:
             raise unreadable(path, f"decoded frame has shape {array.shape}, expected "
                              f"{self.frame_shape}")
@@ -475,12 +535,13 @@ def _raw(headers: Sequence[_Header], frames: list[tuple[str, int | None, float, 
     frame_shape = (first.rows, first.columns) + ((3,) if first.samples == 3 else ())
     stack = len(frames) > 1
     array = DicomFrames(frames, frame_shape, _output_dtype(headers), invert, stack, label)
-    axes = (["Z"] if stack else []) + ["Y", "X"] + (["S"] if first.samples == 3 else [])
+    axes = ([("T" if first.time else "Z")] if stack else []) + ["Y", "X"] + \
+        (["S"] if first.samples == 3 else [])
     sizes: dict[str, float] = {}
     if first.spacing is not None:
         sizes["Y"], sizes["X"] = (_mm_to_um(s) for s in first.spacing)
     z = _mm_to_um(z_size)
-    if stack and z:
+    if stack and z and not first.time:
         sizes["Z"] = z
     return RawImage([array], axes, fmt, pixel_size={a: s for a, s in sizes.items() if s},
                     window=window)

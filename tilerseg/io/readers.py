@@ -40,6 +40,22 @@ _MAGIC = (
 _STATS_MIN_PLANE = 65536
 
 
+def _sniff(head: bytes) -> str | None:
+    """The format its first 132 bytes say a file is: ``"dicom"`` when ``DICM`` is at byte
+    128 (asked first: a DICOM file's 128-byte preamble may be anything, a TIFF header
+    included, as in pydicom's own test files), else the kind of a magic number it starts
+    with, else None.
+
+    Examples
+    --------
+    >>> _sniff(b"II*\\0" + bytes(124) + b"DICM"), _sniff(b"II*\\0" + bytes(8)), _sniff(b"")
+    ('dicom', 'tiff', None)
+    """
+    if head[128:132] == b"DICM":
+        return "dicom"
+    return next((k for magic, k in _MAGIC if head.startswith(magic)), None)
+
+
 class LazyView:
     """A lazy view of an array: some axes fixed at an index, the others reordered.
 
@@ -254,9 +270,7 @@ def _open_file(path: str) -> RawImage:
         raise unreadable(path, short_reason(exc)) from None
     if not head:
         raise unreadable(path, "empty file (0 bytes)")
-    kind = next((k for magic, k in _MAGIC if head.startswith(magic)), None)
-    if kind is None and head[128:132] == b"DICM":
-        kind = "dicom"
+    kind = _sniff(head)
     if kind is None:
         lower = path.lower()
         expected = next((k for ext, k in FORMAT_BY_EXTENSION.items() if lower.endswith(ext)), None)
@@ -292,15 +306,15 @@ def _open_url(url: str) -> RawImage:
     try:
         head = f.read(132)  # a DICOM file has its magic at byte 128
         f.seek(0)
-        kind = next((k for magic, k in _MAGIC if head.startswith(magic)), None)
+        kind = _sniff(head)
         if kind == "tiff":
             return tiff.read_tiff(url, file=f)
-        data = f.read() if kind is not None else b""
+        data = f.read() if kind not in (None, "dicom") else b""
     except TilersegError:
         raise
     except Exception as exc:  # noqa: BLE001 - a read failing midway
         raise unreadable(url, short_reason(exc)) from None
-    if kind is None and (head[128:132] == b"DICM" or url.lower().endswith((".dcm", ".dicom"))):
+    if kind == "dicom" or (kind is None and url.lower().endswith((".dcm", ".dicom"))):
         raise unreadable(url, "DICOM is read from local files only (copy it to a local folder)")
     if kind is None:
         raise unreadable(url, "empty file (0 bytes)" if not head else

@@ -7,6 +7,7 @@ arrays live (the store refers to it; it is also attached to the arrays).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Sequence
@@ -186,6 +187,15 @@ def _slice_info(path: str, label: str) -> tuple[str, tuple[int, ...], Any, dict[
         raise unreadable(label, f"slice {path}: {short_reason(exc)}") from None
 
 
+def _read_slice(label: str, path: str, **kwargs: Any) -> Any:
+    """One slice of a sequence, read when a tile needs it; a slice that cannot be read is
+    a one-line error naming it (tifffile's own says only how many bytes were missing)."""
+    try:
+        return tifffile.imread(path, **kwargs)
+    except Exception as exc:
+        raise unreadable(label, f"slice {path}: {short_reason(exc)}") from None
+
+
 def read_tiff_sequence(files: Sequence[str], label: str) -> RawImage:
     """Describe 2-D TIFF slices, sorted naturally by name, as one lazy z-stack.
 
@@ -222,7 +232,7 @@ def read_tiff_sequence(files: Sequence[str], label: str) -> RawImage:
                 f"{other} is {other_shape} {other_dtype}"
             )
     try:
-        sequence = tifffile.TiffSequence(files)
+        sequence = tifffile.TiffSequence(files, imread=functools.partial(_read_slice, label))
         array = zarr.open(sequence.aszarr(), mode="r")
     except Exception as exc:
         raise unreadable(label, short_reason(exc)) from None

@@ -159,14 +159,20 @@ class OutputSpec:
 
 
 def check_output_folder(path: str | os.PathLike) -> None:
-    """Raise :class:`OutputError` unless the folder of output ``path`` exists and is
-    writable (nothing is checked for a remote URL: object stores have no folders)."""
+    """Make the folder of output ``path`` (with its parents) where it is missing, as
+    ``mkdir -p`` would, and raise :class:`OutputError` unless it is then a writable folder
+    (nothing is done for a remote URL: object stores have no folders)."""
     loc = remote.location(path)
     if not remote.is_local(loc):
         return
     parent = Path(os.path.abspath(loc)).parent
-    if not parent.is_dir():
-        raise OutputError(f"output directory '{parent}' does not exist")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError(f"output directory '{parent}' is not a folder") from None
+    except OSError as err:
+        raise OutputError(f"cannot create the output directory '{parent}': "
+                          f"{err.strerror or err}") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"output directory '{parent}' is not writable")
 

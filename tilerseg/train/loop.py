@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.compute import PRECISIONS, memory_format, resolve_precision
+from ..engine.compute import (PRECISIONS, STRICT_RUNTIME, memory_format, resolve_precision,
+                              strict_runtime)
 from ..engine.windows import read_window
-from ..errors import InvalidArgumentError, InvalidImageError, InvalidModelError
+from ..errors import (InvalidArgumentError, InvalidImageError, InvalidModelError,
+                      RuntimeFallbackError)
 from ..models import create_model, load_model, model_geometry, save_model
 from ..models.unet import center_crop
 from ..normalize import Normalization, resolve_normalization
@@ -337,6 +339,10 @@ class TrainStep:
                 self.loss(x, y, w, net=wrapped).backward()
         except Exception as err:  # noqa: BLE001 - compilers fail in many ways; fall back
             first = str(err).splitlines()[0] if str(err) else ""
+            if strict_runtime():
+                raise RuntimeFallbackError(
+                    f"torch.compile failed for training ({type(err).__name__}: {first}); "
+                    f"{STRICT_RUNTIME}=1 forbids training eagerly") from err
             log.warning("torch.compile failed for training (%s: %s); training eagerly",
                         type(err).__name__, first)
             return False
