@@ -257,15 +257,20 @@ def _filesystem(path: Path) -> str:
         return "?"
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = open_workdir(args.workdir)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     record: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(),
                               "date": time.strftime("%Y-%m-%d"), "tile": args.tile}
     print(f"{cpu}, {os.cpu_count()} cores", flush=True)

@@ -113,6 +113,7 @@ def test_a_batch_spreads_over_the_cluster(client, data, tmp_path):
         workers = attrs["profile"]["workers"]
         assert workers and {w["worker"] for w in workers} <= pids
         assert sum(w["tasks"] for w in workers) == attrs["manifest"]["tasks"]["count"]
+        assert all(w["runtime"]["engine"] == attrs["runtime"]["engine"] for w in workers)
 
 
 def test_in_memory_images_and_foreign_models_get_clear_errors(client, data, tmp_path):

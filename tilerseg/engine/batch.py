@@ -25,6 +25,7 @@ from ..io import remote
 from ..io.formats import image_paths
 from .executors import parse_shard, resolve_executor
 from .options import RunOptions, run_options
+from .pipeline import run_attributes
 from .resume import Started, start
 from .tasks import Work
 from .jobs import default_output_path, read_final_manifest
@@ -205,9 +206,11 @@ def segment_batch(
         result = by_work[id(work)]
         assert result._started is not None
         result._started.release()  # before the commit: it waits for the others to leave
-        work.context.work.commit(result.output, overwrite=overwrite,
-                                 attributes={"executor": runner.name, "batch": True},
-                                 writer=work.context.writer, mapper=runner.map)
+        wall = time.perf_counter() - result._begin
+        work.context.work.commit(
+            result.output, overwrite=overwrite, writer=work.context.writer, mapper=runner.map,
+            attributes=lambda w: {**run_attributes(w.worker_records(), wall, runner.name),
+                                  "batch": True})
         # committed here or by another process working on it (which may still be at it)
         result.status = "done" if read_final_manifest(result.output) is not None else "pending"
         result.tiles = work.tiles

@@ -265,6 +265,8 @@ class Replica:
                     how = "max deviation from eager torch"
                 else:
                     how = "checked against eager torch when it was cached: max deviation"
+            except NumericalError:  # the model's, not the runtime's
+                raise
             except Exception as err:  # noqa: BLE001 - runtimes fail in many ways
                 first = str(err).splitlines()[0] if str(err) else ""
                 failures.append(f"{engine} failed on {self.device} ({type(err).__name__}: "
@@ -284,8 +286,19 @@ class Replica:
 
     def _reference(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Eager probabilities of the check batch ``x`` and the deviation allowed from them:
-        1e-4 in fp32; in bf16/fp16 twice eager's own deviation from fp32, plus 1e-3."""
+        1e-4 in fp32; in bf16/fp16 twice eager's own deviation from fp32, plus 1e-3.
+
+        Raises
+        ------
+        NumericalError
+            Eager torch itself is not finite on the check batch (fp16 overflow): no runtime
+            can be checked, and none would help."""
         eager = self._probabilities(self.model, x)
+        if not bool(torch.isfinite(eager).all()):
+            raise NumericalError(
+                f"the model's output is not finite under precision={self.precision} (eager "
+                "torch on a random check batch); the activations overflow: use "
+                "precision=fp32 (or bf16)")
         if self.autocast_dtype is None:
             return eager, 1e-4
         exact = self._probabilities(self.model, x, autocast=False)

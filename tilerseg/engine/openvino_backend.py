@@ -187,7 +187,7 @@ class OpenVINOForward:
                 self.verified = float(value) if isinstance(value, (int, float)) else None
             except (OSError, ValueError, AttributeError):
                 pass
-        self.precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # f32...
         self.streams = int(compiled.get_property("NUM_STREAMS"))
         self._free: queue.Queue = queue.Queue()
         for _ in range(max(1, requests)):

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Direct", "StageTimes", "merge_profile", "run_pipeline"]
+__all__ = ["Direct", "StageTimes", "merge_profile", "run_attributes", "run_pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,30 @@ class StageTimes:
 
 
 _BUSY = ("read", "compute", "write", "starved", "blocked")
+
+
+def run_attributes(records: list[dict[str, Any]], wall: float, executor: str
+                   ) -> dict[str, Any]:
+    """What an output's metadata says of the run that made it: ``profile`` (see
+    :func:`merge_profile`), ``executor``, and ``runtime``, what ran the model in every
+    process that computed tiles (engines and precisions joined by ``+`` where they differ;
+    absent when no process recorded one).
+
+    Examples
+    --------
+    >>> r = {"worker": "a:1", "tasks": [0], "tiles": 4,
+    ...      "runtime": {"engine": "openvino", "precision": "fp32", "device": "cpu"}}
+    >>> a = run_attributes([r], 1.0, "local")
+    >>> a["executor"], a["runtime"], a["profile"]["processes"]
+    ('local', {'engine': 'openvino', 'precision': 'fp32'}, 1)
+    """
+    out: dict[str, Any] = {"profile": merge_profile(records, wall), "executor": executor}
+    runtimes = {(r["runtime"]["engine"], r["runtime"]["precision"])
+                for r in records if r.get("runtime")}
+    if runtimes:
+        out["runtime"] = {"engine": "+".join(sorted({e for e, _ in runtimes})),
+                          "precision": "+".join(sorted({q for _, q in runtimes}))}
+    return out
 
 
 def merge_profile(records: list[dict[str, Any]], wall: float) -> dict[str, Any]:

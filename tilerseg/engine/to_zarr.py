@@ -19,7 +19,7 @@ from .executors import ShardExecutor, parse_shard, resolve_executor
 from .executors.shard import Shard
 from .jobs import default_output_path
 from .options import RunOptions, run_options
-from .pipeline import merge_profile
+from .pipeline import run_attributes
 from .resume import Started, start
 from .tasks import Work
 from .workdir import WorkDir
@@ -210,15 +210,9 @@ def _run(started: Started, runner: Any, shard: Shard | None, overwrite: bool,
 
     def attributes(work: WorkDir) -> dict[str, Any]:
         """The run's profile, merged from every process's record, and what ran it."""
-        records = work.worker_records()
-        out: dict[str, Any] = {
-            "profile": {**merge_profile(records, times.wall), "setup": round(setup, 3)},
-            "executor": runner.name, "devices": devices}
-        runtimes = {(r["runtime"]["engine"], r["runtime"]["precision"])
-                    for r in records if r.get("runtime")}
-        if runtimes:  # what ran the model, in every process that computed tiles
-            out["runtime"] = {"engine": "+".join(sorted({e for e, _ in runtimes})),
-                              "precision": "+".join(sorted({q for _, q in runtimes}))}
+        out = run_attributes(work.worker_records(), times.wall, runner.name)
+        out["profile"]["setup"] = round(setup, 3)
+        out["devices"] = devices
         if p.options.skip_background:
             out["background"] = work.manifest["resolved"]["background"]
         return out

@@ -43,7 +43,7 @@ from upath import UPath
 from ..errors import OutputError
 from ..io import remote
 from .jobs import FORMAT, FORMAT_VERSION, RunRef, TaskGrid
-from .locks import FileLock, LockedError, LockHolder, live_locks, read_lock
+from .locks import FileLock, LockedError, LockHolder, _alive, live_locks, read_lock
 
 if TYPE_CHECKING:
     from ..io.writers import OutputWriter
@@ -242,10 +242,11 @@ class WorkDir:
                 out.append(holder)
         return out
 
-    def record_worker(self, **info: Any) -> None:
-        """Write what one process did on this run (tasks, tiles, stage times...), once,
-        when it stops computing."""
-        name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
+    def record_worker(self, name: str | None = None, **info: Any) -> str:
+        """Write what one process did on this run (tasks, tiles, stage times...) when it
+        has nothing more to compute in it; ``name``: the record to replace (a process
+        completes it later, e.g. with its stage times). Returns the record's name."""
+        name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
         record = {"host": socket.gethostname(), "pid": os.getpid(),
                   "job": os.environ.get("SLURM_JOB_ID"), "time": time.time(), **info}
         try:
@@ -254,6 +255,7 @@ class WorkDir:
             if self.path.is_dir():
                 self.workers_dir.mkdir(exist_ok=True)
                 _write_json(self.workers_dir / name, record)
+        return name
 
     def worker_records(self) -> list[dict[str, Any]]:
         """What each process that computed tasks of this run did, oldest first."""
@@ -389,17 +391,34 @@ class WorkDir:
 
     def _wait_for_others(self, out: UPath) -> None:
         """Wait (at most :data:`LEAVE_WAIT` seconds) until no other process holds a lock or
-        a claim of the run: once every task is recorded they only write their records."""
+        a claim of the run, and every live process that recorded a task has left its
+        worker record: once every task is recorded they only write their records."""
         me = (socket.gethostname(), os.getpid())
         deadline = time.monotonic() + LEAVE_WAIT
+        writers = self._task_writers() - {me}
         while True:
-            others = [h for h in self.running() if (h.host, h.pid) != me]
+            others = [h.describe() for h in self.running() if (h.host, h.pid) != me]
+            recorded = {(r.get("host"), r.get("pid")) for r in self.worker_records()}
+            others += [f"{h}:{p} (its record)" for h, p in writers - recorded
+                       if h != me[0] or _alive(p, None)]  # a local process gone leaves none
             if not others:
                 return
             if time.monotonic() > deadline:
-                log.info("%s: committing while %s still holds it", out, others[0].describe())
+                log.info("%s: committing while %s is not done with it", out, others[0])
                 return
             time.sleep(0.2)
+
+    def _task_writers(self) -> set[tuple[str, int]]:
+        """The processes (host, pid) that recorded the run's tasks."""
+        out = set()
+        for name in _listdir(self.done_dir):
+            try:
+                with open(self.done_dir / name, encoding="utf-8") as f:
+                    record = json.load(f)
+                out.add((str(record["host"]), int(record["pid"])))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return out
 
     def remove(self) -> None:
         """Delete the work directory (after a commit, or to start again)."""

@@ -82,10 +82,24 @@ def run_pipelined(works: Iterable[Work], *, cores: int | None = None,
     machine = os.cpu_count() or 1
     readers = min(2, machine) if cpu else max(2, min(8, machine // (2 * len(replicas))))
     seen: list[Work] = []
+    names: dict[int, str | None] = {}  # id(work) -> this process's record of it
+
+    def recording(work: Work) -> Callable[[Work], None]:
+        """``on_complete`` that first leaves this process's record (a commit that follows
+        at once, here or in a cluster's client, finds it), then does what it did."""
+        then = work.on_complete
+
+        def on_complete(w: Work) -> None:
+            names[id(w)] = _record([w], None, started, worker, record,
+                                   replica=replicas[0]).get(id(w))
+            if then is not None:
+                then(w)
+        return on_complete
 
     def track(items: Iterable[Work]) -> Iterable[Work]:
         for work in items:
             seen.append(work)
+            work.on_complete = recording(work)
             yield work
 
     started = time.time()
@@ -105,17 +119,24 @@ def run_pipelined(works: Iterable[Work], *, cores: int | None = None,
                               should_stop=should_stop)
         log.info("pipeline: %s", times.summary())
         return times
-    finally:
-        _record(seen, times, started, worker, record)
+    finally:  # the stage times, where this process computed one run; the other records
+        single = times if len(seen) == 1 else None
+        _record([w for w in seen if id(w) not in names or single is not None], single,
+                started, worker, record, names, replica=replicas[0])
 
 
 def _record(works: Sequence[Work], times: StageTimes | None, started: float,
-            worker: str | None, record: dict | None) -> None:
-    """Leave in each run's work directory what this process did on it."""
+            worker: str | None, record: dict | None,
+            names: dict[int, str | None] | None = None, replica: Any = None) -> dict[int, str]:
+    """Leave in each run's work directory what this process did on it (replacing the
+    records ``names`` gives), with the runtime of ``replica`` (the pipeline's, which every
+    run after the first uses too); the records' names."""
+    written: dict[int, str] = {}
     for work in works:
         if not work.computed:
             continue
-        replica = work.context.p.runner.replica if work.context.p.runner.made else None
+        runner = work.context.p.runner
+        replica = replica or (runner.replica if runner.made else None)
         info: dict[str, Any] = {
             "worker": worker or f"{socket.gethostname()}:{os.getpid()}",
             "tasks": sorted(work.computed), "tiles": work.tiles,
@@ -123,13 +144,15 @@ def _record(works: Sequence[Work], times: StageTimes | None, started: float,
         if replica is not None:
             info["runtime"] = {"engine": replica.engine, "precision": replica.precision,
                                "device": str(replica.device)}
-        if len(works) == 1 and times is not None:  # the stage times of this run alone
+        if times is not None:  # the stage times of this run alone
             info["times"] = times.as_dict()
         try:
-            work.context.work.record_worker(**info)
+            written[id(work)] = work.context.work.record_worker(
+                name=(names or {}).get(id(work)), **info)
         except OSError as err:  # the run goes on without this record
             log.warning("cannot record what this process did in %s: %s",
                         work.context.work.path, err)
+    return written
 
 
 class LocalExecutor:
