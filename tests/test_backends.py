@@ -19,7 +19,7 @@ from tilerseg.engine.backends import cpu_features, resolve_backend
 from tilerseg.engine.compute import Replica
 from tilerseg.io.writers import open_output
 
-openvino = pytest.mark.skipif("openvino" not in BACKENDS, reason="OpenVINO is not installed")
+openvino = pytest.mark.openvino  # OpenVINO is in the test extra: never skipped
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,7 @@ def _check_against_reference(config: dict, shape: tuple, tile, batch: int,
 
 # Every case runs on each CPU runtime; OpenVINO converts a network per model and window
 # (about a second each), so it draws fewer cases.
-openvino = pytest.mark.skipif("openvino" not in BACKENDS, reason="OpenVINO is not installed")
+openvino = pytest.mark.openvino  # OpenVINO is in the test extra: never skipped
 
 
 @settings(max_examples=40)
@@ -192,10 +192,9 @@ def test_probabilities_and_side_effects(small_model: torch.nn.Module) -> None:
 def test_plan_matches_segment_defaults(small_model: torch.nn.Module) -> None:
     plan = tilerseg.plan((3000, 100), small_model, device="cpu", backend="torch")
     assert plan.tile == (512, 104) and plan.grid == (6, 1)
-    if "openvino" in BACKENDS:  # larger tiles on OpenVINO (faster there)
-        plan = tilerseg.plan((3000, 100), small_model, device="cpu", backend="openvino")
-        assert plan.tile == (1024, 104) and plan.grid == (3, 1)
-        assert tilerseg.plan((3000, 100), small_model, device="cpu").tile == (1024, 104)
+    plan = tilerseg.plan((3000, 100), small_model, device="cpu", backend="openvino")
+    assert plan.tile == (1024, 104) and plan.grid == (3, 1)  # larger tiles on OpenVINO
+    assert tilerseg.plan((3000, 100), small_model, device="cpu").tile == (1024, 104)
 
 
 @pytest.mark.parametrize(
