@@ -694,6 +694,10 @@ def test_relative_file_urls_and_chained_output_urls_are_refused(prefix: str, ima
     with pytest.raises(InvalidArgumentError, match="a chained URL cannot be an output"):
         remote.output_location("simplecache::file:///tmp/out.zarr")
     assert remote.output_location("file:///tmp/out.zarr") == Path("/tmp/out.zarr")
+    from upath import UPath
+
+    local = remote.output_location(UPath("file:///tmp/out.zarr"))  # a UPath of file:// too
+    assert remote.is_local(local) and local == Path("/tmp/out.zarr")
     for output, message in [("file://o.zarr", "a file:// URL needs an absolute path"),
                             (f"simplecache::memory://{prefix}/o.zarr", "a chained URL")]:
         status, _, err = _cli(["run", f"memory://{prefix}/none.tif", "-o", output, "--model",

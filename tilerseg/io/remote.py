@@ -128,7 +128,8 @@ def location(path: str | os.PathLike | UPath) -> UPath:
     >>> location("file:///data/slide.tif") == Path("/data/slide.tif")
     True
     """
-    if isinstance(path, UPath) and not isinstance(path, Path):
+    if isinstance(path, UPath) and not isinstance(path, Path) and \
+            path.protocol not in _LOCAL_PROTOCOLS:  # file:// UPaths: local paths, below
         return path
     text = local_path(path)
     if not is_url(text):

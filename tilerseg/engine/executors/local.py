@@ -84,14 +84,15 @@ def run_pipelined(works: Iterable[Work], *, cores: int | None = None,
     seen: list[Work] = []
     names: dict[int, str | None] = {}  # id(work) -> this process's record of it
 
+    given: dict[int, Callable[[Work], None] | None] = {}  # id(work) -> its on_complete
+
     def recording(work: Work) -> Callable[[Work], None]:
         """``on_complete`` that first leaves this process's record (a commit that follows
         at once, here or in a cluster's client, finds it), then does what it did."""
-        then = work.on_complete
+        then = given[id(work)] = work.on_complete
 
         def on_complete(w: Work) -> None:
-            names[id(w)] = _record([w], None, started, worker, record,
-                                   replica=replicas[0]).get(id(w))
+            names[id(w)] = _record([w], None, started, worker, record, replicas[0]).get(id(w))
             if then is not None:
                 then(w)
         return on_complete
@@ -122,12 +123,14 @@ def run_pipelined(works: Iterable[Work], *, cores: int | None = None,
     finally:  # the stage times, where this process computed one run; the other records
         single = times if len(seen) == 1 else None
         _record([w for w in seen if id(w) not in names or single is not None], single,
-                started, worker, record, names, replica=replicas[0])
+                started, worker, record, replicas[0], names)
+        for work in seen:  # the works as they were given
+            work.on_complete = given[id(work)]
 
 
 def _record(works: Sequence[Work], times: StageTimes | None, started: float,
-            worker: str | None, record: dict | None,
-            names: dict[int, str | None] | None = None, replica: Any = None) -> dict[int, str]:
+            worker: str | None, record: dict | None, replica: Any,
+            names: dict[int, str | None] | None = None) -> dict[int, str]:
     """Leave in each run's work directory what this process did on it (replacing the
     records ``names`` gives), with the runtime of ``replica`` (the pipeline's, which every
     run after the first uses too); the records' names."""
@@ -135,15 +138,12 @@ def _record(works: Sequence[Work], times: StageTimes | None, started: float,
     for work in works:
         if not work.computed:
             continue
-        runner = work.context.p.runner
-        replica = replica or (runner.replica if runner.made else None)
         info: dict[str, Any] = {
             "worker": worker or f"{socket.gethostname()}:{os.getpid()}",
             "tasks": sorted(work.computed), "tiles": work.tiles,
             "start": started, "end": time.time(), **(record or {})}
-        if replica is not None:
-            info["runtime"] = {"engine": replica.engine, "precision": replica.precision,
-                               "device": str(replica.device)}
+        info["runtime"] = {"engine": replica.engine, "precision": replica.precision,
+                           "device": str(replica.device)}
         if times is not None:  # the stage times of this run alone
             info["times"] = times.as_dict()
         try:
