@@ -40,6 +40,7 @@ from ..errors import InvalidArgumentError
 from ..instances import (IdMap, ObjectStats, elevation, face_pairs, id_dtype, label_local,
                          markers, provisional_ids, span_of, split_components)
 from ..io import remote
+from ..io.chunks import COMPRESSOR
 from ..io.writers import INSTANCE_NAME, OutputSpec, decode_probabilities, encode_probabilities
 from ..labels import LabelPolicy
 from .cores import available_cores
@@ -418,7 +419,7 @@ class InstanceRun:
         zarr.create_array(str(self.store), name=name, shape=self.shape,
                           chunks=self.chunks, dtype=dtype, fill_value=0,
                           dimension_names=tuple(self.spec.spatial_axes.lower()),
-                          zarr_format=3, overwrite=True)
+                          zarr_format=3, compressors=COMPRESSOR, overwrite=True)
 
     def _write_table(self) -> int:
         """Count the objects; write the table into the work directory when asked.

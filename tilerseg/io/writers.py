@@ -53,6 +53,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import logging
+import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ from upath import UPath
 
 from tilerseg.errors import InvalidArgumentError, OutputError
 from tilerseg.io import remote
+from tilerseg.io.chunks import COMPRESSOR, ChunkWriter
 from tilerseg.io.pyramid import downsample, level_chunks, level_shapes, mean2
 from tilerseg.labels import label_dtype, labels_from_probabilities
 
@@ -383,6 +385,8 @@ class OutputWriter:
                         else self.path.with_name(remote.staging_name(self.path)))
         self.probabilities: zarr.Array | None = None
         self.labels: zarr.Array | None = None
+        self._chunk_writers: dict[str, ChunkWriter] = {}  # array path -> its ChunkWriter
+        self._chunk_lock = threading.Lock()
         if existing:
             try:
                 self._open_existing()
@@ -428,6 +432,7 @@ class OutputWriter:
             arr = zarr.create_array(
                 store, name=str(level), shape=(c, *shape), chunks=(c, *chunks),
                 dtype=self.spec.probabilities, dimension_names=("c", *axes), zarr_format=3,
+                compressors=COMPRESSOR,
                 overwrite=level > self.eager,  # a commit-time level may be redone
             )  # fmt: skip
             probs = arr
@@ -438,7 +443,7 @@ class OutputWriter:
             arr = zarr.create_array(
                 store, name=name, shape=shape, chunks=chunks,
                 dtype=label_dtype(int(self.spec.num_classes)), dimension_names=tuple(axes),
-                zarr_format=3, overwrite=level > self.eager,
+                zarr_format=3, compressors=COMPRESSOR, overwrite=level > self.eager,
             )  # fmt: skip
             labels = arr
             if level == 0:
@@ -590,15 +595,28 @@ class OutputWriter:
         self._check_open()
         region = tuple(region)
         if self.probabilities is not None:
-            self.probabilities[(slice(None), *region)] = encode_probabilities(
-                probs, self.spec.probabilities
-            )
+            self._store(self.probabilities, (slice(None), *region),
+                        encode_probabilities(probs, self.spec.probabilities))
         if self.labels is not None:
             if labels is None:
                 labels = labels_from_probabilities(probs, threshold)
-            self.labels[region] = labels
+            self._store(self.labels, region, labels)
         if self.eager:
             self.write_levels(region, probs, labels)
+
+    def _store(self, array: zarr.Array, region: tuple[slice, ...], values: np.ndarray) -> None:
+        """Write ``values`` into ``region`` of ``array``: a whole chunk encoded here and put
+        straight into the store (see :mod:`tilerseg.io.chunks`), anything else through
+        zarr."""
+        with self._chunk_lock:
+            chunks = self._chunk_writers.get(array.path)
+            if chunks is None:
+                chunks = self._chunk_writers[array.path] = ChunkWriter(array, self.staging)
+        start = tuple(0 if s.start is None else int(s.start) for s in region)
+        if all(s.step in (None, 1) for s in region) and chunks.whole(start, values.shape):
+            chunks.write(start, values)
+        else:
+            array[region] = values
 
     def write_levels(self, region: tuple[slice, ...], probs: np.ndarray | None,
                      labels: np.ndarray | None) -> None:
@@ -626,11 +644,11 @@ class OutputWriter:
             prob_array, label_array = self._eager_arrays[k]
             if probs is not None and prob_array is not None:
                 probs = mean2(probs, nd, None, None, np.dtype(np.float32))
-                prob_array[(slice(None), *level)] = encode_probabilities(
-                    probs, self.spec.probabilities)
+                self._store(prob_array, (slice(None), *level),
+                            encode_probabilities(probs, self.spec.probabilities))
             if labels is not None and label_array is not None:
                 labels = labels[(slice(None, None, 2),) * nd]
-                label_array[level] = labels
+                self._store(label_array, level, labels)
 
     def update_attributes(self, **values: Any) -> None:
         """Add run information (JSON-serialisable) to ``attrs["tilerseg"]`` before commit."""
@@ -652,7 +670,7 @@ class OutputWriter:
                     str(self.staging), name=f"labels/{INSTANCE_NAME}/{k}", shape=shapes[k],
                     chunks=level_chunks(self._chunks, shapes[k]), dtype=before.dtype,
                     fill_value=0, dimension_names=before.metadata.dimension_names,
-                    zarr_format=3, overwrite=True)
+                    zarr_format=3, compressors=COMPRESSOR, overwrite=True)
                 downsample(before, level, "nearest", spatial_ndim=nd)
             if k <= self.eager:  # written tile by tile (write_levels)
                 continue
