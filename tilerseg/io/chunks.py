@@ -2,9 +2,9 @@
 
 Writing one chunk through ``zarr.Array.__setitem__`` costs, besides compressing it, about
 as much again in zarr's own machinery (selection, the asynchronous codec pipeline, the
-check for an empty chunk): 12.4 ms against 5.0 ms for a 2 x 1024^2 uint8 probability
-chunk, 5.2 ms against 1.4 ms for a label chunk (docs/benchmarks.md). The writer fills its
-arrays one whole chunk per tile, so it encodes each such chunk itself with the array's
+check for an empty chunk): 8.4 ms against 4.7 ms for a 2 x 1024^2 uint8 probability
+chunk, 3.8 ms against 1.7 ms for a label chunk (``benchmarks/bench_write.py``). The
+writer fills its arrays one whole chunk per tile, so it encodes each such chunk itself with the array's
 own codecs (the ``bytes`` codec, then ``zstd``: the only pipeline the output arrays use)
 and writes the bytes under the array's chunk key: the stored bytes are the ones zarr
 writes, and every reader opens them as zarr's own.
@@ -32,7 +32,8 @@ __all__ = ["ChunkWriter", "COMPRESSOR"]
 
 COMPRESSOR = ZstdCodec(level=1)
 """The compressor of every output array: zstd level 1 (zarr's default is level 0, i.e.
-zstd's 3), 1.7x faster on probability chunks for 4% larger ones (docs/benchmarks.md)."""
+zstd's 3), 1.9x faster on probability chunks for 4% larger ones
+(``benchmarks/bench_write.py``)."""
 
 
 class ChunkWriter:
