@@ -35,7 +35,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numcodecs
-import numpy as np
 import zarr
 
 import tilerseg

@@ -117,8 +117,8 @@ def _run_options(args: argparse.Namespace) -> Any:
         normalize=normalize,
         tile=args.tile, batch_size=args.batch_size, device=args.device, output=args.output,
         dtype=args.dtype, threshold=args.threshold, level=args.level,
-        channel=_channels(args.channel), precision=args.precision, compile=args.compile,
-        backend=args.backend,
+        channel=_channels(args.channel), precision=args.precision,
+        calibration=args.calibration, compile=args.compile, backend=args.backend,
         skip_background=args.skip_background, background_tolerance=args.background_tolerance,
         background_value=args.background_value, pyramid=not args.no_pyramid,
         instances=args.instances, split_radius=args.split_radius,
@@ -637,12 +637,17 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    "bone, brain, liver); C,W = centre and width, e.g. 40,400 (default: the "
                    "model's own normalisation where it states one, else by dtype: 8-bit by "
                    "range, wider integers by percentiles, floats unchanged)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "int8"), default="fp32",
                    help="forward-pass precision (default: %(default)s). bf16 is the fast "
                    "path on CPUs with bf16 units (see `tilerseg info`; 2.0x fp32 measured "
                    "on OpenVINO with AVX-512 bf16); probabilities moved by up to 0.15, 1 "
-                   "label in 2000 changed (ISBI). Refused where the device cannot compute "
-                   "in it")
+                   "label in 2000 changed (ISBI). int8: the model quantised with NNCF for "
+                   "OpenVINO on the CPU (pip install 'tilerseg[int8]'), calibrated on the "
+                   "image (or --calibration) and checked against fp32 before use. Refused "
+                   "where the device cannot compute in it")
+    p.add_argument("--calibration", metavar="DIR", default=None,
+                   help="with --precision int8: calibrate on windows of the images in DIR "
+                   "(default: of the image being segmented); cached per calibration data")
     p.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
                    help="runtime of the forward pass: auto = OpenVINO on the CPU when "
                    "installed (pip install 'tilerseg[openvino]'), else torch; checked "

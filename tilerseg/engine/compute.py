@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError, NumericalError, RuntimeFallbackError
+from ..errors import (InvalidArgumentError, InvalidImageError, NumericalError,
+                      RuntimeFallbackError)
 from ..geometry import Tile
 
 __all__ = ["PRECISIONS", "STRICT_RUNTIME", "Replica", "resolve_precision", "memory_format",
@@ -53,8 +54,9 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
     Parameters
     ----------
-    precision : {"fp32", "bf16", "fp16"}
-        Compute precision of the forward pass (activations stay float32).
+    precision : {"fp32", "bf16", "fp16", "int8"}
+        Compute precision of the forward pass (activations stay float32); int8 is
+        OpenVINO's alone (None: eager torch, its reference and fallback, is float32).
     device : torch.device
         Where the model runs.
 
@@ -70,9 +72,14 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     >>> resolve_precision("fp32", torch.device("cpu")) is None
     True
     """
+    if precision == "int8":  # OpenVINO's; eager torch, its reference, computes in float32
+        if device.type != "cpu":
+            raise InvalidArgumentError(
+                f"precision=int8 runs on the CPU (OpenVINO), not on {device.type}")
+        return None
     if precision not in PRECISIONS:
         raise InvalidArgumentError(
-            f"precision={precision!r} must be one of {', '.join(PRECISIONS)}"
+            f"precision={precision!r} must be one of {', '.join(PRECISIONS)}, int8"
         )
     dtype = PRECISIONS[precision]
     if dtype is None:
@@ -118,13 +125,18 @@ class Replica:
         Spatial dimensions of the model (2 or 3). A batch with one more axis is a 2D
         model's batch of single planes of a z-stack: the singleton Z axis is dropped
         before the model and restored after.
-    precision : {"fp32", "bf16", "fp16"}
-        Autocast precision of the forward pass.
+    precision : {"fp32", "bf16", "fp16", "int8"}
+        Autocast precision of the forward pass; ``"int8"``: the OpenVINO network
+        quantised on ``calibration`` (eager torch in float32 is its check and fallback).
     compile : bool
         Run the torch model through :func:`torch.compile` (see :meth:`warm_up`).
     backend : {"torch", "openvino"}
         The runtime (resolved, see :mod:`tilerseg.engine.backends`); OpenVINO only on
         the CPU.
+    calibration : callable, optional
+        For int8: returns the model's geometry and the
+        :class:`~tilerseg.engine.int8.Calibration` to quantise it on (called once, when
+        the network is first needed).
 
     Attributes
     ----------
@@ -147,8 +159,10 @@ class Replica:
         precision: str = "fp32",
         compile: bool = False,
         backend: str = "torch",
+        calibration: Callable[[], tuple[Any, Any]] | None = None,
     ) -> None:
         self.device, self.ndim, self.precision = device, ndim, precision
+        self.calibration = calibration
         self.autocast_dtype = resolve_precision(precision, device)
         self.fmt = memory_format(ndim)
         self.model = model.to(device=device, memory_format=self.fmt)
@@ -176,6 +190,24 @@ class Replica:
         """What runs the forward pass: ``"torch"`` (eager), ``"torch.compile"``,
         ``"openvino"``, or several joined by ``+`` when input shapes differ in it."""
         return "+".join(sorted(self._engines)) or "torch"
+
+    @property
+    def runtime_precision(self) -> str:
+        """The precision the model really runs in: the one asked for, except that int8
+        falls back to eager torch in float32."""
+        if self.precision == "int8" and "openvino" not in self._engines:
+            return "fp32"
+        return self.precision
+
+    @property
+    def int8(self) -> dict[str, Any] | None:
+        """For a model running in int8: its calibration and the check of its network
+        against float32 (see :mod:`tilerseg.engine.int8`); None otherwise."""
+        checks = [getattr(m, "check", None) for m, _ in self._runtimes.values()]
+        checks = [c for c in checks if c]
+        if not checks or self.calibration is None:
+            return None
+        return {"calibration": self.calibration()[1].describe(), "check": checks[0]}
 
     @property
     def compiled(self) -> bool:
@@ -249,7 +281,12 @@ class Replica:
             try:
                 fast_model = self._build(engine, shape, streams, threads)
                 deviation = getattr(fast_model, "verified", None)  # checked when cached
-                if deviation is None:
+                check = getattr(fast_model, "check", None)  # int8's, on real windows
+                if check is not None:
+                    how = (f"int8, checked on {check['windows']} calibration windows: labels "
+                           f"agree with float32 on {check['agreement']:.3%} of the pixels; "
+                           "mean probability deviation")
+                elif deviation is None:
                     if not reference:
                         reference.extend(self._reference(x))
                     fast = self._probabilities(fast_model, x, static_batch=shape[0])
@@ -258,20 +295,20 @@ class Replica:
                         failures.append(f"{engine} changed the probabilities by "
                                         f"{deviation:.2e} (allowed {reference[1]:.1e}) on "
                                         f"{self.device}")
-                        log.warning("%s; running torch eagerly", failures[-1])
+                        log.warning("%s; %s", failures[-1], self._fallback)
                         continue
                     if hasattr(fast_model, "verify"):
                         fast_model.verify(deviation)
                     how = "max deviation from eager torch"
                 else:
                     how = "checked against eager torch when it was cached: max deviation"
-            except NumericalError:  # the model's, not the runtime's
-                raise
+            except (NumericalError, InvalidArgumentError, InvalidImageError):
+                raise  # the model's or the input's, not the runtime's
             except Exception as err:  # noqa: BLE001 - runtimes fail in many ways
                 first = str(err).splitlines()[0] if str(err) else ""
                 failures.append(f"{engine} failed on {self.device} ({type(err).__name__}: "
                                 f"{first[:300]})")
-                log.warning("%s; running torch eagerly", failures[-1])
+                log.warning("%s; %s", failures[-1], self._fallback)
                 continue
             self._engines.add(engine)
             log.info("%s runs the model on %s for input %s in %s (set up in %.2f s; %s "
@@ -283,6 +320,10 @@ class Replica:
                                        "running torch eagerly")
         self._engines.add("torch")
         return self.model, None
+
+    @property
+    def _fallback(self) -> str:
+        return "running torch eagerly" + (" in float32" if self.precision == "int8" else "")
 
     def _reference(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Eager probabilities of the check batch ``x`` and the deviation allowed from them:
@@ -322,7 +363,14 @@ class Replica:
         if engine == "openvino":
             from .openvino_backend import openvino_forward
 
-            return openvino_forward(self.model, shape, self.precision, streams, threads)
+            int8 = {}
+            if self.precision == "int8":
+                if self.calibration is None:
+                    raise ValueError("int8 needs calibration windows")
+                geometry, calibration = self.calibration()
+                int8 = {"geometry": geometry, "calibration": calibration}
+            return openvino_forward(self.model, shape, self.precision, streams, threads,
+                                    **int8)
         from .backends import torch_compile_cache
 
         cache = torch_compile_cache()

@@ -40,7 +40,7 @@ __all__ = ["OpenVINOForward", "openvino_forward", "converted_model_path"]
 
 log = logging.getLogger(__name__)
 
-_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}  # int8: the rest in f32
 _KEEP = 4  # compiled networks kept in this process, most recently used first
 _COMPILED: OrderedDict[tuple, OpenVINOForward] = OrderedDict()
 _COMPILED_LOCK = threading.Lock()
@@ -188,6 +188,7 @@ class OpenVINOForward:
             except (OSError, ValueError, AttributeError):
                 pass
         self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # f32...
+        self.check: dict[str, Any] | None = None  # int8: the check against float32
         self.streams = int(compiled.get_property("NUM_STREAMS"))
         self._free: queue.Queue = queue.Queue()
         for _ in range(max(1, requests)):
@@ -242,6 +243,9 @@ def openvino_forward(
     precision: str = "fp32",
     streams: int = 1,
     threads: int | None = None,
+    *,
+    geometry: Any = None,
+    calibration: Any = None,
 ) -> OpenVINOForward:
     """Convert (or read from the cache) and compile ``model`` for OpenVINO's CPU plugin.
 
@@ -251,31 +255,52 @@ def openvino_forward(
         The model, in eval mode, on the CPU.
     input_shape : sequence of int
         ``(batch, channels, *window)`` of every call.
-    precision : {"fp32", "bf16", "fp16"}
+    precision : {"fp32", "bf16", "fp16", "int8"}
         Inference precision; bf16 uses the CPU's bfloat16 units (AVX-512 bf16, AMX) and
-        is computed in float32 by OpenVINO on CPUs without them.
+        is computed in float32 by OpenVINO on CPUs without them. int8 runs the network
+        quantised on ``calibration`` (see :mod:`tilerseg.engine.int8`), its convolutions
+        in 8-bit integers (an error if none is).
     streams : int
         CPU streams (infer requests running at once): one per calling thread.
     threads : int, optional
         CPU threads in all (split between the streams); OpenVINO's default otherwise.
+    geometry, calibration : ModelGeometry, Calibration
+        For int8: the model's geometry and the calibration to quantise it on.
 
     Returns
     -------
     OpenVINOForward
         Its ``verified`` is set if this network was checked at this precision when it
-        was cached (see :meth:`OpenVINOForward.verify`).
+        was cached (see :meth:`OpenVINOForward.verify`); for int8 it is the check's mean
+        probability deviation, and ``check`` holds the whole check.
     """
     import openvino
 
     shape = tuple(int(s) for s in input_shape)
-    key = (str(converted_model_path(model, shape)), precision, streams, threads)
+    int8 = precision == "int8"
+    if int8:
+        from .int8 import network_path
+
+        if calibration is None or geometry is None:
+            raise ValueError("int8 needs the model's geometry and a calibration")
+        path = network_path(model, calibration)
+    else:
+        path = converted_model_path(model, shape)
+    key = (str(path), shape, precision, streams, threads)
     with _COMPILED_LOCK:
         forward = _COMPILED.get(key)
         if forward is not None and forward.path_exists():
             _COMPILED.move_to_end(key)
             return forward
     core = openvino.Core()
-    network, path = _cached_network(core, model, shape)
+    check = None
+    if int8:
+        from .int8 import quantized_network
+
+        network, check = quantized_network(model, geometry, calibration)
+        network.reshape({0: shape})
+    else:
+        network, path = _cached_network(core, model, shape)
     config = {
         "INFERENCE_PRECISION_HINT": _HINTS[precision],
         "PERFORMANCE_HINT": "THROUGHPUT" if streams > 1 else "LATENCY",
@@ -296,6 +321,16 @@ def openvino_forward(
                            f"in {_HINTS[precision]}")
     record = path.with_suffix(".json") if path.is_file() else None
     forward = OpenVINOForward(compiled, shape, streams, record, precision)
+    if int8:
+        from .int8 import int8_convolutions
+
+        quantized, count = int8_convolutions(compiled)
+        if not quantized:
+            raise RuntimeError(f"OpenVINO runs none of the {count} convolutions in int8 on "
+                               "this CPU")
+        forward.precision = "int8"
+        forward.check = {**check, "int8_convolutions": [quantized, count]}
+        forward.verified = float(check["mean_deviation"])
     log.info("OpenVINO: compiled for %s, %s, %d stream(s), in %.2f s", list(shape),
              forward.precision, forward.streams, time.perf_counter() - start)
     if record is not None:  # reused by later calls in this process (e.g. one per image)

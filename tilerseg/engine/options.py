@@ -24,6 +24,7 @@ tilerseg.errors.InvalidArgumentError: unknown option 'tiles'; options are tile, 
 from __future__ import annotations
 
 import dataclasses
+import os
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,11 +43,11 @@ OUTPUTS = ("probabilities", "labels", "both", "instances")
 INSTANCE_MODES = ("components", "split")
 TABLE_FORMATS = ("csv", "parquet")
 DTYPES = ("uint8", "float16", "float32")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 OUTPUT_OPTIONS = (
     "tile", "normalize", "output", "dtype", "threshold", "level", "channel", "precision",
-    "skip_background", "background_tolerance", "background_value", "pyramid",
+    "calibration", "skip_background", "background_tolerance", "background_value", "pyramid",
     "instances", "split_radius", "split_context", "object_table",
 )
 """Options that decide the output's values; the others (device, batch size, workers,
@@ -111,7 +112,12 @@ class RunOptions:
         Input pyramid level.
     channel : tuple of int or None
         Input channels fed to the model, in order; all by default.
-    precision : {"fp32", "bf16", "fp16"}
+    precision : {"fp32", "bf16", "fp16", "int8"}
+        ``"int8"``: the model quantised with NNCF for OpenVINO on the CPU (see
+        :mod:`tilerseg.engine.int8`).
+    calibration : str or None
+        With ``precision="int8"``: a folder of images to calibrate the quantisation on
+        (default: the image being segmented).
     compile : bool
     backend : {"auto", "torch", "openvino"}
         The runtime of the forward pass (see :mod:`tilerseg.engine.backends`).
@@ -143,6 +149,7 @@ class RunOptions:
     level: int = 0
     channel: tuple[int, ...] | None = None
     precision: str = "fp32"
+    calibration: str | None = None
     compile: bool = False
     backend: str = "auto"
     skip_background: bool = False
@@ -196,6 +203,12 @@ class RunOptions:
                     f"channel={self.channel!r} must be a sequence of integers") from None
             set_("channel", channel)
         set_("precision", _choice("precision", self.precision, PRECISIONS))
+        if self.calibration is not None:
+            if self.precision != "int8":
+                raise InvalidArgumentError(
+                    f"calibration={os.fspath(self.calibration)!r} applies to precision='int8' "
+                    f"(precision is {self.precision!r})")
+            set_("calibration", os.path.abspath(os.fspath(self.calibration)))
         set_("backend", _choice("backend", self.backend, BACKENDS))
         for name in ("compile", "skip_background", "pyramid"):
             set_(name, bool(getattr(self, name)))

@@ -79,7 +79,8 @@ def run_attributes(records: list[dict[str, Any]], wall: float, executor: str
     """What an output's metadata says of the run that made it: ``profile`` (see
     :func:`merge_profile`), ``executor``, and ``runtime``, what ran the model in every
     process that computed tiles (engines and precisions joined by ``+`` where they differ;
-    absent when no process recorded one).
+    absent when no process recorded one; with ``int8``, the calibration and the check of
+    the int8 network).
 
     Examples
     --------
@@ -95,6 +96,9 @@ def run_attributes(records: list[dict[str, Any]], wall: float, executor: str
     if runtimes:
         out["runtime"] = {"engine": "+".join(sorted({e for e, _ in runtimes})),
                           "precision": "+".join(sorted({q for _, q in runtimes}))}
+        int8 = [r["runtime"]["int8"] for r in records if (r.get("runtime") or {}).get("int8")]
+        if int8:  # the calibration and check (one network: the same in every process)
+            out["runtime"]["int8"] = int8[0]
     return out
 
 

@@ -8,15 +8,17 @@ and resolves the global normalisation once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InvalidImageError, InvalidModelError
+from ..errors import InvalidArgumentError, InvalidImageError, InvalidModelError
 from ..geometry import ModelGeometry, TilePlan, plan_tiles
 from ..io.readers import open_image, sample_for_statistics
 from ..io.remote import PATHS
@@ -324,8 +326,50 @@ def prepare(image: Any, model: nn.Module, options: RunOptions | None = None, *,
                                    options.threshold)
     model.eval()
     resolve_precision(options.precision, dev)  # refuse one the device lacks, before any work
+    calibration = None
+    if options.precision == "int8":
+        calibration = _int8_calibration(model, geometry, (view, norm, planes), options,
+                                        backend)
     runner = TileRunner(model, view, tile_plan, norm, dev, check_finite=view.dtype.kind == "f",
                         model_ndim=geometry.ndim, precision=options.precision,
-                        compile=options.compile, backend=backend)
+                        compile=options.compile, backend=backend, calibration=calibration)
     return Prepared(source, view, run_geometry, geometry, tile_plan, norm, devices, options,
                     labels, runner)
+
+
+def _int8_calibration(model: nn.Module, geometry: ModelGeometry, image: tuple[Any, Any, bool],
+                      options: RunOptions, backend: str
+                      ) -> Callable[[], tuple[ModelGeometry, Any]]:
+    """Check that int8 can run, and return what draws its calibration when first needed:
+    windows of ``image`` (view, normalisation, plane by plane), or of the images in
+    ``options.calibration``, each opened and normalised as a run of it would be."""
+    from .int8 import calibrate, int8_available
+
+    if backend != "openvino":
+        raise InvalidArgumentError(
+            "precision=int8 runs on OpenVINO: use backend=openvino (or auto, on the CPU with "
+            "OpenVINO installed: pip install 'tilerseg[openvino]')")
+    if not int8_available():
+        raise InvalidArgumentError("precision=int8 needs NNCF: pip install 'tilerseg[int8]'")
+    files: list[Path] = []
+    if options.calibration is not None:
+        folder = Path(options.calibration)
+        if not folder.is_dir():
+            raise InvalidArgumentError(f"calibration folder '{folder}' does not exist or is "
+                                       "not a folder")
+        files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
+        if not files:
+            raise InvalidArgumentError(f"calibration folder '{folder}' holds no images")
+
+    @functools.cache
+    def provide() -> tuple[ModelGeometry, Any]:
+        if not files:
+            return geometry, calibrate([image], geometry, "the image")
+        readers = []
+        plain = options.replace(precision="fp32", calibration=None)
+        for f in files:
+            p = prepare(f, model, plain, geometry=geometry)
+            readers.append((p.view, p.normalization, p.per_plane))
+        return geometry, calibrate(readers, geometry, str(options.calibration))
+
+    return provide

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,12 +47,15 @@ class TileRunner:
         Spatial dimensions of the model, when it is less than the plan's: a 2D model on
         a z-stack, whose plan has a leading axis of single planes (see
         :meth:`ModelGeometry.per_plane`).
-    precision : {"fp32", "bf16", "fp16"}
-        Autocast precision of the forward pass.
+    precision : {"fp32", "bf16", "fp16", "int8"}
+        Precision of the forward pass.
     compile : bool
         Run the model through :func:`torch.compile` (torch backend).
     backend : {"torch", "openvino"}
         The runtime (resolved by :func:`~tilerseg.engine.backends.resolve_backend`).
+    calibration : callable, optional
+        For int8: the model's geometry and calibration (see
+        :class:`~tilerseg.engine.compute.Replica`).
     """
 
     def __init__(
@@ -67,8 +70,10 @@ class TileRunner:
         precision: str = "fp32",
         compile: bool = False,
         backend: str = "torch",
+        calibration: Callable[[], tuple[Any, Any]] | None = None,
     ) -> None:
         self.model, self.image, self.plan, self.norm = model, image, tile_plan, norm
+        self.calibration = calibration
         self.device, self.check_finite, self.precision = device, check_finite, precision
         self.compile, self.backend = compile, backend
         self.model_ndim = model_ndim or tile_plan.geometry.ndim
@@ -96,7 +101,8 @@ class TileRunner:
         with self._lock:
             if self._replica is None:
                 self._replica = Replica(self.model, self.device, self.model_ndim,
-                                        self.precision, self.compile, self.backend)
+                                        self.precision, self.compile, self.backend,
+                                        self.calibration)
             return self._replica
 
     def window(self, tile: Tile, out: np.ndarray | None = None) -> np.ndarray:

@@ -181,7 +181,7 @@ def run_claims(runs: Sequence[RunRef], record: dict[str, Any] | None = None, *,
             "error_type": type(work.error).__name__ if work.error is not None else None}
         if work.context.p.runner.made:
             replica = work.context.p.runner.replica
-            result["runtime"] = {"engine": replica.engine, "precision": replica.precision}
+            result["runtime"] = {"engine": replica.engine, "precision": replica.runtime_precision}
     for path, error in errors.items():
         result["runs"][path] = {"tasks": 0, "tiles": 0, "error": error, "error_type": None}
     return result

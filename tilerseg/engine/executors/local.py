@@ -142,8 +142,10 @@ def _record(works: Sequence[Work], times: StageTimes | None, started: float,
             "worker": worker or f"{socket.gethostname()}:{os.getpid()}",
             "tasks": sorted(work.computed), "tiles": work.tiles,
             "start": started, "end": time.time(), **(record or {})}
-        info["runtime"] = {"engine": replica.engine, "precision": replica.precision,
+        info["runtime"] = {"engine": replica.engine, "precision": replica.runtime_precision,
                            "device": str(replica.device)}
+        if replica.int8 is not None:
+            info["runtime"]["int8"] = replica.int8
         if times is not None:  # the stage times of this run alone
             info["times"] = times.as_dict()
         try:
