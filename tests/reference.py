@@ -5,6 +5,8 @@ Its own module (no pytest import) so that benchmarks/gpu_check.py uses the same 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -15,7 +17,9 @@ __all__ = ["one_shot_reference"]
 
 def one_shot_reference(image: np.ndarray, model: torch.nn.Module,
                        precision: str = "fp32",
-                       geometry: tilerseg.ModelGeometry | None = None) -> np.ndarray:
+                       geometry: tilerseg.ModelGeometry | None = None,
+                       run: Callable[[torch.Tensor], torch.Tensor] | None = None
+                       ) -> np.ndarray:
     """The reference of DESIGN section 1, written independently of the engine.
 
     Pad the whole (C, *spatial) image by the halo with numpy ``mode="reflect"``, extend
@@ -24,6 +28,8 @@ def one_shot_reference(image: np.ndarray, model: torch.nn.Module,
     runs the model under bfloat16 autocast; the activation is computed in float32.
     ``geometry`` (halo and admissible sizes) defaults to the engine's probe of the model;
     tests/test_architectures.py passes one derived without it (tests/closed_forms.py).
+    ``run`` computes the logits of the padded batch instead of ``model`` (another runtime's
+    network of it, e.g. the int8 one, which then sees the whole padded image at once).
     """
     g = tilerseg.model_geometry(model) if geometry is None else geometry
     pads = [(0, 0)]
@@ -35,8 +41,9 @@ def one_shot_reference(image: np.ndarray, model: torch.nn.Module,
     padded = np.pad(image, pads, mode="reflect")
     model = model.cpu().eval()
     dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+    batch = torch.from_numpy(np.ascontiguousarray(padded))[None]
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-        logits = model(torch.from_numpy(np.ascontiguousarray(padded))[None])[0].float()
+        logits = (model if run is None else run)(batch)[0].float()
     crop = tuple(
         slice(g.crop_offset(a), g.crop_offset(a) + n) for a, n in enumerate(image.shape[1:])
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
@@ -47,6 +48,7 @@ def segment(
     channel: Sequence[int] | None = None,
     tta: bool = False,
     precision: str = "fp32",
+    calibration: str | os.PathLike | None = None,
     backend: str = "auto",
     compile: bool = False,
 ) -> np.ndarray | da.Array:
@@ -101,10 +103,15 @@ def segment(
         Test-time augmentation (numpy input, 2D): average the probabilities of the 8
         flips and 90-degree rotations of the whole image. Each is tiled exactly, so the
         result equals one-shot inference with the same averaging. 8 times the work.
-    precision : {"fp32", "bf16", "fp16"}
+    precision : {"fp32", "bf16", "fp16", "int8"}
         Compute precision of the forward pass. ``"bf16"`` is several times faster on
         CPUs with bfloat16 units and on recent GPUs; it changes probabilities by a few
-        hundredths at most (see docs/benchmarks.md).
+        hundredths at most (see docs/benchmarks.md). ``"int8"``: the model quantised
+        with NNCF for OpenVINO on the CPU, calibrated and checked against float32 first
+        (see :mod:`tilerseg.engine.int8`).
+    calibration : path, optional
+        With ``precision="int8"``: a folder of images to calibrate on (default: the
+        image itself).
     backend : {"auto", "torch", "openvino"}
         The runtime of the forward pass: ``"auto"`` is OpenVINO on the CPU when it is
         installed, else torch (see :mod:`tilerseg.engine.backends`).
@@ -133,10 +140,11 @@ def segment(
             raise InvalidArgumentError("tta=True needs an in-memory numpy image")
         return _dihedral_mean(lambda x: segment(
             x, model, tile, batch_size, device, normalize, progress, channel=channel,
-            precision=precision, backend=backend, compile=compile), np.asarray(image))
+            precision=precision, calibration=calibration, backend=backend,
+            compile=compile), np.asarray(image))
     options = run_options(tile=tile, batch_size=batch_size, device=device, normalize=normalize,
-                          level=level, channel=channel, precision=precision, backend=backend,
-                          compile=compile)
+                          level=level, channel=channel, precision=precision,
+                          calibration=calibration, backend=backend, compile=compile)
     if is_lazy_input(image):
         p = prepare(image, model, options)
         return lazy_probabilities(p.runner, p.batch_size)

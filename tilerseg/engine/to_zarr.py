@@ -109,9 +109,12 @@ def segment_to_zarr(
             Pyramid level of the input to segment.
         channel : sequence of int, optional
             Input channels to feed the model, in order.
-        precision : {"fp32", "bf16", "fp16"}
-            Autocast precision of the forward pass; refused where the device cannot
-            compute in it; a non-finite output (fp16 overflow) stops the run.
+        precision : {"fp32", "bf16", "fp16", "int8"}
+            Precision of the forward pass; refused where the device cannot compute in
+            it; a non-finite output (fp16 overflow) stops the run. ``"int8"``: the model
+            quantised with NNCF for OpenVINO (see :mod:`tilerseg.engine.int8`).
+        calibration : path, optional
+            With int8: a folder of images to calibrate on (default: the image itself).
         compile : bool
             :func:`torch.compile` the model (checked against eager execution first; falls
             back to eager execution with a warning).
