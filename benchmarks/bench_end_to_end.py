@@ -145,8 +145,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="U-Net base channels (default 16; depth is 4)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed rounds of both paths (default 3)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="forward-pass precision of both paths (default fp32)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+                        help="forward-pass precision of both paths (default fp32); int8 is "
+                        "calibrated on a 2048^2 crop of the slide, written once to "
+                        "WORKDIR/calibration-N/ and passed as calibration= to both paths")
     parser.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
                         help="runtime of the end-to-end path (default auto: OpenVINO when "
                         "installed); the bare reference is the fastest runtime whatever it is")
@@ -221,7 +223,8 @@ class CommitTimer:
 
 
 def time_end_to_end(image: Any, model: nn.Module, out: Path, tile: int,
-                    precision: str = "fp32", backend: str = "auto"
+                    precision: str = "fp32", backend: str = "auto",
+                    calibration: Path | None = None
                     ) -> tuple[float, dict[str, Any], float]:
     """One ``segment_to_zarr`` call with the defaults (and ``precision``, ``backend``).
 
@@ -240,7 +243,7 @@ def time_end_to_end(image: Any, model: nn.Module, out: Path, tile: int,
     with timer.active():
         start = time.perf_counter()
         tilerseg.segment_to_zarr(image, model, out, tile=tile, dtype="uint8", overwrite=True,
-                                 precision=precision, backend=backend)
+                                 precision=precision, backend=backend, calibration=calibration)
         seconds = time.perf_counter() - start
     profile = dict(zarr.open_group(os.fspath(out), mode="r").attrs["tilerseg"]["profile"])
     return seconds, profile, sum(timer.seconds)
@@ -352,9 +355,10 @@ class BareCandidate:
     """
 
     def __init__(self, kind: str, model: nn.Module, window: tuple[int, ...], precision: str,
-                 workers: int, threads: int) -> None:
+                 workers: int, threads: int, int8: dict[str, Any] | None = None) -> None:
         self.kind, self.model, self.window, self.precision = kind, model, window, precision
         self.workers, self.threads = workers, threads
+        self.int8 = int8 or {}  # int8: the geometry and calibration of the run
         self.forward: Any = None
         self.details: dict[str, Any] = {}
 
@@ -382,7 +386,8 @@ class BareCandidate:
 
         start = time.perf_counter()
         self.forward = openvino_forward(self.model, (1, 1, *self.window), self.precision,
-                                        streams=self.workers, threads=self.threads)
+                                        streams=self.workers, threads=self.threads,
+                                        **self.int8)
         self.details = {"ov_precision": self.forward.precision,
                         "ov_streams": self.forward.streams,
                         "build_s": round(time.perf_counter() - start, 3)}
@@ -399,16 +404,18 @@ class BareCandidate:
         self.forward = None
 
 
-def bare_candidates(model: nn.Module, window: tuple[int, ...], precision: str
-                    ) -> list[BareCandidate]:
-    """The torch thread configurations, and OpenVINO with 1 and 2 streams if installed."""
+def bare_candidates(model: nn.Module, window: tuple[int, ...], precision: str,
+                    int8: dict[str, Any] | None = None) -> list[BareCandidate]:
+    """The torch thread configurations (not for int8, which is OpenVINO's alone), and
+    OpenVINO with 1 and 2 streams if installed."""
     from tilerseg.engine.backends import openvino_available
     from tilerseg.engine.cores import available_cores
 
-    out = [BareCandidate("torch", model, window, precision, w, t) for w, t in thread_configs()]
+    out = [] if precision == "int8" else [
+        BareCandidate("torch", model, window, precision, w, t) for w, t in thread_configs()]
     if openvino_available():
         cores = available_cores()
-        out += [BareCandidate("openvino", model, window, precision, s, cores)
+        out += [BareCandidate("openvino", model, window, precision, s, cores, int8)
                 for s in dict.fromkeys((1, min(2, cores)))]
     return out
 
@@ -586,6 +593,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"plan: tile {plan.tile}, window {plan.window}, grid {plan.grid}, {len(plan)} tiles; "
           f"windows in memory {sum(w.nbytes for w in windows) / MIB:.0f} MiB", flush=True)
 
+    calibration, int8 = None, None
+    if args.precision == "int8":  # one calibration for both paths, as a user's folder
+        from tilerseg.engine.options import RunOptions
+        from tilerseg.engine.prepare import prepare
+
+        calibration = workdir / f"calibration-{args.size}"
+        if not (calibration / "crop.tif").is_file():
+            calibration.mkdir(exist_ok=True)
+            tifffile.imwrite(calibration / "crop.tif", image[:2048, :2048])
+        p = prepare(image[:64, :64], model, RunOptions(precision="int8",
+                                                       calibration=str(calibration)))
+        geometry, drawn = p.runner.calibration()
+        int8 = {"geometry": geometry, "calibration": drawn}
+
     log = EngineLog()
     with log.active():
         # warm-up, untimed: one full end-to-end call on a crop with the slide's window shape
@@ -597,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"not the slide's {plan.window}")
         warm_out = workdir / "end-to-end-warm-up.zarr"
         warm = time_end_to_end(crop, model, warm_out, args.tile, args.precision,
-                               args.backend)[0]
+                               args.backend, calibration)[0]
         shutil.rmtree(warm_out, ignore_errors=True)
         warm_lines = log.take()
         warm_engine = log.engine(warm_lines)
@@ -606,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in log.runtime_lines(warm_lines):
             print(f"  {line}")
 
-        candidates = bare_candidates(model, tuple(plan.window), args.precision)
+        candidates = bare_candidates(model, tuple(plan.window), args.precision, int8)
         best, choice = choose_fastest(candidates, windows, pixels)
 
         rounds: list[dict[str, Any]] = []
@@ -614,14 +635,16 @@ def main(argv: list[str] | None = None) -> int:
             if r % 2 == 0:  # alternate the order so that neither path always runs second
                 log.take()
                 total, profile, commit = time_end_to_end(slide, model, out, args.tile,
-                                                         args.precision, args.backend)
+                                                         args.precision, args.backend,
+                                                         calibration)
                 lines = log.take()
                 bare = best.time(windows)
             else:
                 bare = best.time(windows)
                 log.take()
                 total, profile, commit = time_end_to_end(slide, model, out, args.tile,
-                                                         args.precision, args.backend)
+                                                         args.precision, args.backend,
+                                                         calibration)
                 lines = log.take()
             engine = log.engine(lines)
             after = total - profile["wall"] - profile["setup"]

@@ -18,9 +18,11 @@ The bundled model (:func:`tilerseg.load_model`: the ISBI 2012 valid U-Net, depth
     ``membrane-N.tif`` and shared with the other benchmarks), loaded in memory;
     ``--synthetic-crop`` segments only its top-left crop of that side.
 
-with four runtimes: ``backend="torch", precision="fp32"`` (the reference: exact fp32),
-``torch`` bf16 (``torch.autocast``), ``openvino`` fp32 and ``openvino`` bf16
-(``INFERENCE_PRECISION_HINT``). For each of the last three against the reference:
+with five runtimes: ``backend="torch", precision="fp32"`` (the reference: exact fp32),
+``torch`` bf16 (``torch.autocast``), ``openvino`` fp32, ``openvino`` bf16
+(``INFERENCE_PRECISION_HINT``) and ``openvino`` int8 (:mod:`tilerseg.engine.int8`:
+calibrated on the 30 unlabelled ISBI challenge test slices ``test/*.png`` for ISBI, on the
+image itself for the synthetic slide). For each of the last four against the reference:
 
 * the largest and the mean absolute difference of the foreground probability (for a
   two-class softmax the same as over both classes);
@@ -64,7 +66,8 @@ import tilerseg
 from tilerseg.labels import LabelPolicy
 from tilerseg.metrics import isbi_scores
 
-CONFIGS = (("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16"))
+CONFIGS = (("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16"),
+           ("openvino", "int8"))
 REFERENCE = ("torch", "fp32")
 EXACT = 1e-4  # OpenVINO fp32 against torch fp32
 
@@ -90,13 +93,16 @@ def name(config: tuple[str, str]) -> str:
 
 
 def run(images: list[np.ndarray], model: torch.nn.Module, config: tuple[str, str], tile: int,
-        log: EngineLog) -> tuple[list[np.ndarray], float, str, list[str]]:
-    """Probabilities of every image with one runtime; (probs, seconds, engine, log lines)."""
+        log: EngineLog, calibration: Path | None = None
+        ) -> tuple[list[np.ndarray], float, str, list[str]]:
+    """Probabilities of every image with one runtime; (probs, seconds, engine, log lines).
+    int8 is calibrated on ``calibration`` (a folder), else on each image itself."""
     backend, precision = config
     log.take()
     start = time.perf_counter()
+    extra = {"calibration": calibration} if precision == "int8" else {}
     probs = [tilerseg.segment(image, model, tile=tile, device="cpu", backend=backend,
-                              precision=precision) for image in images]
+                              precision=precision, **extra) for image in images]
     seconds = time.perf_counter() - start
     lines = log.take()
     engine = "openvino" if any("openvino runs the model" in x for x in lines) else "torch"
@@ -149,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                            geometry.out_channels, select=args.slices)
         datasets["isbi"] = {"images": [p.image for p in pairs], "masks": [p.mask for p in pairs],
                             "what": f"ISBI 2012 slices {', '.join(p.name for p in pairs)} "
-                                    f"({pairs[0].image.shape[-1]}^2)"}
+                                    f"({pairs[0].image.shape[-1]}^2)",
+                            "calibration": isbi_dir / "test"}
     else:
         print(f"skipping ISBI: {isbi_dir} is not a folder")
     if args.synthetic_size:
@@ -172,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             ref = None
             rows: dict[str, Any] = {}
             for config in CONFIGS:
-                probs, seconds, engine, lines = run(data["images"], model, config, args.tile, log)
+                probs, seconds, engine, lines = run(data["images"], model, config, args.tile, log,
+                                                    data.get("calibration"))
                 pixels = sum(int(np.prod(im.shape[-2:])) for im in data["images"])
                 row: dict[str, Any] = {"backend": config[0], "precision": config[1],
                                        "engine": engine, "seconds": seconds,

@@ -45,6 +45,15 @@ c. ``c_end_to_end``: a ``--size`` (16384) square synthetic uint8 membrane slide 
 d. ``d_two_gpus``: with 2 or more visible GPUs, ``segment_to_zarr(..., device="cuda")``
    (one replica per GPU) on the slide of c: Mpx/s against c's one-GPU figure, and the
    largest difference from c's output on a corner. Skipped with a reason otherwise.
+e. ``e_cluster_worker``: the image of check a through a ``dask.distributed``
+   ``LocalCluster`` of one worker process (the pipelined cluster worker) on the GPU,
+   against a's one-shot CPU reference (<= 1e-4); the devices the worker recorded must
+   include a GPU. Skipped without ``distributed``.
+
+Check b also asks for ``precision="int8"``: int8 is OpenVINO's, on the CPU, and tilerseg
+has no GPU int8 path (no TensorRT), so on a GPU the engine must refuse it with its one-line
+error (reported as skipped, with the message); on the CPU (``--cpu-dry-run``) it runs and
+its deviation from fp32 is reported.
 
 Without CUDA (``torch.cuda.is_available()`` False) it prints a JSON document saying no
 GPU is visible and exits 0. ``--cpu-dry-run`` runs checks a, b and c on the CPU at tiny
@@ -679,6 +688,7 @@ def check_a(ctx: Context, fig: dict[str, Any]) -> list[str]:
         if not d <= EXACT:
             failures.append(f"segment_to_zarr(device={dev!r}) differs from the one-shot CPU "
                             f"reference by {d:.2e} > {EXACT}")
+    ctx.shared["a"] = {"image": image_f, "reference": reference, "tile": tiled_tile}
     return failures
 
 
@@ -776,6 +786,24 @@ def check_b(ctx: Context, fig: dict[str, Any]) -> list[str]:
             if problems:
                 run["failures"] = problems
                 failures.extend(f"{name}: {p}" for p in problems)
+        # int8 is OpenVINO's, on the CPU: on a GPU the engine must refuse it in one line
+        # (no TensorRT path); on the CPU (--cpu-dry-run) it runs like the others
+        try:
+            if ctx.dry:
+                run, probs = one("int8", False)
+                run["deviation_from_fp32"] = deviation(probs, reference)
+                run["status"] = "pass"
+                runs["int8"] = run
+            else:
+                one("int8", False)
+                runs["int8"] = {"status": "fail", "error": "precision=int8 was not refused "
+                                "on a GPU, where tilerseg has no int8 path"}
+                failures.append(runs["int8"]["error"])
+        except tilerseg.InvalidArgumentError as err:
+            runs["int8"] = {"status": "skipped", "reason": f"refused by the engine: {err}"}
+        except Exception as err:  # noqa: BLE001 - reported, the other checks still run
+            runs["int8"] = {"status": "fail", "error": f"{type(err).__name__}: {err}"}
+            failures.append(f"int8: {type(err).__name__}: {err}")
     if all(r.get("status") == "skipped" for k, r in runs.items() if k != "fp32"):
         failures.append("every bf16/fp16 variant was skipped")
     return failures
@@ -894,6 +922,46 @@ def check_d(ctx: Context, fig: dict[str, Any]) -> list[str]:
     return failures
 
 
+# -- check e: the pipelined cluster worker --------------------------------------------------
+
+
+def check_e(ctx: Context, fig: dict[str, Any]) -> list[str]:
+    """One dask.distributed worker process (the pipelined cluster worker) on the GPU, against
+    check a's one-shot CPU reference of the same image."""
+    a = ctx.shared.get("a")
+    if a is None:
+        raise Skip("needs check a's image and output (check a did not finish)")
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise Skip("dask.distributed is not installed (pip install 'tilerseg[cluster]')") \
+            from None
+    ctx.require(60, "a one-worker LocalCluster")
+    out = ctx.tmp / "e.zarr"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        start = time.perf_counter()
+        tilerseg.segment_to_zarr(a["image"], bundled_model(), out, device=ctx.device,
+                                 tile=a["tile"], normalize=False, dtype="float32",
+                                 pyramid=False, executor=client)
+        seconds = time.perf_counter() - start
+    attrs = run_attributes(out)
+    probs = read_output(out)
+    fig.update({"seconds": round(seconds, 2), "executor": attrs.get("executor"),
+                "runtime": attrs.get("runtime"), "profile": attrs.get("profile"),
+                "max_abs_diff": float(np.abs(probs - a["reference"]).max())})
+    failures = []
+    if not fig["max_abs_diff"] <= EXACT:
+        failures.append(f"the cluster worker's output differs from the one-shot CPU "
+                        f"reference by {fig['max_abs_diff']:.2e} > {EXACT}")
+    workers = (attrs.get("profile") or {}).get("workers") or []
+    devices = {str((w.get("runtime") or {}).get("device")) for w in workers}
+    fig["worker_devices"] = sorted(devices)
+    if not ctx.dry and not any(d.startswith("cuda") for d in devices):
+        failures.append(f"the worker recorded devices {sorted(devices)}, not a GPU")
+    return failures
+
+
 # -- main ---------------------------------------------------------------------------------
 
 
@@ -951,7 +1019,8 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(ValueError):  # not in the main thread
         signal.signal(signal.SIGTERM, lambda *_: hard_stop(ctx, "SIGTERM"))
     checks = [("a_fp32_exactness", check_a), ("b_precision_compile", check_b),
-              ("c_end_to_end", check_c), ("d_two_gpus", check_d)]
+              ("c_end_to_end", check_c), ("d_two_gpus", check_d),
+              ("e_cluster_worker", check_e)]
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON alone
             for name, fn in checks:
