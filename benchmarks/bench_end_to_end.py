@@ -146,7 +146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed rounds of both paths (default 3)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
-                        help="forward-pass precision of both paths (default fp32); int8 is "
+                        help="forward-pass precision of both paths (default fp32); int8 runs "
+                        "the bundled model (trained: an untrained one fails the int8 check), "
                         "calibrated on a 2048^2 crop of the slide, written once to "
                         "WORKDIR/calibration-N/ and passed as calibration= to both paths")
     parser.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
@@ -576,7 +577,10 @@ def main(argv: list[str] | None = None) -> int:
     pixels = args.size * args.size
 
     torch.manual_seed(MODEL_SEED)
-    model = tilerseg.create_model("unet", depth=DEPTH, base_channels=args.base_channels)
+    if args.precision == "int8":  # an untrained network's near-0.5 probabilities fail the
+        model = tilerseg.load_model()  # int8 check (labels flip): a trained one, the bundled
+    else:
+        model = tilerseg.create_model("unet", depth=DEPTH, base_channels=args.base_channels)
     model = model.to(memory_format=torch.channels_last).eval()
     plan = tilerseg.plan((args.size, args.size), model, tile=args.tile)
 
@@ -587,7 +591,9 @@ def main(argv: list[str] | None = None) -> int:
     image = tifffile.imread(slide)
     windows = build_windows(image, plan)
     backend = resolve_backend(args.backend, "cpu")
-    print(f"torch {torch.__version__}, {os.cpu_count()} cores; unet depth {DEPTH}, "
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores; "
+          f"{'the bundled model (depth 4, base 16), ' if args.precision == 'int8' else ''}"
+          f"unet depth {DEPTH}, "
           f"base {args.base_channels} (seed {MODEL_SEED}); precision {args.precision}, "
           f"backend {args.backend} (-> {backend}); cache {cache_dir()}")
     print(f"plan: tile {plan.tile}, window {plan.window}, grid {plan.grid}, {len(plan)} tiles; "

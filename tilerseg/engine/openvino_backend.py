@@ -72,9 +72,10 @@ def converted_model_path(model: nn.Module, input_shape: Sequence[int]) -> Path:
 
 
 def _code_digest(model: nn.Module) -> str:
-    """SHA-256 of the source of every module class in ``model`` (the bytecode of its
-    ``forward`` where the source cannot be read): a network converted from other code is
-    not reused, even with the same weights and configuration."""
+    """SHA-256 of the source files defining every module class in ``model`` (the bytecode
+    of its ``forward`` where there is no file): a network converted from other code is not
+    reused, even with the same weights and configuration. Whole files, read as bytes:
+    ``inspect.getsource`` parses each module, 0.14 s of a run's start-up."""
     parts = []
     for cls in sorted({type(m) for m in model.modules()}, key=lambda c: c.__qualname__):
         parts.append(f"{cls.__module__}.{cls.__qualname__}")
@@ -85,7 +86,8 @@ def _code_digest(model: nn.Module) -> str:
 @functools.lru_cache(maxsize=256)
 def _class_code(cls: type) -> str:
     try:
-        return inspect.getsource(cls)
+        with open(inspect.getsourcefile(cls) or "", "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
     except (OSError, TypeError):
         forward = getattr(cls, "forward", None)
         code = getattr(forward, "__code__", None)

@@ -76,11 +76,12 @@ def resolve_executor(executor: Any = None) -> Executor:
     >>> resolve_executor().name, resolve_executor("dask").name
     ('pipeline', 'dask')
     """
-    from .dask import DaskExecutor
-    from .local import LocalExecutor
-
     if executor is None or executor in ("pipeline", "local"):
+        from .local import LocalExecutor
+
         return LocalExecutor()
+    from .dask import DaskExecutor  # dask itself: only for these (0.11 s of start-up)
+
     if executor == "dask":
         return DaskExecutor()
     if type(executor).__name__ == "Client" and type(executor).__module__.startswith("distributed"):
