@@ -268,3 +268,22 @@ def test_cli_cluster_flags(tmp_path, capsys):
     ]:
         assert main(["run", "x.tif", *args]) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.openvino
+def test_int8_on_cluster_workers_equals_local(client, data, tmp_path):
+    """Each worker draws the same calibration from the image, so finds the network the
+    local run quantised (the cache folder is inherited) and computes the same int8 output."""
+    model = tilerseg.load_model()
+    image = data["dir"] / "slide.tif"
+    local = tilerseg.segment_to_zarr(image, model, tmp_path / "local.zarr", tile=128,
+                                     precision="int8")
+    remote = tilerseg.segment_to_zarr(image, model, tmp_path / "remote.zarr", tile=128,
+                                      precision="int8", executor=client)
+    assert_same_arrays(local, remote)
+    attrs = zarr.open_group(remote, mode="r").attrs["tilerseg"]
+    assert attrs["executor"] == "dask.distributed"
+    assert (attrs["runtime"]["engine"], attrs["runtime"]["precision"]) == ("openvino", "int8")
+    assert all(w["runtime"]["precision"] == "int8" for w in attrs["profile"]["workers"])
+    local_sha = zarr.open_group(local, mode="r").attrs["tilerseg"]["runtime"]["int8"]
+    assert attrs["runtime"]["int8"]["calibration"] == local_sha["calibration"]
