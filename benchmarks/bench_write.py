@@ -16,7 +16,11 @@ median of ``--repeats`` calls on one thread:
   :class:`tilerseg.io.chunks.ChunkWriter` (the same zstd level 1 bytes, put straight into
   the store), for the probabilities and the labels;
 * ``OutputWriter.write`` of the whole tile (probabilities, labels and the two eager
-  pyramid levels), as the pipeline's writers call it, on an 8192^2 output.
+  pyramid levels), as the pipeline's writers call it, on an 8192^2 output;
+* the same tile written as the writer did before it stored chunks itself (commit
+  2876d1d): zarr arrays with zarr's default codecs (zstd level 0), filled through
+  ``zarr.Array.__setitem__``: the encoded probabilities and the labels at level 0, then
+  levels 1 and 2 (2x means of the float probabilities, encoded; every other label).
 
 Run from the repository root, with the virtualenv active::
 
@@ -35,10 +39,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numcodecs
+import numpy as np
 import zarr
 
 import tilerseg
 from tilerseg.io.chunks import COMPRESSOR, ChunkWriter
+from tilerseg.io.pyramid import mean2
 from tilerseg.io.writers import OutputSpec, OutputWriter, encode_probabilities
 from tilerseg.labels import LabelPolicy
 
@@ -59,6 +65,20 @@ def median_ms(call: Callable[[int], object], repeats: int) -> float:
         call(k)
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
+
+
+def zarr_levels(root: Path, label_dtype: np.dtype) -> list[tuple[zarr.Array, zarr.Array]]:
+    """Levels 0-2 of an 8 x 8 tile output made as the writer made them before: zarr's
+    default codecs, one chunk per tile at each level."""
+    levels = []
+    for level in range(3):
+        side, chunk = (8 * TILE) >> level, TILE >> level
+        prob = zarr.create_array(root, name=str(level), shape=(2, side, side),
+                                 chunks=(2, chunk, chunk), dtype="uint8", zarr_format=3)
+        lab = zarr.create_array(root, name=f"labels/{level}", shape=(side, side),
+                                chunks=(chunk, chunk), dtype=label_dtype, zarr_format=3)
+        levels.append((prob, lab))
+    return levels
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,6 +153,23 @@ def main(argv: list[str] | None = None) -> int:
         writer.abort()
         print(f"OutputWriter.write of one tile (uint8 probabilities, labels, levels 1-2): "
               f"{result['writer_tile_ms']:.2f} ms")
+        before = zarr_levels(Path(tmp) / "before.zarr", labels.dtype)
+
+        def write_before(k: int) -> None:
+            y, x = divmod(k % 64, 8)
+            p, lab = probs, labels
+            for level, (prob_array, label_array) in enumerate(before):
+                t = TILE >> level
+                region = (slice(y * t, (y + 1) * t), slice(x * t, (x + 1) * t))
+                if level:
+                    p = mean2(p, 2, None, None, np.dtype(np.float32))
+                    lab = lab[::2, ::2]
+                prob_array[(slice(None), *region)] = encode_probabilities(p, "uint8")
+                label_array[region] = lab
+
+        result["zarr_tile_ms"] = median_ms(write_before, args.repeats)
+        print(f"the same through zarr's __setitem__, zstd level 0 (the writer before): "
+              f"{result['zarr_tile_ms']:.2f} ms")
     if args.json:
         write_json(args.json, result)
     return 0

@@ -74,6 +74,7 @@ def test_int8_tiles_exactly_runs_in_int8_and_keeps_the_labels(
         return forward(x)
 
     reference = one_shot_reference(normalised, model, run=whole)
+    assert calibration.windows == [] and calibration.describe()["windows"] == 24  # released
     for t, probs in tiled.items():
         np.testing.assert_allclose(probs, reference, atol=1e-4, rtol=0, err_msg=f"tile {t}")
 
@@ -148,13 +149,11 @@ def test_a_failed_check_is_an_error_under_strict_runtime(model: torch.nn.Module,
     (["--calibration", "DIR"], "applies to precision='int8'"),
     (["--precision", "int8", "--calibration", "missing"], "does not exist or is not a folder"),
     (["--precision", "int8", "--calibration", "empty"], "holds no images"),
+    (["--precision", "int8", "--calibration", "s3://bucket/calibration"], "a local folder"),
     (["--precision", "int8", "--backend", "torch"], "precision=int8 runs on OpenVINO"),
-    (["--precision", "int8", "--device", "cuda"], ""),
 ])  # fmt: skip
 def test_bad_int8_requests_are_one_line_errors(tmp_path: Path, image: np.ndarray, extra, message,
                                                capsys: pytest.CaptureFixture) -> None:
-    if "--device" in extra and torch.cuda.is_available():
-        pytest.skip("a CUDA device is there")  # the message differs: no CUDA here says so
     tifffile.imwrite(tmp_path / "x.tif", image)
     (tmp_path / "empty").mkdir()
     extra = [str(tmp_path / e) if e in ("missing", "empty", "DIR") else e for e in extra]
@@ -173,3 +172,34 @@ def test_missing_nncf_is_a_one_line_error(tmp_path: Path, image: np.ndarray,
                  "--precision", "int8"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "pip install 'tilerseg[int8]'" in err
+
+
+def test_int8_is_refused_off_the_cpu_and_without_one_network_for_tta(model, image) -> None:
+    from tilerseg.engine.compute import resolve_precision
+
+    with pytest.raises(tilerseg.InvalidArgumentError, match="int8 runs on the CPU"):
+        resolve_precision("int8", torch.device("cuda"))
+    with pytest.raises(tilerseg.InvalidArgumentError, match="needs calibration="):
+        tilerseg.segment(image, model, tta=True, precision="int8")
+    with pytest.raises(tilerseg.InvalidArgumentError, match="must be a folder's path"):
+        RunOptions(precision="int8", calibration=3)
+
+
+def test_a_resumed_run_draws_the_calibration_of_the_first(tmp_path: Path) -> None:
+    """A resumed run and a cluster worker prepare with the run's resolved normalisation;
+    the calibration images are normalised the same way, so the windows (and the network)
+    are the same: here 16-bit images, normalised by their own percentiles."""
+    torch.manual_seed(0)
+    model = tilerseg.create_model("unet", depth=2, base_channels=4).eval()
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    tifffile.imwrite(folder / "a.tif", (rng.random((300, 300)) * 1000 + 1000).astype(np.uint16))
+    image = (rng.random((200, 200)) * 60000).astype(np.uint16)
+    fresh = prepare(image, model, RunOptions(precision="int8", calibration=str(folder)))
+    assert fresh.normalization.method == "percentile"
+    resumed = prepare(image, model, RunOptions(precision="int8", calibration=str(folder),
+                                               normalize=fresh.normalization))
+    a, b = fresh.runner.calibration()[1], resumed.runner.calibration()[1]
+    assert a.digest == b.digest
+    assert 0.2 < float(np.mean([w.mean() for w in a.windows])) < 0.8  # its own percentiles

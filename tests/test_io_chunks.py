@@ -118,3 +118,8 @@ def test_chunk_writer_refuses_other_codecs_and_partial_chunks(tmp_path: Path) ->
     writer.write((4, 4), np.full((4, 4), 7, np.uint8))
     assert ok[4:, 4:].tolist() == [[7] * 4] * 4 and not ok[:4].any()
     assert not list((tmp_path / "s.zarr" / "b").rglob("*.partial"))
+    wide = zarr.create_array(tmp_path / "s.zarr", name="c", shape=(4, 4), chunks=(4, 4),
+                             dtype="uint16", zarr_format=3, compressors=COMPRESSOR)
+    big_endian = np.arange(16, dtype=">u2").reshape(4, 4) * 257  # bytes that differ
+    ChunkWriter(wide, tmp_path / "s.zarr").write((0, 0), big_endian)
+    assert wide[...].tolist() == big_endian.tolist()

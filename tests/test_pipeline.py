@@ -335,9 +335,10 @@ def test_precision_errors(tmp_path, image, small_model, monkeypatch):
     assert not (tmp_path / "o.zarr").exists()
 
 
-def test_fp16_overflow_is_an_error_not_a_silent_nan(tmp_path, image):
+@pytest.mark.parametrize("classes", [2, 1])  # softmax, and a sigmoid (finite at +-inf)
+def test_fp16_overflow_is_an_error_not_a_silent_nan(tmp_path, image, classes):
     torch.manual_seed(0)
-    model = tilerseg.create_model("unet", depth=2, base_channels=4).eval()
+    model = tilerseg.create_model("unet", depth=2, base_channels=4, num_classes=classes).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(40.0)  # activations far beyond float16's 65504

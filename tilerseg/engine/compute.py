@@ -195,8 +195,8 @@ class Replica:
     def runtime_precision(self) -> str:
         """The precision the model really runs in: the one asked for, except that int8
         falls back to eager torch in float32."""
-        if self.precision == "int8" and "openvino" not in self._engines:
-            return "fp32"
+        if self.precision == "int8" and "torch" in self._engines:  # (openvino+torch: both)
+            return "int8+fp32" if "openvino" in self._engines else "fp32"
         return self.precision
 
     @property
@@ -401,12 +401,12 @@ class Replica:
                     return self._submit_cuda(x, tiles)
             x = x.to(self.device)
             y = self._forward(x)
-            results = [_activation(y[i][(slice(None),) + t.crop]).cpu()  # no-op on the CPU
-                       for i, t in enumerate(tiles)]
+            crops = [y[i][(slice(None),) + t.crop] for i, t in enumerate(tiles)]
+            results = [_activation(c).cpu() for c in crops]  # .cpu(): no-op on the CPU
             finite = None
-            if self.autocast_dtype is not None:  # NaN or +inf logits make NaN probabilities:
-                # one sum of what is written says so, cheaper than a test of every logit
-                finite = torch.isfinite(torch.stack([r.sum() for r in results]).sum())
+            if self.autocast_dtype is not None:  # a NaN or infinite logit of what is
+                # written makes its sum so: cheaper than testing every logit
+                finite = torch.isfinite(torch.stack([c.float().sum() for c in crops]).sum())
             return _Pending(tiles, results, finite=finite)
 
     def _forward(self, x: torch.Tensor, runtime: tuple[Any, int | None] | None = None,

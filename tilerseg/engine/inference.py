@@ -138,6 +138,9 @@ def segment(
     if tta:
         if is_lazy_input(image):
             raise InvalidArgumentError("tta=True needs an in-memory numpy image")
+        if precision == "int8" and calibration is None:  # one network for the 8 views
+            raise InvalidArgumentError("tta=True with precision='int8' needs calibration= "
+                                       "(a folder): each view would be calibrated on itself")
         return _dihedral_mean(lambda x: segment(
             x, model, tile, batch_size, device, normalize, progress, channel=channel,
             precision=precision, calibration=calibration, backend=backend,

@@ -37,8 +37,10 @@ import importlib.util
 import io
 import json
 import logging
+import math
 import os
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -62,7 +64,12 @@ __all__ = ["CALIBRATION_TILE", "CALIBRATION_WINDOWS", "CHECK_WINDOWS", "Calibrat
 log = logging.getLogger(__name__)
 
 CALIBRATION_WINDOWS = 300
-"""Windows the quantisation is calibrated on."""
+"""Windows the quantisation is calibrated on (fewer where they are large, see
+:data:`CALIBRATION_VALUES`)."""
+
+CALIBRATION_VALUES = 32_000_000
+"""At most this many input values in all calibration windows (300 2D windows of 316^2
+take 30 million; 3D windows are counted down to fit)."""
 
 CHECK_WINDOWS = 16
 """Other windows the quantised network is checked on against float32."""
@@ -115,11 +122,17 @@ class Calibration:
             h.update(str(w.shape).encode())
             h.update(np.ascontiguousarray(w, dtype=np.float32).tobytes())
         self.digest = h.hexdigest()
+        self._counts = (len(self.windows), len(self.check))
 
     def describe(self) -> dict[str, Any]:
         """What a run records of its calibration."""
-        return {"source": self.source, "windows": len(self.windows),
-                "check_windows": len(self.check), "sha256": self.digest}
+        return {"source": self.source, "windows": self._counts[0],
+                "check_windows": self._counts[1], "sha256": self.digest}
+
+    def release(self) -> None:
+        """Drop the windows (kept: the digest and the counts) once the network is made or
+        found: a run holds on to its calibration, and 3D windows are large."""
+        self.windows, self.check = [], []
 
 
 Reader = tuple[Any, Callable[..., np.ndarray], bool]
@@ -141,17 +154,19 @@ def calibrate(readers: Sequence[Reader], geometry: ModelGeometry, source: str,
     source : str
         Where the images come from, for the record.
     count, check : int, optional
-        Calibration and check windows (default :data:`CALIBRATION_WINDOWS`,
-        :data:`CHECK_WINDOWS`).
+        Calibration and check windows (default :data:`CALIBRATION_WINDOWS`, fewer where
+        they would exceed :data:`CALIBRATION_VALUES`, and :data:`CHECK_WINDOWS`).
 
     Returns
     -------
     Calibration
     """
-    count = CALIBRATION_WINDOWS if count is None else count
-    check = CHECK_WINDOWS if check is None else check
     tile = CALIBRATION_TILE.get(geometry.ndim, 32)
     window = tuple(geometry.window_for_tile(tile, a) for a in range(geometry.ndim))
+    if count is None:
+        fits = CALIBRATION_VALUES // (math.prod(window) * geometry.in_channels)
+        count = max(1, min(CALIBRATION_WINDOWS, fits))
+    check = CHECK_WINDOWS if check is None else check
     return Calibration(_draw(readers, window, count, _SEED),
                        _draw(readers, window, check, _CHECK_SEED), source)
 
@@ -246,8 +261,20 @@ def network_path(model: nn.Module, calibration: Calibration) -> Path:
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "config": getattr(model, "config", None), "calibration": calibration.digest,
         "nncf": nncf.__version__, "openvino": openvino.get_version(), "tilerseg": __version__,
+        "cpu": _int8_isa(),  # int8 kernels differ between them: checked on each kind
     }, sort_keys=True, default=str)
     return cache_dir() / "openvino" / f"int8-{hashlib.sha256(key.encode()).hexdigest()[:24]}.xml"
+
+
+def _int8_isa() -> list[str]:
+    """The CPU's instruction sets that OpenVINO's int8 kernels choose between."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f
+                          if line.startswith("flags")), set())
+    except OSError:
+        flags = set()
+    return sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def quantized_network(model: nn.Module, geometry: ModelGeometry,
@@ -269,25 +296,28 @@ def quantized_network(model: nn.Module, geometry: ModelGeometry,
         try:
             network, check = core.read_model(str(path)), json.loads(record.read_text())
             log.debug("int8: read the quantised network from %s", path)
-            return network, _passed(check)
         except (OSError, ValueError, RuntimeError) as err:
-            if isinstance(err, Int8CheckError):
-                raise
             log.warning("int8: cannot read the cached network %s (%s); quantising again",
                         path, err)
+        else:
+            calibration.release()
+            return network, _passed(check)
     network, check = _quantize(model, geometry, calibration)  # cached even if it fails
+    calibration.release()
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.xml")
+    tmp_record = record.with_name(f".{record.name}.{uuid.uuid4().hex}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.xml")
         openvino.save_model(network, str(tmp), compress_to_fp16=False)
         os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
         os.replace(tmp, path)
-        tmp_record = record.with_name(f".{record.name}.{os.getpid()}")
         tmp_record.write_text(json.dumps(check))
         os.replace(tmp_record, record)
         log.info("int8: cached the quantised network in %s", path)
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - OpenVINO raises RuntimeError; the run goes on
         log.warning("int8: cannot cache the quantised network in %s (%s)", path.parent, err)
+        for leftover in (tmp, tmp.with_suffix(".bin"), tmp_record):
+            leftover.unlink(missing_ok=True)
     return network, _passed(check)
 
 
@@ -307,6 +337,9 @@ def _quantize(model: nn.Module, geometry: ModelGeometry, calibration: Calibratio
               ) -> tuple[Any, dict[str, Any]]:
     import nncf
 
+    if not calibration.windows:
+        raise RuntimeError("the calibration windows were released before quantising (the "
+                           "cached int8 network went missing during the run)")
     start = time.perf_counter()
     channels = calibration.windows[0].shape[0]
     network = _dynamic_network(model, geometry, channels)

@@ -204,11 +204,18 @@ class RunOptions:
             set_("channel", channel)
         set_("precision", _choice("precision", self.precision, PRECISIONS))
         if self.calibration is not None:
+            try:
+                folder = os.fspath(self.calibration)
+            except TypeError:
+                raise InvalidArgumentError(
+                    f"calibration={self.calibration!r} must be a folder's path") from None
             if self.precision != "int8":
                 raise InvalidArgumentError(
-                    f"calibration={os.fspath(self.calibration)!r} applies to precision='int8' "
-                    f"(precision is {self.precision!r})")
-            set_("calibration", os.path.abspath(os.fspath(self.calibration)))
+                    f"calibration={folder!r} applies to precision='int8' (precision is "
+                    f"{self.precision!r})")
+            if "://" in str(folder):
+                raise InvalidArgumentError(f"calibration={folder!r} must be a local folder")
+            set_("calibration", os.path.abspath(folder))
         set_("backend", _choice("backend", self.backend, BACKENDS))
         for name in ("compile", "skip_background", "pyramid"):
             set_(name, bool(getattr(self, name)))

@@ -25,7 +25,7 @@ from ..io.remote import PATHS
 from ..io.source import ImageSource
 from ..labels import LabelPolicy
 from ..models.probe import model_geometry
-from ..normalize import Normalization, resolve_normalization
+from ..normalize import Normalization, NormalizeSpec, resolve_normalization
 from .backends import resolve_backend
 from .compute import resolve_precision
 from .device import default_batch_size, default_tile, resolve_device, resolve_devices
@@ -329,7 +329,7 @@ def prepare(image: Any, model: nn.Module, options: RunOptions | None = None, *,
     calibration = None
     if options.precision == "int8":
         calibration = _int8_calibration(model, geometry, (view, norm, planes), options,
-                                        backend)
+                                        backend, norm)
     runner = TileRunner(model, view, tile_plan, norm, dev, check_finite=view.dtype.kind == "f",
                         model_ndim=geometry.ndim, precision=options.precision,
                         compile=options.compile, backend=backend, calibration=calibration)
@@ -338,11 +338,13 @@ def prepare(image: Any, model: nn.Module, options: RunOptions | None = None, *,
 
 
 def _int8_calibration(model: nn.Module, geometry: ModelGeometry, image: tuple[Any, Any, bool],
-                      options: RunOptions, backend: str
+                      options: RunOptions, backend: str, norm: Normalization
                       ) -> Callable[[], tuple[ModelGeometry, Any]]:
     """Check that int8 can run, and return what draws its calibration when first needed:
     windows of ``image`` (view, normalisation, plane by plane), or of the images in
-    ``options.calibration``, each opened and normalised as a run of it would be."""
+    ``options.calibration``, each normalised by :func:`_calibration_normalization` of the
+    run's resolved ``norm`` (which a resumed run and a cluster worker know too: they draw
+    the same windows, so find the same network)."""
     from .int8 import calibrate, int8_available
 
     if backend != "openvino":
@@ -361,15 +363,27 @@ def _int8_calibration(model: nn.Module, geometry: ModelGeometry, image: tuple[An
         if not files:
             raise InvalidArgumentError(f"calibration folder '{folder}' holds no images")
 
-    @functools.cache
+    @functools.cache  # (called under the replica's set-up lock: once)
     def provide() -> tuple[ModelGeometry, Any]:
         if not files:
             return geometry, calibrate([image], geometry, "the image")
         readers = []
-        plain = options.replace(precision="fp32", calibration=None)
+        plain = options.replace(precision="fp32", calibration=None,
+                                normalize=_calibration_normalization(norm))
         for f in files:
             p = prepare(f, model, plain, geometry=geometry)
             readers.append((p.view, p.normalization, p.per_plane))
         return geometry, calibrate(readers, geometry, str(options.calibration))
 
     return provide
+
+
+def _calibration_normalization(norm: Normalization) -> NormalizeSpec | Normalization:
+    """How a calibration image is normalised, from the run's resolved normalisation: by the
+    same method, resolved again for each image where the method depends on the image (its
+    dtype's range, its percentiles, its mean and deviation), else by the same map (a
+    window, an explicit range, none)."""
+    method = norm.method
+    if method in ("range", "meanstd") or method.startswith("percentile"):
+        return method
+    return norm

@@ -385,7 +385,7 @@ class OutputWriter:
                         else self.path.with_name(remote.staging_name(self.path)))
         self.probabilities: zarr.Array | None = None
         self.labels: zarr.Array | None = None
-        self._chunk_writers: dict[str, ChunkWriter] = {}  # array path -> its ChunkWriter
+        self._chunk_writers: dict[str, ChunkWriter | None] = {}  # array path -> its writer
         self._chunk_lock = threading.Lock()
         if existing:
             try:
@@ -609,11 +609,19 @@ class OutputWriter:
         straight into the store (see :mod:`tilerseg.io.chunks`), anything else through
         zarr."""
         with self._chunk_lock:
-            chunks = self._chunk_writers.get(array.path)
-            if chunks is None:
-                chunks = self._chunk_writers[array.path] = ChunkWriter(array, self.staging)
+            if array.path not in self._chunk_writers:
+                try:
+                    self._chunk_writers[array.path] = ChunkWriter(array, self.staging)
+                except ValueError as err:  # other codecs (an output made otherwise): zarr
+                    log.debug("writing %s through zarr: %s", array.path, err)
+                    self._chunk_writers[array.path] = None
+            chunks = self._chunk_writers[array.path]
         start = tuple(0 if s.start is None else int(s.start) for s in region)
-        if all(s.step in (None, 1) for s in region) and chunks.whole(start, values.shape):
+        stop = tuple(size if s.stop is None else int(s.stop)
+                     for s, size in zip(region, array.shape))
+        exact = all(s.step in (None, 1) and b - a == n
+                    for s, a, b, n in zip(region, start, stop, values.shape))
+        if chunks is not None and exact and chunks.whole(start, values.shape):
             chunks.write(start, values)
         else:
             array[region] = values
