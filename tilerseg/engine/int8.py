@@ -346,7 +346,9 @@ def _quantize(model: nn.Module, geometry: ModelGeometry, calibration: Calibratio
     shape = (1, *calibration.windows[0].shape)
     network.reshape({0: shape})
     data = nncf.Dataset([w[None] for w in calibration.windows])
-    nncf.set_log_level(logging.WARNING)
+    # NNCF's INFO lines are not the user's (nncf.set_log_level would also lower the level
+    # of every handler attached to its logger, whoever put them there)
+    logging.getLogger("nncf").setLevel(logging.WARNING)
     shown = io.StringIO()  # NNCF's progress bars: the library logs, it does not print
     with contextlib.redirect_stdout(shown), contextlib.redirect_stderr(shown):
         quantized = nncf.quantize(network, data, subset_size=len(calibration.windows))
