@@ -81,9 +81,12 @@ def test_cpu_features_are_reported(capsys: pytest.CaptureFixture) -> None:
     features = cpu_features()
     assert set(features) >= {"avx512", "avx512_bf16", "amx_bf16", "bf16", "torch", "openvino"}
     assert features["bf16"] == (features["avx512_bf16"] or features["amx_bf16"])
+    assert features["int8"] == (features["avx512_vnni"] or features["avx_vnni"]
+                                or features["amx_int8"])
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("compute     CPU: ") and "bf16" in out and "OpenVINO" in out
+    assert "--precision int8 runs (NNCF installed)" in out  # NNCF is in the test extra
 
 
 # --- OpenVINO ------------------------------------------------------------------------------

@@ -149,11 +149,12 @@ def describe_machine() -> str:
     -------
     str
         Lines starting ``compute``: the GPUs (and whether they compute bf16 natively),
-        the CPU's cores, vector kernels and bfloat16 units, and which runtime
-        ``backend="auto"`` picks on the CPU.
+        the CPU's cores, vector kernels and bfloat16 units, which runtime
+        ``backend="auto"`` picks on the CPU, and its int8 units and whether int8 can run.
     """
     from .engine.backends import cpu_features, resolve_backend
     from .engine.cores import available_cores
+    from .engine.int8 import int8_available
 
     f = cpu_features()
     lines = []
@@ -171,5 +172,11 @@ def describe_machine() -> str:
                + resolve_backend("auto", "cpu"))
     lines.append(f"CPU: {available_cores()} core(s), {str(f['torch']).lower()} kernels, {bf16}")
     lines.append(runtime)
+    units = [name for name, key in (("AVX-512 VNNI", "avx512_vnni"), ("AVX-VNNI", "avx_vnni"),
+                                    ("AMX", "amx_int8")) if f[key]]
+    have = f"int8 units ({', '.join(units)})" if units else "no int8 dot-product units"
+    nncf = ("--precision int8 runs (NNCF installed)" if int8_available() else
+            "pip install 'tilerseg[int8]' for --precision int8")
+    lines.append(f"{have}: {nncf}")
     return "\n".join(("compute     " if k == 0 else "            ") + line
                      for k, line in enumerate(lines))

@@ -122,10 +122,11 @@ def cpu_features() -> dict[str, bool | str]:
     Returns
     -------
     dict
-        ``avx512`` / ``avx512_bf16`` / ``amx_bf16`` (flags of ``/proc/cpuinfo``, False
-        where it cannot be read), ``bf16`` (whether bfloat16 is computed natively: AVX-512
-        bf16 or AMX), ``torch`` (the vector ISA torch's kernels use) and ``openvino``
-        (installed or not).
+        ``avx512`` / ``avx512_bf16`` / ``amx_bf16`` / ``avx512_vnni`` / ``avx_vnni`` /
+        ``amx_int8`` (flags of ``/proc/cpuinfo``, False where it cannot be read), ``bf16``
+        (whether bfloat16 is computed natively: AVX-512 bf16 or AMX), ``int8`` (whether
+        8-bit integer dot products are: VNNI or AMX), ``torch`` (the vector ISA torch's
+        kernels use) and ``openvino`` (installed or not).
     """
     flags: set[str] = set()
     try:
@@ -142,8 +143,12 @@ def cpu_features() -> dict[str, bool | str]:
         "avx512": "avx512f" in flags,
         "avx512_bf16": "avx512_bf16" in flags,
         "amx_bf16": "amx_bf16" in flags,
+        "avx512_vnni": "avx512_vnni" in flags,
+        "avx_vnni": "avx_vnni" in flags,
+        "amx_int8": "amx_int8" in flags,
         "torch": torch.backends.cpu.get_cpu_capability(),
         "openvino": openvino_available(),
     }
     out["bf16"] = bool(out["avx512_bf16"] or out["amx_bf16"])
+    out["int8"] = bool(out["avx512_vnni"] or out["avx_vnni"] or out["amx_int8"])
     return out
