@@ -203,3 +203,26 @@ def test_a_resumed_run_draws_the_calibration_of_the_first(tmp_path: Path) -> Non
     a, b = fresh.runner.calibration()[1], resumed.runner.calibration()[1]
     assert a.digest == b.digest
     assert 0.2 < float(np.mean([w.mean() for w in a.windows])) < 0.8  # its own percentiles
+
+
+def test_a_calibration_folder_is_drawn_once_then_known_by_its_files(
+        tmp_path: Path, model: torch.nn.Module, image: np.ndarray,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    draws = []
+    calibrate = int8.calibrate
+    monkeypatch.setattr(int8, "calibrate", lambda *a, **k: draws.append(1) or calibrate(*a, **k))
+    folder = _folder(tmp_path / "calibration", seed=11)
+    first = tilerseg.segment(image, model, tile=256, precision="int8", calibration=folder)
+    int8._KNOWN.clear()  # as another process: the record beside the networks
+    second = tilerseg.segment(image, model, tile=256, precision="int8", calibration=folder)
+    assert len(draws) == 1
+    np.testing.assert_array_equal(first, second)
+    for f in (tilerseg.engine.backends.cache_dir() / "openvino").glob("int8-*"):
+        f.unlink()  # the networks gone: the windows are drawn again (and match the record)
+    openvino_backend._COMPILED.clear()
+    third = tilerseg.segment(image, model, tile=256, precision="int8", calibration=folder)
+    assert len(draws) == 2
+    np.testing.assert_array_equal(first, third)
+    tifffile.imwrite(folder / "a.tif", membrane_image((400, 400), seed=99)[0])  # changed
+    tilerseg.segment(image, model, tile=256, precision="int8", calibration=folder)
+    assert len(draws) == 3

@@ -345,7 +345,7 @@ def _int8_calibration(model: nn.Module, geometry: ModelGeometry, image: tuple[An
     ``options.calibration``, each normalised by :func:`_calibration_normalization` of the
     run's resolved ``norm`` (which a resumed run and a cluster worker know too: they draw
     the same windows, so find the same network)."""
-    from .int8 import calibrate, int8_available
+    from .int8 import calibrate, int8_available, known_calibration
 
     if backend != "openvino":
         raise InvalidArgumentError(
@@ -363,17 +363,21 @@ def _int8_calibration(model: nn.Module, geometry: ModelGeometry, image: tuple[An
         if not files:
             raise InvalidArgumentError(f"calibration folder '{folder}' holds no images")
 
+    plain = options.replace(precision="fp32", calibration=None,
+                            normalize=_calibration_normalization(norm))
+
+    def draw() -> Any:
+        readers = []
+        for f in files:
+            p = prepare(f, model, plain, geometry=geometry)
+            readers.append((p.view, p.normalization, p.per_plane))
+        return calibrate(readers, geometry, str(options.calibration))
+
     @functools.cache  # (called under the replica's set-up lock: once)
     def provide() -> tuple[ModelGeometry, Any]:
         if not files:
             return geometry, calibrate([image], geometry, "the image")
-        readers = []
-        plain = options.replace(precision="fp32", calibration=None,
-                                normalize=_calibration_normalization(norm))
-        for f in files:
-            p = prepare(f, model, plain, geometry=geometry)
-            readers.append((p.view, p.normalization, p.per_plane))
-        return geometry, calibrate(readers, geometry, str(options.calibration))
+        return geometry, known_calibration(files, repr((plain, geometry)), draw)
 
     return provide
 
