@@ -160,6 +160,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -- inputs -------------------------------------------------------------------------------
 
 
+def calibration_folder(workdir: Path, slide: Path, size: int) -> Path:
+    """``WORKDIR/calibration-N/``: a folder holding the slide's top-left 2048^2 as
+    ``crop.tif`` (written once), the int8 calibration of the benchmarks."""
+    import tifffile
+
+    folder = workdir / f"calibration-{size}"
+    if not (folder / "crop.tif").is_file():
+        folder.mkdir(exist_ok=True)
+        tifffile.imwrite(folder / "crop.tif", tifffile.imread(slide)[:2048, :2048])
+    return folder
+
+
 def open_workdir(path: str) -> Path:
     """Create the scratch directory (if needed) and print it with the free disk space."""
     workdir = Path(path)
@@ -604,10 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         from tilerseg.engine.options import RunOptions
         from tilerseg.engine.prepare import prepare
 
-        calibration = workdir / f"calibration-{args.size}"
-        if not (calibration / "crop.tif").is_file():
-            calibration.mkdir(exist_ok=True)
-            tifffile.imwrite(calibration / "crop.tif", image[:2048, :2048])
+        calibration = calibration_folder(workdir, slide, args.size)
         p = prepare(image[:64, :64], model, RunOptions(precision="int8",
                                                        calibration=str(calibration)))
         geometry, drawn = p.runner.calibration()

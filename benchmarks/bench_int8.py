@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_end_to_end import add_output_arguments, open_workdir, write_json  # noqa: E402
+from bench_end_to_end import (add_output_arguments, calibration_folder, open_workdir,  # noqa: E402
+                              write_json)
 from bench_memory import make_slide  # noqa: E402
 from bench_scale_out import CLI, cpu_name, paired, run  # noqa: E402
 
@@ -81,12 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = open_workdir(args.workdir)
     slide = make_slide(workdir, args.size)
-    calibration = workdir / f"calibration-{args.size}"
-    if not (calibration / "crop.tif").is_file():
-        import tifffile
-
-        calibration.mkdir(exist_ok=True)
-        tifffile.imwrite(calibration / "crop.tif", tifffile.imread(slide)[:2048, :2048])
+    calibration = calibration_folder(workdir, slide, args.size)
     outs = {p: workdir / f"precision-{p}-{args.size}.zarr" for p in PRECISIONS}
     commands = {p: [*CLI, str(slide), "-o", str(outs[p]), "--precision", p, "--overwrite",
                     "-q", *(["--calibration", str(calibration)] if p == "int8" else [])]

@@ -41,8 +41,6 @@ import math
 import os
 import threading
 import time
-import uuid
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,7 +52,9 @@ from torch import nn
 from ..errors import InvalidArgumentError
 from ..geometry import ModelGeometry
 from ..labels import LabelPolicy
-from .backends import cache_dir
+from .backends import cache_dir, cpu_features
+from .openvino_backend import cache_key, quiet_export, save_network
+from .workdir import write_json
 from .windows import read_window
 
 __all__ = ["CALIBRATION_TILE", "CALIBRATION_WINDOWS", "CHECK_WINDOWS", "Calibration",
@@ -199,14 +199,11 @@ def known_calibration(files: Sequence[Path], settings: str,
     info = calibration.describe()
     with _KNOWN_LOCK:
         _KNOWN[key] = info
-    tmp = record.with_name(f".{record.name}.{uuid.uuid4().hex}")
     try:
         record.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(info))
-        os.replace(tmp, record)
+        write_json(record, info)
     except OSError as err:
         log.debug("int8: cannot record the calibration in %s (%s)", record, err)
-        tmp.unlink(missing_ok=True)
     return calibration
 
 
@@ -276,9 +273,7 @@ def _dynamic_network(model: nn.Module, geometry: ModelGeometry, channels: int) -
         dims[2 + a] = geometry.step[a] * k + geometry.min_input[a]
         sizes.append(geometry.min_input[a] + 8 * geometry.step[a])  # k = 0, 1 specialise
     example = torch.zeros((1, channels, *sizes))
-    with torch.no_grad(), warnings.catch_warnings():
-        # torch's own deprecation, raised inside torch.export and OpenVINO's frontend
-        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    with quiet_export():
         program = torch.export.export(model, (example,), dynamic_shapes=(dims,))
         network = openvino.convert_model(program)
     _slices_to_strided(network)
@@ -323,33 +318,15 @@ def _slices_to_strided(network: Any) -> int:
 
 
 def network_path(model: nn.Module, calibration: Calibration) -> Path:
-    """Where the quantised network of ``model`` for ``calibration`` is cached."""
+    """Where the quantised network of ``model`` for ``calibration`` is cached: its key
+    adds the calibration's digest, the NNCF version and the CPU's int8 instruction sets
+    (int8 kernels differ between them: a network is checked on each kind)."""
     import nncf
-    import openvino
 
-    from .. import __version__
-    from ..models.checkpoint import weights_digest
-    from .openvino_backend import _code_digest
-
-    key = json.dumps({
-        "weights": weights_digest(model), "code": _code_digest(model),
-        "class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "config": getattr(model, "config", None), "calibration": calibration.digest,
-        "nncf": nncf.__version__, "openvino": openvino.get_version(), "tilerseg": __version__,
-        "cpu": _int8_isa(),  # int8 kernels differ between them: checked on each kind
-    }, sort_keys=True, default=str)
-    return cache_dir() / "openvino" / f"int8-{hashlib.sha256(key.encode()).hexdigest()[:24]}.xml"
-
-
-def _int8_isa() -> list[str]:
-    """The CPU's instruction sets that OpenVINO's int8 kernels choose between."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            flags = next((set(line.split(":", 1)[1].split()) for line in f
-                          if line.startswith("flags")), set())
-    except OSError:
-        flags = set()
-    return sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"})
+    features = cpu_features()
+    isa = sorted(k for k in ("avx512", "avx512_vnni", "avx_vnni", "amx_int8") if features[k])
+    key = cache_key(model, calibration=calibration.digest, nncf=nncf.__version__, cpu=isa)
+    return cache_dir() / "openvino" / f"int8-{key}.xml"
 
 
 def quantized_network(model: nn.Module, geometry: ModelGeometry,
@@ -379,20 +356,12 @@ def quantized_network(model: nn.Module, geometry: ModelGeometry,
             return network, _passed(check)
     network, check = _quantize(model, geometry, calibration)  # cached even if it fails
     calibration.release()
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.xml")
-    tmp_record = record.with_name(f".{record.name}.{uuid.uuid4().hex}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        openvino.save_model(network, str(tmp), compress_to_fp16=False)
-        os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
-        os.replace(tmp, path)
-        tmp_record.write_text(json.dumps(check))
-        os.replace(tmp_record, record)
+        save_network(network, path)
+        write_json(record, check)
         log.info("int8: cached the quantised network in %s", path)
     except Exception as err:  # noqa: BLE001 - OpenVINO raises RuntimeError; the run goes on
         log.warning("int8: cannot cache the quantised network in %s (%s)", path.parent, err)
-        for leftover in (tmp, tmp.with_suffix(".bin"), tmp_record):
-            leftover.unlink(missing_ok=True)
     return network, _passed(check)
 
 

@@ -15,6 +15,7 @@ GIL while it infers).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -24,9 +25,10 @@ import os
 import queue
 import threading
 import time
+import uuid
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +51,18 @@ _COMPILED_LOCK = threading.Lock()
 def converted_model_path(model: nn.Module, input_shape: Sequence[int]) -> Path:
     """Where the converted network of ``model`` for ``input_shape`` is cached.
 
-    The key is the weights' digest, the model's class and configuration, the input
-    shape and the OpenVINO and tilerseg versions; anything else gets its own file.
+    The key is :func:`cache_key` of the model and the input shape; anything else gets its
+    own file.
     """
+    digest = cache_key(model, shape=[int(s) for s in input_shape])
+    shape = "x".join(str(int(s)) for s in input_shape)
+    return cache_dir() / "openvino" / f"{digest}-{shape}.xml"
+
+
+def cache_key(model: nn.Module, **more: Any) -> str:
+    """A cached network's key: the SHA-256 (24 hex digits) of the weights' digest, the
+    model's code, class and configuration, the OpenVINO and tilerseg versions, and
+    ``more`` (JSON values: the input shape, the calibration...)."""
     import openvino
 
     from .. import __version__
@@ -62,13 +73,45 @@ def converted_model_path(model: nn.Module, input_shape: Sequence[int]) -> Path:
         "code": _code_digest(model),
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "config": getattr(model, "config", None),
-        "shape": [int(s) for s in input_shape],
         "openvino": openvino.get_version(),
         "tilerseg": __version__,
+        **more,
     }, sort_keys=True, default=str)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
-    shape = "x".join(str(int(s)) for s in input_shape)
-    return cache_dir() / "openvino" / f"{digest}-{shape}.xml"
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+@contextlib.contextmanager
+def quiet_export() -> Iterator[None]:
+    """No gradients, and none of torch's own deprecation warnings that torch.export and
+    OpenVINO's PyTorch frontend raise (they are not the user's to see)."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+        warnings.filterwarnings("ignore", r"`?torch\.jit\.\w+`? is deprecated")
+        yield
+
+
+def save_network(network: Any, path: Path) -> None:
+    """Save ``network`` (in float32) as ``path`` (.xml) and its .bin, atomically: the
+    weights first, so a reader that sees the .xml also finds its .bin.
+
+    Raises
+    ------
+    Exception
+        What saving raised (OpenVINO raises RuntimeError, the file system OSError);
+        nothing is left behind.
+    """
+    import openvino
+
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.xml")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        openvino.save_model(network, str(tmp), compress_to_fp16=False)
+        os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        tmp.with_suffix(".bin").unlink(missing_ok=True)
+        raise
 
 
 def _code_digest(model: nn.Module) -> str:
@@ -102,10 +145,7 @@ def _convert(model: nn.Module, input_shape: tuple[int, ...]) -> Any:
     import openvino
 
     example = torch.zeros(input_shape)
-    with torch.no_grad(), warnings.catch_warnings():
-        # torch's own deprecations, raised inside OpenVINO's PyTorch frontend
-        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-        warnings.filterwarnings("ignore", r"`?torch\.jit\.\w+`? is deprecated")
+    with quiet_export():
         if not isinstance(model, torch.jit.ScriptModule):
             try:
                 program = torch.export.export(model, (example,))
@@ -122,7 +162,6 @@ def _cached_network(core: Any, model: nn.Module, input_shape: tuple[int, ...]
                     ) -> tuple[Any, Path]:
     """The converted network (from the cache when there, else converted and saved; a new
     conversion drops the checks recorded for an older one) and its cache path."""
-    import openvino
 
     path = converted_model_path(model, input_shape)
     if path.is_file() and path.with_suffix(".bin").is_file():
@@ -139,14 +178,9 @@ def _cached_network(core: Any, model: nn.Module, input_shape: tuple[int, ...]
     log.info("OpenVINO: converted the model for input %s in %.1f s",
              list(input_shape), time.perf_counter() - start)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.xml")
-        openvino.save_model(network, str(tmp), compress_to_fp16=False)  # keep float32
-        # the weights first: a reader that sees the .xml also finds its .bin
-        os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
-        os.replace(tmp, path)
+        save_network(network, path)
         log.info("OpenVINO: cached the converted model in %s", path)
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - OpenVINO raises RuntimeError; the run goes on
         log.warning("OpenVINO: cannot cache the converted model in %s (%s); the next run "
                     "converts it again", path.parent, err)
     return network, path

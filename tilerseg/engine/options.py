@@ -213,7 +213,9 @@ class RunOptions:
                 raise InvalidArgumentError(
                     f"calibration={folder!r} applies to precision='int8' (precision is "
                     f"{self.precision!r})")
-            if "://" in str(folder):
+            from ..io.remote import is_url
+
+            if is_url(str(folder)):
                 raise InvalidArgumentError(f"calibration={folder!r} must be a local folder")
             set_("calibration", os.path.abspath(folder))
         set_("backend", _choice("backend", self.backend, BACKENDS))

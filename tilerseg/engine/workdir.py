@@ -145,7 +145,7 @@ class WorkDir:
             tmp.mkdir()
             for sub in _FOLDERS:
                 (tmp / sub).mkdir()
-            _write_json(tmp / MANIFEST, manifest)
+            write_json(tmp / MANIFEST, manifest)
             make_store(tmp / STORE)
             os.rename(tmp, path)
         except OSError as err:
@@ -250,11 +250,11 @@ class WorkDir:
         record = {"host": socket.gethostname(), "pid": os.getpid(),
                   "job": os.environ.get("SLURM_JOB_ID"), "time": time.time(), **info}
         try:
-            _write_json(self.workers_dir / name, record)
+            write_json(self.workers_dir / name, record)
         except FileNotFoundError:  # committed and removed by another process meanwhile
             if self.path.is_dir():
                 self.workers_dir.mkdir(exist_ok=True)
-                _write_json(self.workers_dir / name, record)
+                write_json(self.workers_dir / name, record)
         return name
 
     def worker_records(self) -> list[dict[str, Any]]:
@@ -458,9 +458,14 @@ def _listdir(folder: Path) -> list[str]:
         return []
 
 
-def _write_json(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename: readers never see half of it."""
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename: readers never see half of it, and
+    a failed write leaves nothing behind."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

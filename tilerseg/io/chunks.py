@@ -4,10 +4,10 @@ Writing one chunk through ``zarr.Array.__setitem__`` costs, besides compressing 
 as much again in zarr's own machinery (selection, the asynchronous codec pipeline, the
 check for an empty chunk): 8.8 ms against 5.0 ms for a 2 x 1024^2 uint8 probability
 chunk, 4.2 ms against 1.8 ms for a label chunk (``benchmarks/bench_write.py``). The
-writer fills its arrays one whole chunk per tile, so it encodes each such chunk itself with the array's
-own codecs (the ``bytes`` codec, then ``zstd``: the only pipeline the output arrays use)
-and writes the bytes under the array's chunk key: the stored bytes are the ones zarr
-writes, and every reader opens them as zarr's own.
+writer fills its arrays one whole chunk per tile, so it encodes each such chunk itself
+with the array's own codecs (the ``bytes`` codec, then ``zstd``: the only pipeline the
+output arrays use) and writes the bytes under the array's chunk key: the stored bytes are
+the ones zarr writes, and every reader opens them as zarr's own.
 
 Unlike zarr, a chunk equal to the fill value everywhere is stored too (zarr leaves it
 out); readers see the same values either way.

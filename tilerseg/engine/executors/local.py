@@ -144,8 +144,9 @@ def _record(works: Sequence[Work], times: StageTimes | None, started: float,
             "start": started, "end": time.time(), **(record or {})}
         info["runtime"] = {"engine": replica.engine, "precision": replica.runtime_precision,
                            "device": str(replica.device)}
-        if replica.int8 is not None:
-            info["runtime"]["int8"] = replica.int8
+        int8 = replica.int8
+        if int8 is not None:
+            info["runtime"]["int8"] = int8
         if times is not None:  # the stage times of this run alone
             info["times"] = times.as_dict()
         try:
