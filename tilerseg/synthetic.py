@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["membrane_image", "membrane_tile", "write_membrane_tiff"]
+__all__ = ["membrane_image", "membrane_tile", "tumour_volume", "write_membrane_tiff"]
 
 
 def membrane_image(
@@ -201,3 +201,93 @@ def write_membrane_tiff(
         resolutionunit="CENTIMETER",
     )
     return path
+
+
+# Mean intensity of (background brain, oedema, core) in each modality (T1, T1ce, T2, FLAIR),
+# then each modality's scanner scale and offset: the classes differ in contrast from one
+# modality to the next, and the raw values differ in range, as MRI's do.
+_MODALITY_MEANS = np.array([[1.0, 0.8, 0.5], [1.0, 1.0, 1.8], [1.0, 1.7, 1.4],
+                            [1.0, 1.9, 1.2]])
+_MODALITY_SCALE = np.array([[400.0, 100.0], [900.0, -50.0], [250.0, 300.0], [600.0, 0.0]])
+
+
+def _ellipsoid(shape: Sequence[int], spacing: Sequence[float], centre_mm: np.ndarray,
+               radii_mm: np.ndarray) -> np.ndarray:
+    grid = np.ogrid[tuple(slice(0, n) for n in shape)]
+    total = sum(((g * s - c) / r) ** 2 for g, s, c, r in zip(grid, spacing, centre_mm, radii_mm))
+    return total <= 1.0
+
+
+def tumour_volume(
+    shape: Sequence[int] = (24, 64, 64),
+    spacing: Sequence[float] = (3.0, 1.0, 1.0),
+    modalities: int = 4,
+    tumours: int = 2,
+    noise: float = 0.08,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic multi-modal MRI-like volume with tumours, and its label map.
+
+    A "brain" ellipsoid fills most of the volume (the background outside it is 0 in every
+    modality, as in skull-stripped MRI); inside it, ``tumours`` smaller ellipsoids each
+    have an oedema shell (label 1) around a core (label 2). Sizes are in millimetres, so
+    objects are round in space whatever the (anisotropic) ``spacing``. Each class has its
+    own contrast in each modality (the core is dark in the first, bright in the second;
+    oedema is bright in the third and fourth), with a smooth bias field and noise, and
+    each modality has its own intensity scale and offset: per-channel normalisation
+    matters.
+
+    Parameters
+    ----------
+    shape : (int, int, int)
+        ``(Z, Y, X)`` voxels.
+    spacing : (float, float, float)
+        Voxel size in mm along Z, Y, X.
+    modalities : int
+        Channels, 1 to 4 (T1, T1ce, T2, FLAIR-like).
+    tumours : int
+        Tumours (each an oedema shell and a core).
+    noise : float
+        Noise standard deviation relative to the brain's mean intensity.
+    seed : int
+        Random seed; the same seed gives the same volume.
+
+    Returns
+    -------
+    image : numpy.ndarray of int16, shape ``(modalities, Z, Y, X)``
+    labels : numpy.ndarray of uint8, shape ``(Z, Y, X)``
+        0 background (and healthy brain), 1 oedema, 2 core.
+
+    Examples
+    --------
+    >>> image, labels = tumour_volume((16, 48, 48), seed=1)
+    >>> image.shape, image.dtype, sorted(np.unique(labels).tolist())
+    ((4, 16, 48, 48), dtype('int16'), [0, 1, 2])
+    >>> bool((image[:, labels == 2].mean(axis=1)[1] > image[:, labels == 0].mean(axis=1)[1]))
+    True
+    """
+    shape = tuple(int(n) for n in shape)
+    spacing = np.asarray(spacing, dtype=float)
+    if len(shape) != 3 or len(spacing) != 3:
+        raise ValueError(f"shape {shape} and spacing {tuple(spacing)} must have 3 values (Z, Y, X)")
+    if not 1 <= modalities <= len(_MODALITY_MEANS):
+        raise ValueError(f"modalities={modalities} must be 1 to {len(_MODALITY_MEANS)}")
+    rng = np.random.default_rng(seed)
+    extent = np.asarray(shape) * spacing
+    brain = _ellipsoid(shape, spacing, extent / 2, extent * 0.45)
+    labels = np.zeros(shape, np.uint8)
+    for _ in range(tumours):
+        radius = min(extent) * rng.uniform(0.12, 0.2)
+        centre = extent / 2 + rng.uniform(-0.2, 0.2, 3) * extent
+        outer = radius * rng.uniform(0.8, 1.2, 3)
+        labels[_ellipsoid(shape, spacing, centre, outer) & brain] = 1
+        labels[_ellipsoid(shape, spacing, centre, outer * rng.uniform(0.45, 0.6)) & brain] = 2
+    bias = ndimage.gaussian_filter(rng.normal(0, 1, shape), 8)
+    bias = 1 + 0.1 * bias / max(1e-6, np.abs(bias).max())
+    image = np.zeros((modalities, *shape), np.int16)
+    for m in range(modalities):
+        mean = _MODALITY_MEANS[m][labels]
+        values = ndimage.gaussian_filter(mean * bias, 0.7) + rng.normal(0, noise, shape)
+        scale, offset = _MODALITY_SCALE[m]
+        image[m] = np.where(brain, np.clip(values * scale + offset, 1, 32767), 0).astype(np.int16)
+    return image, labels
