@@ -108,10 +108,13 @@ def _run_options(args: argparse.Namespace) -> Any:
     """The RunOptions of ``tilerseg run`` / ``batch`` flags."""
     from .engine.options import run_options
 
-    normalize: Any = "auto"
+    normalize: Any = args.normalize or "auto"
     if args.window is not None:
         from .normalize import parse_window
 
+        if args.normalize is not None:
+            raise InvalidArgumentError("--window and --normalize are two normalisations; "
+                                       "give one")
         normalize = parse_window(args.window)
     return run_options(
         normalize=normalize,
@@ -630,6 +633,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=None, metavar="P",
                    help="foreground probability threshold for labels (default: the "
                    "model's tuned threshold, else argmax / 0.5)")
+    p.add_argument("--normalize", default=None, metavar="METHOD",
+                   help="intensity normalisation: auto (default: the model's own where it "
+                   "states one, else by dtype), none, range, percentile, percentile:LOW:HIGH, "
+                   "meanstd, or zscore (per channel over the voxels nonzero in any channel, "
+                   "as nnU-Net normalises MRI); see also --window")
     p.add_argument("--window", default=None, metavar="dicom|NAME|C,W",
                    help="display-window normalisation: [C - W/2, C + W/2] maps to [0, 1], "
                    "values outside are clipped. dicom = the file's WindowCenter/WindowWidth; "

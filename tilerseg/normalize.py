@@ -8,6 +8,11 @@ A display window (``normalize=("window", centre, width)``, a named CT preset of
 :data:`WINDOW_PRESETS` or the DICOM file's own window) maps ``[centre - width / 2,
 centre + width / 2]`` to [0, 1] and clips the values outside, as a DICOM viewer displays
 the image; clipping is per pixel, so tiling stays exact.
+
+For multi-modal MRI, ``normalize="zscore"`` maps each channel by its own mean and
+standard deviation over the foreground (the voxels that are nonzero in any channel: the
+brain of skull-stripped MRI), as nnU-Net's z-score normalisation does; the statistics are
+computed once per image, so tiling stays exact here too.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Union
 
 import numpy as np
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, InvalidImageError
 
 __all__ = ["Normalization", "NormalizeSpec", "WINDOW_PRESETS", "parse_window",
            "resolve_normalization"]
@@ -42,46 +47,85 @@ Radiopaedia's "Windowing (CT)" article (W:1500 L:-600 lungs, W:350 L:50 mediasti
 W:400 L:40 soft tissues, W:1800 L:400 bone, W:80 L:40 brain, W:150 L:30 liver)."""
 
 
+Bound = Union[float, tuple[float, ...]]
+"""One value for every channel, or one per channel (first axis of a tile)."""
+
+
 @dataclass(frozen=True)
 class Normalization:
     """The affine map ``(x - low) / (high - low)`` applied to every tile.
 
     ``low = 0, high = 1`` is the identity (the input is only cast to float32). With
     ``method="window"`` the result is also clipped to [0, 1] (a display window of centre
-    ``(low + high) / 2`` and width ``high - low``).
+    ``(low + high) / 2`` and width ``high - low``). ``low`` and ``high`` are numbers (one
+    map for every channel) or, for ``method="zscore"``, tuples with one value per channel,
+    applied along a tile's first axis.
 
     Examples
     --------
     >>> import numpy as np
     >>> Normalization("window", -160.0, 240.0)(np.array([-1000, 40, 1000]))
     array([0. , 0.5, 1. ], dtype=float32)
+    >>> Normalization("zscore", (10.0, 0.0), (12.0, 4.0))(np.array([[10, 14], [0, 8]]))
+    array([[0., 2.],
+           [0., 2.]], dtype=float32)
     """
 
     method: str
-    low: float = 0.0
-    high: float = 1.0
+    low: Bound = 0.0
+    high: Bound = 1.0
 
     def __post_init__(self) -> None:
-        if not (np.isfinite(self.low) and np.isfinite(self.high)) or self.high <= self.low:
+        per_channel = [isinstance(v, (tuple, list, np.ndarray)) for v in (self.low, self.high)]
+        if any(per_channel):  # one value per channel (lists from JSON records become tuples)
+            low, high = (tuple(float(x) for x in np.ravel(v)) for v in (self.low, self.high))
+            if not all(per_channel) or len(low) != len(high) or not low:
+                raise InvalidArgumentError(
+                    f"normalisation range ({self.low}, {self.high}) must give low and high "
+                    "for the same channels")
+            object.__setattr__(self, "low", low)
+            object.__setattr__(self, "high", high)
+        lows, highs = np.atleast_1d(self.low), np.atleast_1d(self.high)
+        if not (np.isfinite(lows).all() and np.isfinite(highs).all()) or (highs <= lows).any():
             raise InvalidArgumentError(
                 f"normalisation range ({self.low}, {self.high}) must be finite with low < high"
             )
 
+    @property
+    def channels(self) -> int | None:
+        """How many channels the map is for (None: any number, one map for all)."""
+        return len(self.low) if isinstance(self.low, tuple) else None
+
     def __call__(self, tile: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Return ``tile`` as float32, normalised (into ``out``, float32, if given)."""
+        """Return ``tile`` as float32, normalised (into ``out``, float32, if given).
+
+        A per-channel map takes ``tile`` with its channels on the first axis.
+        """
         if out is None:
             out = np.empty(np.shape(tile), np.float32)
         out[...] = tile
-        if (self.low, self.high) != (0.0, 1.0):
+        if self.channels is not None:
+            if out.ndim == 0 or out.shape[0] != self.channels:
+                raise InvalidImageError(
+                    f"the {self.method} normalisation was computed for {self.channels} "
+                    f"channel(s) but a tile of shape {out.shape} has "
+                    f"{out.shape[0] if out.ndim else 0} on its first axis")
+            shape = (-1,) + (1,) * (out.ndim - 1)
+            low = np.asarray(self.low, np.float32).reshape(shape)
+            out -= low
+            out /= np.asarray(self.high, np.float32).reshape(shape) - low
+        elif (self.low, self.high) != (0.0, 1.0):
             out -= np.float32(self.low)
             out /= np.float32(self.high - self.low)
         if self.method == "window":
             np.clip(out, 0.0, 1.0, out=out)
         return out
 
-    def as_dict(self) -> dict[str, float | str]:
-        """Plain-value description, for metadata."""
-        return {"method": self.method, "low": self.low, "high": self.high}
+    def as_dict(self) -> dict[str, float | str | list[float]]:
+        """Plain-value description, for metadata (per-channel values as lists)."""
+        def plain(v: Bound) -> float | list[float]:
+            return list(v) if isinstance(v, tuple) else v
+        return {"method": self.method, "low": plain(self.low), "high": plain(self.high)}
 
 
 def _dtype_range(dtype: np.dtype) -> tuple[float, float]:
@@ -117,6 +161,26 @@ def _mean_std(sample: np.ndarray) -> tuple[float, float]:
     values = np.asarray(sample, dtype=np.float64)
     mean, std = float(values.mean()), float(values.std())
     return mean, mean + (std if std > 0 else 1.0)  # a flat image: map it to 0
+
+
+def _zscore(sample: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, mean + std) over the foreground of a ``(C, ...)`` sample.
+
+    The foreground is the voxels that are nonzero in any channel (all voxels if none is);
+    a channel flat there is mapped to 0 rather than divided by zero.
+    """
+    values = np.asarray(sample)
+    if values.ndim < 2:
+        raise InvalidArgumentError(
+            f"normalize='zscore' needs a sample with channels first, got shape {values.shape}")
+    values = values.reshape(values.shape[0], -1)
+    foreground = (values != 0).any(axis=0)
+    if foreground.any():
+        values = values[:, foreground]
+    values = values.astype(np.float64)
+    mean, std = values.mean(axis=1), values.std(axis=1)
+    std[~(std > 0)] = 1.0
+    return tuple(float(m) for m in mean), tuple(float(m + s) for m, s in zip(mean, std))
 
 
 def _is_number(value: object) -> bool:
@@ -191,6 +255,8 @@ def resolve_normalization(
         - ``"percentile:LOW:HIGH"``: the same with the LOW-th and HIGH-th percentiles.
         - ``"meanstd"``: the image's mean maps to 0 and its standard deviation to 1
           (estimated from ``sample()``).
+        - ``"zscore"``: the same per channel, over the foreground (the voxels nonzero in
+          any channel), as nnU-Net normalises MRI; ``sample()`` gives channels first.
         - ``(low, high)``: an explicit range mapped to [0, 1].
         - ``("window", centre, width)``: the display window ``[centre - width / 2,
           centre + width / 2]`` mapped to [0, 1], values outside clipped;
@@ -231,6 +297,8 @@ def resolve_normalization(
     Normalization(method='percentile:0:100', low=0.0, high=10.0)
     >>> resolve_normalization("meanstd", np.dtype(np.float32), lambda: np.array([1.0, 3.0]))
     Normalization(method='meanstd', low=2.0, high=3.0)
+    >>> resolve_normalization("zscore", np.dtype(np.int16), lambda: np.array([[0, 2, 4], [0, 5, 5]]))
+    Normalization(method='zscore', low=(3.0, 5.0), high=(4.0, 6.0))
     >>> resolve_normalization(("window", "lung"), np.dtype(np.int32), lambda: None)
     Normalization(method='window', low=-1350.0, high=150.0)
     """
@@ -259,6 +327,8 @@ def resolve_normalization(
         return Normalization(normalize, *_percentiles(sample(), _percentile_pair(normalize)))
     if normalize == "meanstd":
         return Normalization("meanstd", *_mean_std(sample()))
+    if normalize == "zscore":
+        return Normalization("zscore", *_zscore(sample()))
     if (
         isinstance(normalize, (tuple, list))
         and len(normalize) == 2
@@ -281,7 +351,8 @@ def resolve_normalization(
             return _window(float(found[0]), float(found[1]), "from the image")
     raise InvalidArgumentError(
         f"normalize={normalize!r} is not understood; expected True/'auto', 'range', "
-        "'percentile', 'percentile:LOW:HIGH', 'meanstd', False/'none', a (low, high) pair, "
+        "'percentile', 'percentile:LOW:HIGH', 'meanstd', 'zscore', False/'none', a (low, high) "
+        "pair, "
         "('window', centre, width), "
         f"('window', 'dicom') or ('window', NAME) with NAME one of {', '.join(WINDOW_PRESETS)}"
     )

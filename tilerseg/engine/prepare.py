@@ -388,6 +388,6 @@ def _calibration_normalization(norm: Normalization) -> NormalizeSpec | Normaliza
     dtype's range, its percentiles, its mean and deviation), else by the same map (a
     window, an explicit range, none)."""
     method = norm.method
-    if method in ("range", "meanstd") or method.startswith("percentile"):
+    if method in ("range", "meanstd", "zscore") or method.startswith("percentile"):
         return method
     return norm
