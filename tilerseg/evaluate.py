@@ -14,6 +14,11 @@ by tilerseg. Each is paired, in order, with a ground-truth mask, and scored with
 
 Figures are given per image and overall (pooled over every pixel for pixel error,
 IoU and Dice; averaged over every slice for the Rand error).
+
+Volumes (a 3D model, predicted class maps, NIfTI masks, or ``volume=True``) are scored
+as BraTS reports them instead: Dice, IoU and the 95th-percentile Hausdorff distance
+(:func:`tilerseg.metrics.hd95`) of every foreground class and of named regions (unions
+of classes), in 3D with the voxel spacing, per image and as means over images.
 """
 
 from __future__ import annotations
@@ -43,9 +48,12 @@ from .metrics import (
     adapted_rand_error,
     cells,
     check_distance,
+    check_regions,
+    check_spacing,
     check_thresholds,
     slice_curves,
     summarise_curves,
+    volume_scores,
 )
 
 __all__ = ["add_parser", "evaluate", "format_table", "to_json"]
@@ -114,21 +122,22 @@ def _to_czyx(arr: np.ndarray, axes: str, label: str) -> np.ndarray:
     return arr.transpose([axes.index(a) for a in "CZYX"])
 
 
-def _open(item: _Item, label: str) -> tuple[Any, str, str]:
-    """Data, axes and format of an image or mask input (lazily for paths)."""
+def _open(item: _Item, label: str) -> tuple[Any, str, str, dict[str, float]]:
+    """Data, axes, format and pixel size (µm) of an image or mask input (lazily for paths)."""
     from .io import open_image
     from .io.raw import guess_axes
     from .io.source import ImageSource
 
     if item.is_path:
         source = open_image(item.source)
-        return source.data, source.axes, source.format
+        return source.data, source.axes, source.format, dict(source.pixel_size)
     if isinstance(item.source, ImageSource):
-        return item.source.data, item.source.axes, item.source.format
+        source = item.source
+        return source.data, source.axes, source.format, dict(source.pixel_size)
     arr = item.source
     if len(arr.shape) not in (2, 3, 4):
         raise InvalidImageError(f"{label} has shape {tuple(arr.shape)}; expected 2 to 4 dimensions")
-    return arr, guess_axes(tuple(arr.shape), label), "array"
+    return arr, guess_axes(tuple(arr.shape), label), "array", {}
 
 
 def _layout(data: Any, axes: str, fmt: str, label: str, planes_in_c: bool) -> np.ndarray:
@@ -149,24 +158,28 @@ def _read(data: Any) -> np.ndarray:
 
 @dataclass
 class _Mask:
+    """A class map: a ground-truth mask or (``what="labels"``) a predicted one."""
+
     item: _Item
     data: Any
     axes: str
     format: str
     shape: tuple[int, int, int]
+    pixel_size: dict[str, float]
+    what: str = "mask"
 
     @classmethod
-    def open(cls, item: _Item) -> _Mask:
-        label = f"mask {item.name}"
-        data, axes, fmt = _open(item, label)
+    def open(cls, item: _Item, what: str = "mask") -> _Mask:
+        label = f"{what} {item.name}"
+        data, axes, fmt, pixel_size = _open(item, label)
         czyx = _layout(_shape_only(data), axes, fmt, label, planes_in_c=True)
         if czyx.shape[0] != 1 and "S" not in axes:
-            raise InvalidImageError(f"{label} has {czyx.shape[0]} channels; a mask has one")
-        return cls(item, data, axes, fmt, tuple(czyx.shape[1:]))
+            raise InvalidImageError(f"{label} has {czyx.shape[0]} channels; a class map has one")
+        return cls(item, data, axes, fmt, tuple(czyx.shape[1:]), pixel_size, what)
 
     def classes(self, num_classes: int) -> np.ndarray:
         """The mask as a ``(Z, Y, X)`` class map (0/255 binary: 255 -> class 1)."""
-        label = f"mask {self.item.name}"
+        label = f"{self.what} {self.item.name}"
         full = _layout(_read(self.data), self.axes, self.format, label, planes_in_c=True)
         if full.shape[0] > 1:  # colour samples (RGB, RGBA): the colours must agree
             colours = full[:3]
@@ -238,7 +251,7 @@ class _Probabilities:
 
     def _open_image(self) -> None:
         label = f"image {self.item.name}"
-        data, axes, fmt = _open(self.item, label)
+        data, axes, fmt, _ = _open(self.item, label)
         one_channel = self.geometry.in_channels == 1
         czyx = _layout(_shape_only(data), axes, fmt, label, planes_in_c=one_channel)
         if self.geometry.ndim == 3 and czyx.shape[1] == 1:
@@ -351,6 +364,11 @@ def evaluate(
     thresholds: Sequence[float] | np.ndarray = DEFAULT_THRESHOLDS,
     expand_distance: int = 32,
     tta: bool = False,
+    labels: Any = None,
+    num_classes: int | None = None,
+    volume: bool | None = None,
+    spacing: Sequence[float] | None = None,
+    regions: dict[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """Score segmentations against ground-truth masks.
 
@@ -387,6 +405,24 @@ def evaluate(
         How far predicted cells grow over the predicted membrane before the Rand error.
     tta : bool
         Test-time augmentation when segmenting (see :func:`tilerseg.segment`).
+    labels : path, array or list of them, optional
+        Predicted class maps (instead of a model or probabilities), in the forms of
+        ``masks`` (TIFF stacks, .npy, Zarr, NIfTI where readable...); scored as volumes.
+    num_classes : int, optional
+        Number of classes (>= 2). By default the probabilities' channel count (at least
+        2), or for ``labels`` the largest class number in them and the masks, plus one.
+        Mask or label values beyond it are an error.
+    volume : bool, optional
+        Score as volumes (Dice, IoU and HD95 per foreground class, in 3D). By default
+        True for a 3D model, with ``labels``, ``spacing`` or ``regions``, or for NIfTI
+        masks; False otherwise (the 2D figures above, plane by plane).
+    spacing : sequence of float, optional
+        Voxel size ``(Z, Y, X)`` in mm (``(Y, X)`` for single planes) for every image.
+        By default each mask's recorded pixel size is used; HD95 is then in voxels
+        where no mask records one.
+    regions : mapping of str to sequence of int, optional
+        Named unions of foreground classes also scored as volumes, e.g. BraTS's
+        ``{"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}``.
 
     Returns
     -------
@@ -402,12 +438,24 @@ def evaluate(
         ``"mask"`` and ``"shape"`` ((Z, Y, X)). Pixel error, IoU and Dice pool all
         pixels; Rand errors average slices.
 
+        Volume scoring returns instead ``"mode": "volume"``, ``"num_classes"``,
+        ``"source"`` (also ``"labels"``), ``"unit"`` of HD95 and spacing (``"mm"``;
+        ``"um"`` when a voxel side is under 0.1 mm; ``"voxel"`` when no voxel size is
+        known), ``"regions"`` (``{name: [classes]}``), ``"per_image"`` (``"name"``,
+        ``"mask"``, ``"shape"``, ``"spacing"`` (Z, Y, X) and ``"classes"`` /
+        ``"regions"``: ``{class or name: {"iou", "dice", "hd95"}}``, see
+        :func:`tilerseg.metrics.volume_scores`: HD95 0 when absent from both, ``inf``
+        when in only one of prediction and truth) and ``"overall"``: ``"images"`` and
+        the means over images of each figure, HD95 over the images where it is finite
+        (their count in ``"hd95_images"``; NaN if none).
+
     Raises
     ------
     InvalidArgumentError
-        Neither or both of a model and probabilities, no images for a model, different
-        numbers of inputs and masks, shapes that differ, bad thresholds, distance or
-        foreground class.
+        Neither or several of a model, probabilities and labels, no images for a model,
+        different numbers of inputs and masks, shapes that differ, bad thresholds,
+        distance, foreground class, class count, spacing or regions, or masks of which
+        only some record their voxel size (without ``spacing``).
     ImageNotFoundError
         A file, folder or glob does not exist or holds no image.
     InvalidImageError
@@ -424,9 +472,23 @@ def evaluate(
     >>> result = evaluate(None, mask, probabilities=probs, thresholds=[0.5])
     >>> result["overall"]["pixel_error"], result["overall"]["isbi"]["rand_error"]
     (0.0, 0.0)
+
+    A label volume one slice off, 3 mm slices:
+
+    >>> true = np.zeros((6, 8, 8), np.uint8)
+    >>> true[2:4, 2:6, 2:6] = 1
+    >>> volumes = evaluate(None, true, labels=np.roll(true, 1, axis=0), spacing=(3, 1, 1))
+    >>> volumes["unit"], volumes["overall"]["classes"][1]["dice"]
+    ('mm', 0.5)
+    >>> volumes["per_image"][0]["classes"][1]["hd95"]
+    3.0
     """
-    if model is None and probabilities is None:
-        raise InvalidArgumentError("give a model (with images to segment) or probabilities")
+    if labels is not None and (model is not None or probabilities is not None):
+        raise InvalidArgumentError("give one of a model, probabilities or labels, not several")
+    if model is None and probabilities is None and labels is None:
+        raise InvalidArgumentError(
+            "give a model (with images to segment), probabilities or labels"
+        )
     if model is not None and probabilities is not None:
         raise InvalidArgumentError("give either a model or probabilities, not both")
     if model is not None and images is None:
@@ -434,12 +496,19 @@ def evaluate(
     ts = check_thresholds(thresholds)
     distance = check_distance(expand_distance)
     foreground_class = _check_int(foreground_class, "foreground class", 0)
+    if num_classes is not None:
+        num_classes = _check_int(num_classes, "num_classes", 2)
+    if volume is not None and not isinstance(volume, bool):
+        raise InvalidArgumentError(f"volume {volume!r} must be True, False or None")
 
     mask_items = _items(masks, "mask")
-    given = _items(probabilities if model is None else images,
-                   "probabilities file" if model is None else "image")
+    if labels is not None:
+        given, what = _items(labels, "labels file"), "label maps"
+    elif model is None:
+        given, what = _items(probabilities, "probabilities file"), "probability inputs"
+    else:
+        given, what = _items(images, "image"), "images"
     if len(given) != len(mask_items):
-        what = "probability inputs" if model is None else "images"
         raise InvalidArgumentError(
             f"{len(given)} {what} but {len(mask_items)} masks; they are paired in order"
         )
@@ -449,14 +518,28 @@ def evaluate(
         from .models import model_geometry
 
         geometry = model_geometry(model)
-    sources = [_Probabilities(item, model, kwargs, geometry) for item in given]
+    sources: list[Any]
+    if labels is not None:
+        sources = [_Mask.open(item, "labels") for item in given]
+    else:
+        sources = [_Probabilities(item, model, kwargs, geometry) for item in given]
     mask_list = [_Mask.open(item) for item in mask_items]
-    num_outputs = {s.num_outputs for s in sources}
-    if len(num_outputs) > 1:
-        raise InvalidArgumentError(
-            f"probability inputs differ in class count: {sorted(num_outputs)}"
-        )
-    num_classes = max(num_outputs.pop(), 2)
+    if labels is not None:
+        if num_classes is None:
+            num_classes = max(2, *(1 + _highest(m) for m in sources + mask_list))
+    else:
+        num_outputs = {s.num_outputs for s in sources}
+        if len(num_outputs) > 1:
+            raise InvalidArgumentError(
+                f"probability inputs differ in class count: {sorted(num_outputs)}"
+            )
+        outputs = max(num_outputs.pop(), 2)
+        if num_classes is not None and num_classes != outputs:
+            raise InvalidArgumentError(
+                f"num_classes {num_classes} differs from the {outputs} classes of the "
+                "probabilities"
+            )
+        num_classes = outputs
     if foreground_class >= num_classes:
         raise InvalidArgumentError(
             f"foreground class {foreground_class} is not one of the {num_classes} classes"
@@ -466,6 +549,21 @@ def evaluate(
             raise InvalidArgumentError(
                 f"{source.item.name} has (Z, Y, X) shape {source.shape} but mask "
                 f"{mask.item.name} has {mask.shape}"
+            )
+    if volume is None:
+        if geometry is not None:
+            volume = geometry.ndim == 3
+        else:
+            volume = (labels is not None or spacing is not None or regions is not None
+                      or any(m.format.startswith("nifti") for m in mask_list))
+    if volume:
+        return _evaluate_volumes(sources, mask_list, num_classes, spacing, regions,
+                                 "labels" if labels is not None else
+                                 "probabilities" if model is None else "model")
+    for name, value in (("labels", labels), ("spacing", spacing), ("regions", regions)):
+        if value is not None:
+            raise InvalidArgumentError(
+                f"{name} are for volume scoring (Dice and HD95), not with volume=False"
             )
 
     overall = _Tally(num_classes, ts)
@@ -485,6 +583,106 @@ def evaluate(
         "thresholds": [float(t) for t in ts],
         "expand_distance": distance,
         "source": "probabilities" if model is None else "model",
+    }
+
+
+# -- volumes (BraTS-style) ------------------------------------------------------------------
+
+_MM_FROM = 0.1
+"""Smallest voxel side (mm) for which HD95 is reported in mm; finer spacings give µm."""
+
+
+def _highest(mask: _Mask) -> int:
+    """The largest class number of a class map (1 for a 0/255 binary mask)."""
+    values = np.unique(_read(mask.data))
+    if values.size and np.isin(values, (0, 255)).all():
+        return 1
+    return int(values.max()) if values.size else 0
+
+
+def _voxel_sizes(
+    masks: list[_Mask], spacing: Sequence[float] | None
+) -> tuple[list[np.ndarray], str]:
+    """Each mask's (Z, Y, X) voxel size in the reported unit, and that unit.
+
+    ``spacing`` (mm) applies to every mask; otherwise each mask's recorded pixel size
+    (µm) is used. The unit is ``"mm"`` unless a voxel side is under 0.1 mm (then
+    ``"um"``), or ``"voxel"`` where no mask records its voxel size.
+    """
+    flat = all(m.shape[0] == 1 for m in masks)
+    if spacing is not None:
+        values = np.atleast_1d(np.asarray(spacing, dtype=object))
+        if flat and values.size == 2:  # (Y, X) of single planes
+            values = np.concatenate([[1.0], values])
+        sizes = [check_spacing(list(values), 3)] * len(masks)
+    else:
+        known = [m for m in masks if {"Y", "X"} <= set(m.pixel_size)
+                 and ("Z" in m.pixel_size or m.shape[0] == 1)]
+        if not known:
+            return [np.ones(3)] * len(masks), "voxel"
+        if len(known) < len(masks):
+            missing = next(m for m in masks if m not in known)
+            raise InvalidArgumentError(
+                f"mask {missing.item.name} records no voxel size while mask "
+                f"{known[0].item.name} does; give the spacing (Z,Y,X in mm)"
+            )
+        sizes = [np.array([m.pixel_size.get(a, 1000.0) for a in "ZYX"]) / 1000.0
+                 for m in masks]
+    finest = min(float(s[1:].min() if flat else s.min()) for s in sizes)
+    if finest >= _MM_FROM:
+        return sizes, "mm"
+    return [s * 1000.0 for s in sizes], "um"
+
+
+def _predicted_classes(source: Any, num_classes: int) -> np.ndarray:
+    if isinstance(source, _Mask):
+        return source.classes(num_classes)
+    probs = source.load()
+    return LabelPolicy(probs.shape[0])(probs)
+
+
+def _mean_scores(entries: list[dict[str, float]]) -> dict[str, Any]:
+    """Means over images: Dice and IoU of all, HD95 of those where it is finite."""
+    hd = np.array([e["hd95"] for e in entries], dtype=np.float64)
+    finite = hd[np.isfinite(hd)]
+    return {
+        "iou": float(np.mean([e["iou"] for e in entries])),
+        "dice": float(np.mean([e["dice"] for e in entries])),
+        "hd95": float(finite.mean()) if finite.size else float("nan"),
+        "hd95_images": int(finite.size),
+    }
+
+
+def _evaluate_volumes(
+    sources: list[Any],
+    masks: list[_Mask],
+    num_classes: int,
+    spacing: Sequence[float] | None,
+    regions: dict[str, Sequence[int]] | None,
+    source_kind: str,
+) -> dict[str, Any]:
+    region_map = check_regions(regions, num_classes)
+    sizes, unit = _voxel_sizes(masks, spacing)
+    per_image = []
+    for source, mask, size in zip(sources, masks, sizes):
+        true = mask.classes(num_classes)
+        pred = _predicted_classes(source, num_classes)
+        scores = volume_scores(pred, true, num_classes, size, region_map)
+        per_image.append({"name": source.item.name, "mask": mask.item.name,
+                          "shape": list(mask.shape), "spacing": [float(v) for v in size],
+                          **scores})
+    overall: dict[str, Any] = {"images": len(per_image)}
+    for key in ("classes", "regions"):
+        overall[key] = {name: _mean_scores([e[key][name] for e in per_image])
+                        for name in per_image[0][key]}
+    return {
+        "per_image": per_image,
+        "overall": overall,
+        "mode": "volume",
+        "num_classes": num_classes,
+        "unit": unit,
+        "regions": {name: list(c) for name, c in region_map.items()},
+        "source": source_kind,
     }
 
 
@@ -538,6 +736,8 @@ def format_table(result: dict[str, Any]) -> str:
     class 0  0.1111  0.2000
     class 1  0.4667  0.6364
     """
+    if result.get("mode") == "volume":
+        return _volume_table(result)
     fg = result["foreground_class"]
     header = ["image", "slices", "pixel err", "Rand err", "best pixel err", "best Rand err",
               "IoU fg", "Dice fg"]
@@ -551,6 +751,18 @@ def format_table(result: dict[str, Any]) -> str:
             _at(isbi["rand_error"], isbi["rand_threshold"]),
             _number(cls["iou"]), _number(cls["dice"]),
         ])
+    out = _columns(header, rows)
+    out.append(f"(errors of the argmax class map; best: over thresholds of class {fg}'s "
+               "probability)")
+    out.append("")
+    out.append("overall  IoU     Dice")
+    for c, s in result["overall"]["classes"].items():
+        out.append(f"class {c:<2} {_number(s['iou'])}  {_number(s['dice'])}")
+    return "\n".join(out)
+
+
+def _columns(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Aligned lines: the header, a rule, the rows, a rule and the last row (overall)."""
     widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header))]
 
     def line(texts: list[str]) -> str:
@@ -560,13 +772,32 @@ def format_table(result: dict[str, Any]) -> str:
 
     out = [line(header), line(["-" * w for w in widths])]
     out += [line(row) for row in rows[:-1]]
-    out += [line(["-" * w for w in widths]), line(rows[-1])]
-    out.append(f"(errors of the argmax class map; best: over thresholds of class {fg}'s "
-               "probability)")
-    out.append("")
-    out.append("overall  IoU     Dice")
-    for c, s in result["overall"]["classes"].items():
-        out.append(f"class {c:<2} {_number(s['iou'])}  {_number(s['dice'])}")
+    return out + [line(["-" * w for w in widths]), line(rows[-1])]
+
+
+def _distance(value: float) -> str:
+    if math.isinf(value):
+        return "inf"
+    return _number(value, 2)
+
+
+def _volume_table(result: dict[str, Any]) -> str:
+    unit = result["unit"]
+    names = [(key, name) for key in ("classes", "regions") for name in result["overall"][key]]
+    header = ["image"]
+    header += [f"Dice {name}" for _, name in names]
+    header += [f"HD95 {name} [{unit}]" for _, name in names]
+    rows = []
+    entries = [(r["name"], r) for r in result["per_image"]] + [("mean", result["overall"])]
+    for label, r in entries:
+        rows.append([label] + [_number(r[k][n]["dice"]) for k, n in names]
+                    + [_distance(r[k][n]["hd95"]) for k, n in names])
+    out = _columns(header, rows)
+    out.append("(Dice and 95th-percentile Hausdorff distance of each foreground class"
+               + (" and region" if result["regions"] else "") + " in 3D; mean over images)")
+    out.append("(HD95 inf: in only one of prediction and truth; its mean leaves such images out)")
+    for name, classes in result["regions"].items():
+        out.append(f"region {name}: classes {', '.join(str(c) for c in classes)}")
     return "\n".join(out)
 
 
@@ -578,13 +809,13 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
-    if isinstance(value, float) and math.isnan(value):
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
 
 
 def to_json(result: dict[str, Any]) -> str:
-    """An :func:`evaluate` result as JSON text (NaN written as null).
+    """An :func:`evaluate` result as JSON text (NaN and infinity written as null).
 
     Parameters
     ----------
@@ -605,12 +836,20 @@ examples:
   tilerseg eval train-volume.tif train-labels.tif            bundled ISBI model, 30-slice stacks
   tilerseg eval images/ masks/ --model em.pt --json scores.json
   tilerseg eval masks/ --probabilities outputs/ --json -     OME-Zarr outputs, JSON on stdout
+  tilerseg eval truth/ --labels predicted/ --region WT=1,2,3 --region TC=1,3 --region ET=3
+                                                             label volumes, BraTS-style
 
 Masks: 0/255 binary (255 = cell interior) or class maps 0..C-1. Files of a folder are
 paired in natural name order. Rand error: adapted Rand error (ISBI 2012) of the cells,
 connected components of the foreground grown over the predicted membrane, true
 membrane ignored; 'best' figures are the best over thresholds of the foreground
 probability (0.05 to 0.95 by default).
+
+Volumes (a 3D model, --labels, NIfTI masks, --spacing, --region or --3d): Dice and
+HD95 (95th-percentile Hausdorff distance, MONAI's definition) of each foreground class
+and region, in 3D with the masks' voxel size (or --spacing), per image and mean.
+HD95 is in mm, in um when a voxel side is under 0.1 mm, in voxels when the masks
+record no voxel size and --spacing is not given.
 """
 
 
@@ -626,15 +865,56 @@ def _thresholds(text: str | None) -> np.ndarray:
     return check_thresholds(values)
 
 
+def _spacing(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(t) for t in text.split(",")]
+    except ValueError:
+        raise InvalidArgumentError(
+            f"--spacing {text!r} must be comma-separated numbers: Z,Y,X in mm"
+        ) from None
+    if len(values) not in (2, 3):
+        raise InvalidArgumentError(
+            f"--spacing {text!r} has {len(values)} values; expected 3 (Z,Y,X in mm), or 2 "
+            "(Y,X) for single planes"
+        )
+    return values
+
+
+def _regions(texts: list[str] | None) -> dict[str, list[int]] | None:
+    if not texts:
+        return None
+    regions: dict[str, list[int]] = {}
+    for text in texts:
+        name, sep, classes = text.partition("=")
+        try:
+            values = [int(c) for c in classes.split(",")]
+        except ValueError:
+            values = []
+        if not sep or not name.strip() or not values:
+            raise InvalidArgumentError(
+                f"--region {text!r} must be NAME=CLASS[,CLASS...], e.g. WT=1,2,3"
+            )
+        if name.strip() in regions:
+            raise InvalidArgumentError(f"--region {name.strip()} is given twice")
+        regions[name.strip()] = values
+    return regions
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     paths = list(args.paths)
-    if args.probabilities is not None:
+    given = [o for o, v in (("--probabilities", args.probabilities), ("--labels", args.labels))
+             if v is not None]
+    if len(given) > 1:
+        raise InvalidArgumentError("give either --probabilities or --labels, not both")
+    if given:
         if len(paths) != 1:
             raise InvalidArgumentError(
-                f"with --probabilities give MASKS only, not {len(paths)} paths"
+                f"with {given[0]} give MASKS only, not {len(paths)} paths"
             )
         if args.model is not None:
-            raise InvalidArgumentError("give either --model or --probabilities, not both")
+            raise InvalidArgumentError(f"give either --model or {given[0]}, not both")
         images, masks, model = None, paths[0], None
     else:
         if len(paths) != 2:
@@ -652,7 +932,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         images, masks, model, args.probabilities, tile=args.tile, device=args.device,
         tta=args.tta,
         foreground_class=args.foreground_class, thresholds=_thresholds(args.thresholds),
-        expand_distance=args.expand_distance,
+        expand_distance=args.expand_distance, labels=args.labels, num_classes=args.classes,
+        volume=True if args.volume else None, spacing=_spacing(args.spacing),
+        regions=_regions(args.region),
     )
     if args.json == "-":
         print(to_json(result))
@@ -692,7 +974,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "eval", help="score segmentations against ground-truth masks",
         usage="tilerseg eval [-h] IMAGES MASKS [--model NAME|PATH] [options]\n"
-              "       tilerseg eval [-h] MASKS --probabilities OUT.zarr [options]",
+              "       tilerseg eval [-h] MASKS --probabilities OUT.zarr [options]\n"
+              "       tilerseg eval [-h] MASKS --labels PREDICTED [options]",
         description="Segment IMAGES with a model (or read precomputed probabilities) and "
         "report pixel error, adapted Rand error (ISBI 2012), IoU and Dice against MASKS. "
         "IMAGES and MASKS are files, folders, globs or stacks.",
@@ -705,6 +988,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--probabilities", default=None, metavar="OUT.zarr",
                    help="score tilerseg OME-Zarr outputs (a store, a folder or glob of "
                    "stores) instead of running a model")
+    p.add_argument("--labels", default=None, metavar="PREDICTED",
+                   help="score predicted class maps (files, a folder or glob: TIFF stacks, "
+                   ".npy, Zarr, NIfTI...) as volumes instead of running a model")
+    p.add_argument("--classes", type=int, default=None, metavar="N",
+                   help="number of classes with --labels (default: the largest label + 1)")
+    p.add_argument("--3d", dest="volume", action="store_true",
+                   help="score as volumes: Dice and HD95 per class in 3D (automatic with a 3D "
+                   "model, --labels, NIfTI masks, --spacing or --region)")
+    p.add_argument("--spacing", default=None, metavar="Z,Y,X",
+                   help="voxel size in mm for HD95 (default: the masks' recorded voxel size)")
+    p.add_argument("--region", action="append", default=None, metavar="NAME=C[,C...]",
+                   help="also score a union of classes, e.g. WT=1,2,3 (repeatable)")
     p.add_argument("--tile", type=int, default=None, metavar="N",
                    help="output tile side in px (default: 512 on CPU, 1024 on GPU)")
     p.add_argument("--device", default="auto", metavar="DEVICE",
