@@ -614,7 +614,7 @@ def _voxel_sizes(
         values = np.atleast_1d(np.asarray(spacing, dtype=object))
         if flat and values.size == 2:  # (Y, X) of single planes
             values = np.concatenate([[1.0], values])
-        sizes = [check_spacing(list(values), 3)] * len(masks)
+        sizes = [check_spacing(values[0] if values.size == 1 else list(values), 3)] * len(masks)
     else:
         known = [m for m in masks if {"Y", "X"} <= set(m.pixel_size)
                  and ("Z" in m.pixel_size or m.shape[0] == 1)]
