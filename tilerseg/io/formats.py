@@ -6,6 +6,8 @@ Examples
 (True, False)
 >>> strip_image_suffix("slide.ome.tif"), strip_image_suffix("stack")
 ('slide', 'stack')
+>>> strip_image_suffix("case.nii.gz"), is_image_file("BRATS_001_0000.NII.GZ")
+('case', True)
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ FORMAT_BY_EXTENSION = {
     ".tif": "tiff", ".tiff": "tiff", ".btf": "tiff", ".tf8": "tiff", ".svs": "tiff",
     ".ndpi": "tiff", ".lsm": "tiff", ".qptiff": "tiff", ".scn": "tiff",
     ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".npy": "npy",
-    ".dcm": "dicom", ".dicom": "dicom",
+    ".dcm": "dicom", ".dicom": "dicom", ".nii": "nifti", ".nii.gz": "nifti",
 }  # fmt: skip
 """Single-file image formats by (lower-case) extension; the reader checks the magic bytes."""
 
@@ -80,6 +82,11 @@ def image_paths(path: str, what: str = "image") -> list[str]:
     files (one series, one image), the image files and ``.zarr`` stores of another folder
     (not hidden), or what a glob matches.
 
+    In a folder of images (``what="image"``), NIfTI modality files in nnU-Net naming
+    (``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``...) are one image per case, named by
+    its identifier ``folder/CASE`` (which :func:`tilerseg.open_image` reads); other
+    ``what`` (labels, masks) list files as they are.
+
     Raises
     ------
     ImageNotFoundError
@@ -98,9 +105,15 @@ def image_paths(path: str, what: str = "image") -> list[str]:
             if (is_image_file(n) and os.path.isfile(os.path.join(path, n)))
             or (n.lower().endswith(".zarr") and os.path.isdir(os.path.join(path, n)))
         ]
+        if what == "image":
+            from tilerseg.io.nifti import nifti_cases
+
+            cases = nifti_cases(path, [os.path.basename(f) for f in found])
+            found = list(dict.fromkeys(cases.get(os.path.basename(f), f) for f in found))
         if not found:
             raise ImageNotFoundError(
-                f"folder {path} holds no {what} files (TIFF, PNG, JPEG, DICOM, .npy or .zarr)")
+                f"folder {path} holds no {what} files (TIFF, PNG, JPEG, DICOM, NIfTI, .npy "
+                "or .zarr)")
         return found
     if os.path.isfile(path):
         return [path]

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from tilerseg.errors import InvalidImageError
+from tilerseg.io.source import ImageSpace
 
 __all__ = ["RawImage", "guess_axes", "short_reason", "to_micrometres", "unreadable"]
 
@@ -31,6 +32,7 @@ class RawImage:
     ``pixel_size`` is in micrometres at level 0, unless ``level_pixel_sizes`` gives it
     for every level. ``keep`` is kept alive with the arrays (e.g. an open TiffFile).
     ``window`` is the display window ``(centre, width)`` the file records (DICOM), if any.
+    ``space`` is where the voxels lie in the world (NIfTI's affine and header), if known.
     """
 
     levels: list[Any]
@@ -40,6 +42,7 @@ class RawImage:
     level_pixel_sizes: list[dict[str, float]] | None = None
     keep: Any = None
     window: tuple[float, float] | None = None
+    space: ImageSpace | None = None
 
 
 def unreadable(label: str, reason: str) -> InvalidImageError:

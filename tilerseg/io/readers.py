@@ -26,7 +26,7 @@ from tilerseg.errors import (
     InvalidImageError,
     TilersegError,
 )
-from tilerseg.io import dicom, remote, tiff, zarr_input
+from tilerseg.io import dicom, nifti, remote, tiff, zarr_input
 from tilerseg.io.formats import FORMAT_BY_EXTENSION, SLICE_EXTENSIONS, is_zarr_dir
 from tilerseg.io.raw import RawImage, guess_axes, short_reason, unreadable
 from tilerseg.io.source import AXES, ImageSource
@@ -206,7 +206,7 @@ def _finish(raw: RawImage, label: str, path: str | None, level: Any, probe: bool
     return ImageSource(
         data=data, axes=axes, pixel_size={a: float(pixel_size[a]) for a in "ZYX" if a in pixel_size},
         levels=shapes, level=level, format=raw.format, path=path, level_data=tuple(arrays),
-        window=raw.window,
+        window=raw.window, space=raw.space,
     )
 
 
@@ -240,8 +240,8 @@ def _open_plain_file(path: str, kind: str) -> RawImage:
 
 
 def _open_folder(path: str) -> RawImage:
-    """A Zarr directory, a folder of TIFF slices or DICOM files (even beside a .zarr), or
-    a folder holding one .zarr."""
+    """A Zarr directory, a folder of TIFF slices or DICOM files (even beside a .zarr), the
+    NIfTI modality files of one case (nnU-Net naming), or a folder holding one .zarr."""
     if is_zarr_dir(path):
         return zarr_input.read_zarr(path)
     names = sorted(n for n in os.listdir(path) if not n.startswith("."))
@@ -254,23 +254,29 @@ def _open_folder(path: str) -> RawImage:
     dicoms = dicom.dicom_files(path)  # before a lone .zarr: an output written beside them
     if dicoms:
         return dicom.read_dicom_series(dicoms, path)
+    case = nifti.folder_case(path)
+    if case:
+        return nifti.read_nifti_case(case, path)
     zarrs = [os.path.join(path, n) for n in names if n.lower().endswith(".zarr")]
     if len(zarrs) == 1 and os.path.isdir(zarrs[0]):
         return zarr_input.read_zarr(zarrs[0])
     raise ImageNotFoundError(
-        f"folder {path} contains no TIFF slices, no DICOM files and no single .zarr image")
+        f"folder {path} contains no TIFF slices, no DICOM files, no NIfTI case "
+        "(CASE_0000.nii.gz, ...) and no single .zarr image")
 
 
 def _open_file(path: str) -> RawImage:
     """A single file, its format told by its first bytes, else by its extension."""
     try:
         with open(path, "rb") as f:
-            head = f.read(132)
+            head = f.read(348)  # NIfTI-1's magic ends at byte 348
     except OSError as exc:
         raise unreadable(path, short_reason(exc)) from None
     if not head:
         raise unreadable(path, "empty file (0 bytes)")
     kind = _sniff(head)
+    if kind is None and nifti.looks_like_nifti(head, path):
+        return nifti.read_nifti(path)
     if kind is None:
         lower = path.lower()
         expected = next((k for ext, k in FORMAT_BY_EXTENSION.items() if lower.endswith(ext)), None)
@@ -363,6 +369,11 @@ def open_image(source: Any, level: int = 0) -> ImageSource:
         ``"TCZYX"`` with T=1).
         Also a DICOM file, or a folder of one DICOM series read as a z-stack ordered by
         slice position (see :mod:`tilerseg.io.dicom`; needs ``tilerseg[dicom]``).
+        Also a NIfTI file (``.nii``, ``.nii.gz``; a 4th axis of modalities as channels),
+        or one case of NIfTI modality files in nnU-Net naming, by its identifier
+        (``imagesTr/CASE`` for ``imagesTr/CASE_0000.nii.gz``, ``CASE_0001``...) or as a
+        folder holding only that case (see :mod:`tilerseg.io.nifti`; needs
+        ``tilerseg[nifti]``).
         Or a URL of any fsspec protocol whose implementation is installed
         (``file://`` is a local path; ``memory://``, ``s3://``, ``gs://``, ``https://``...):
         a Zarr / OME-Zarr store, a TIFF read lazily (only the tiles a read needs are
@@ -420,6 +431,8 @@ def open_image(source: Any, level: int = 0) -> ImageSource:
         raw = _open_folder(path)
     elif os.path.isfile(path):
         raw = _open_file(path)
+    elif case := nifti.case_files(path):
+        raw = nifti.read_nifti_case(case, path)
     else:
         raise ImageNotFoundError(f"image {path} does not exist")
     return _finish(raw, path, path, level, probe=True)

@@ -1,0 +1,316 @@
+"""NIfTI (.nii, .nii.gz) in and out: files written by nibabel itself, read back against
+nibabel's own arrays; cases in nnU-Net naming; NIfTI output in the input's space; bad input
+is one line and exit status 2."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+nib = pytest.importorskip("nibabel")
+
+import tilerseg  # noqa: E402
+from tilerseg.cli import main  # noqa: E402
+from tilerseg.errors import InvalidImageError  # noqa: E402
+from tilerseg.io import open_image  # noqa: E402
+from tilerseg.io.formats import image_paths, strip_image_suffix  # noqa: E402
+from tests.nifti_files import AFFINE, QFORM, tumour, write_case, write_nifti_file  # noqa: E402
+
+
+def _nibabel_zyx(path: Path) -> np.ndarray:
+    """nibabel's own (scaled) voxels of ``path`` in tilerseg's axis order."""
+    data = np.asarray(nib.load(path).dataobj)
+    return data.transpose(3, 2, 1, 0) if data.ndim == 4 else data.transpose(2, 1, 0)
+
+
+@pytest.fixture(scope="module")
+def volume() -> tuple[np.ndarray, np.ndarray]:
+    return tumour((16, 48, 48), modalities=4, seed=3)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+@pytest.mark.parametrize("name, scaled, channels, nifti2", [
+    ("t1.nii", False, False, False), ("t1.nii.gz", False, False, False),
+    ("scaled.nii", True, False, False), ("scaled.nii.gz", True, False, False),
+    ("brats.nii.gz", False, True, False), ("brats.nii", True, True, False),
+    ("two.nii", False, False, True),
+])
+def test_read_equals_nibabels_arrays(tmp_path: Path, volume: tuple, name: str, scaled: bool,
+                                     channels: bool, nifti2: bool) -> None:
+    image = volume[0] if channels else volume[0][1]
+    path = write_nifti_file(tmp_path / name, image, channels=channels, scaled=scaled,
+                            nifti2=nifti2)
+    source = open_image(path)
+    expected = _nibabel_zyx(path)
+    assert source.axes == ("CZYX" if channels else "ZYX")
+    assert source.shape == expected.shape == image.shape
+    assert source.format == "nifti"
+    if scaled:
+        assert nib.load(path).dataobj.slope != 1.0  # the file really is scaled
+        assert source.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(source.data[...]), expected.astype(np.float32))
+        np.testing.assert_allclose(np.asarray(source.data[...]),
+                                   image.astype(np.float32) * 0.37 - 12.5, atol=0.01)
+    else:
+        assert source.dtype == np.int16
+        np.testing.assert_array_equal(np.asarray(source.data[...]), expected)
+        np.testing.assert_array_equal(np.asarray(source.data[...]), image)
+    window = (slice(2, 9), slice(5, 30), slice(7, 41))
+    key = ((slice(1, 3),) + window) if channels else window
+    np.testing.assert_array_equal(np.asarray(source.data[key]),
+                                  expected[key].astype(source.dtype))
+    assert source.pixel_size == {"Z": 3000.0, "Y": 1000.0, "X": 1000.0}
+
+
+def test_space_is_the_files_affine_codes_and_header(tmp_path: Path, volume: tuple) -> None:
+    path = write_nifti_file(tmp_path / "t1.nii.gz", volume[0][0])
+    space = open_image(path).space
+    loaded = nib.load(path)
+    assert np.array_equal(np.array(space.affine), loaded.affine)
+    assert np.allclose(np.array(space.affine), AFFINE, atol=1e-5)  # the sform, not QFORM
+    assert not np.allclose(np.array(space.affine), QFORM, atol=1e-3)
+    assert (space.sform_code, space.qform_code) == (2, 1)
+    assert space.header == loaded.header.binaryblock and space.header_format == "nifti1"
+    assert space.axes == "XYZ" and space.shape == (48, 48, 16) and space.frame == "RAS"
+    assert pickle.loads(pickle.dumps(space)) == space
+
+
+@pytest.mark.parametrize("units, expected", [
+    (("micron", "unknown"), {"Z": 3.0, "Y": 1.0, "X": 1.0}),
+    (("meter", "unknown"), {"Z": 3e6, "Y": 1e6, "X": 1e6}),
+    (("unknown", "unknown"), {"Z": 3000.0, "Y": 1000.0, "X": 1000.0}),  # taken as mm
+])
+def test_pixel_size_follows_the_spatial_unit(tmp_path: Path, volume: tuple, units: tuple,
+                                              expected: dict) -> None:
+    path = write_nifti_file(tmp_path / "t1.nii", volume[0][0], units=units)
+    assert open_image(path).pixel_size == pytest.approx(expected)
+
+
+def _mapped_kib(path: Path) -> int:
+    """Resident KiB of this process's memory maps of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps", encoding="utf-8") as f:
+        for line in f:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):  # a mapping's header line
+                inside = line.rstrip().endswith(str(path))
+            elif inside and first == "Rss:":
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's smaps")
+def test_an_uncompressed_window_reads_only_its_pages(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    zyx = rng.integers(0, 4000, (48, 256, 256), dtype=np.int16)  # 6 MiB of voxels
+    path = write_nifti_file(tmp_path / "big.nii", zyx)
+    source = open_image(path)
+    np.testing.assert_array_equal(np.asarray(source.data[3:5, 10:18, 20:28]),
+                                  zyx[3:5, 10:18, 20:28])
+    window_kib = _mapped_kib(path)
+    assert window_kib < 1024, f"{window_kib} KiB of the file mapped for a 2x8x8 window"
+    np.testing.assert_array_equal(np.asarray(source.data[...]), zyx)
+    assert _mapped_kib(path) > 5 * 1024  # the measure sees a whole read
+
+
+def test_a_gzipped_file_is_decompressed_once_and_pickles_without_voxels(
+        tmp_path: Path, volume: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tilerseg.io import nifti
+
+    path = write_nifti_file(tmp_path / "t1.nii.gz", volume[0][0])
+    loads = []
+    real = nifti._load
+    monkeypatch.setattr(nifti, "_load", lambda p: loads.append(p) or real(p))
+    source = open_image(path)
+    for z in range(4):
+        np.asarray(source.data[z, :5, :5])
+    assert len(loads) == 2  # the header, then the voxels once
+    base = source.data.base
+    assert isinstance(base, nifti.NiftiArray) and base.compressed
+    assert len(pickle.dumps(base)) < 4096  # the path and header values, not the voxels
+    np.testing.assert_array_equal(np.asarray(pickle.loads(pickle.dumps(source.data))[...]),
+                                  volume[0][0])
+
+
+def test_a_4d_axis_of_channels_and_a_5d_vector(tmp_path: Path, volume: tuple) -> None:
+    image = volume[0]
+    # SimpleITK-style header: a time unit with a step of 1 is not time
+    path = write_nifti_file(tmp_path / "sitk.nii.gz", image, channels=True,
+                            units=("mm", "sec"), step=1.0)
+    source = open_image(path)
+    assert source.axes == "CZYX"
+    np.testing.assert_array_equal(np.asarray(source.data[...]), image)
+    vector = image.transpose(3, 2, 1, 0)[:, :, :, None, :]  # (X, Y, Z, 1, C)
+    nib.save(nib.Nifti1Image(vector, AFFINE), tmp_path / "vector.nii")
+    source = open_image(tmp_path / "vector.nii")
+    assert source.axes == "CZYX"
+    np.testing.assert_array_equal(np.asarray(source.data[...]), image)
+
+
+def test_a_time_series_is_refused_in_one_line(tmp_path: Path, volume: tuple) -> None:
+    path = write_nifti_file(tmp_path / "bold.nii.gz", volume[0], channels=True,
+                            units=("mm", "sec"), step=2.5)
+    with pytest.raises(InvalidImageError, match="time series of 4 volumes") as err:
+        open_image(path)
+    assert "\n" not in str(err.value) and "CASE_0000.nii.gz" in str(err.value)
+
+
+def test_a_2d_file_is_yx(tmp_path: Path) -> None:
+    plane = np.arange(30 * 20, dtype=np.uint8).reshape(30, 20)  # (Y, X)
+    nib.save(nib.Nifti1Image(plane.T[:, :, None], np.diag([0.5, 0.25, 2.0, 1.0])),
+             tmp_path / "plane.nii")
+    source = open_image(tmp_path / "plane.nii")
+    assert source.axes == "YX" and source.pixel_size == {"Y": 250.0, "X": 500.0}
+    np.testing.assert_array_equal(np.asarray(source.data[...]), plane)
+
+
+def test_a_case_by_identifier_and_as_a_folder(tmp_path: Path, volume: tuple) -> None:
+    image = volume[0]
+    files = write_case(tmp_path / "imagesTr", "BRATS_001", image)
+    write_case(tmp_path / "imagesTr", "BRATS_002", image[:, :, :40])
+    expected = np.stack([_nibabel_zyx(f) for f in files])
+    source = open_image(str(tmp_path / "imagesTr" / "BRATS_001"))
+    assert source.axes == "CZYX" and source.format == "nifti-case"
+    np.testing.assert_array_equal(np.asarray(source.data[...]), expected)
+    np.testing.assert_array_equal(np.asarray(source.data[2, 3:7, :9, 4:]), expected[2, 3:7, :9, 4:])
+    assert np.array_equal(np.array(source.space.affine), nib.load(files[0]).affine)
+    assert source.pixel_size == {"Z": 3000.0, "Y": 1000.0, "X": 1000.0}
+    single = tmp_path / "one"
+    write_case(single, "BRATS_003", image[:2], ext=".nii")
+    source = open_image(single)
+    np.testing.assert_array_equal(np.asarray(source.data[...]), image[:2])
+    with pytest.raises(InvalidImageError, match="holds 2 cases"):
+        open_image(tmp_path / "imagesTr")
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("gap", "has modality files 0000, 0002 but no 0001"),
+    ("shape", "has shape (40, 48, 16) but"),
+    ("affine", "differs from that of"),
+])
+def test_a_bad_case_is_refused(tmp_path: Path, volume: tuple, problem: str, message: str) -> None:
+    image = volume[0][:3]
+    folder = tmp_path / "imagesTs"
+    if problem == "gap":
+        write_case(folder, "C1", image[:2], indices=[0, 2])
+    elif problem == "shape":
+        write_case(folder, "C1", image[:2])
+        write_nifti_file(folder / "C1_0002.nii.gz", image[2][:, :, :40])
+    else:
+        write_case(folder, "C1", image[:2])
+        shifted = AFFINE.copy()
+        shifted[0, 3] += 0.5
+        write_nifti_file(folder / "C1_0002.nii.gz", image[2], affine=shifted)
+    with pytest.raises(InvalidImageError, match=message.replace("(", r"\(").replace(")", r"\)")) \
+            as err:
+        open_image(str(folder / "C1"))
+    assert "\n" not in str(err.value)
+    if problem == "shape":
+        assert "C1_0002.nii.gz" in str(err.value) and "C1_0000.nii.gz" in str(err.value)
+
+
+def test_unreadable_files_are_one_line(tmp_path: Path, volume: tuple) -> None:
+    whole = write_nifti_file(tmp_path / "whole.nii", volume[0][0]).read_bytes()
+    (tmp_path / "cut.nii").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(InvalidImageError, match=r"cut.nii is not a readable image: truncated"):
+        open_image(tmp_path / "cut.nii")
+    (tmp_path / "garbage.nii").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(InvalidImageError, match="garbage.nii is not a readable image"):
+        open_image(tmp_path / "garbage.nii")
+    bad = bytearray(whole)
+    bad[70:72] = (9999).to_bytes(2, "little")  # datatype: no such code
+    (tmp_path / "header.nii").write_bytes(bytes(bad))
+    with pytest.raises(InvalidImageError, match="header.nii is not a readable image: data code"):
+        open_image(tmp_path / "header.nii")
+    gz = write_nifti_file(tmp_path / "whole.nii.gz", volume[0][0]).read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(gz[: len(gz) // 2])
+    with pytest.raises(InvalidImageError, match="cut.nii.gz is not a readable image") as err:
+        open_image(tmp_path / "cut.nii.gz")  # the corner probe decompresses it
+    assert "\n" not in str(err.value)
+
+
+def test_nibabels_header_warnings_go_to_the_log(tmp_path: Path, volume: tuple,
+                                                 caplog: pytest.LogCaptureFixture,
+                                                 capfd: pytest.CaptureFixture) -> None:
+    path = write_nifti_file(tmp_path / "t1.nii", volume[0][0])
+    raw = bytearray(path.read_bytes())
+    raw[80:84] = np.float32(-1.0).tobytes()  # pixdim[1] < 0: nibabel fixes it and says so
+    path.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING, logger="tilerseg.io.nifti"):
+        source = open_image(path)
+    assert source.pixel_size["X"] == 1000.0
+    assert any("pixdim" in r.getMessage() for r in caplog.records)
+    assert "pixdim" not in capfd.readouterr().err
+
+
+def test_without_nibabel_one_line_names_the_extra(tmp_path: Path, volume: tuple,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_nifti_file(tmp_path / "t1.nii", volume[0][0])
+    monkeypatch.setitem(sys.modules, "nibabel", None)
+    with pytest.raises(InvalidImageError, match=r'pip install "tilerseg\[nifti\]"'):
+        open_image(path)
+
+
+def test_image_paths_lists_cases_and_label_files(tmp_path: Path, volume: tuple) -> None:
+    image, labels = volume
+    for case in ("BRATS_002", "BRATS_010", "BRATS_001"):
+        write_case(tmp_path / "imagesTr", case, image[:2])
+    assert image_paths(str(tmp_path / "imagesTr")) == [
+        str(tmp_path / "imagesTr" / c) for c in ("BRATS_001", "BRATS_002", "BRATS_010")]
+    (tmp_path / "labelsTr").mkdir()
+    for case in ("BRATS_001", "BRATS_002"):
+        write_nifti_file(tmp_path / "labelsTr" / f"{case}.nii.gz", labels)
+    assert image_paths(str(tmp_path / "labelsTr")) == [
+        str(tmp_path / "labelsTr" / f"BRATS_00{i}.nii.gz") for i in (1, 2)]
+    assert strip_image_suffix("BRATS_001.nii.gz") == "BRATS_001"
+
+
+# ---------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "unet3d.pt"
+    tilerseg.save_model(tilerseg.create_model("unet3d", depth=2, base_channels=4,
+                                              in_channels=4, num_classes=3), path)
+    return path
+
+
+@pytest.mark.parametrize("problem", ["time", "shapes", "header", "missing"])
+def test_bad_input_is_one_line_and_exit_status_2(tmp_path: Path, volume: tuple,
+                                                 model_file: Path, problem: str,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    image = volume[0]
+    if problem == "time":
+        target = write_nifti_file(tmp_path / "bold.nii.gz", image, channels=True,
+                                  units=("mm", "msec"), step=2000.0)
+        expected = "time series"
+    elif problem == "shapes":
+        write_case(tmp_path, "C7", image[:3])
+        write_nifti_file(tmp_path / "C7_0003.nii.gz", image[3][:8])
+        target, expected = tmp_path / "C7", "shape (48, 48, 8) but"
+    elif problem == "header":
+        target = tmp_path / "garbage.nii.gz"
+        target.write_bytes(b"\x1f\x8b" + bytes(range(200)))
+        expected = "garbage.nii.gz is not a readable image"
+    else:
+        write_case(tmp_path, "C8", image, indices=[0, 1, 3, 4])
+        target, expected = tmp_path / "C8", "but no 0002"
+    status = main(["run", str(target), "-o", str(tmp_path / "seg.nii.gz"), "--model",
+                   str(model_file), "--device", "cpu", "--tile", "16"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.count("\n") == 1 and err.startswith("tilerseg: ") and expected in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "seg.nii.gz").exists()
