@@ -9,6 +9,7 @@ import os
 import pickle
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -314,3 +315,129 @@ def test_bad_input_is_one_line_and_exit_status_2(tmp_path: Path, volume: tuple,
     assert err.count("\n") == 1 and err.startswith("tilerseg: ") and expected in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "seg.nii.gz").exists()
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    import torch
+
+    torch.manual_seed(0)
+    return tilerseg.create_model("unet3d", depth=2, base_channels=4, in_channels=4,
+                                 num_classes=3).eval()
+
+
+def _run(image: Any, model: Any, out: Path, **kw: Any) -> Path:
+    return tilerseg.segment_to_zarr(image, model, out, tile=16, device="cpu", workers=1, **kw)
+
+
+def test_nifti_output_is_in_the_inputs_space(tmp_path: Path, volume: tuple, model: Any) -> None:
+    from tilerseg.io.writers import decode_probabilities, open_output
+
+    source = write_nifti_file(tmp_path / "BRATS_001.nii.gz", volume[0], channels=True)
+    out = _run(str(source), model, tmp_path / "seg.nii.gz", output="both", keep_zarr=True)
+    assert out == tmp_path / "seg.nii.gz"
+    store = tmp_path / "seg.nii.gz.zarr"
+    assert not (tmp_path / "seg.nii.gz.zarr.partial").exists()
+    given, written = nib.load(source), nib.load(out)
+    assert np.array_equal(written.affine, given.affine)
+    assert np.array_equal(written.header.get_sform(), given.header.get_sform())
+    assert np.array_equal(written.header.get_qform(), given.header.get_qform())
+    assert (int(written.header["sform_code"]), int(written.header["qform_code"])) == (2, 1)
+    assert written.shape == given.shape[:3] == (48, 48, 16)
+    assert written.get_data_dtype() == np.uint8 and written.dataobj.slope == 1.0
+    assert written.dataobj.inter == 0.0
+    assert written.header.get_zooms() == given.header.get_zooms()[:3]
+    result = open_output(store)
+    labels = np.asarray(result["labels"][...])
+    np.testing.assert_array_equal(np.asarray(written.dataobj), labels.transpose(2, 1, 0))
+    assert len(np.unique(labels)) > 1  # an untrained model still draws some boundary
+    assert result["attributes"]["input"]["space"]["sform_code"] == 2
+    probs = nib.load(tmp_path / "seg_probabilities.nii.gz")
+    assert probs.shape == (48, 48, 16, 3) and probs.get_data_dtype() == np.float32
+    assert np.array_equal(probs.affine, given.affine)
+    np.testing.assert_array_equal(
+        np.asarray(probs.dataobj),
+        decode_probabilities(np.asarray(result["probabilities"][...])).transpose(3, 2, 1, 0))
+    # the NIfTI made again later from the kept store is the same
+    again = tilerseg.io.nifti.write_nifti(store, tmp_path / "again.nii")
+    np.testing.assert_array_equal(np.asarray(nib.load(again).dataobj),
+                                  np.asarray(written.dataobj))
+    assert np.array_equal(nib.load(again).affine, given.affine)
+
+
+def test_nifti_output_of_another_format_has_a_diagonal_affine(tmp_path: Path, volume: tuple,
+                                                              model: Any) -> None:
+    out = _run(volume[0].astype(np.float32), model, tmp_path / "seg.nii", output="labels")
+    written = nib.load(out)
+    assert written.shape == (48, 48, 16) and np.array_equal(written.affine, np.eye(4))
+    assert not (tmp_path / "seg_probabilities.nii").exists()
+    assert not (tmp_path / "seg.nii.zarr").exists()  # the store is removed
+
+
+def test_an_interrupted_nifti_run_resumes(tmp_path: Path, volume: tuple, model: Any) -> None:
+    source = write_nifti_file(tmp_path / "case.nii", volume[0], channels=True)
+    out = tmp_path / "seg.nii.gz"
+
+    def stop(done: int, total: int) -> None:
+        if done > 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(str(source), model, out, output="labels", progress=stop)
+    assert not out.exists() and (tmp_path / "seg.nii.gz.zarr.partial").is_dir()
+    _run(str(source), model, out, output="labels", resume=True)
+    reference = _run(str(source), model, tmp_path / "reference.nii.gz", output="labels")
+    np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj),
+                                  np.asarray(nib.load(reference).dataobj))
+    assert not (tmp_path / "seg.nii.gz.zarr.partial").exists()
+
+
+def test_cli_nifti_output_of_a_case_and_overwrite(tmp_path: Path, volume: tuple,
+                                                  model_file: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    files = write_case(tmp_path / "imagesTs", "BRATS_101", volume[0])
+    out = tmp_path / "seg.nii.gz"
+    args = ["run", str(tmp_path / "imagesTs" / "BRATS_101"), "-o", str(out), "--model",
+            str(model_file), "--device", "cpu", "--tile", "16", "--workers", "1"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out} and {tmp_path / 'seg_probabilities.nii.gz'}" in printed
+    assert np.array_equal(nib.load(out).affine, nib.load(files[0]).affine)
+    assert nib.load(tmp_path / "seg_probabilities.nii.gz").shape == (48, 48, 16, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "imagesTs", "seg.nii.gz", "seg_probabilities.nii.gz"]
+    before = out.read_bytes()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exists; pass --overwrite" in err
+    assert main(args + ["--resume"]) == 0
+    assert "is already complete" in capsys.readouterr().out
+    # a refused run with --overwrite leaves the existing output as it was
+    bold = write_nifti_file(tmp_path / "bold.nii.gz", volume[0], channels=True,
+                            units=("mm", "sec"), step=2.0)
+    assert main(["run", str(bold), "-o", str(out), "--overwrite", "--model", str(model_file),
+                 "--device", "cpu"]) == 2
+    assert "time series" in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+
+def test_cli_batch_over_a_folder_of_cases(tmp_path: Path, volume: tuple, model_file: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    from tilerseg.io.writers import open_output
+
+    for i, case in enumerate(("BRATS_001", "BRATS_002")):
+        write_case(tmp_path / "imagesTr", case, tumour((16, 32, 48), seed=i)[0])
+    status = main(["batch", str(tmp_path / "imagesTr"), "-o", str(tmp_path / "out"),
+                   "--model", str(model_file), "--device", "cpu", "--tile", "16",
+                   "--workers", "1", "--output", "labels"])
+    table = capsys.readouterr().out
+    assert status == 0, table
+    assert "2 images" in table and "2 written" in table
+    for case in ("BRATS_001", "BRATS_002"):
+        result = open_output(tmp_path / "out" / f"{case}.tilerseg.zarr")
+        assert result["labels"].shape == (16, 32, 48)
+        assert result["attributes"]["input"]["format"] == "nifti-case"
+        assert result["attributes"]["input"]["space"]["shape"] == [48, 32, 16]

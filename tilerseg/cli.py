@@ -229,10 +229,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     options = _run_options(args)
     from .io.remote import check_remote_run, is_local, output_location
 
+    from .io.nifti import is_nifti_path
+
     out = output_location(args.output_path or default_output_path(args.image))
+    nifti = is_nifti_path(str(out))
+    if nifti and args.profile and not args.keep_zarr:
+        from .errors import InvalidArgumentError
+
+        raise InvalidArgumentError("--profile with a NIfTI output needs --keep-zarr (the "
+                                   "profile is recorded in the OME-Zarr store)")
     if not is_local(out):  # before a cluster starts or a model loads
         check_remote_run(out, resume=args.resume, shard=args.shard, in_process=spec is None)
-    if (args.resume or args.shard) and _quick_complete(out, args, options):
+    if (args.resume or args.shard) and not nifti and _quick_complete(out, args, options):
         if not args.quiet:
             print(f"{out} is already complete")
         return 0
@@ -250,20 +258,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
             if model is None:
                 model = model_from_spec(args.model, halo=args.halo)
-            before = _finished(out)
+            before = _finished(out) if not nifti else _mtime(out)
             bar = ProgressBar(sys.stderr, sys.stderr.isatty() and not args.quiet)
             path = segment_to_zarr(image, model, out, options, resume=args.resume,
                                    overwrite=args.overwrite, executor=executor(),
-                                   shard=args.shard, progress=bar, model_source=args.model)
+                                   shard=args.shard, progress=bar, model_source=args.model,
+                                   keep_zarr=args.keep_zarr)
     except KeyboardInterrupt as stop:
+        from .engine.to_zarr import nifti_store_path
         from .engine.workdir import work_path
 
-        kept = work_path(out)
+        kept = work_path(nifti_store_path(out) if nifti else out)
         note = f"; the unfinished run is kept in {kept} (--resume continues it)" \
             if kept.is_dir() else ""
         print(f"tilerseg: {_stopped(stop)}{note}", file=sys.stderr)
         return _stop_status(stop)
     seconds = time.perf_counter() - start
+    if nifti:
+        return _nifti_done(args, path, before, seconds, options)
     after = _finished(path)
     if before is not None and after is not None and \
             after["manifest"]["run_id"] == before["manifest"]["run_id"]:
@@ -292,6 +304,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
                      if options.object_table else ""))
     if args.profile:
         print(_profile_report(path, seconds))
+    return 0
+
+
+def _mtime(path: Any) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _nifti_done(args: argparse.Namespace, path: Path, before: int | None, seconds: float,
+                options: Any) -> int:
+    """The summary of a run with NIfTI output."""
+    from .engine.to_zarr import nifti_store_path
+    from .io.nifti import probabilities_path
+
+    if before is not None and _mtime(path) == before:
+        if not args.quiet:
+            print(f"{path} is already complete")
+        return 0
+    if not args.quiet:
+        extra = f" and {probabilities_path(path)}" \
+            if options.output in ("probabilities", "both") else ""
+        print(f"wrote {path}{extra} in {seconds:.1f} s")
+    if args.profile:
+        print(_profile_report(nifti_store_path(path), seconds))
     return 0
 
 
@@ -750,12 +788,15 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="segment an image into an OME-Zarr store", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Segment IMAGE (TIFF/BigTIFF/OME-TIFF/SVS, Zarr/OME-Zarr, a folder or "
-        "glob of TIFF slices, DICOM (a file or a series folder), .npy, PNG/JPEG; a path or an "
-        "fsspec URL) tile by tile into an OME-Zarr (v0.5) store.")
+        "glob of TIFF slices, DICOM (a file or a series folder), NIfTI (.nii, .nii.gz, or a "
+        "case CASE of CASE_0000.nii.gz...), .npy, PNG/JPEG; a path or an fsspec URL) tile by "
+        "tile into an OME-Zarr (v0.5) store, or into NIfTI (-o seg.nii.gz).")
     run.add_argument("image", help="image file, folder, glob or fsspec URL (s3://...)")
     run.add_argument("-o", "--out", dest="output_path", default=None, metavar="OUT.zarr",
                      help="output .zarr or fsspec URL (default: beside the input, "
-                     "NAME.tilerseg.zarr)")
+                     "NAME.tilerseg.zarr); or a .nii / .nii.gz file: the labels in the "
+                     "input's space (with probabilities in the output: also "
+                     "NAME_probabilities.nii.gz), computed through OUT.zarr beside it")
     _add_common(run)
     _add_run_options(run)
     run.add_argument("--resume", action="store_true",
@@ -764,6 +805,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "with the same parameters")
     run.add_argument("--profile", action="store_true",
                      help="report the time spent reading, in the model and writing")
+    run.add_argument("--keep-zarr", action="store_true",
+                     help="with a NIfTI output: keep the OME-Zarr store it was computed in "
+                     "(OUT.nii.gz.zarr)")
     _add_scale_out(run, "the tasks of this image")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     run.set_defaults(func=_cmd_run)

@@ -1,4 +1,5 @@
-"""Segment an image into an OME-Zarr store: resumable, on any executor."""
+"""Segment an image into an OME-Zarr store (resumable, on any executor), or into NIfTI
+through one."""
 
 from __future__ import annotations
 
@@ -7,24 +8,29 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import nn
 from upath import UPath
 
-from ..errors import InvalidArgumentError, TilersegError
+from ..errors import InvalidArgumentError, OutputError, TilersegError
 from ..io import remote
+from ..io.formats import strip_image_suffix
+from ..io.nifti import is_nifti_path, probabilities_path, write_nifti
 from .executors import ShardExecutor, parse_shard, resolve_executor
 from .executors.shard import Shard
-from .jobs import default_output_path
+from .jobs import default_output_path, read_final_manifest
 from .options import RunOptions, run_options
 from .pipeline import run_attributes
 from .resume import Started, start
 from .tasks import Work
-from .workdir import WorkDir
+from .workdir import WorkDir, remove_tree
 
-__all__ = ["segment_to_zarr", "default_output_path"]
+__all__ = ["segment_to_zarr", "default_output_path", "nifti_store_path"]
+
+OUTPUT_FORMATS = ("zarr", "nifti")
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,8 @@ def segment_to_zarr(
     shard: str | tuple[int, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
     model_source: str | None = None,
+    output_format: str | None = None,
+    keep_zarr: bool = False,
     **option_values: Any,
 ) -> UPath:
     """Segment ``image`` tile by tile into an OME-Zarr (v0.5, Zarr v3) store, resumably.
@@ -88,6 +96,22 @@ def segment_to_zarr(
         ``progress(tiles_done, tiles_total)`` over the tiles this call computes.
     model_source : str, optional
         Where the model came from (a file or a registry name), recorded in the metadata.
+    output_format : {"zarr", "nifti"}, optional
+        What to write; default by ``out``'s name: NIfTI for ``.nii`` / ``.nii.gz``, else
+        OME-Zarr. ``"nifti"`` without ``out`` writes ``NAME.tilerseg.nii.gz`` beside the
+        input. NIfTI output runs through an OME-Zarr store ``OUT.zarr`` beside it
+        (``seg.nii.gz.zarr``, with its ``seg.nii.gz.zarr.partial/`` while unfinished, so
+        ``resume`` works as for Zarr); once complete, the labels are written to ``out``
+        and, when the output includes probabilities, the probabilities to
+        ``NAME_probabilities.nii.gz`` (4-D float32, classes last), both in the input's
+        space (see :func:`tilerseg.io.nifti.write_nifti`); then the store is removed.
+        The labels are always written (``output="probabilities"`` writes both files);
+        ``"instances"``, ``shard`` and remote outputs are refused. An existing NIfTI
+        output is replaced only with ``overwrite``, and only by a complete file;
+        ``resume`` returns at once when the files exist.
+    keep_zarr : bool
+        With NIfTI output: keep the OME-Zarr store (a multiscale image for viewers, and
+        what :func:`~tilerseg.io.nifti.write_nifti` can convert again).
     **option_values
         Fields of :class:`~tilerseg.engine.options.RunOptions`:
 
@@ -130,7 +154,8 @@ def segment_to_zarr(
     Returns
     -------
     upath.UPath
-        The written store (also when it was already complete): a local path (a
+        The written store (also when it was already complete), or the NIfTI labels file:
+        a local path (a
         :class:`pathlib.Path`), or a remote location (``str()`` of it is its URL).
         Timings are stored under ``tilerseg/profile`` in its metadata. A shard returns it
         even when other shards still have tasks to do (see :func:`tilerseg.status`).
@@ -144,6 +169,23 @@ def segment_to_zarr(
     """
     begin = time.perf_counter()
     options = run_options(options, **option_values)
+    if output_format not in (None,) + OUTPUT_FORMATS:
+        raise InvalidArgumentError(f"output_format {output_format!r} is not one of "
+                                   f"{', '.join(OUTPUT_FORMATS)}")
+    if output_format == "nifti" and out is None:
+        if not isinstance(image, remote.PATHS):
+            raise InvalidArgumentError("out is required when the image is not a path")
+        zarr_default = default_output_path(image)
+        out = zarr_default.with_name(f"{strip_image_suffix(zarr_default.name)}.nii.gz")
+    if out is not None and (output_format == "nifti" or (
+            output_format is None and is_nifti_path(out))):
+        return _segment_to_nifti(
+            image, model, out, options, resume=resume, overwrite=overwrite,
+            executor=executor, shard=shard, progress=progress, model_source=model_source,
+            keep_zarr=keep_zarr)
+    if output_format == "zarr" and out is not None and is_nifti_path(out):
+        raise InvalidArgumentError(f"out {os.fspath(out)!r} names a NIfTI file but "
+                                   "output_format is 'zarr'")
     if out is None:
         if not isinstance(image, remote.PATHS):
             raise InvalidArgumentError("out is required when the image is not a path")
@@ -231,3 +273,58 @@ def _run(started: Started, runner: Any, shard: Shard | None, overwrite: bool,
              "metadata %.1f s)", started.out, seconds, pixels / seconds / 1e6, setup,
              times.wall, time.perf_counter() - finishing)
     return started.out
+
+
+def nifti_store_path(path: str | os.PathLike) -> Path:
+    """The OME-Zarr store a NIfTI output is computed in: ``seg.nii.gz`` ->
+    ``seg.nii.gz.zarr`` (its unfinished run: ``seg.nii.gz.zarr.partial``).
+
+    Examples
+    --------
+    >>> nifti_store_path("/data/seg.nii.gz").as_posix()
+    '/data/seg.nii.gz.zarr'
+    """
+    path = Path(os.fspath(path))
+    return path.with_name(path.name + ".zarr")
+
+
+def _segment_to_nifti(image: Any, model: nn.Module, out: str | os.PathLike,
+                      options: RunOptions, *, resume: bool, overwrite: bool, executor: Any,
+                      shard: Any, progress: Any, model_source: str | None,
+                      keep_zarr: bool) -> Path:
+    """NIfTI output: the run into ``OUT.zarr``, then :func:`write_nifti` (see
+    :func:`segment_to_zarr`)."""
+    text = os.fspath(out)
+    if not remote.is_local(remote.output_location(text)):
+        raise InvalidArgumentError(f"NIfTI output {text} must be a local file (write OME-Zarr "
+                                   "to a URL instead)")
+    target = Path(remote.local_path(text))
+    if not is_nifti_path(target):
+        raise InvalidArgumentError(f"NIfTI output {target} must end in .nii or .nii.gz")
+    if shard is not None:
+        raise InvalidArgumentError("shard is not available with NIfTI output: write OME-Zarr "
+                                   "and convert it with tilerseg.io.nifti.write_nifti")
+    if options.output == "instances":
+        raise InvalidArgumentError("output 'instances' is not available with NIfTI output "
+                                   "(labels, probabilities or both)")
+    wants_probabilities = options.output in ("probabilities", "both")
+    targets = [target] + ([Path(probabilities_path(target))] if wants_probabilities else [])
+    existing = [t for t in targets if t.exists()]
+    if resume and not overwrite and len(existing) == len(targets):
+        log.info("%s is already complete", target)
+        return target
+    if existing and not overwrite:
+        raise OutputError(f"output '{existing[0]}' exists; pass --overwrite to replace it")
+    store = nifti_store_path(target)
+    if options.output == "probabilities":
+        options = run_options(options, output="both")
+    written = segment_to_zarr(image, model, store, options, resume=resume, overwrite=overwrite,
+                              executor=executor, progress=progress, model_source=model_source,
+                              output_format="zarr")
+    if read_final_manifest(Path(written)) is None:
+        raise OutputError(f"the run of '{store}' did not complete; NIfTI output '{target}' "
+                          "is not written")
+    write_nifti(written, target, probabilities=wants_probabilities, overwrite=overwrite)
+    if not keep_zarr:
+        remove_tree(Path(written))
+    return target
