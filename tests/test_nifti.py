@@ -441,3 +441,26 @@ def test_cli_batch_over_a_folder_of_cases(tmp_path: Path, volume: tuple, model_f
         assert result["labels"].shape == (16, 32, 48)
         assert result["attributes"]["input"]["format"] == "nifti-case"
         assert result["attributes"]["input"]["space"]["shape"] == [48, 32, 16]
+
+
+def test_a_2d_nifti_file_gives_2d_labels_and_4d_probabilities(tmp_path: Path) -> None:
+    import torch
+
+    plane = np.random.default_rng(1).integers(0, 200, (40, 36), dtype=np.uint8)  # (Y, X)
+    affine = np.diag([0.5, 0.25, 2.0, 1.0])
+    affine[:3, 3] = (10.0, -5.0, 3.0)
+    nib.save(nib.Nifti1Image(plane.T.copy(), affine), tmp_path / "plane.nii")
+    torch.manual_seed(0)
+    model2d = tilerseg.create_model("unet", depth=1, base_channels=2)
+    out = tilerseg.segment_to_zarr(str(tmp_path / "plane.nii"), model2d, tmp_path / "seg.nii",
+                                   output="both", workers=1, device="cpu", keep_zarr=True)
+    written = nib.load(out)
+    assert written.shape == (36, 40) and np.array_equal(written.affine, nib.load(
+        tmp_path / "plane.nii").affine)
+    from tilerseg.io.writers import open_output
+
+    labels = np.asarray(open_output(tmp_path / "seg.nii.zarr")["labels"][...])
+    np.testing.assert_array_equal(np.asarray(written.dataobj), labels.T)
+    probs = nib.load(tmp_path / "seg_probabilities.nii")
+    assert probs.shape == (36, 40, 1, 2)
+    assert open_image(tmp_path / "seg_probabilities.nii").axes == "CYX"

@@ -736,7 +736,8 @@ def write_nifti(output: str | os.PathLike, path: str | os.PathLike, *,
     try:
         if prob_target is not None:
             probs = decode_probabilities(np.asarray(found["probabilities"][...]))
-            data = _to_voxel_order(probs, "C" + spatial, space.shape)
+            planes = tuple(space.shape) + (1,) * (3 - len(space.shape))  # classes 4th
+            data = _to_voxel_order(probs, "C" + spatial, planes)
             temps.append((_write_image(nib, data, space,
                                        f"tilerseg {version} class probabilities", prob_target,
                                        None), prob_target))
