@@ -402,13 +402,16 @@ def test_cli_nifti_output_of_a_case_and_overwrite(tmp_path: Path, volume: tuple,
     out = tmp_path / "seg.nii.gz"
     args = ["run", str(tmp_path / "imagesTs" / "BRATS_101"), "-o", str(out), "--model",
             str(model_file), "--device", "cpu", "--tile", "16", "--workers", "1"]
-    assert main(args) == 0
+    assert main(args) == 0  # a NIfTI output holds labels by default
     printed = capsys.readouterr().out
-    assert f"wrote {out} and {tmp_path / 'seg_probabilities.nii.gz'}" in printed
+    assert f"wrote {out} in" in printed
     assert np.array_equal(nib.load(out).affine, nib.load(files[0]).affine)
-    assert nib.load(tmp_path / "seg_probabilities.nii.gz").shape == (48, 48, 16, 3)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "imagesTs", "seg.nii.gz", "seg_probabilities.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imagesTs", "seg.nii.gz"]
+    both = tmp_path / "both.nii.gz"
+    assert main(args[:3] + [str(both)] + args[4:] + ["--output", "both"]) == 0
+    assert f"wrote {both} and {tmp_path / 'both_probabilities.nii.gz'}" in capsys.readouterr().out
+    assert nib.load(tmp_path / "both_probabilities.nii.gz").shape == (48, 48, 16, 3)
+    assert np.array_equal(np.asarray(nib.load(both).dataobj), np.asarray(nib.load(out).dataobj))
     before = out.read_bytes()
     assert main(args) == 2
     err = capsys.readouterr().err

@@ -104,6 +104,14 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_output(path: str | None) -> str:
+    """What ``run`` writes without ``--output``: labels for a NIfTI output (what MONAI and
+    nnU-Net users keep), else probabilities."""
+    from .io.nifti import is_nifti_path
+
+    return "labels" if path and is_nifti_path(path) else "probabilities"
+
+
 def _run_options(args: argparse.Namespace) -> Any:
     """The RunOptions of ``tilerseg run`` / ``batch`` flags."""
     from .engine.options import run_options
@@ -118,7 +126,8 @@ def _run_options(args: argparse.Namespace) -> Any:
         normalize = parse_window(args.window)
     return run_options(
         normalize=normalize,
-        tile=args.tile, batch_size=args.batch_size, device=args.device, output=args.output,
+        tile=args.tile, batch_size=args.batch_size, device=args.device,
+        output=args.output or _default_output(getattr(args, "output_path", None)),
         dtype=args.dtype, threshold=args.threshold, level=args.level,
         channel=_channels(args.channel), precision=args.precision,
         calibration=args.calibration, compile=args.compile, backend=args.backend,
@@ -585,28 +594,54 @@ def _indices(text: str | None, what: str) -> list[int] | None:
     return out
 
 
-_TRAIN_DEFAULTS = {"unet": {"base_channels": 16}}
+_TRAIN_DEFAULTS = {"unet": {"base_channels": 16}, "unet3d": {"base_channels": 16}}
 """``tilerseg train`` defaults that differ from the architecture's own (the paper's 64
 channels are slow to train on a CPU)."""
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, load_pairs, train
+def _train_window(text: str | None) -> int | list[int] | None:
+    """``--window``: one side, or Z,Y,X."""
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2, 3) or min(values, default=0) < 1:
+        raise InvalidArgumentError(
+            f"--window {text!r} must be one positive side or one per axis, e.g. 380 or 48,152,152")
+    return values[0] if len(values) == 1 else values
+
+
+def _train_model(args: argparse.Namespace) -> dict:
+    """The model arguments of ``tilerseg train``: the preset's, then what was given."""
+    from .models.registry import anisotropic_pool
 
     given = {"depth": args.depth, "base_channels": args.base_channels, "dropout": args.dropout,
              "batch_norm": args.batch_norm, "padding": args.padding}
     model = {"name": args.arch, **_TRAIN_DEFAULTS.get(args.arch, {}),
              **{k: v for k, v in given.items() if v is not None}}
-    config = TrainConfig(
-        model=model,
-        epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch_size,
-        window=args.window, optimizer=args.optimizer, lr=args.lr,
-        weight_map=not args.no_weight_map, elastic=not args.no_elastic,
-        flips=not args.no_flips, grey=not args.no_grey, seed=args.seed,
-        precision=args.precision, compile=args.compile,
-    )
+    if args.ndim == 3 and args.arch != "unet3d":
+        model["ndim"] = 3
+    if args.pool == "anisotropic":
+        if args.arch != "unet3d" and args.ndim != 3:
+            raise InvalidArgumentError("--pool anisotropic is for 3D models (--arch unet3d, "
+                                       "or --ndim 3)")
+        model["pool"] = anisotropic_pool(model.get("depth", 3 if args.arch == "unet3d" else 4))
+    return model
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, load_pairs, train
+
+    model = _train_model(args)
+    window = _train_window(args.window)  # refused before any data is read
+    ndim = 3 if args.arch == "unet3d" or args.ndim == 3 else 2
+    # 3D: class maps may hold any classes; the model gets the data's channels and classes
+    classes = args.classes or (2 if ndim == 2 else 256)
     held_out = _indices(args.validation, "--validation") or []
-    everything = load_pairs(args.images, args.masks, select=None, min_size=1)
+    everything = load_pairs(args.images, args.masks, classes, select=None, min_size=1,
+                            ndim=ndim)
     train_idx = [k for k in range(len(everything)) if k not in held_out]
     if any(not 0 <= k < len(everything) for k in held_out) or not train_idx:
         raise InvalidArgumentError(
@@ -616,8 +651,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.val_images or args.val_masks:
         if not (args.val_images and args.val_masks):
             raise InvalidArgumentError("--val-images and --val-masks go together")
-        val_pairs += load_pairs(args.val_images, args.val_masks)
+        val_pairs += load_pairs(args.val_images, args.val_masks, classes, ndim=ndim)
     train_pairs = [everything[k] for k in train_idx]
+    if ndim == 3:
+        model.setdefault("in_channels", train_pairs[0].image.shape[0])
+        model.setdefault("num_classes", args.classes or max(
+            2, 1 + max(int(p.mask.max()) for p in [*train_pairs, *val_pairs])))
+    config = TrainConfig(
+        model=model,
+        epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch_size,
+        window=window, optimizer=args.optimizer, lr=args.lr,
+        weight_map=not args.no_weight_map, elastic=not args.no_elastic,
+        flips=not args.no_flips, grey=not args.no_grey, seed=args.seed,
+        precision=args.precision, compile=args.compile, loss=args.loss,
+        foreground=args.foreground, normalize=args.normalize, elastic_p=args.elastic_p,
+    )
 
     def progress(epoch: int, step: int, steps: int, loss: float) -> None:
         if sys.stderr.isatty() and not args.quiet:
@@ -663,9 +711,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, metavar="N", help="tiles per forward pass")
     _add_halo(p)
     p.add_argument("--output", choices=("probabilities", "labels", "both", "instances"),
-                   default="probabilities", help="what to write: instances = the "
+                   default=None, help="what to write: instances = the "
                    "probabilities and an instance label image, labels/instances "
-                   "(default: %(default)s)")
+                   "(default: probabilities; labels for a NIfTI output, -o OUT.nii.gz)")
     p.add_argument("--dtype", choices=("uint8", "float16", "float32"), default="uint8",
                    help="probability storage type; uint8 = round(255 p) (default)")
     p.add_argument("--threshold", type=float, default=None, metavar="P",
@@ -863,10 +911,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_info)
 
     tr = sub.add_parser("train", help="train a model (U-Net by default) on image/mask pairs",
-                        description="Train a 2D architecture (--arch, see tilerseg models) "
+                        description="Train an architecture (--arch, see tilerseg models) "
                         "with the U-Net paper's recipe (weight map, elastic deformation, "
                         "flips/rotations, grey values) on tiles cut with the engine's "
-                        "geometry. Checkpoints best.pt / last.pt go to --out.")
+                        "geometry: 2D on image/mask pairs, 3D (--arch unet3d, or --ndim 3) "
+                        "on volume/label pairs. Checkpoints best.pt / last.pt go to --out.")
     tr.add_argument("--images", required=True, help="folder of training images")
     tr.add_argument("--masks", required=True,
                     help="folder of masks (class maps, or 0/255), same names as the images")
@@ -878,12 +927,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--epochs", type=int, default=40)
     tr.add_argument("--steps", type=int, default=100, help="optimiser steps per epoch (100)")
     tr.add_argument("--batch-size", type=int, default=2)
-    tr.add_argument("--window", type=int, default=None,
-                    help="training input side, rounded up to admissible (default 380, or "
-                    "twice the halo plus one pooling step where that is more)")
+    tr.add_argument("--window", default=None, metavar="N|Z,Y,X",
+                    help="training input side, or one per axis, rounded up to admissible "
+                    "(default 380, or twice the halo plus one pooling step where that is "
+                    "more; 3D: the smallest window with a 16 x 64 x 64 output)")
     tr.add_argument("--arch", default="unet", metavar="NAME",
-                    help="registered architecture: unet, unet-keras, unetpp, fcn8s "
-                    "(default: %(default)s)")
+                    help="registered architecture: unet, unet-keras, unetpp, fcn8s, or "
+                    "unet3d for volumes (default: %(default)s)")
+    tr.add_argument("--ndim", type=int, choices=(2, 3), default=None,
+                    help="3 trains a 3D model of --arch (unet, unetpp) on volumes "
+                    "(implied by --arch unet3d)")
+    tr.add_argument("--pool", choices=("2", "anisotropic"), default=None,
+                    help="pooling of a 3D model: 2 on every axis, or anisotropic (in-plane "
+                    "on every level but the deepest; unet3d's default)")
+    tr.add_argument("--classes", type=int, default=None,
+                    help="classes of the masks (default: 2 in 2D; in 3D the largest label "
+                    "+ 1)")
     tr.add_argument("--depth", type=int, default=None,
                     help="poolings (default: the architecture's; 4 for unet)")
     tr.add_argument("--base-channels", type=int, default=None,
@@ -897,6 +956,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="valid or zero-padded convolutions (default: the architecture's)")
     tr.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     tr.add_argument("--lr", type=float, default=None)
+    tr.add_argument("--loss", choices=("ce", "dice+ce"), default=None,
+                    help="weighted cross-entropy (2D default) or soft Dice + cross-entropy "
+                    "(3D default)")
+    tr.add_argument("--foreground", type=float, default=None, metavar="F",
+                    help="share of tiles centred on a foreground voxel (default: 1/3 in 3D, "
+                    "0 in 2D)")
+    tr.add_argument("--normalize", default="auto", metavar="METHOD",
+                    help="intensity normalisation, stated in the model for inference "
+                    "(default auto: zscore in 3D, the engine's rule in 2D)")
+    tr.add_argument("--elastic-p", type=float, default=None, metavar="P",
+                    help="probability of elastic deformation per tile (default: 1 in 2D, "
+                    "0.2 in 3D)")
     tr.add_argument("--no-weight-map", action="store_true")
     tr.add_argument("--no-elastic", action="store_true")
     tr.add_argument("--no-flips", action="store_true")
