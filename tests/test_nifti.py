@@ -467,3 +467,18 @@ def test_a_2d_nifti_file_gives_2d_labels_and_4d_probabilities(tmp_path: Path) ->
     probs = nib.load(tmp_path / "seg_probabilities.nii")
     assert probs.shape == (36, 40, 1, 2)
     assert open_image(tmp_path / "seg_probabilities.nii").axes == "CYX"
+
+
+def test_a_case_identity_is_its_modality_files(tmp_path: Path, volume: tuple) -> None:
+    """What resume compares: a case (by identifier or as a folder) changes with its files."""
+    from tilerseg.engine.jobs import path_identity
+
+    files = write_case(tmp_path / "one", "BRATS_007", volume[0])
+    by_name = path_identity(str(tmp_path / "one" / "BRATS_007"))
+    by_folder = path_identity(str(tmp_path / "one"))
+    assert by_name["files"] == by_folder["files"] == len(files)
+    assert by_name["size"] == sum(f.stat().st_size for f in files)
+    write_nifti_file(files[1], volume[0][1] + 1)
+    os.utime(files[1], ns=(by_name["mtime_ns"] + 10**9,) * 2)
+    later = path_identity(str(tmp_path / "one" / "BRATS_007"))
+    assert later["mtime_ns"] > by_name["mtime_ns"]

@@ -185,9 +185,13 @@ def path_identity(path: str) -> dict[str, Any]:
     A file is itself; a folder of slices is its TIFF slices; a Zarr store is its metadata
     files (``zarr.json``, ``.zarray``, ``.zgroup``, ``.zattrs``, two levels deep), not its
     chunks; a glob is the files it matches. Other files in a folder (an output written
-    beside the slices) do not count. A folder without TIFF slices is its DICOM files. A ``file://`` URL is its
+    beside the slices) do not count. A folder without TIFF slices is its DICOM files, else
+    the modality files of the NIfTI case it holds; a NIfTI case identifier
+    (``imagesTr/CASE``) is its modality files. A ``file://`` URL is its
     local path; another URL is recorded as it is (see :func:`tilerseg.io.remote.identity`).
     """
+    from ..io.nifti import case_files, folder_case
+
     path = remote.local_path(path)
     if remote.is_url(path):
         return remote.identity(path)
@@ -200,10 +204,12 @@ def path_identity(path: str) -> dict[str, Any]:
                      for p in base.glob(pattern + n)]
         else:
             files = [p for p in base.iterdir() if p.name.lower().endswith(SLICE_EXTENSIONS)]
-            if not files:  # a DICOM series
-                files = [Path(f) for f in dicom_files(path)]
+            if not files:  # a DICOM series, else a NIfTI case
+                files = [Path(f) for f in dicom_files(path) or folder_case(path) or []]
     elif os.path.exists(path):
         files = [Path(path)]
+    elif case_files(path):
+        files = [Path(f) for f in case_files(path)]
     else:  # a glob
         import glob
 
