@@ -2,8 +2,9 @@
 deformations and grey-value changes, each switchable.
 
 Every geometric transform is applied identically to the image, its mask and its weight
-map (the last two axes of each array), so they stay aligned. Arrays are ``(Y, X)`` or
-``(C, Y, X)``; channels share one transform.
+map (the last two axes of each array, three for volumes), so they stay aligned. Arrays
+are ``(Y, X)`` or ``(C, Y, X)``, volumes ``(Z, Y, X)`` or ``(C, Z, Y, X)``; channels share
+one transform.
 
 Borders: resampling past the array edges mirrors the array as numpy's
 ``np.pad(..., mode="reflect")`` does (the edge pixel is not repeated), which is the
@@ -47,51 +48,66 @@ def _spline_matrix(n: int, grid: int) -> np.ndarray:
 
 
 def displacement_field(
-    shape: Sequence[int], rng: np.random.Generator, grid: int = 3, sigma: float = 10.0
+    shape: Sequence[int], rng: np.random.Generator, grid: int = 3,
+    sigma: float | Sequence[float] = 10.0,
 ) -> np.ndarray:
-    """A smooth random displacement field, as in the U-Net paper.
+    """A smooth random displacement field, as in the U-Net paper, in 2D or 3D.
 
     Displacement vectors are drawn from ``N(0, sigma)`` (pixels, each component
-    independently) at the nodes of a coarse ``grid x grid`` lattice whose corner nodes
-    sit on the image's corner pixels (nodes evenly spaced, so edge nodes lie on the
-    image's edges), and interpolated to every pixel by bicubic (tensor-product cubic
-    B-spline, :func:`scipy.ndimage.map_coordinates` ``order=3``) interpolation through
-    the node values. The field equals the drawn vector at every node.
+    independently) at the nodes of a coarse ``grid x grid`` (``grid**3`` in 3D) lattice
+    whose corner nodes sit on the image's corner pixels (nodes evenly spaced, so edge
+    nodes lie on the image's edges), and interpolated to every pixel by cubic
+    (tensor-product cubic B-spline, :func:`scipy.ndimage.map_coordinates` ``order=3``)
+    interpolation through the node values. The field equals the drawn vector at every
+    node.
 
     Parameters
     ----------
     shape : sequence of int
-        ``(Y, X)``.
+        ``(Y, X)`` or ``(Z, Y, X)``.
     rng : numpy.random.Generator
     grid : int
         Nodes per axis, ``>= 2``.
-    sigma : float
-        Standard deviation of the node displacements in pixels, ``>= 0``.
+    sigma : float or sequence of float
+        Standard deviation of the node displacements in pixels, ``>= 0``; one per axis
+        for anisotropic data (e.g. ``(10 / 3, 10, 10)`` for planes 3 times further apart
+        than the pixels: the same displacement in space).
 
     Returns
     -------
-    numpy.ndarray of float64, shape ``(2, Y, X)``
-        Row and column displacements.
+    numpy.ndarray of float64, shape ``(ndim, *shape)``
+        Displacements along each axis (rows and columns in 2D).
     """
-    rows, cols = (int(n) for n in shape)
-    grid = int(grid)
+    shape = tuple(int(n) for n in shape)
+    ndim, grid = len(shape), int(grid)
     if grid < 2:
         raise InvalidArgumentError(f"grid must be >= 2, got {grid}")
-    if not sigma >= 0:
+    sigmas = np.broadcast_to(np.asarray(sigma, dtype=np.float64), (ndim,)) if np.ndim(
+        sigma) else None
+    if not (np.all(sigmas >= 0) if sigmas is not None else sigma >= 0):
         raise InvalidArgumentError(f"sigma must be >= 0, got {sigma}")
-    nodes = rng.normal(0.0, float(sigma), size=(2, grid, grid))
-    by, bx = _spline_matrix(rows, grid), _spline_matrix(cols, grid)
-    return np.einsum("yi,cij,xj->cyx", by, nodes, bx)
+    if sigmas is None:
+        nodes = rng.normal(0.0, float(sigma), size=(ndim,) + (grid,) * ndim)
+    else:
+        nodes = rng.normal(0.0, 1.0, size=(ndim,) + (grid,) * ndim)
+        nodes *= sigmas.reshape((ndim,) + (1,) * ndim)
+    field = nodes
+    for axis, n in enumerate(shape):  # interpolate along each axis in turn
+        field = np.moveaxis(np.tensordot(_spline_matrix(n, grid), field, axes=([1], [axis + 1])),
+                            0, axis + 1)
+    return field
 
 
-def _trailing_shape(arrays: Sequence[np.ndarray]) -> tuple[int, int]:
-    shapes = {a.shape[-2:] for a in arrays}
-    if any(a.ndim not in (2, 3) for a in arrays):
+def _trailing_shape(arrays: Sequence[np.ndarray], ndim: int = 2) -> tuple[int, ...]:
+    shapes = {a.shape[-ndim:] for a in arrays}
+    if any(a.ndim not in (ndim, ndim + 1) for a in arrays):
+        axes = "(Y, X) or (C, Y, X)" if ndim == 2 else "(Z, Y, X) or (C, Z, Y, X)"
         raise InvalidArgumentError(
-            f"arrays must be (Y, X) or (C, Y, X), got shapes {[a.shape for a in arrays]}"
+            f"arrays must be {axes}, got shapes {[a.shape for a in arrays]}"
         )
     if len(shapes) != 1:
-        raise InvalidArgumentError(f"arrays must share their last two axes, got {sorted(shapes)}")
+        raise InvalidArgumentError(
+            f"arrays must share their last {ndim} axes, got {sorted(shapes)}")
     return shapes.pop()
 
 
@@ -100,7 +116,8 @@ def elastic_deform(
     orders: Sequence[int],
     rng: np.random.Generator,
     grid: int = 3,
-    sigma: float = 10.0,
+    sigma: float | Sequence[float] = 10.0,
+    ndim: int = 2,
 ) -> list[np.ndarray]:
     """Deform several aligned arrays with one smooth random displacement field.
 
@@ -112,13 +129,16 @@ def elastic_deform(
     Parameters
     ----------
     arrays : sequence of numpy.ndarray
-        ``(Y, X)`` or ``(C, Y, X)`` arrays with the same last two axes.
+        ``(Y, X)`` or ``(C, Y, X)`` arrays with the same last two axes (``(Z, Y, X)`` or
+        ``(C, Z, Y, X)`` with ``ndim=3``).
     orders : sequence of int
         Spline order per array: 3 (bicubic) for images, 1 (bilinear) for weight maps,
         0 (nearest) for masks and labels.
     rng : numpy.random.Generator
     grid, sigma
         See :func:`displacement_field`.
+    ndim : {2, 3}
+        Spatial axes (the last ``ndim`` of every array).
 
     Returns
     -------
@@ -136,7 +156,7 @@ def elastic_deform(
     arrays = [np.asarray(a) for a in arrays]
     if not arrays:
         return []
-    field = displacement_field(_trailing_shape(arrays), rng, grid, sigma)
+    field = displacement_field(_trailing_shape(arrays, ndim), rng, grid, sigma)
     return warp(arrays, orders, field)
 
 
@@ -153,11 +173,12 @@ def warp(
     Parameters
     ----------
     arrays : sequence of numpy.ndarray
-        ``(Y, X)`` or ``(C, Y, X)`` arrays with the same last two axes.
+        ``(Y, X)`` or ``(C, Y, X)`` arrays with the same last two axes (with a 3D
+        field: ``(Z, Y, X)`` or ``(C, Z, Y, X)``).
     orders : sequence of int
         Spline order (0 to 5) per array.
     field : numpy.ndarray
-        ``(2, Y, X)`` row and column displacements in pixels.
+        ``(2, Y, X)`` row and column displacements in pixels, or ``(3, Z, Y, X)``.
 
     Returns
     -------
@@ -179,10 +200,11 @@ def warp(
         raise InvalidArgumentError(f"spline orders must be in [0, 5], got {orders}")
     if not arrays:
         return []
-    shape = _trailing_shape(arrays)
     field = np.asarray(field, dtype=np.float64)
-    if field.shape != (2,) + shape:
-        raise InvalidArgumentError(f"field must have shape {(2,) + shape}, got {field.shape}")
+    ndim = field.shape[0] if field.ndim > 1 else 2
+    shape = _trailing_shape(arrays, ndim)
+    if field.shape != (ndim,) + shape:
+        raise InvalidArgumentError(f"field must have shape {(ndim,) + shape}, got {field.shape}")
     coords = np.indices(shape, dtype=np.float64) + field
     out = []
     for array, order in zip(arrays, orders):
@@ -201,32 +223,50 @@ def warp(
     return out
 
 
-def flip_rotate(arrays: Sequence[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
-    """Apply one random dihedral transform (of 8) to all arrays' last two axes.
+def flip_rotate(arrays: Sequence[np.ndarray], rng: np.random.Generator, ndim: int = 2,
+                rotate: bool = True) -> list[np.ndarray]:
+    """Apply one random flip/rotation to all arrays' last ``ndim`` axes.
 
-    A rotation by ``k * 90`` degrees (``k`` uniform in 0..3) optionally followed by a
-    left-right flip; together these are the 8 symmetries of the square, each equally
-    likely.
+    2D: one of the 8 symmetries of the square, each equally likely: a rotation by
+    ``k * 90`` degrees (``k`` uniform in 0..3) optionally followed by a left-right flip.
+    3D: a rotation by ``k * 90`` degrees in the (Y, X) plane (only with ``rotate``: a
+    rotation would turn an axis into another, so it needs the same voxel side and
+    window on Y and X), then a flip of each axis with probability 1/2. The Z axis is
+    never rotated into another.
 
     Parameters
     ----------
     arrays : sequence of numpy.ndarray
-        Arrays with at least two axes (rotations of non-square arrays swap the last two
-        axes' lengths).
+        Arrays with at least ``ndim`` axes (rotations of non-square arrays swap the last
+        two axes' lengths).
     rng : numpy.random.Generator
+    ndim : {2, 3}
+        Spatial axes (the last ``ndim``).
+    rotate : bool
+        Allow 90-degree rotations in the (Y, X) plane (always allowed in 2D).
 
     Returns
     -------
     list of numpy.ndarray
         C-contiguous copies.
+
+    Examples
+    --------
+    >>> a = np.arange(8).reshape(2, 2, 2)
+    >>> [b.shape for b in flip_rotate([a, a[None]], np.random.default_rng(0), ndim=3)]
+    [(2, 2, 2), (1, 2, 2, 2)]
     """
-    k = int(rng.integers(4))
-    flip = bool(rng.integers(2))
+    if ndim == 2:
+        k = int(rng.integers(4))
+        flips = [-1] if bool(rng.integers(2)) else []
+    else:
+        k = int(rng.integers(4)) if rotate else 0
+        flips = [a - ndim for a in range(ndim) if rng.integers(2)]
     out = []
     for a in arrays:
         a = np.rot90(np.asarray(a), k, axes=(-2, -1))
-        if flip:
-            a = a[..., ::-1]
+        if flips:
+            a = np.flip(a, axis=flips)
         out.append(np.array(a, order="C", copy=True))
     return out
 
@@ -237,6 +277,7 @@ def grey_values(
     brightness: float = 0.1,
     contrast: float = 0.2,
     gamma: float = 0.2,
+    per_channel: bool = False,
 ) -> np.ndarray:
     """Random gamma, contrast and brightness change of a float image in about [0, 1].
 
@@ -250,13 +291,20 @@ def grey_values(
 
     All parameters 0 give the identity.
 
+    With ``per_channel=True`` (multi-modal volumes) each channel (first axis) gets its
+    own parameters, and the gamma acts on the channel's own range, ``lo + (hi - lo)
+    ((x - lo) / (hi - lo)) ** g`` with ``lo, hi`` its minimum and maximum, so that
+    z-scored values (negative ones included) keep their range.
+
     Parameters
     ----------
     image : numpy.ndarray
-        Floating-point image, any shape.
+        Floating-point image, any shape (``(C, ...)`` with ``per_channel``).
     rng : numpy.random.Generator
     brightness, contrast, gamma : float
         Ranges of the random changes, ``>= 0``.
+    per_channel : bool
+        One change per channel, gamma over the channel's range (see above).
 
     Returns
     -------
@@ -273,6 +321,9 @@ def grey_values(
         raise InvalidArgumentError(f"grey_values needs a float image, got dtype {image.dtype}")
     if min(brightness, contrast, gamma) < 0:
         raise InvalidArgumentError("brightness, contrast and gamma ranges must be >= 0")
+    if per_channel:
+        return np.stack([_channel_grey(c, rng, brightness, contrast, gamma)
+                         for c in image]) if len(image) else image.copy()
     g = float(np.exp(rng.uniform(-gamma, gamma)))
     c = float(rng.uniform(1.0 - contrast, 1.0 + contrast))
     b = float(rng.uniform(-brightness, brightness))
@@ -280,6 +331,21 @@ def grey_values(
     mean = y.mean(dtype=np.float64) if y.size else 0.0
     out = (y - mean) * c + (mean + b)
     return out.astype(image.dtype, copy=False)
+
+
+def _channel_grey(x: np.ndarray, rng: np.random.Generator, brightness: float,
+                  contrast: float, gamma: float) -> np.ndarray:
+    """:func:`grey_values` of one channel, the gamma over its own range."""
+    g = float(np.exp(rng.uniform(-gamma, gamma)))
+    c = float(rng.uniform(1.0 - contrast, 1.0 + contrast))
+    b = float(rng.uniform(-brightness, brightness))
+    y = x.astype(np.float64)
+    if gamma > 0 and x.size:
+        lo, hi = float(y.min()), float(y.max())
+        if hi > lo:
+            y = lo + (hi - lo) * ((y - lo) / (hi - lo)) ** g
+    mean = y.mean() if y.size else 0.0
+    return ((y - mean) * c + (mean + b)).astype(x.dtype, copy=False)
 
 
 def augment(
@@ -293,26 +359,37 @@ def augment(
     grey: bool = True,
     grid: int = 3,
     sigma: float = 10.0,
+    spacing: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """The U-Net paper's augmentation of one training sample.
+    """The U-Net paper's augmentation of one training sample, 2D or 3D.
 
     In order: a random flip/rotation (:func:`flip_rotate`) of image, mask and weights;
-    a random elastic deformation (:func:`elastic_deform`; image bicubic, mask nearest,
-    weights bilinear); a random grey-value change (:func:`grey_values`) of the image.
+    a random elastic deformation (:func:`elastic_deform`; image cubic in 2D and linear in
+    3D, mask nearest, weights linear); a random grey-value change (:func:`grey_values`)
+    of the image.
+
+    The mask's dimensions say which: a ``(Z, Y, X)`` mask makes it 3D, where every axis
+    may be flipped, the 90-degree rotations turn the (Y, X) plane only and only where Y
+    and X have the same side and the same ``spacing``, the elastic displacements of an
+    axis are ``sigma * min(spacing) / spacing[axis]`` voxels (the same in space), and
+    the grey values change per channel.
 
     Parameters
     ----------
     image : numpy.ndarray
-        ``(Y, X)`` or ``(C, Y, X)`` float image, about [0, 1].
+        ``(Y, X)`` or ``(C, Y, X)`` float image, about [0, 1] (3D: ``(C, Z, Y, X)``).
     mask : numpy.ndarray
-        ``(Y, X)`` integer class map.
+        ``(Y, X)`` or ``(Z, Y, X)`` integer class map.
     weights : numpy.ndarray or None
-        ``(Y, X)`` weight map, or None.
+        Weight map shaped like ``mask``, or None.
     rng : numpy.random.Generator
     elastic, flips, grey : bool
         Switch each augmentation on or off.
     grid, sigma
-        Elastic deformation parameters, see :func:`displacement_field`.
+        Elastic deformation parameters, see :func:`displacement_field` (``sigma`` in
+        pixels of the finest axis).
+    spacing : sequence of float, optional
+        Voxel side per spatial axis (default: the same on every axis).
 
     Returns
     -------
@@ -327,19 +404,32 @@ def augment(
     >>> out = augment(image, mask, None, rng)
     >>> out[0].shape, out[1].shape, out[2]
     ((1, 16, 16), (16, 16), None)
+    >>> volume, labels = np.zeros((2, 8, 16, 16), np.float32), np.zeros((8, 16, 16), int)
+    >>> [a.shape for a in augment(volume, labels, None, rng, spacing=(3, 1, 1))[:2]]
+    [(2, 8, 16, 16), (8, 16, 16)]
     """
     arrays = [np.asarray(image), np.asarray(mask)]
+    ndim = arrays[1].ndim
+    sides = np.ones(ndim) if spacing is None else np.asarray(spacing, dtype=np.float64)
+    if sides.shape != (ndim,) or not np.all(sides > 0):
+        raise InvalidArgumentError(
+            f"spacing={spacing!r} must be {ndim} positive numbers (one per mask axis)")
     orders = [3, 0]
     if weights is not None:
         arrays.append(np.asarray(weights))
         orders.append(1)
     if flips:
-        arrays = flip_rotate(arrays, rng)
+        rotate = ndim == 2 or (arrays[1].shape[-1] == arrays[1].shape[-2]
+                               and bool(np.isclose(sides[-1], sides[-2], rtol=1e-3)))
+        arrays = flip_rotate(arrays, rng, ndim, rotate)
     if elastic:
-        arrays = elastic_deform(arrays, orders, rng, grid=grid, sigma=sigma)
+        scale = sigma if ndim == 2 and spacing is None else sigma * sides.min() / sides
+        if ndim == 3:
+            orders[0] = 1  # trilinear: a cubic spline of a 3D window costs 4 times more
+        arrays = elastic_deform(arrays, orders, rng, grid=grid, sigma=scale, ndim=ndim)
     elif not flips:
         arrays = [a.copy() for a in arrays]
     if grey:
-        arrays[0] = grey_values(arrays[0], rng)
+        arrays[0] = grey_values(arrays[0], rng, per_channel=ndim == 3 and arrays[0].ndim > ndim)
     image, mask = arrays[0], arrays[1]
     return image, mask, (arrays[2] if weights is not None else None)

@@ -16,22 +16,23 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..engine.compute import (PRECISIONS, STRICT_RUNTIME, memory_format, resolve_precision,
                               strict_runtime)
-from ..engine.windows import read_window
 from ..errors import (InvalidArgumentError, InvalidImageError, InvalidModelError,
                       RuntimeFallbackError)
 from ..models import create_model, load_model, model_geometry, save_model
-from ..models.unet import center_crop
-from ..normalize import Normalization, resolve_normalization
-from .augment import augment
+from ..normalize import Normalization
 from .data import Pair
+from .losses import check_loss, training_loss, weighted_loss
+from .sampling import (DEFAULT_OUTPUT_3D, PatchSampler, pair_normalization,
+                       training_normalize, training_window)
+from .validation import better, validate_dice, validate_pixels
 from .weights import class_weights, weight_map
 
-__all__ = ["PatchSampler", "TrainConfig", "TrainStep", "train", "training_precision"]
+__all__ = ["PatchSampler", "TrainConfig", "TrainStep", "train", "training_precision",
+           "weighted_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +50,43 @@ class TrainConfig:
         ``create_model`` arguments, e.g. ``{"name": "unet", "base_channels": 16}``.
     epochs, steps_per_epoch, batch_size : int
         Length of the run; one step is one optimiser update on ``batch_size`` tiles.
-    window : int or None
-        Training input side (rounded up to an admissible size); default: the smallest
-        admissible side of at least 380 px (output 196 px for a depth-4 valid U-Net), or
-        of twice the halo plus one pooling step where that is more (FCN-8s).
+    window : int, sequence of int or None
+        Training input side, one for all axes or one per axis (Z, Y, X for volumes),
+        rounded up to admissible sizes per axis (:func:`~tilerseg.train.sampling.training_window`);
+        default in 2D: the smallest admissible side of at least 380 px (output 196 px for
+        a depth-4 valid U-Net), or of twice the halo plus one pooling step where that is
+        more (FCN-8s); in 3D: the smallest admissible window with an output of at least
+        16 x 64 x 64.
     optimizer : {"adam", "sgd"}
         Adam, or SGD with the paper's momentum 0.99.
     lr : float or None
         Learning rate; default 1e-3 for Adam, 1e-2 for SGD. Decays by cosine to 5% of it.
     weight_map, w0, sigma : bool, float, float
-        The paper's weight map (class balance + border term) and its parameters.
+        The paper's weight map (class balance + border term) and its parameters; in 3D
+        distances are measured with the voxel spacing, ``sigma`` in units of the finest
+        voxel side.
+    loss : {"ce", "dice+ce"} or None
+        The paper's weighted cross-entropy, or soft batch Dice over the foreground
+        classes plus that cross-entropy (nnU-Net's); default ``"ce"`` in 2D and
+        ``"dice+ce"`` in 3D.
+    foreground : float or None
+        Share of training tiles centred on a random voxel of a random foreground class of
+        their volume (nnU-Net's oversampling), in [0, 1]; default 1/3 in 3D, 0 in 2D.
+    normalize : str, (float, float) or bool
+        Intensity normalisation of the training images, computed once per image
+        (:func:`tilerseg.normalize.resolve_normalization`) and stated in the saved
+        models' metadata so that inference normalises alike. ``"auto"`` (default) is the
+        engine's automatic rule in 2D and ``"zscore"`` in 3D (per channel, over each
+        volume's foreground, as nnU-Net normalises MRI).
     elastic, flips, grey : bool
-        Augmentations: elastic deformation (3 x 3 grid, 10 px), flips and 90-degree
-        rotations, grey-value changes.
+        Augmentations: elastic deformation (3 x 3 grid, 10 px; 3 x 3 x 3 in 3D, the Z
+        displacement scaled by the spacing), flips and 90-degree rotations (in 3D: every
+        axis flipped, rotations in the (Y, X) plane only where Y and X agree), grey-value
+        changes (per channel in 3D).
+    elastic_p : float or None
+        Probability that a tile is deformed elastically, in [0, 1]; default 1 in 2D (the
+        paper) and 0.2 in 3D (nnU-Net's per-sample probability; a 3D deformation costs
+        more than the training step of a small model on 2 cores).
     seed : int
         Seed of numpy and torch: the same config gives the same run.
     precision : {"fp32", "bf16", "fp16"}
@@ -80,7 +105,7 @@ class TrainConfig:
     epochs: int = 40
     steps_per_epoch: int = 100
     batch_size: int = 2
-    window: int | None = None
+    window: int | list[int] | None = None
     optimizer: str = "adam"
     lr: float | None = None
     momentum: float = 0.99
@@ -94,6 +119,10 @@ class TrainConfig:
     foreground_class: int = 1
     precision: str = "fp32"
     compile: bool = False
+    loss: str | None = None
+    foreground: float | None = None
+    normalize: Any = "auto"
+    elastic_p: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "steps_per_epoch", "batch_size"):
@@ -109,6 +138,20 @@ class TrainConfig:
                 f"precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
         if not isinstance(self.compile, bool):
             raise InvalidArgumentError(f"compile={self.compile!r} must be True or False")
+        if self.loss is not None:
+            check_loss(self.loss)
+        if self.foreground is not None and not (
+                isinstance(self.foreground, (int, float)) and 0 <= self.foreground <= 1):
+            raise InvalidArgumentError(
+                f"foreground={self.foreground!r} must be a fraction in [0, 1]")
+        if self.elastic_p is not None and not (
+                isinstance(self.elastic_p, (int, float)) and 0 <= self.elastic_p <= 1):
+            raise InvalidArgumentError(
+                f"elastic_p={self.elastic_p!r} must be a probability in [0, 1]")
+        if isinstance(self.window, tuple):  # JSON-friendly (state.json, metadata)
+            self.window = list(self.window)
+        if isinstance(self.normalize, tuple):
+            self.normalize = list(self.normalize)
 
 
 def training_normalization(norms: Sequence[Normalization],
@@ -132,78 +175,6 @@ def training_normalization(norms: Sequence[Normalization],
     if methods in (["range"], ["none"]) and len(ranges) == 1:
         out["low"], out["high"] = next(iter(ranges))
     return out
-
-
-class PatchSampler:
-    """Random training tiles with the engine's geometry and mirror padding.
-
-    A tile is an admissible input window at a random position of a random image, read
-    with :func:`tilerseg.engine.read_window` (so image borders are mirrored exactly as
-    at inference), augmented together with its mask and weight map, and paired with the
-    label crop the model predicts for it.
-    """
-
-    def __init__(
-        self,
-        pairs: Sequence[Pair],
-        weights: Sequence[np.ndarray] | None,
-        model: nn.Module,
-        window: int,
-        config: TrainConfig,
-        rng: np.random.Generator,
-    ) -> None:
-        g = model_geometry(model)
-        self.pairs, self.weights, self.config, self.rng = pairs, weights, config, rng
-        self.window = g.admissible_input(window)
-        self.halo = g.halo[0]
-        self.crop = g.crop_offset(0)  # first kept index of the model output
-        self.out = self.window - 2 * self.halo  # kept output side
-        self.norms = [resolve_normalization("auto", p.image.dtype, lambda p=p: p.image)
-                      for p in pairs]
-
-    def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One tile: input ``(C, n, n)`` float32, labels and weights ``(s, s)``."""
-        k = int(self.rng.integers(len(self.pairs)))
-        pair = self.pairs[k]
-        rows, cols = pair.mask.shape
-        oy = int(self.rng.integers(0, max(1, rows - self.out + 1)))
-        ox = int(self.rng.integers(0, max(1, cols - self.out + 1)))
-        start, size = (oy - self.halo, ox - self.halo), (self.window, self.window)
-        image = self.norms[k](read_window(pair.image, start, size))
-        mask = read_window(pair.mask[None], start, size)[0]
-        weights = None if self.weights is None else read_window(self.weights[k][None], start, size)[0]
-        c = self.config
-        image, mask, weights = augment(image, mask, weights, self.rng, elastic=c.elastic,
-                                       flips=c.flips, grey=c.grey)
-        keep = (slice(self.halo, self.halo + self.out),) * 2
-        w = np.ones(size, np.float32) if weights is None else weights
-        return (np.ascontiguousarray(image, dtype=np.float32),
-                np.ascontiguousarray(mask[keep], dtype=np.int64),
-                np.ascontiguousarray(w[keep], dtype=np.float32))
-
-    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``size`` tiles as tensors ``(B, C, n, n)``, ``(B, s, s)``, ``(B, s, s)``."""
-        tiles = [self.sample() for _ in range(size)]
-        return tuple(torch.from_numpy(np.stack(parts)) for parts in zip(*tiles))
-
-
-def weighted_loss(logits: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor,
-                  weights: torch.Tensor) -> torch.Tensor:
-    """Pixel-weighted cross-entropy (softmax), or binary cross-entropy for one class.
-
-    ``logits`` larger than ``target`` (a same-padded model's output) are centre-cropped
-    to it; a list of logits (deep supervision) gives the mean of their losses, each
-    centre-cropped to the target.
-    """
-    if isinstance(logits, (list, tuple)):
-        return torch.stack([weighted_loss(x, target, weights) for x in logits]).mean()
-    logits = center_crop(logits.float(), target.shape[1:])
-    if logits.shape[1] == 1:
-        per_pixel = F.binary_cross_entropy_with_logits(logits[:, 0], target.float(),
-                                                       reduction="none")
-    else:
-        per_pixel = F.cross_entropy(logits, target, reduction="none")
-    return (per_pixel * weights).sum() / weights.numel()
 
 
 def training_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -247,6 +218,8 @@ class TrainStep:
         Autocast precision, see :func:`training_precision`.
     device : torch.device
         Where ``model`` is (default: the CPU).
+    loss : {"ce", "dice+ce"}
+        The loss (:func:`tilerseg.train.losses.training_loss`).
 
     Attributes
     ----------
@@ -272,8 +245,10 @@ class TrainStep:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 precision: str = "fp32", device: torch.device | None = None) -> None:
+                 precision: str = "fp32", device: torch.device | None = None,
+                 loss: str = "ce") -> None:
         self.model, self.optimizer, self.precision = model, optimizer, precision
+        self.loss_name = check_loss(loss)
         self.device = torch.device("cpu") if device is None else device
         self.dtype = training_precision(precision, self.device)
         if self.dtype == torch.bfloat16 and self.device.type == "cpu":
@@ -299,10 +274,10 @@ class TrainStep:
                    else torch.autocast(self.device.type, dtype=self.dtype))
         with context:
             logits = net(x.contiguous(memory_format=self.fmt))
-            return weighted_loss(logits, y, w)
+            return training_loss(self.loss_name, logits, y, w)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """One step on the batch ``x`` ``(B, C, n, n)``, ``y``, ``w`` ``(B, s, s)``; its loss."""
+        """One step on the batch ``x`` ``(B, C, *window)``, ``y``, ``w`` ``(B, *out)``; its loss."""
         loss = self.loss(x, y, w)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -310,7 +285,7 @@ class TrainStep:
         self.scaler.update()
         return loss.detach()
 
-    def compile(self, batch_size: int, window: int) -> bool:
+    def compile(self, batch_size: int, window: int | Sequence[int]) -> bool:
         """Wrap the model in ``torch.compile(dynamic=False)`` and compile it now.
 
         One trial forward and backward pass on a seeded random batch of the training
@@ -325,11 +300,12 @@ class TrainStep:
 
         model = self.model
         g = model_geometry(model)
-        out = window - 2 * g.halo[0]
+        sides = (window,) * g.ndim if isinstance(window, int) else tuple(window)
+        out = tuple(n - 2 * h for n, h in zip(sides, g.halo))
         generator = torch.Generator().manual_seed(0)
-        x = torch.rand((batch_size, g.in_channels, window, window), generator=generator)
-        y = torch.zeros((batch_size, out, out), dtype=torch.int64)
-        w = torch.ones((batch_size, out, out))
+        x = torch.rand((batch_size, g.in_channels, *sides), generator=generator)
+        y = torch.zeros((batch_size, *out), dtype=torch.int64)
+        w = torch.ones((batch_size, *out))
         start = time.perf_counter()
         buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
         try:
@@ -369,19 +345,6 @@ class _Supervised(nn.Module):
         return self.model.supervised_outputs(x)
 
 
-def _validate(model: nn.Module, pairs: Sequence[Pair], foreground: int) -> dict[str, float]:
-    from ..engine.inference import segment
-    from ..metrics import isbi_scores
-
-    # torch: the weights change every epoch, so a converted network would not be reused
-    probs = [segment(p.image, model, tile=256, device="cpu", backend="torch")[foreground]
-             for p in pairs]
-    truth = [(p.mask == foreground).astype(np.uint8) for p in pairs]
-    scores = isbi_scores(np.stack(probs), np.stack(truth))
-    return {k: float(scores[k]) for k in ("pixel_error", "pixel_threshold", "rand_error",
-                                          "rand_threshold")}
-
-
 def _save_state(out: Path, optimizer: torch.optim.Optimizer, schedule: Any,
                 scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
     torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
@@ -402,8 +365,11 @@ def train(
 ) -> dict[str, Any]:
     """Train a model with the U-Net paper's recipe; checkpoints go to ``out_dir``.
 
-    Writes ``last.pt`` (after every epoch), ``best.pt`` (lowest validation pixel error,
-    or the last if there is no validation set), ``optimizer.pt`` and ``state.json``
+    Trains 2D models on image/mask pairs and 3D models (e.g. ``unet3d``) on
+    volume/label pairs alike; the model's dimensions must be the data's.
+
+    Writes ``last.pt`` (after every epoch), ``best.pt`` (lowest validation pixel error in
+    2D, highest mean foreground Dice in 3D, or the last if there is no validation set), ``optimizer.pt`` and ``state.json``
     (epoch, history, random state) so that ``resume=True`` continues exactly.
 
     Parameters
@@ -415,8 +381,10 @@ def train(
     config : TrainConfig
         The run's settings.
     val_pairs : sequence of Pair
-        Held-out images, scored after every epoch (ISBI-style pixel and Rand error, best
-        over thresholds); the tuned threshold is stored with the model.
+        Held-out images, segmented whole by the tiled engine after every epoch. 2D:
+        ISBI-style pixel and Rand error, best over thresholds (the tuned threshold is
+        stored with the model); 3D: Dice per foreground class and their mean
+        (:func:`tilerseg.train.validation.validate_dice`).
     resume : bool
         Continue from ``out_dir``'s last checkpoint.
     progress : callable, optional
@@ -444,27 +412,46 @@ def train(
     else:
         model = create_model(**{"name": "unet", **config.model})
         state = {"epoch": 0, "history": [], "best": None, "config": dataclasses.asdict(config)}
-    if model_geometry(model).ndim != 2:
-        raise InvalidModelError(
-            f"model={config.model!r} is {model_geometry(model).ndim}D; training takes 2D "
-            "models (image/mask pairs)")
-    num_classes = model_geometry(model).out_channels
+    g = model_geometry(model)
+    ndim = g.ndim
+    for pair in [*train_pairs, *val_pairs]:
+        if pair.ndim != ndim:
+            raise InvalidModelError(
+                f"model {config.model.get('name', 'unet')!r} is {ndim}D but {pair.name} is "
+                f"{pair.ndim}D (mask {pair.mask.shape}); train a {pair.ndim}D model "
+                f"({'--arch unet3d' if pair.ndim == 3 else '--arch unet'}) or give "
+                f"{ndim}D data")
+        if pair.image.shape[0] != g.in_channels:
+            raise InvalidImageError(
+                f"image {pair.name} has {pair.image.shape[0]} channels but the model takes "
+                f"{g.in_channels}; set the model's in_channels")
+    loss_name = config.loss or ("dice+ce" if ndim == 3 else "ce")
+    normalize = training_normalize(config.normalize, ndim)
+    norms = [pair_normalization(p, normalize) for p in train_pairs]
+    val_norms = [pair_normalization(p, normalize) for p in val_pairs]
+    num_classes = g.out_channels
     classes = max(2, num_classes)
+    for pair in [*train_pairs, *val_pairs]:
+        if int(pair.mask.max(initial=0)) >= classes:
+            raise InvalidImageError(
+                f"mask of {pair.name} has class {int(pair.mask.max())} but the model has "
+                f"{classes} classes; set the model's num_classes")
     weights = None
     if config.weight_map:
         cw = class_weights([p.mask for p in train_pairs], classes)
-        weights = [weight_map(p.mask, cw, config.foreground_class, config.w0, config.sigma)
+        weights = [weight_map(p.mask, cw, config.foreground_class, config.w0, config.sigma,
+                              spacing=p.relative_spacing() if ndim == 3 else None)
                    for p in train_pairs]
-    g = model_geometry(model)
-    # default: 380 px, or more where the halo leaves less than one pooling step of output
-    window = config.window or max(380, 2 * g.halo[0] + g.step[0])
-    sampler = PatchSampler(train_pairs, weights, model, window, config, rng)
-    if sampler.out < 1:
+    windows = training_window(g, config.window)
+    outs = tuple(w - 2 * h for w, h in zip(windows, g.halo))
+    if min(outs) < 1:
+        least = tuple(g.admissible_input(2 * h + 1, a) for a, h in enumerate(g.halo))
         raise InvalidArgumentError(
-            f"window={config.window} leaves no output for this model (halo {g.halo[0]} px "
-            f"on each side); use a window of at least {g.admissible_input(2 * g.halo[0] + 1)}")
+            f"window={config.window} leaves no output for this model (halo "
+            f"{_side(g.halo)} px on each side); use a window of at least {_side(least)}")
+    sampler = PatchSampler(train_pairs, weights, model, windows, config, rng, norms=norms)
     for pair in [*train_pairs, *val_pairs]:
-        if min(pair.mask.shape) < sampler.out:
+        if any(n < o for n, o in zip(pair.mask.shape, outs)):
             raise InvalidImageError(
                 f"image {pair.name} is {pair.mask.shape}, smaller than one training tile "
                 f"({sampler.out} px output from {sampler.window} px windows); use a smaller "
@@ -485,18 +472,26 @@ def train(
         torch.set_rng_state(saved["torch_rng"])
         schedule.load_state_dict(saved["schedule"])
         rng.bit_generator.state = state["numpy_rng"]
-    model.to(memory_format=memory_format(model_geometry(model).ndim))
-    step_once = TrainStep(model, optimizer, config.precision, device)
+    model.to(memory_format=memory_format(ndim))
+    step_once = TrainStep(model, optimizer, config.precision, device, loss=loss_name)
     if resume and saved.get("scaler"):  # fp16's loss scale (an empty dict when disabled)
         step_once.scaler.load_state_dict(saved["scaler"])
     if config.compile and state["epoch"] < config.epochs:
-        step_once.compile(config.batch_size, sampler.window)
+        step_once.compile(config.batch_size, sampler.windows)
     compiled = step_once.compiled
-    info = {"window": sampler.window, "output": sampler.out, "train_images": len(train_pairs),
-            "val_images": len(val_pairs)}
+    info: dict[str, Any] = {"window": _side(sampler.windows), "output": _side(sampler.outs),
+                            "train_images": len(train_pairs), "val_images": len(val_pairs)}
     info["normalization"] = training_normalization(sampler.norms, train_pairs)
-    log.info("training %s on %d tiles of %d px per step (%s%s): %s", config.model,
-             config.batch_size, sampler.window, config.precision,
+    if ndim == 3:
+        info.update(loss=loss_name, foreground=sampler.foreground,
+                    spacing={p.name: None if p.spacing is None else list(p.spacing)
+                             for p in train_pairs})
+    # validation tiles (no gradients): the training output, or 16 x 64 x 64 where that is
+    # more, rounded down to the pooling grid
+    val_tile = tuple(max(s, o - o % s) for o, s in zip(
+        (max(o, d) for o, d in zip(outs, DEFAULT_OUTPUT_3D)), g.step))
+    log.info("training %s on %d tiles of %s px per step (%s%s): %s", config.model,
+             config.batch_size, _side(sampler.windows), config.precision,
              ", compiled" if compiled else "", info)
     for epoch in range(state["epoch"], config.epochs):
         model.train()
@@ -511,22 +506,33 @@ def train(
                   "lr": schedule.get_last_lr()[0]}
         if val_pairs:
             model.eval()
-            record.update(_validate(model, val_pairs, config.foreground_class))
+            if ndim == 3:
+                record.update(validate_dice(model, val_pairs, val_norms, val_tile))
+            else:
+                record.update(validate_pixels(model, val_pairs, config.foreground_class,
+                                              val_norms))
         state["history"].append(record)
         state["epoch"] = epoch + 1
         state["numpy_rng"] = rng.bit_generator.state
-        meta = {**(metadata or {}), "normalize": "auto", "foreground_class": config.foreground_class,
+        meta = {**(metadata or {}), "normalize": normalize,
+                "foreground_class": config.foreground_class,
                 "training": {**info, "epochs": epoch + 1, "config": dataclasses.asdict(config)}}
         if "pixel_threshold" in record:
             meta["threshold"] = record["pixel_threshold"]
             meta["validation"] = {k: record[k] for k in ("pixel_error", "pixel_threshold",
                                                          "rand_error", "rand_threshold")}
+        if "mean_dice" in record:
+            meta["validation"] = {k: v for k, v in record.items() if k.endswith("dice")
+                                  or k.startswith("dice_")}
         save_model(model, out / "last.pt", metadata=meta)
-        better = state["best"] is None or ("pixel_error" in record
-                                           and record["pixel_error"] < state["best"]["pixel_error"])
-        if better or not val_pairs:
+        if better(record, state["best"]) or not val_pairs:
             state["best"] = record
             save_model(model, out / "best.pt", metadata=meta)
         _save_state(out, optimizer, schedule, step_once.scaler, state)
         log.info("epoch %d: %s", epoch + 1, record)
     return {"history": state["history"], "best": state["best"], "compiled": compiled}
+
+
+def _side(values: Sequence[int]) -> int | list[int]:
+    """One side where all axes agree (2D messages and records stay as they were)."""
+    return values[0] if len(set(values)) == 1 else list(values)

@@ -47,6 +47,17 @@ def _integer_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:
     return mask
 
 
+def _spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...]:
+    """Per-axis voxel sides, checked (1 on every axis for None)."""
+    if spacing is None:
+        return (1.0,) * ndim
+    values = tuple(float(v) for v in np.ravel(spacing))
+    if len(values) != ndim or not all(math.isfinite(v) and v > 0 for v in values):
+        raise InvalidArgumentError(
+            f"spacing={tuple(spacing)} must be {ndim} positive numbers (one per axis)")
+    return values
+
+
 def class_weights(masks: Sequence[np.ndarray] | np.ndarray, num_classes: int) -> np.ndarray:
     """Per-class weights that balance the class frequencies of a training set.
 
@@ -129,6 +140,7 @@ def border_weights(
     w0: float = 10.0,
     sigma: float = 5.0,
     cutoff: float = 1e-3,
+    spacing: Sequence[float] | None = None,
 ) -> np.ndarray:
     """The separation term ``w0 exp(-(d1 + d2)^2 / (2 sigma^2))`` of the U-Net weight map.
 
@@ -167,6 +179,12 @@ def border_weights(
         Length scale in pixels (paper: about 5), ``> 0``.
     cutoff : float
         Relative truncation level in ``[0, 1)``; see above.
+    spacing : sequence of float, optional
+        Voxel side per axis (default 1 on every axis). Distances are measured in these
+        units (:func:`scipy.ndimage.distance_transform_edt` ``sampling=``), and so is
+        ``sigma``: a volume whose planes are 3 times further apart than its pixels has
+        ``spacing=(3, 1, 1)``, and its border term is that of the same objects sampled
+        isotropically.
 
     Returns
     -------
@@ -187,6 +205,7 @@ def border_weights(
     if not 0 <= cutoff < 1:
         raise InvalidArgumentError(f"cutoff must be in [0, 1), got {cutoff}")
     w0 = float(w0)
+    sampling = _spacing(spacing, mask.ndim)
     out = np.zeros(mask.shape, dtype=np.float32)
     if mask.size == 0 or w0 == 0:
         return out
@@ -195,21 +214,22 @@ def border_weights(
         return out
 
     reach = border_cutoff_distance(sigma, cutoff)
-    margin = None if math.isinf(reach) else math.ceil(reach)
+    # the truncation reach in voxels along each axis
+    margins = None if math.isinf(reach) else [math.ceil(reach / d) for d in sampling]
     d1 = np.full(mask.shape, np.inf)
     d2 = np.full(mask.shape, np.inf)
     full = tuple(slice(0, n) for n in mask.shape)
     for index, box in enumerate(ndimage.find_objects(labels), start=1):
-        if margin is not None:
+        if margins is not None:
             box = tuple(
-                slice(max(0, s.start - margin), min(n, s.stop + margin))
-                for s, n in zip(box, mask.shape)
+                slice(max(0, s.start - m), min(n, s.stop + m))
+                for s, n, m in zip(box, mask.shape, margins)
             )
         else:
             box = full
         # The object lies entirely inside its box, so the EDT of the crop is its exact
         # distance at every pixel of the box.
-        dist = ndimage.distance_transform_edt(labels[box] != index)
+        dist = ndimage.distance_transform_edt(labels[box] != index, sampling=sampling)
         near, second = d1[box], d2[box]  # views: updated in place
         np.minimum(second, np.maximum(near, dist), out=second)
         np.minimum(near, dist, out=near)
@@ -228,6 +248,7 @@ def weight_map(
     sigma: float = 5.0,
     border: bool = True,
     cutoff: float = 1e-3,
+    spacing: Sequence[float] | None = None,
 ) -> np.ndarray:
     """The U-Net loss weight map ``class_weight[mask]`` + the border term.
 
@@ -237,8 +258,9 @@ def weight_map(
         Integer (or boolean) class map with values in ``[0, len(class_weight))``.
     class_weight : numpy.ndarray
         Per-class weights, e.g. from :func:`class_weights` over the training set.
-    foreground_class, w0, sigma, cutoff
-        Passed to :func:`border_weights`.
+    foreground_class, w0, sigma, cutoff, spacing
+        Passed to :func:`border_weights` (``sigma`` in the units of ``spacing``, pixels
+        by default).
     border : bool
         Add the border (separation) term; ``False`` gives the class weights only.
 
@@ -266,5 +288,5 @@ def weight_map(
         )
     out = class_weight[mask].astype(np.float32)
     if border:
-        out += border_weights(mask, foreground_class, w0, sigma, cutoff)
+        out += border_weights(mask, foreground_class, w0, sigma, cutoff, spacing)
     return out
