@@ -309,10 +309,25 @@ def test_3d_resume_continues_exactly(tmp_path: Path) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
 
 
+def test_unetpp_trains_in_3d_with_anisotropic_pooling(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    mask = ndimage.zoom(rng.integers(0, 2, (3, 4, 4)), (4, 12, 12), order=0).astype(np.int64)
+    pair = Pair("v", (mask + rng.random(mask.shape))[None].astype(np.float32), mask)
+    model = {"name": "unetpp", "ndim": 3, "depth": 2, "base_channels": 2, "padding": "valid",
+             "pool": [[1, 2, 2], [2, 2, 2]]}
+    config = TrainConfig(model=model, epochs=1, steps_per_epoch=2, batch_size=1,
+                         window=(30, 48, 48), normalize="none")
+    result = train([pair], tmp_path / "run", config, val_pairs=[pair])
+    assert np.isfinite(result["history"][0]["loss"]) and "mean_dice" in result["best"]
+    assert tilerseg.load_model(tmp_path / "run" / "best.pt").config["ndim"] == 3
+
+
 # -- the headline: a 3D U-Net trained from the CLI ------------------------------------------
 
 HEADLINE_DICE = 0.6
-"""Floor of the validation mean Dice of labels 1 and 2 (see docs/training.md)."""
+"""Floor of the validation mean Dice of labels 1 and 2 (see docs/training.md). This run
+(6 epochs of 30 steps) reached 0.84-0.87 with other seeds (--seed 2 and 3, their own
+volumes); 60 steps were not enough for some seeds (the small core class)."""
 
 
 def test_cli_trains_a_3d_unet_that_tiles_exactly(tmp_path: Path, capsys) -> None:
@@ -322,7 +337,7 @@ def test_cli_trains_a_3d_unet_that_tiles_exactly(tmp_path: Path, capsys) -> None
     out = tmp_path / "run"
     status = main(["train", "--arch", "unet3d", "--depth", "2", "--base-channels", "8",
                    "--images", str(images), "--masks", str(labels), "--validation", "5",
-                   "--window", "40,88,88", "--epochs", "3", "--steps", "20",
+                   "--window", "40,88,88", "--epochs", "6", "--steps", "30",
                    "--lr", "3e-3", "--precision", "bf16", "--seed", "0", "-o", str(out),
                    "-q"])
     assert status == 0, capsys.readouterr().err

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT_3D = (16, 64, 64)
 """Default output of a 3D training window ``(Z, Y, X)``: the window is the smallest
-admissible input giving at least this output (``48 x 152 x 152`` -> ``16 x 64 x 64`` for
+admissible input giving at least this output (``48 x 156 x 156`` -> ``16 x 68 x 68`` for
 ``unet3d``'s default depth 3), one step of a few tenths of a second on 2 CPU cores."""
 
 _MAX_LOCATIONS = 10_000
