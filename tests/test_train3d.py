@@ -63,6 +63,27 @@ def test_load_pairs_reads_volumes_with_spacing_and_nnunet_names(tmp_path: Path) 
     assert pair.image.shape == (1, 8, 32, 32) and pair.spacing is None
 
 
+def test_load_pairs_reads_nnunet_nifti_cases(tmp_path: Path) -> None:
+    nib = pytest.importorskip("nibabel")
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    affine = np.diag([1.0, 1.0, 3.0, 1.0])
+    affine[:3, 3] = [5.0, -3.0, 10.0]
+    for k in range(2):
+        labels = tumour_volume((8, 24, 20), (3, 1, 1), modalities=1, seed=k)[1]
+        xyz = lambda a: np.ascontiguousarray(a.transpose(2, 1, 0))  # noqa: E731
+        for c in range(2):
+            nib.save(nib.Nifti1Image(xyz((labels * 10 + c).astype(np.int16)), affine),
+                     tmp_path / "imagesTr" / f"BRATS_{k:03d}_{c:04d}.nii.gz")
+        nib.save(nib.Nifti1Image(xyz(labels), affine), tmp_path / "labelsTr" / f"BRATS_{k:03d}.nii.gz")
+    pairs = load_pairs(tmp_path / "imagesTr", tmp_path / "labelsTr", 3, ndim=3)
+    assert [p.name for p in pairs] == ["BRATS_000", "BRATS_001"]
+    for p in pairs:  # one multi-channel image per case, aligned with its labels
+        assert p.image.shape == (2,) + p.mask.shape and p.spacing == (3000.0, 1000.0, 1000.0)
+        for c in range(2):
+            np.testing.assert_array_equal(p.image[c], p.mask * 10 + c)
+
+
 def test_bad_volumes_are_refused(tmp_path: Path) -> None:
     images, labels = _write_volumes(tmp_path, 2, shape=(8, 32, 32))
     tifffile.imwrite(labels / "CASE_001.tif", np.zeros((8, 32, 30), np.uint8))
