@@ -104,6 +104,11 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tile(args: argparse.Namespace) -> int | list[int] | None:
+    """``--tile``: one output side, or one per axis (Z,Y,X for a 3D model)."""
+    return _sides(args.tile, "--tile", "1024 or 64,128,128")
+
+
 def _default_output(path: str | None) -> str:
     """What ``run`` writes without ``--output``: labels for a NIfTI output (what MONAI and
     nnU-Net users keep), else probabilities."""
@@ -126,7 +131,7 @@ def _run_options(args: argparse.Namespace) -> Any:
         normalize = parse_window(args.window)
     return run_options(
         normalize=normalize,
-        tile=args.tile, batch_size=args.batch_size, device=args.device,
+        tile=_tile(args), batch_size=args.batch_size, device=args.device,
         output=args.output or _default_output(getattr(args, "output_path", None)),
         dtype=args.dtype, threshold=args.threshold, level=args.level,
         channel=_channels(args.channel), precision=args.precision,
@@ -520,12 +525,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(describe_machine())
         return 0
     model = model_from_spec(args.model, halo=args.halo)
-    print(describe(args.image, model, tile=args.tile, level=args.level,
+    print(describe(args.image, model, tile=_tile(args), level=args.level,
                    channel=_channels(args.channel), device=args.device))
     if args.plot:
         from .pictures.plan import save_plan
 
-        path = save_plan(args.plot, args.image, model, tile=args.tile, level=args.level,
+        path = save_plan(args.plot, args.image, model, tile=_tile(args), level=args.level,
                          channel=_channels(args.channel), device=args.device,
                          size=args.plot_size)
         print(f"picture     {path}")
@@ -599,8 +604,8 @@ _TRAIN_DEFAULTS = {"unet": {"base_channels": 16}, "unet3d": {"base_channels": 16
 channels are slow to train on a CPU)."""
 
 
-def _train_window(text: str | None) -> int | list[int] | None:
-    """``--window``: one side, or Z,Y,X."""
+def _sides(text: str | None, option: str, example: str) -> int | list[int] | None:
+    """A size option (``--tile``, train's ``--window``): one side, or one per axis (Z,Y,X)."""
     if text is None:
         return None
     try:
@@ -609,7 +614,7 @@ def _train_window(text: str | None) -> int | list[int] | None:
         values = []
     if len(values) not in (1, 2, 3) or min(values, default=0) < 1:
         raise InvalidArgumentError(
-            f"--window {text!r} must be one positive side or one per axis, e.g. 380 or 48,152,152")
+            f"{option} {text!r} must be one positive side or one per axis, e.g. {example}")
     return values[0] if len(values) == 1 else values
 
 
@@ -635,7 +640,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, load_pairs, train
 
     model = _train_model(args)
-    window = _train_window(args.window)  # refused before any data is read
+    window = _sides(args.window, "--window", "380 or 48,152,152")  # before any data is read
     ndim = 3 if args.arch == "unet3d" or args.ndim == 3 else 2
     # 3D: class maps may hold any classes; the model gets the data's channels and classes
     classes = args.classes or (2 if ndim == 2 else 256)
@@ -689,10 +694,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="model file (.pt), bioimage.io package (.zip, rdf.yaml or its folder), "
                    "bundled model or architecture name (default: the bundled ISBI 2012 EM "
                    "model)")
-    p.add_argument("--tile", type=int, default=None, metavar="N",
-                   help="output tile side in px (voxels in 3D), a multiple of the pooling "
-                   "step (default: 2D 512 on the CPU with torch, 1024 with OpenVINO and on "
-                   "GPUs; 3D 64 on the CPU, 128 on GPUs)")
+    p.add_argument("--tile", default=None, metavar="N|Z,Y,X",
+                   help="output tile side in px (voxels in 3D), or one per axis, each a "
+                   "multiple of its axis's pooling step (default: 2D 512 on the CPU with "
+                   "torch, 1024 with OpenVINO and on GPUs; 3D 64,128,128 on the CPU, 128 on GPUs)")
     p.add_argument("--level", type=int, default=0, metavar="N", help="input pyramid level (default 0)")
     p.add_argument("--channel", default=None, metavar="C[,C...]", help="input channels to use, e.g. 0 or 0,2")
     p.add_argument("--device", default="auto", metavar="DEVICE",

@@ -103,7 +103,7 @@ def describe(
         return "\n".join([*_image_lines(source), f"run         refused as it is: {err}",
                           describe_machine()])
     s, g, plan = p.source, p.geometry, p.plan
-    workers = default_workers(p.device)
+    workers = default_workers(p.device, p.model_geometry.ndim)
     window_in = int(np.prod(plan.window)) * g.in_channels * 4
     model_window = p.runner.model_window  # without the plane axis of a z-stack
     scripted = any(isinstance(m, torch.jit.ScriptModule) for m in model.modules())

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
 from ..errors import InvalidArgumentError
 from .cores import available_cores
 
-__all__ = ["resolve_device", "resolve_devices", "default_batch_size", "default_tile",
+__all__ = ["resolve_device", "resolve_devices", "default_batch_size", "default_tile", "first_width",
            "default_workers", "cpu_budget", "torch_threads"]
 
 log = logging.getLogger(__name__)
@@ -72,23 +74,60 @@ def default_batch_size(device: torch.device) -> int:
     return 1 if device.type == "cpu" else 4
 
 
-def default_tile(ndim: int, device: torch.device, backend: str = "torch") -> int:
-    """Default output tile side: 512 px (2D) / 64 voxels (3D) on the CPU, twice on GPUs
-    and for 2D models on OpenVINO.
+TILES_3D_CPU = ((64, 256, 256), (64, 128, 128), (64, 64, 64))
+"""The default output tiles of a 3D model on the CPU, largest first (Z, Y, X)."""
 
-    On this project's reference CPU, output tiles of 516-772 px ran fastest for a
-    depth-4 U-Net on torch; OpenVINO ran 1.13x faster on 1024-px tiles (1212-px windows)
-    than on 512-px ones (``benchmarks/bench_small.py`` and ``bench_end_to_end.py``), and
-    accelerators prefer larger tiles.
+WINDOW_BUDGET_3D = 200_000_000
+"""Voxels x channels of one first-layer feature map of a 3D window (800 MB in float32)
+that the default tile on the CPU keeps below."""
+
+
+def default_tile(ndim: int, device: torch.device, backend: str = "torch",
+                 width: int | None = None, halo: tuple[int, ...] | None = None
+                 ) -> tuple[int, ...]:
+    """Default output tile, per axis.
+
+    2D: 512 px on the CPU, 1024 on GPUs and on OpenVINO. On this project's reference CPU,
+    output tiles of 516-772 px ran fastest for a depth-4 U-Net on torch; OpenVINO ran
+    1.13x faster on 1024-px tiles (1212-px windows) than on 512-px ones
+    (``benchmarks/bench_small.py`` and ``bench_end_to_end.py``), and accelerators prefer
+    larger tiles.
+
+    3D: 128 voxels on every axis on GPUs. On the CPU the largest of
+    :data:`TILES_3D_CPU` whose window (the tile plus ``halo`` on each side) times
+    ``width``, the model's first-layer channels, stays within
+    :data:`WINDOW_BUDGET_3D` (64 x 128 x 128 where ``width`` or ``halo`` is unknown):
+    in 3D the halo costs more (the ``unet3d`` preset's window around a 64-voxel cube
+    holds 8.9 times its voxels), so larger tiles run faster, and the budget keeps the
+    memory of wider models in bounds (figures: ``benchmarks/bench_3d.py --tile``,
+    docs/benchmarks.md).
 
     Examples
     --------
     >>> default_tile(2, torch.device("cpu")), default_tile(2, torch.device("cpu"), "openvino")
-    (512, 1024)
+    ((512, 512), (1024, 1024))
+    >>> cpu = torch.device("cpu")
+    >>> [default_tile(3, cpu, width=w, halo=(16, 44, 44)) for w in (16, 32, 64)]
+    [(64, 256, 256), (64, 128, 128), (64, 64, 64)]
     """
-    side = 512 if ndim == 2 else 64
-    larger = device.type != "cpu" or (backend == "openvino" and ndim == 2)
-    return 2 * side if larger else side
+    if ndim == 2:
+        side = 1024 if device.type != "cpu" or backend == "openvino" else 512
+        return (side, side)
+    if device.type != "cpu":
+        return (128,) * ndim
+    if width is None or halo is None:
+        return TILES_3D_CPU[1]
+    for tile in TILES_3D_CPU:
+        if math.prod(t + 2 * h for t, h in zip(tile, halo)) * width <= WINDOW_BUDGET_3D:
+            return tile
+    return TILES_3D_CPU[-1]
+
+
+def first_width(model: Any) -> int | None:
+    """The output channels of a model's first convolution (None if it has none)."""
+    modules = model.modules() if hasattr(model, "modules") else ()
+    return next((int(m.out_channels) for m in modules
+                 if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))), None)
 
 
 def resolve_devices(device: str | torch.device | Sequence[str | torch.device] = "auto"
@@ -129,21 +168,26 @@ def resolve_devices(device: str | torch.device | Sequence[str | torch.device] = 
     return [dev]
 
 
-def default_workers(device: torch.device) -> int:
-    """Concurrent model workers: two where there are 2+ cores (one per GPU elsewhere).
+def default_workers(device: torch.device, ndim: int = 2) -> int:
+    """Concurrent model workers: two where there are 2+ cores (one per GPU elsewhere), but
+    one with every core for a 3D model on the CPU.
 
-    On the project's 2-core reference machine, two forward passes with one torch
-    thread each ran 8-20% faster than one pass with two threads
-    (``benchmarks/bench_threads.py``).
+    On the project's 2-core reference machine, two forward passes of a 2D U-Net with one
+    torch thread each ran 8-20% faster than one pass with two threads
+    (``benchmarks/bench_threads.py``); the 3D preset ran as fast in one pass with two
+    threads as in two with one, at two thirds of the memory (``benchmarks/bench_3d.py``).
     """
-    return 2 if device.type != "cpu" else min(2, available_cores())
+    if device.type != "cpu":
+        return 2
+    return 1 if ndim == 3 else min(2, available_cores())
 
 
 def cpu_budget(workers: int | None = None, threads: int | None = None,
-               cores: int | None = None) -> tuple[int, int]:
+               cores: int | None = None, ndim: int = 2) -> tuple[int, int]:
     """Split the cores between concurrent forward passes: ``(workers, torch threads each)``.
 
-    Defaults: :func:`default_workers` workers (at most ``cores``), ``cores // workers``
+    Defaults: :func:`default_workers` workers for a model of ``ndim`` spatial axes (at
+    most ``cores``), ``cores // workers``
     threads each, so ``workers * threads <= cores`` (no oversubscription); ``cores`` are by
     default those this process may use (:func:`~tilerseg.engine.cores.available_cores`).
     Explicit values are kept; an oversubscribed choice is logged.
@@ -155,7 +199,7 @@ def cpu_budget(workers: int | None = None, threads: int | None = None,
     (1, 3)
     """
     cores = cores or available_cores()
-    workers = workers or min(cores, default_workers(torch.device("cpu")))
+    workers = workers or min(cores, default_workers(torch.device("cpu"), ndim))
     threads = threads or max(1, cores // workers)
     if workers * threads > cores:
         log.warning("%d workers x %d torch threads oversubscribe %d cores", workers, threads,

@@ -28,7 +28,8 @@ from ..models.probe import model_geometry
 from ..normalize import Normalization, NormalizeSpec, resolve_normalization
 from .backends import resolve_backend
 from .compute import resolve_precision
-from .device import default_batch_size, default_tile, resolve_device, resolve_devices
+from .device import (default_batch_size, default_tile, first_width, resolve_device,
+                     resolve_devices)
 from .options import RunOptions, run_options
 from .runner import TileRunner
 from .view import ChannelFirstView, model_view
@@ -114,6 +115,8 @@ def plan(
     tile: int | Sequence[int] | None = None,
     device: str | torch.device = "cpu",
     backend: str = "auto",
+    *,
+    width: int | None = None,
 ) -> TilePlan:
     """Plan the tiles :func:`segment` would use for an image, without running anything.
 
@@ -129,6 +132,10 @@ def plan(
         Only used to choose the default tile.
     backend : {"auto", "torch", "openvino"}
         The runtime; also only used to choose the default tile.
+    width : int, optional
+        The model's first-layer channels, for a 3D model's default tile on the CPU (see
+        :func:`tilerseg.engine.device.default_tile`); found in ``model`` when it is a
+        module.
 
     Returns
     -------
@@ -144,8 +151,11 @@ def plan(
     geometry = model if isinstance(model, ModelGeometry) else check_model(model)
     if tile is None:
         kind = device if isinstance(device, torch.device) else resolve_device(device)
-        side = default_tile(geometry.ndim, kind, resolve_backend(backend, kind.type))
-        tile = tuple(-(-side // s) * s for s in geometry.step)  # on every axis's pooling grid
+        if width is None and not isinstance(model, ModelGeometry):
+            width = first_width(model)
+        sides = default_tile(geometry.ndim, kind, resolve_backend(backend, kind.type), width,
+                             geometry.halo)
+        tile = tuple(-(-n // s) * s for n, s in zip(sides, geometry.step))  # on the grid
     return plan_tiles(image_shape, geometry, tile)
 
 
@@ -317,7 +327,8 @@ def prepare(image: Any, model: nn.Module, options: RunOptions | None = None, *,
         tile_plan = TilePlan(view.shape[1:], (1, *flat.tile), run_geometry)
     else:
         run_geometry = geometry
-        tile_plan = plan(view.shape[1:], geometry, options.tile, tile_dev, tile_backend)
+        tile_plan = plan(view.shape[1:], geometry, options.tile, tile_dev, tile_backend,
+                         width=first_width(model))
     norm = resolve_normalization(
         options.normalize, view.dtype, lambda: statistics_sample(source, view),
         window=lambda: source.window,

@@ -149,7 +149,8 @@ class DaskExecutor:
         for work in works:
             ctx = work.context
             share_model(ctx.p.model, ctx.p.options)
-            workers, threads = cpu_budget(ctx.p.options.workers, ctx.p.options.threads)
+            workers, threads = cpu_budget(ctx.p.options.workers, ctx.p.options.threads,
+                                          ndim=ctx.p.model_geometry.ndim)
             if ctx.p.device.type != "cpu":
                 workers, threads = 1, None
             stopping = threading.Event()  # set if this thread is interrupted

@@ -70,7 +70,8 @@ def run_pipelined(works: Iterable[Work], *, cores: int | None = None,
     cores = cores or available_cores()
     threads = None
     if cpu:
-        count, threads = cpu_budget(workers or options.workers, options.threads, cores=cores)
+        count, threads = cpu_budget(workers or options.workers, options.threads, cores=cores,
+                                    ndim=p.model_geometry.ndim)
         replicas = [runner.replica] * count
     else:
         replicas = [runner.replica] + replicate(
