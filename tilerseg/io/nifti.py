@@ -165,13 +165,16 @@ def _quiet_nibabel(label: str) -> Iterator[None]:
     with _load_lock, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         handlers = list(imageglobals.logger.handlers)
+        propagate = imageglobals.logger.propagate
         for handler in handlers:
             imageglobals.logger.removeHandler(handler)
         imageglobals.logger.addHandler(keep)
+        imageglobals.logger.propagate = False  # nor to the root logger's handlers
         try:
             yield
         finally:
             imageglobals.logger.removeHandler(keep)
+            imageglobals.logger.propagate = propagate
             for handler in handlers:
                 imageglobals.logger.addHandler(handler)
     for message in keep.messages + [str(w.message) for w in caught]:
