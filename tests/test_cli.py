@@ -252,6 +252,6 @@ def test_train_and_eval_refuse_bad_input_in_one_line(tmp_path: Path,
     status, _, err = _run(["train", "--images", str(tmp_path / "empty"), "--masks",
                            str(tmp_path / "empty"), "-o", str(tmp_path / "run")], capsys)
     assert status == 2 and err.startswith("tilerseg: error: ") and err.count("\n") == 1
-    assert "holds no PNG, TIFF" in err and not (tmp_path / "run").exists()
+    assert "holds no images (TIFF, PNG" in err and not (tmp_path / "run").exists()
     status, _, err = _run(["eval", str(tmp_path / "missing.png"), str(tmp_path / "m.png")], capsys)
     assert status == 2 and err.count("\n") == 1

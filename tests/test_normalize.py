@@ -109,3 +109,22 @@ def test_cli_normalize_option(tmp_path, capsys) -> None:
                  "--normalize", "bogus", "-o", str(tmp_path / "b.zarr")]) == 2
     err = capsys.readouterr().err.strip()
     assert "normalize='bogus' is not understood" in err and len(err.splitlines()) == 1
+
+
+def test_a_run_computes_zscore_from_every_voxel(tmp_path) -> None:
+    """Larger than the strided sample other methods use (4 Mi values): the recorded
+    statistics are those of the whole volume, read slab by slab."""
+    import zarr
+
+    image, _ = tumour_volume((48, 160, 160), spacing=(1.0, 1.0, 1.0), seed=4)
+    assert image.size > 1 << 22
+    torch.manual_seed(0)
+    model = tilerseg.create_model("unet3d", depth=1, base_channels=2, in_channels=4)
+    out = tilerseg.segment_to_zarr(image, model, tmp_path / "z.zarr", normalize="zscore",
+                                   backend="torch", tile=(48, 160, 160))
+    recorded = zarr.open_group(str(out), mode="r").attrs["tilerseg"]["normalization"]
+    brain = (image != 0).any(axis=0)
+    values = image[:, brain].astype(np.float64)
+    np.testing.assert_allclose(recorded["low"], values.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(np.subtract(recorded["high"], recorded["low"]),
+                               values.std(axis=1), rtol=1e-12)

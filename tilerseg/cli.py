@@ -641,6 +641,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     model = _train_model(args)
     window = _sides(args.window, "--window", "380 or 48,152,152")  # before any data is read
+    if args.arch == "unet3d" and args.ndim == 2:
+        raise InvalidArgumentError("--arch unet3d is the 3D U-Net; --ndim 2 asks for a 2D "
+                                   "model (--arch unet)")
     ndim = 3 if args.arch == "unet3d" or args.ndim == 3 else 2
     # 3D: class maps may hold any classes; the model gets the data's channels and classes
     classes = args.classes or (2 if ndim == 2 else 256)

@@ -11,14 +11,15 @@ the image; clipping is per pixel, so tiling stays exact.
 
 For multi-modal MRI, ``normalize="zscore"`` maps each channel by its own mean and
 standard deviation over the foreground (the voxels that are nonzero in any channel: the
-brain of skull-stripped MRI), as nnU-Net's z-score normalisation does; the statistics are
-computed once per image, so tiling stays exact here too.
+brain of skull-stripped MRI), the statistics of nnU-Net's z-score normalisation, computed
+once per image from all its voxels, so tiling stays exact here too. Unlike nnU-Net, which
+sets the voxels outside its mask to 0, every voxel goes through the same affine map.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Union
 
 import numpy as np
@@ -26,7 +27,7 @@ import numpy as np
 from .errors import InvalidArgumentError, InvalidImageError
 
 __all__ = ["Normalization", "NormalizeSpec", "WINDOW_PRESETS", "parse_window",
-           "resolve_normalization"]
+           "resolve_normalization", "zscore_statistics"]
 
 NormalizeSpec = Union[bool, str, tuple[float, float], tuple[str, str],
                       tuple[str, float, float], None]
@@ -163,24 +164,56 @@ def _mean_std(sample: np.ndarray) -> tuple[float, float]:
     return mean, mean + (std if std > 0 else 1.0)  # a flat image: map it to 0
 
 
-def _zscore(sample: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel (mean, mean + std) over the foreground of a ``(C, ...)`` sample.
+def zscore_statistics(blocks: np.ndarray | Iterable[np.ndarray]
+                      ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel ``(mean, mean + std)`` over the foreground of an image given whole or
+    in blocks, each ``(C, ...)``: the low and high of ``normalize="zscore"``.
 
     The foreground is the voxels that are nonzero in any channel (all voxels if none is);
-    a channel flat there is mapped to 0 rather than divided by zero.
+    a channel flat there is mapped to 0 rather than divided by zero. Blocks are combined
+    exactly (counts, means and squared deviations, Chan et al.'s pairwise update), so a
+    volume read slab by slab gives the statistics of the whole volume at the memory of
+    one slab.
+
+    Examples
+    --------
+    >>> image = np.array([[0, 2, 4, 6], [0, 5, 5, 5]])
+    >>> zscore_statistics(image) == zscore_statistics([image[:, :2], image[:, 2:]])
+    True
+    >>> zscore_statistics(image)[0]
+    (4.0, 5.0)
     """
-    values = np.asarray(sample)
-    if values.ndim < 2:
-        raise InvalidArgumentError(
-            f"normalize='zscore' needs a sample with channels first, got shape {values.shape}")
-    values = values.reshape(values.shape[0], -1)
-    foreground = (values != 0).any(axis=0)
-    if foreground.any():
-        values = values[:, foreground]
-    values = values.astype(np.float64)
-    mean, std = values.mean(axis=1), values.std(axis=1)
+    totals = {True: None, False: None}  # over the foreground, over every voxel
+    for block in [blocks] if isinstance(blocks, np.ndarray) else blocks:
+        values = np.asarray(block)
+        if values.ndim < 2:
+            raise InvalidArgumentError(
+                f"normalize='zscore' needs channels first, got shape {values.shape}")
+        values = values.reshape(values.shape[0], -1)
+        foreground = (values != 0).any(axis=0)
+        for masked, part in ((True, values[:, foreground]), (False, values)):
+            if part.shape[1]:
+                totals[masked] = _merge(totals[masked], part.astype(np.float64))
+    found = totals[True] or totals[False]
+    if found is None:
+        raise InvalidArgumentError("normalize='zscore' got an empty image")
+    count, mean, m2 = found
+    std = np.sqrt(m2 / count)
     std[~(std > 0)] = 1.0
-    return tuple(float(m) for m in mean), tuple(float(m + s) for m, s in zip(mean, std))
+    return tuple(float(m) for m in mean), tuple(float(m + d) for m, d in zip(mean, std))
+
+
+def _merge(total: tuple[int, np.ndarray, np.ndarray] | None, values: np.ndarray
+           ) -> tuple[int, np.ndarray, np.ndarray]:
+    """(count, mean, sum of squared deviations) of ``total`` and the columns of ``values``."""
+    count, mean = values.shape[1], values.mean(axis=1)
+    m2 = ((values - mean[:, None]) ** 2).sum(axis=1)
+    if total is None:
+        return count, mean, m2
+    n, mu, s2 = total
+    delta = mean - mu
+    both = n + count
+    return both, mu + delta * count / both, s2 + m2 + delta ** 2 * n * count / both
 
 
 def _is_number(value: object) -> bool:
@@ -256,7 +289,9 @@ def resolve_normalization(
         - ``"meanstd"``: the image's mean maps to 0 and its standard deviation to 1
           (estimated from ``sample()``).
         - ``"zscore"``: the same per channel, over the foreground (the voxels nonzero in
-          any channel), as nnU-Net normalises MRI; ``sample()`` gives channels first.
+          any channel), the statistics nnU-Net normalises MRI with; ``sample()`` gives
+          the whole image, channels first, as one array or an iterable of blocks (see
+          :func:`zscore_statistics`).
         - ``(low, high)``: an explicit range mapped to [0, 1].
         - ``("window", centre, width)``: the display window ``[centre - width / 2,
           centre + width / 2]`` mapped to [0, 1], values outside clipped;
@@ -328,7 +363,7 @@ def resolve_normalization(
     if normalize == "meanstd":
         return Normalization("meanstd", *_mean_std(sample()))
     if normalize == "zscore":
-        return Normalization("zscore", *_zscore(sample()))
+        return Normalization("zscore", *zscore_statistics(sample()))
     if (
         isinstance(normalize, (tuple, list))
         and len(normalize) == 2

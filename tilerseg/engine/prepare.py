@@ -9,7 +9,8 @@ and resolves the global normalisation once.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,16 @@ def statistics_sample(source: ImageSource, view: ChannelFirstView) -> np.ndarray
     return ChannelFirstView(sample, source.axes, view.spatial, view.channels)[:]
 
 
+def slabs(view: ChannelFirstView, values: int = 1 << 24) -> Iterator[np.ndarray]:
+    """The whole of ``view``, ``(C, *spatial)``, in slabs along its first spatial axis of
+    at most about ``values`` values each: for statistics computed from every voxel (the
+    z-score normalisation) at the memory of one slab."""
+    per_plane = max(1, math.prod(view.shape) // view.shape[1])
+    step = max(1, values // per_plane)
+    for start in range(0, view.shape[1], step):
+        yield view[:, start:start + step]
+
+
 @dataclass(frozen=True)
 class Prepared:
     """Everything a run needs, validated.
@@ -329,8 +340,10 @@ def prepare(image: Any, model: nn.Module, options: RunOptions | None = None, *,
         run_geometry = geometry
         tile_plan = plan(view.shape[1:], geometry, options.tile, tile_dev, tile_backend,
                          width=first_width(model))
+    exact = options.normalize == "zscore"  # from every voxel, slab by slab
     norm = resolve_normalization(
-        options.normalize, view.dtype, lambda: statistics_sample(source, view),
+        options.normalize, view.dtype,
+        lambda: slabs(view) if exact else statistics_sample(source, view),
         window=lambda: source.window,
     )
     labels = LabelPolicy.for_model(geometry.out_channels, getattr(model, "metadata", None),

@@ -98,12 +98,15 @@ def _files(folder: str | os.PathLike, what: str) -> list[str]:
     except ImageNotFoundError:
         files = []
     if not files:
-        raise ImageNotFoundError(f"{what} folder {folder!r} holds no PNG, TIFF or .npy images")
+        raise ImageNotFoundError(f"{what} folder {folder!r} holds no images (TIFF, PNG, JPEG, DICOM, NIfTI, .npy or .zarr)")
     return files
 
 
 def mask_to_classes(mask: np.ndarray, num_classes: int, name: str = "mask") -> np.ndarray:
     """A class map from a mask: integer classes ``0..num_classes-1``, or 0/255 binary.
+
+    A mask whose values are 0 and 255 only is binary (255 -> class 1) whatever
+    ``num_classes`` is, as ``tilerseg eval`` reads it.
 
     Examples
     --------
@@ -113,7 +116,7 @@ def mask_to_classes(mask: np.ndarray, num_classes: int, name: str = "mask") -> n
     values = np.unique(mask)
     if mask.dtype.kind not in "biu":
         raise InvalidImageError(f"{name} has dtype {mask.dtype}; masks must be integer class maps")
-    if num_classes == 2 and set(values.tolist()) <= {0, 255} and 255 in values:
+    if set(values.tolist()) <= {0, 255} and 255 in values:
         return (mask == 255).astype(np.int64)
     if values.min() < 0 or values.max() >= num_classes:
         raise InvalidImageError(
