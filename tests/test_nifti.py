@@ -126,14 +126,17 @@ def test_a_gzipped_file_is_decompressed_once_and_pickles_without_voxels(
         tmp_path: Path, volume: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     from tilerseg.io import nifti
 
+    import gzip
+    from types import SimpleNamespace
+
     path = write_nifti_file(tmp_path / "t1.nii.gz", volume[0][0])
-    loads = []
-    real = nifti._load
-    monkeypatch.setattr(nifti, "_load", lambda p: loads.append(p) or real(p))
+    opened = []
+    monkeypatch.setattr(nifti, "gzip", SimpleNamespace(
+        open=lambda *args, **kw: opened.append(args[0]) or gzip.open(*args, **kw)))
     source = open_image(path)
     for z in range(4):
         np.asarray(source.data[z, :5, :5])
-    assert len(loads) == 2  # the header, then the voxels once
+    assert len(opened) == 1  # the voxels, decompressed once
     base = source.data.base
     assert isinstance(base, nifti.NiftiArray) and base.compressed
     assert len(pickle.dumps(base)) < 4096  # the path and header values, not the voxels
@@ -485,3 +488,30 @@ def test_a_case_identity_is_its_modality_files(tmp_path: Path, volume: tuple) ->
     os.utime(files[1], ns=(by_name["mtime_ns"] + 10**9,) * 2)
     later = path_identity(str(tmp_path / "one" / "BRATS_007"))
     assert later["mtime_ns"] > by_name["mtime_ns"]
+
+
+def test_resume_of_a_finished_nifti_output_checks_its_run(tmp_path: Path, volume: tuple,
+                                                          model: Any) -> None:
+    """The run's manifest travels in the labels file: --resume says complete only for
+    the same run, and refuses a file another run (or another tool) wrote."""
+    from tilerseg.io.nifti import run_manifest
+
+    path = write_nifti_file(tmp_path / "case.nii.gz", volume[0], channels=True)
+    out = tmp_path / "seg.nii.gz"
+    tilerseg.segment_to_zarr(str(path), model, out, output="labels", tile=(16, 16, 16),
+                             workers=1, backend="torch")
+    manifest = run_manifest(out)
+    assert manifest is not None and manifest["options"]["output"] == "labels"
+    before = out.read_bytes()
+    assert tilerseg.segment_to_zarr(str(path), model, out, output="labels", resume=True,
+                                    tile=(16, 16, 16), workers=1, backend="torch") == out
+    with pytest.raises(tilerseg.OutputError, match="exists from another run"):
+        tilerseg.segment_to_zarr(str(path), model, out, output="labels", resume=True,
+                                 tile=(16, 16, 16), workers=1, backend="torch",
+                                 threshold=0.9)
+    foreign = tmp_path / "foreign.nii.gz"
+    write_nifti_file(foreign, volume[1])
+    with pytest.raises(tilerseg.OutputError, match="not written by a tilerseg run"):
+        tilerseg.segment_to_zarr(str(path), model, foreign, output="labels", resume=True,
+                                 tile=(16, 16, 16), workers=1, backend="torch")
+    assert out.read_bytes() == before

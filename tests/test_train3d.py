@@ -223,7 +223,7 @@ def test_3d_flips_and_rotations_keep_labels_and_respect_anisotropy() -> None:
                                        elastic=False, grey=False, spacing=(3, 1, 1))
         np.testing.assert_array_equal(image[0], mask)
         np.testing.assert_array_equal(weights, mask)
-        flips = [np.flip(labels, axes) for r in range(4) for axes in
+        flips = [np.flip(labels, axes) for axes in
                  [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]]
         plain = any(np.array_equal(mask, f) for f in flips)
         seen_rot |= not plain

@@ -117,6 +117,14 @@ def _default_output(path: str | None) -> str:
     return "labels" if path and is_nifti_path(path) else "probabilities"
 
 
+def _default_dtype(path: str | None) -> str:
+    """How ``run`` stores probabilities without ``--dtype``: float32 for a NIfTI output
+    (its probabilities file is float32: not rounded to 1/255 on the way), else uint8."""
+    from .io.nifti import is_nifti_path
+
+    return "float32" if path and is_nifti_path(path) else "uint8"
+
+
 def _run_options(args: argparse.Namespace) -> Any:
     """The RunOptions of ``tilerseg run`` / ``batch`` flags."""
     from .engine.options import run_options
@@ -133,7 +141,8 @@ def _run_options(args: argparse.Namespace) -> Any:
         normalize=normalize,
         tile=_tile(args), batch_size=args.batch_size, device=args.device,
         output=args.output or _default_output(getattr(args, "output_path", None)),
-        dtype=args.dtype, threshold=args.threshold, level=args.level,
+        dtype=args.dtype or _default_dtype(getattr(args, "output_path", None)),
+        threshold=args.threshold, level=args.level,
         channel=_channels(args.channel), precision=args.precision,
         calibration=args.calibration, compile=args.compile, backend=args.backend,
         skip_background=args.skip_background, background_tolerance=args.background_tolerance,
@@ -700,7 +709,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", default=None, metavar="N|Z,Y,X",
                    help="output tile side in px (voxels in 3D), or one per axis, each a "
                    "multiple of its axis's pooling step (default: 2D 512 on the CPU with "
-                   "torch, 1024 with OpenVINO and on GPUs; 3D 64,128,128 on the CPU, 128 on GPUs)")
+                   "torch, 1024 with OpenVINO and on GPUs; 3D on the CPU 64,256,256, 64,128,128 or 64 "
+                   "by the model's width (a memory budget), 128 on GPUs)")
     p.add_argument("--level", type=int, default=0, metavar="N", help="input pyramid level (default 0)")
     p.add_argument("--channel", default=None, metavar="C[,C...]", help="input channels to use, e.g. 0 or 0,2")
     p.add_argument("--device", default="auto", metavar="DEVICE",
@@ -722,8 +732,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    default=None, help="what to write: instances = the "
                    "probabilities and an instance label image, labels/instances "
                    "(default: probabilities; labels for a NIfTI output, -o OUT.nii.gz)")
-    p.add_argument("--dtype", choices=("uint8", "float16", "float32"), default="uint8",
-                   help="probability storage type; uint8 = round(255 p) (default)")
+    p.add_argument("--dtype", choices=("uint8", "float16", "float32"), default=None,
+                   help="probability storage type; uint8 = round(255 p) (default; float32 "
+                   "for a NIfTI output, whose probabilities file is float32)")
     p.add_argument("--threshold", type=float, default=None, metavar="P",
                    help="foreground probability threshold for labels (default: the "
                    "model's tuned threshold, else argmax / 0.5)")

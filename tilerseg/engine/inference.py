@@ -81,8 +81,10 @@ def segment(
     tile : int or sequence of int, optional
         Output tile side in pixels, a positive multiple of the model's pooling step
         (16 for a depth-4 U-Net). Default: 512 on the CPU with torch, 1024 with OpenVINO
-        and on a GPU (2D); 64 x 128 x 128 (Z, Y, X) on the CPU and 128 on GPUs (3D);
-        reduced to the image size where the image is smaller.
+        and on a GPU (2D); 3D on the CPU the largest of 64 x 256 x 256, 64 x 128 x 128 and
+        64 (Z, Y, X) whose window fits a memory budget for the model's width (see
+        :func:`tilerseg.engine.device.default_tile`), 128 on GPUs; reduced to the image
+        size where the image is smaller.
     batch_size : int, optional
         Tiles per forward pass. Default: 1 on the CPU, 4 on a GPU.
     device : str or torch.device

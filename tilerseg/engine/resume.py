@@ -131,6 +131,39 @@ def _busy(work: WorkDir, out: UPath) -> OutputError | None:
     return OutputError(f"another tilerseg run is writing '{out}': {running[0].describe()}")
 
 
+def _differences(manifest: dict[str, Any], model: nn.Module, options: RunOptions,
+                 identity: dict[str, Any], digest: str) -> list[str]:
+    from .. import __version__
+
+    labels = LabelPolicy.for_model(manifest["geometry"]["out_channels"],
+                                   getattr(model, "metadata", None), options.threshold)
+    return differences(manifest, options, version=__version__, digest=digest,
+                       identity=identity, labels=labels.as_dict(), geometry=check_model(model))
+
+
+def run_differences(manifest: dict[str, Any], image: Any, model: nn.Module,
+                    options: RunOptions) -> list[str]:
+    """What would differ between the finished run ``manifest`` records and a run of
+    ``model`` on ``image`` with ``options`` now (empty: the same run).
+
+    Parameters
+    ----------
+    manifest : dict
+        A finished run's manifest (e.g. kept in a NIfTI output's header extension).
+    image, model, options
+        As for :func:`start`.
+
+    Returns
+    -------
+    list of str
+        One line per difference (parameters, input, weights, tilerseg version...).
+    """
+    options = model_normalize(options, model)
+    source = _source(image, options)
+    return _differences(manifest, model, options, input_identity(image, source),
+                        weights_digest(model))
+
+
 def _source(image: Any, options: RunOptions) -> ImageSource | None:
     """The opened image (None for an in-memory numpy image, taken as it is)."""
     if isinstance(image, ImageSource):
@@ -237,8 +270,6 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
     InvalidArgumentError
         An unfinished (or finished) run to continue was made with other parameters.
     """
-    from .. import __version__
-
     options = model_normalize(options, model)  # the model's own normalisation, if it states one
     out = remote.output_location(out)
     private = not remote.is_local(out)  # bookkeeping in a private local folder, no resume
@@ -257,11 +288,7 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
     path = identity.get("path")  # absolute: workers may run elsewhere
 
     def diffs(manifest: dict[str, Any]) -> list[str]:
-        labels = LabelPolicy.for_model(manifest["geometry"]["out_channels"],
-                                       getattr(model, "metadata", None), options.threshold)
-        return differences(manifest, options, version=__version__, digest=digest,
-                           identity=identity, labels=labels.as_dict(),
-                           geometry=check_model(model))
+        return _differences(manifest, model, options, identity, digest)
 
     wp = work_path(out) if not private else Path(
         tempfile.gettempdir()) / f"tilerseg-{uuid.uuid4().hex}.partial"

@@ -18,7 +18,7 @@ from upath import UPath
 from ..errors import InvalidArgumentError, OutputError, TilersegError
 from ..io import remote
 from ..io.formats import strip_image_suffix
-from ..io.nifti import is_nifti_path, probabilities_path, write_nifti
+from ..io.nifti import is_nifti_path, probabilities_path, run_manifest, write_nifti
 from .executors import ShardExecutor, parse_shard, resolve_executor
 from .executors.shard import Shard
 from .jobs import default_output_path, read_final_manifest
@@ -310,14 +310,22 @@ def _segment_to_nifti(image: Any, model: nn.Module, out: str | os.PathLike,
     wants_probabilities = options.output in ("probabilities", "both")
     targets = [target] + ([Path(probabilities_path(target))] if wants_probabilities else [])
     existing = [t for t in targets if t.exists()]
+    if options.output == "probabilities":
+        options = run_options(options, output="both")
     if resume and not overwrite and len(existing) == len(targets):
-        log.info("%s is already complete", target)
-        return target
+        from .resume import run_differences
+
+        manifest = run_manifest(target)
+        changed = (["it was not written by a tilerseg run"] if manifest is None
+                   else run_differences(manifest, image, model, options))
+        if not changed:
+            log.info("%s is already complete", target)
+            return target
+        raise OutputError(f"output '{target}' exists from another run: {changed[0]}; pass "
+                          "--overwrite to replace it")
     if existing and not overwrite:
         raise OutputError(f"output '{existing[0]}' exists; pass --overwrite to replace it")
     store = nifti_store_path(target)
-    if options.output == "probabilities":
-        options = run_options(options, output="both")
     written = segment_to_zarr(image, model, store, options, resume=resume, overwrite=overwrite,
                               executor=executor, progress=progress, model_source=model_source,
                               output_format="zarr")

@@ -59,7 +59,9 @@ Examples
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
+import json
 import logging
 import os
 import re
@@ -79,7 +81,7 @@ from tilerseg.io.source import ImageSpace
 __all__ = [
     "NIFTI_EXTENSIONS", "NiftiArray", "ChannelStack", "case_files", "case_name",
     "folder_case", "is_nifti_path", "looks_like_nifti", "probabilities_path",
-    "read_nifti", "read_nifti_case", "write_nifti",
+    "read_nifti", "read_nifti_case", "run_manifest", "write_nifti",
 ]
 
 log = logging.getLogger(__name__)
@@ -242,15 +244,21 @@ class NiftiArray:
             return voxels
         with self._lock:
             if self._voxels is None:
-                if self.compressed:
-                    image = _load(self.path)
-                    log.debug("decompressing %s (%d bytes)", self.path,
-                              int(np.prod(self.shape)) * self._stored.itemsize)
-                    raw = np.asarray(image.dataobj.get_unscaled())
-                    if raw.shape != self.shape:
-                        raise unreadable(self.path, f"voxel data of shape {raw.shape}, "
-                                         f"header says {self.shape}")
-                    self._voxels = raw
+                if self.compressed:  # gzip directly: no nibabel (and its globals) here
+                    count = int(np.prod(self.shape))
+                    size = count * self._stored.itemsize
+                    log.debug("decompressing %s (%d bytes)", self.path, size)
+                    try:
+                        with gzip.open(self.path, "rb") as f:
+                            f.seek(self._offset)
+                            data = f.read(size)
+                    except (OSError, EOFError) as exc:
+                        raise unreadable(self.path, short_reason(exc)) from None
+                    if len(data) < size:
+                        raise unreadable(self.path, f"truncated: {len(data)} of the {size} "
+                                         "bytes of voxel data the header describes")
+                    self._voxels = np.frombuffer(data, self._stored, count).reshape(
+                        self.shape, order="F")
                 else:
                     self._voxels = np.memmap(self.path, dtype=self._stored, mode="r",
                                              offset=self._offset, shape=self.shape, order="F")
@@ -611,11 +619,49 @@ def _header(nib: Any, space: ImageSpace, dtype: np.dtype, description: str) -> A
     return header
 
 
+_MANIFEST_CODE = 6  # NIfTI extension code "comment"
+_MANIFEST_TAG = b"tilerseg-manifest "
+
+
+def run_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The manifest of the run that wrote a NIfTI output (kept in a header extension by
+    :func:`write_nifti`), or None for another file.
+
+    Parameters
+    ----------
+    path : path
+        A ``.nii`` / ``.nii.gz`` file.
+
+    Returns
+    -------
+    dict or None
+        What ``tilerseg run --resume`` compares with the run asked for.
+    """
+    nib = _nibabel(os.fspath(path))
+    try:
+        with _quiet_nibabel(os.fspath(path)):
+            extensions = nib.load(os.fspath(path)).header.extensions
+    except Exception:  # noqa: BLE001 - not a readable NIfTI file: not tilerseg's
+        return None
+    for extension in extensions:
+        content = extension.get_content()
+        if extension.get_code() == _MANIFEST_CODE and isinstance(content, bytes) \
+                and content.startswith(_MANIFEST_TAG):
+            try:
+                return json.loads(content[len(_MANIFEST_TAG):].rstrip(b"\0"))
+            except ValueError:
+                return None
+    return None
+
+
 def _write_image(nib: Any, data: np.ndarray, space: ImageSpace, description: str,
-                 target: Path, intent: str | None) -> Path:
+                 target: Path, intent: str | None, manifest: dict[str, Any] | None) -> Path:
     """Write ``data`` as a NIfTI image in ``space`` into a temporary file beside
     ``target``; return the temporary file (renamed by the caller)."""
     header = _header(nib, space, data.dtype, description)
+    if manifest is not None:  # what --resume compares (see run_manifest)
+        header.extensions.append(nib.nifti1.Nifti1Extension(
+            _MANIFEST_CODE, _MANIFEST_TAG + json.dumps(manifest, sort_keys=True).encode()))
     cls = nib.Nifti2Image if space.header_format == "nifti2" else nib.Nifti1Image
     affine = np.array(space.affine, dtype=np.float64)
     if space.header:  # the file's own sform and qform, as read
@@ -671,7 +717,8 @@ def write_nifti(output: str | os.PathLike, path: str | os.PathLike, *,
     ``attrs["tilerseg"]["input"]["space"]``): the sform, the qform and their codes are
     the input's, the data shape is the input's spatial shape in its voxel order
     ``X, Y, Z``, ``scl_slope`` / ``scl_inter`` and ``cal_min`` / ``cal_max`` are reset,
-    the intent is "label" (none for probabilities) and ``descrip`` names tilerseg. Any
+    the intent is "label" (none for probabilities), ``descrip`` names tilerseg, and a
+    header extension (code 6, comment) holds the run's manifest (:func:`run_manifest`). Any
     other input gets a diagonal affine of its pixel sizes in mm (1 mm where unknown)
     with nibabel's default codes (sform 2 "aligned", qform 0), and a 2-D image one plane
     (``(X, Y, 1)``). Each file is written whole from memory into a temporary file
@@ -731,7 +778,7 @@ def write_nifti(output: str | os.PathLike, path: str | os.PathLike, *,
     else:
         space = _default_space(dict(spec.get("pixel_size") or {}),
                                shape + (1,) * (3 - len(shape)))
-    if int(np.prod(space.shape)) != int(np.prod(shape)):
+    if shape + (1,) * (len(space.shape) - len(shape)) != tuple(space.shape):
         raise OutputError(f"'{output}' has labels of shape {tuple(found['labels'].shape)} but "
                           f"its input's space has {space.shape} voxels")
     version = info.get("version", "")
@@ -743,11 +790,11 @@ def write_nifti(output: str | os.PathLike, path: str | os.PathLike, *,
             data = _to_voxel_order(probs, "C" + spatial, planes)
             temps.append((_write_image(nib, data, space,
                                        f"tilerseg {version} class probabilities", prob_target,
-                                       None), prob_target))
+                                       None, info.get("manifest")), prob_target))
         labels = np.asarray(found["labels"][...])
         data = _to_voxel_order(labels, spatial, space.shape)
         temps.append((_write_image(nib, data, space, f"tilerseg {version} labels", target,
-                                   _LABEL_INTENT), target))
+                                   _LABEL_INTENT, info.get("manifest")), target))
         for temp, final in temps:  # the labels last: they mark the output complete
             os.replace(temp, final)
     finally:
