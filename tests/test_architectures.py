@@ -202,7 +202,8 @@ def test_forward_backward_and_training_steps(name: str, tmp_path: Path) -> None:
         y = (torch.rand((1, *out)) > 0.5).long()
         losses = [float(step(x, y, torch.ones((1, *out)))) for _ in range(3)]
         assert all(np.isfinite(losses)) and losses[-1] < losses[0]
-        with pytest.raises(InvalidModelError, match=r"is 3D; training takes 2D models"):
+        # 3D models train on volumes (tests/test_train3d.py); 2D pairs are refused
+        with pytest.raises(InvalidModelError, match=r"is 3D but 0 is 2D"):
             train(_pairs(1), tmp_path / "run", TrainConfig(model={"name": name}, epochs=1))
         return
     config, window = TRAIN[name]

@@ -742,7 +742,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="intensity normalisation: auto (default: the model's own where it "
                    "states one, else by dtype), none, range, percentile, percentile:LOW:HIGH, "
                    "meanstd, or zscore (per channel over the voxels nonzero in any channel, "
-                   "as nnU-Net normalises MRI); see also --window")
+                   "nnU-Net's statistics for MRI); see also --window")
     p.add_argument("--window", default=None, metavar="dicom|NAME|C,W",
                    help="display-window normalisation: [C - W/2, C + W/2] maps to [0, 1], "
                    "values outside are clipped. dicom = the file's WindowCenter/WindowWidth; "

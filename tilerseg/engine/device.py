@@ -124,7 +124,24 @@ def default_tile(ndim: int, device: torch.device, backend: str = "torch",
 
 
 def first_width(model: Any) -> int | None:
-    """The output channels of a model's first convolution (None if it has none)."""
+    """The output channels of a model's first convolution.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Any model.
+
+    Returns
+    -------
+    int or None
+        The first ``Conv2d`` / ``Conv3d`` module's ``out_channels``; None if it has none.
+
+    Examples
+    --------
+    >>> import tilerseg
+    >>> first_width(tilerseg.create_model("unet3d", base_channels=16))
+    16
+    """
     modules = model.modules() if hasattr(model, "modules") else ()
     return next((int(m.out_channels) for m in modules
                  if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))), None)
