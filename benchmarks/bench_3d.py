@@ -41,8 +41,13 @@ Exactness (after the timed runs): tilerseg's output against the one-shot referen
 the valid model (the whole volume, normalised with the statistics tilerseg recorded,
 padded by reflection by the halo and to an admissible size, one forward pass, cropped);
 MONAI's blended output against the same-padded model run once on the whole volume. The
-largest absolute probability differences are printed (tilerseg's should be float32
-round-off; MONAI's shows its blending seams).
+largest and mean absolute probability differences and the share of voxels whose label
+(argmax) differs are printed (tilerseg's should be float32 round-off; MONAI's shows its
+blending seams).
+
+``--tile`` and ``--run-args`` pass options to ``tilerseg run`` (e.g. ``--tile 64,64,64
+--run-args "--workers 2 --threads 1"``, the default before 3D got its own), to compare
+its tiles and workers (``--methods tilerseg-run --no-check``).
 
 MONAI is a benchmark-only dependency (``pip install monai --no-deps``).
 
@@ -50,6 +55,8 @@ Usage, from the repository root with the virtualenv active::
 
     python benchmarks/bench_3d.py --repeats 3 --workdir /tmp/tilerseg-3d
     python benchmarks/bench_3d.py --shape 64,128,128 --repeats 1
+    python benchmarks/bench_3d.py --methods tilerseg-run --no-check --workdir /tmp/tilerseg-3d \
+        --tile 64,128,128 --run-args "--workers 2 --threads 1"
 """
 
 from __future__ import annotations
@@ -82,6 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--overlap", type=float, default=0.25, help="MONAI overlap (its default)")
     p.add_argument("--format", choices=("nifti", "npy"), default="nifti")
     p.add_argument("--tile", default=None, help="tilerseg's --tile (default: its default)")
+    p.add_argument("--run-args", default="", help="more options for tilerseg run, e.g. "
+                   "'--workers 2 --threads 1'")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--workdir", default=None)
@@ -195,7 +204,7 @@ def commands(args: argparse.Namespace, workdir: Path, path: Path) -> dict[str, l
                          str(workdir / "valid.pt"), "--normalize", "zscore", "--output",
                          "probabilities", "--dtype", "float32", "-o",
                          str(workdir / "tilerseg.zarr"), "--overwrite", "-q"]
-                        + (["--tile", args.tile] if args.tile else []),
+                        + (["--tile", args.tile] if args.tile else []) + args.run_args.split(),
         "monai": me + ["--child", "monai"],
         "monai-cl": me + ["--child", "monai-cl"],
     }
@@ -288,11 +297,12 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{cpu_name()}, {os.cpu_count()} cores; volume {args.shape} x {args.channels} "
           f"channels ({args.format}); unet3d base {args.base_channels}; tilerseg tile "
-          f"{args.tile or 'default'}; MONAI roi {args.roi} "
+          f"{args.tile or 'default'} {args.run_args}; MONAI roi {args.roi} "
           f"overlap {args.overlap}")
     result: dict[str, Any] = {"shape": args.shape, "channels": args.channels,
                               "base_channels": args.base_channels, "roi": args.roi,
-                              "overlap": args.overlap, "tile": args.tile, "cpu": cpu_name(),
+                              "overlap": args.overlap, "tile": args.tile,
+                              "run_args": args.run_args, "cpu": cpu_name(),
                               "methods": {}}
     for m in args.methods:
         median = statistics.median(times[m])
