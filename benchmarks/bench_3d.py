@@ -210,29 +210,15 @@ def commands(args: argparse.Namespace, workdir: Path, path: Path) -> dict[str, l
     }
 
 
-def one_shot(model: Any, volume: np.ndarray, valid: bool) -> np.ndarray:
+def one_shot_same(model: Any, volume: np.ndarray) -> np.ndarray:
+    """The same-padded model's softmax over the whole volume in one pass."""
     import torch
 
-    import tilerseg
-
-    crop = tuple(slice(0, n) for n in volume.shape[1:])
-    if valid:  # DESIGN section 1: reflect by the halo, then up to an admissible size
-        g = tilerseg.model_geometry(model)
-        crop = tuple(slice(g.crop_offset(a), g.crop_offset(a) + n)
-                     for a, n in enumerate(volume.shape[1:]))
-        pads = [(0, 0)]
-        for axis, n in enumerate(volume.shape[1:]):
-            size = n + 2 * g.halo[axis]
-            while not g.is_admissible(size, axis):
-                size += 1
-            pads.append((g.halo[axis], size - n - g.halo[axis]))
-        volume = np.pad(volume, pads, mode="reflect")
     model = model.to(memory_format=torch.channels_last_3d)
     x = torch.from_numpy(np.ascontiguousarray(volume))[None].contiguous(
         memory_format=torch.channels_last_3d)
     with torch.inference_mode():
-        logits = model(x)[0][(slice(None), *crop)]
-        return torch.softmax(logits.float(), dim=0).numpy()
+        return torch.softmax(model(x)[0].float(), dim=0).numpy()
 
 
 def check(args: argparse.Namespace, workdir: Path, path: Path, ran: list[str]
@@ -248,13 +234,15 @@ def check(args: argparse.Namespace, workdir: Path, path: Path, ran: list[str]
     if "tilerseg-run" in ran:
         recorded = zarr.open_group(workdir / "tilerseg.zarr", mode="r").attrs["tilerseg"]
         norm = Normalization(**recorded["normalization"])
-        reference = one_shot(valid, norm(volume), valid=True)
+        from tests.reference import one_shot_reference  # DESIGN section 1, as the tests
+
+        reference = one_shot_reference(norm(volume), valid)
         got = np.asarray(open_output(workdir / "tilerseg.zarr")["probabilities"][...])
         found["tilerseg-run"] = differences(got, reference)
         del reference, got
     monai = [m for m in ("monai", "monai-cl") if m in ran]
     if monai:
-        reference = one_shot(same, zscore(volume), valid=False)
+        reference = one_shot_same(same, zscore(volume))
         for m in monai:
             found[m] = differences(np.load(workdir / f"{m}.npy"), reference)
     return found
@@ -330,4 +318,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.reference
     raise SystemExit(main())

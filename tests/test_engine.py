@@ -224,7 +224,7 @@ def test_bad_images(small_model: torch.nn.Module, image: np.ndarray, pattern: st
         ({"device": "gpu0"}, r"device='gpu0' is not a device"),
         ({"device": "cuda:7"}, r"device='cuda:7'"),
         ({"batch_size": 0}, r"batch_size=0 must be a positive integer"),
-        ({"normalize": "zscore"}, r"normalize='zscore' is not understood"),
+        ({"normalize": "z-score"}, r"normalize='z-score' is not understood"),
         ({"normalize": (1.0, 1.0)}, r"must be finite with low < high"),
     ],
 )

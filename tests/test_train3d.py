@@ -25,6 +25,7 @@ from tilerseg.train.sampling import training_window
 from tilerseg.train.weights import border_weights
 
 from .reference import one_shot_reference
+from .test_train import _straight_and_resumed
 
 TINY3D = {"name": "unet3d", "depth": 1, "base_channels": 2, "in_channels": 1,
           "num_classes": 3}
@@ -317,19 +318,7 @@ def test_3d_resume_continues_exactly(tmp_path: Path) -> None:
                   (2.0, 1.0, 1.0))]
     config = TrainConfig(model=TINY3D, epochs=2, steps_per_epoch=3, batch_size=1,
                          window=(12, 24, 24), seed=5, normalize="none", elastic_p=0.5)
-    train(pairs, tmp_path / "straight", config)
-
-    def interrupt(epoch: int, step: int, steps: int, loss: float) -> None:
-        if epoch == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(pairs, tmp_path / "resumed", config, progress=interrupt)
-    train(pairs, tmp_path / "resumed", config, resume=True)
-    a = tilerseg.load_model(tmp_path / "straight" / "last.pt").state_dict()
-    b = tilerseg.load_model(tmp_path / "resumed" / "last.pt").state_dict()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    _straight_and_resumed(pairs, tmp_path, config)
 
 
 def test_unetpp_trains_in_3d_with_anisotropic_pooling(tmp_path: Path) -> None:

@@ -98,8 +98,9 @@ _load_lock = threading.Lock()
 
 
 def is_nifti_path(name: str | os.PathLike) -> bool:
-    """Whether ``name`` ends in ``.nii`` or ``.nii.gz`` (any case)."""
-    return os.fspath(name).lower().endswith(NIFTI_EXTENSIONS)
+    """Whether ``name`` (a path, or a URL's path) ends in ``.nii`` or ``.nii.gz`` (any
+    case)."""
+    return str(name).lower().endswith(NIFTI_EXTENSIONS)
 
 
 def _split_ext(path: str) -> tuple[str, str]:
