@@ -169,11 +169,11 @@ def zscore_statistics(blocks: np.ndarray | Iterable[np.ndarray]
     """Per-channel ``(mean, mean + std)`` over the foreground of an image given whole or
     in blocks, each ``(C, ...)``: the low and high of ``normalize="zscore"``.
 
-    The foreground is the voxels that are nonzero in any channel (all voxels if none is);
-    a channel flat there is mapped to 0 rather than divided by zero. Blocks are combined
-    exactly (counts, means and squared deviations, Chan et al.'s pairwise update), so a
-    volume read slab by slab gives the statistics of the whole volume at the memory of
-    one slab.
+    The foreground is the voxels that are nonzero in any channel; a channel flat there is
+    mapped to 0 rather than divided by zero, and an image that is 0 everywhere by
+    ``(0, 1)``. Blocks are combined exactly (counts, means and squared deviations, Chan et
+    al.'s pairwise update), so a volume read slab by slab gives the statistics of the
+    whole volume at the memory of one slab.
 
     Examples
     --------
@@ -183,21 +183,23 @@ def zscore_statistics(blocks: np.ndarray | Iterable[np.ndarray]
     >>> zscore_statistics(image)[0]
     (4.0, 5.0)
     """
-    totals = {True: None, False: None}  # over the foreground, over every voxel
+    total: tuple[int, np.ndarray, np.ndarray] | None = None
+    channels = None
     for block in [blocks] if isinstance(blocks, np.ndarray) else blocks:
         values = np.asarray(block)
         if values.ndim < 2:
             raise InvalidArgumentError(
                 f"normalize='zscore' needs channels first, got shape {values.shape}")
-        values = values.reshape(values.shape[0], -1)
-        foreground = (values != 0).any(axis=0)
-        for masked, part in ((True, values[:, foreground]), (False, values)):
-            if part.shape[1]:
-                totals[masked] = _merge(totals[masked], part.astype(np.float64))
-    found = totals[True] or totals[False]
-    if found is None:
+        channels = values.shape[0]
+        values = values.reshape(channels, -1)
+        foreground = values[:, (values != 0).any(axis=0)]
+        if foreground.shape[1]:
+            total = _merge(total, foreground)
+    if channels is None:
         raise InvalidArgumentError("normalize='zscore' got an empty image")
-    count, mean, m2 = found
+    if total is None:  # no voxel is nonzero
+        return (0.0,) * channels, (1.0,) * channels
+    count, mean, m2 = total
     std = np.sqrt(m2 / count)
     std[~(std > 0)] = 1.0
     return tuple(float(m) for m in mean), tuple(float(m + d) for m, d in zip(mean, std))
@@ -205,9 +207,13 @@ def zscore_statistics(blocks: np.ndarray | Iterable[np.ndarray]
 
 def _merge(total: tuple[int, np.ndarray, np.ndarray] | None, values: np.ndarray
            ) -> tuple[int, np.ndarray, np.ndarray]:
-    """(count, mean, sum of squared deviations) of ``total`` and the columns of ``values``."""
-    count, mean = values.shape[1], values.mean(axis=1)
-    m2 = ((values - mean[:, None]) ** 2).sum(axis=1)
+    """(count, mean, sum of squared deviations) of ``total`` and the columns of ``values``,
+    in float64 (the sums of integer values are exact)."""
+    count = values.shape[1]
+    mean = values.sum(axis=1, dtype=np.float64) / count
+    deviations = values.astype(np.float64)
+    deviations -= mean[:, None]
+    m2 = np.einsum("ij,ij->i", deviations, deviations)
     if total is None:
         return count, mean, m2
     n, mu, s2 = total
