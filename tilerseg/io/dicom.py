@@ -48,7 +48,7 @@ import numpy as np
 
 from tilerseg.errors import InvalidImageError, TilersegError
 from tilerseg.io.formats import natural_key
-from tilerseg.io.raw import RawImage, short_reason, to_micrometres, unreadable
+from tilerseg.io.raw import RawImage, needs, short_reason, to_micrometres, unreadable
 
 __all__ = ["DICOM_EXTENSIONS", "DicomFrames", "dicom_files", "is_dicom_file", "read_dicom",
            "read_dicom_series"]
@@ -152,13 +152,8 @@ def _quiet_pydicom(path: str) -> Iterator[None]:
 
 
 def _pydicom(label: str) -> Any:
-    try:
-        import pydicom
-        import pydicom.pixels  # noqa: F401
-    except ImportError:
-        raise InvalidImageError(
-            f"{label}: reading DICOM needs pydicom: pip install \"tilerseg[dicom]\"") from None
-    return pydicom
+    needs("pydicom.pixels", label, "DICOM", '"tilerseg[dicom]"')  # the decoders too
+    return needs("pydicom", label, "DICOM", '"tilerseg[dicom]"')
 
 
 def _first(value: Any) -> Any:

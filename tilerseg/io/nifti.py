@@ -75,7 +75,7 @@ from typing import Any
 import numpy as np
 
 from tilerseg.errors import InvalidImageError, OutputError, TilersegError
-from tilerseg.io.raw import RawImage, short_reason, to_micrometres, unreadable
+from tilerseg.io.raw import RawImage, needs, short_reason, to_micrometres, unreadable
 from tilerseg.io.source import ImageSpace
 
 __all__ = [
@@ -141,12 +141,7 @@ def case_name(name: str) -> tuple[str, int] | None:
 
 
 def _nibabel(label: str) -> Any:
-    try:
-        import nibabel
-    except ImportError:
-        raise InvalidImageError(
-            f"{label}: reading NIfTI needs nibabel: pip install \"tilerseg[nifti]\"") from None
-    return nibabel
+    return needs("nibabel", label, "NIfTI", '"tilerseg[nifti]"')
 
 
 class _Keep(logging.Handler):

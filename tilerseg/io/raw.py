@@ -3,6 +3,7 @@ small helpers every reader shares (error messages, units, axis guesses)."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +13,7 @@ import numpy as np
 from tilerseg.errors import InvalidImageError
 from tilerseg.io.source import ImageSpace
 
-__all__ = ["RawImage", "guess_axes", "short_reason", "to_micrometres", "unreadable"]
+__all__ = ["RawImage", "guess_axes", "needs", "short_reason", "to_micrometres", "unreadable"]
 
 _UM_PER_UNIT = {
     "m": 1e6, "meter": 1e6, "metre": 1e6, "cm": 1e4, "centimeter": 1e4, "centimetre": 1e4,
@@ -48,6 +49,26 @@ class RawImage:
 def unreadable(label: str, reason: str) -> InvalidImageError:
     """The one-line error ``"<label> is not a readable image: <reason>"`` (to raise)."""
     return InvalidImageError(f"{label} is not a readable image: {reason}")
+
+
+def needs(module: str, label: str, what: str, install: str) -> Any:
+    """Import the optional ``module`` a reader needs, or raise the one-line error
+    ``"<label>: reading <what> needs <package>: pip install <install>"``.
+
+    Examples
+    --------
+    >>> needs("json", "a.txt", "JSON", "json").__name__
+    'json'
+    >>> needs("no_such_module", "a.xyz", "XYZ", '"tilerseg[xyz]"')
+    Traceback (most recent call last):
+    ...
+    tilerseg.errors.InvalidImageError: a.xyz: reading XYZ needs no_such_module: pip install "tilerseg[xyz]"
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise InvalidImageError(f"{label}: reading {what} needs {module.split('.')[0]}: "
+                                f"pip install {install}") from None
 
 
 def short_reason(exc: BaseException) -> str:

@@ -28,7 +28,7 @@ from tilerseg.errors import (
 )
 from tilerseg.io import dicom, nifti, remote, tiff, zarr_input
 from tilerseg.io.formats import FORMAT_BY_EXTENSION, SLICE_EXTENSIONS, is_zarr_dir
-from tilerseg.io.raw import RawImage, guess_axes, short_reason, unreadable
+from tilerseg.io.raw import RawImage, guess_axes, needs, short_reason, unreadable
 from tilerseg.io.source import AXES, ImageSource
 
 __all__ = ["LazyView", "RawImage", "open_image", "sample_for_statistics"]
@@ -339,13 +339,7 @@ def _open_url(url: str) -> RawImage:
 
 def _decode(data: bytes, kind: str, label: str) -> np.ndarray:
     """Decode PNG or JPEG bytes."""
-    try:
-        import imagecodecs
-    except ImportError:
-        raise InvalidImageError(
-            f"{label}: reading {kind.upper()} needs the 'imagecodecs' package "
-            "(pip install imagecodecs)"
-        ) from None
+    imagecodecs = needs("imagecodecs", label, kind.upper(), "imagecodecs")
     decode = imagecodecs.png_decode if kind == "png" else imagecodecs.jpeg_decode
     try:
         array = np.asarray(decode(data))
