@@ -109,20 +109,14 @@ def _tile(args: argparse.Namespace) -> int | list[int] | None:
     return _sides(args.tile, "--tile", "1024 or 64,128,128")
 
 
-def _default_output(path: str | None) -> str:
-    """What ``run`` writes without ``--output``: labels for a NIfTI output (what MONAI and
-    nnU-Net users keep), else probabilities."""
+def _output_defaults(path: str | None) -> tuple[str, str]:
+    """``run``'s ``--output`` and ``--dtype`` when not given: for a NIfTI output labels
+    (what MONAI and nnU-Net users keep) and, if probabilities are asked for, float32 (its
+    probabilities file is float32: not rounded to 1/255 on the way); else probabilities
+    as uint8."""
     from .io.nifti import is_nifti_path
 
-    return "labels" if path and is_nifti_path(path) else "probabilities"
-
-
-def _default_dtype(path: str | None) -> str:
-    """How ``run`` stores probabilities without ``--dtype``: float32 for a NIfTI output
-    (its probabilities file is float32: not rounded to 1/255 on the way), else uint8."""
-    from .io.nifti import is_nifti_path
-
-    return "float32" if path and is_nifti_path(path) else "uint8"
+    return ("labels", "float32") if path and is_nifti_path(path) else ("probabilities", "uint8")
 
 
 def _run_options(args: argparse.Namespace) -> Any:
@@ -137,11 +131,12 @@ def _run_options(args: argparse.Namespace) -> Any:
             raise InvalidArgumentError("--window and --normalize are two normalisations; "
                                        "give one")
         normalize = parse_window(args.window)
+    defaults = _output_defaults(getattr(args, "output_path", None))  # batch has none
     return run_options(
         normalize=normalize,
         tile=_tile(args), batch_size=args.batch_size, device=args.device,
-        output=args.output or _default_output(getattr(args, "output_path", None)),
-        dtype=args.dtype or _default_dtype(getattr(args, "output_path", None)),
+        output=args.output or defaults[0],
+        dtype=args.dtype or defaults[1],
         threshold=args.threshold, level=args.level,
         channel=_channels(args.channel), precision=args.precision,
         calibration=args.calibration, compile=args.compile, backend=args.backend,

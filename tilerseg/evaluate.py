@@ -51,6 +51,7 @@ from .metrics import (
     check_regions,
     check_spacing,
     check_thresholds,
+    is_binary_255,
     slice_curves,
     summarise_curves,
     volume_scores,
@@ -197,7 +198,7 @@ def _class_map(arr: np.ndarray, num_classes: int, label: str) -> np.ndarray:
     whole = np.isfinite(values).all() and (values == np.round(values)).all()
     if arr.dtype.kind == "f" and not whole:
         raise InvalidImageError(f"{label} values are not understood: not whole class numbers")
-    if np.isin(values, (0, 255)).all() and num_classes <= 255:
+    if is_binary_255(values) and num_classes <= 255:
         return (arr == 255).astype(np.uint8)
     if values.min() < 0 or values.max() >= num_classes:
         shown = ", ".join(str(v) for v in values[:6].tolist())
@@ -595,7 +596,7 @@ _MM_FROM = 0.1
 def _highest(mask: _Mask) -> int:
     """The largest class number of a class map (1 for a 0/255 binary mask)."""
     values = np.unique(_read(mask.data))
-    if values.size and np.isin(values, (0, 255)).all():
+    if values.size and is_binary_255(values):
         return 1
     return int(values.max()) if values.size else 0
 

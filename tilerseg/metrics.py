@@ -36,6 +36,7 @@ __all__ = [
     "expand_labels",
     "hd95",
     "iou_dice",
+    "is_binary_255",
     "isbi_scores",
     "pixel_error",
     "volume_scores",
@@ -724,6 +725,18 @@ def summarise_curves(
     }
 
 
+def is_binary_255(values: Any) -> bool:
+    """Whether a mask's values are all 0 or 255: an ISBI-style binary mask (255 is the
+    foreground, class 1), as training and ``tilerseg eval`` read one.
+
+    Examples
+    --------
+    >>> is_binary_255(np.array([0, 255])), is_binary_255(np.array([0, 1, 255]))
+    (True, False)
+    """
+    return bool(np.isin(values, (0, 255)).all())
+
+
 def binary_interior(mask: Any, name: str = "true mask") -> np.ndarray:
     """Boolean cell interior of an ISBI-style mask: 255 (or 1, or True) interior, 0 membrane.
 
@@ -756,7 +769,7 @@ def binary_interior(mask: Any, name: str = "true mask") -> np.ndarray:
     values = np.unique(arr)
     if np.isin(values, (0, 1)).all():
         return arr == 1
-    if np.isin(values, (0, 255)).all():
+    if is_binary_255(values):
         return arr == 255
     shown = ", ".join(str(v) for v in values[:6].tolist()) + (", ..." if len(values) > 6 else "")
     raise InvalidImageError(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ImageNotFoundError, InvalidArgumentError, InvalidImageError
+from ..metrics import is_binary_255
 from ..io.formats import image_paths, strip_image_suffix
 from ..io.readers import open_image
 
@@ -116,7 +117,7 @@ def mask_to_classes(mask: np.ndarray, num_classes: int, name: str = "mask") -> n
     values = np.unique(mask)
     if mask.dtype.kind not in "biu":
         raise InvalidImageError(f"{name} has dtype {mask.dtype}; masks must be integer class maps")
-    if set(values.tolist()) <= {0, 255} and 255 in values:
+    if is_binary_255(values):
         return (mask == 255).astype(np.int64)
     if values.min() < 0 or values.max() >= num_classes:
         raise InvalidImageError(

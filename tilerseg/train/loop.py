@@ -26,7 +26,7 @@ from ..models import create_model, load_model, model_geometry, save_model
 from ..normalize import Normalization
 from .data import Pair
 from .losses import check_loss, training_loss, weighted_loss
-from .sampling import (DEFAULT_OUTPUT_3D, PatchSampler, pair_normalization,
+from .sampling import (DEFAULT_OUTPUT_3D, PatchSampler, one_side, pair_normalization,
                        training_normalize, training_window)
 from .validation import better, validate_dice, validate_pixels
 from .weights import class_weights, weight_map
@@ -448,7 +448,7 @@ def train(
         least = tuple(g.admissible_input(2 * h + 1, a) for a, h in enumerate(g.halo))
         raise InvalidArgumentError(
             f"window={config.window} leaves no output for this model (halo "
-            f"{_side(g.halo)} px on each side); use a window of at least {_side(least)}")
+            f"{one_side(g.halo)} px on each side); use a window of at least {one_side(least)}")
     sampler = PatchSampler(train_pairs, weights, model, windows, config, rng, norms=norms)
     for pair in [*train_pairs, *val_pairs]:
         if any(n < o for n, o in zip(pair.mask.shape, outs)):
@@ -479,7 +479,7 @@ def train(
     if config.compile and state["epoch"] < config.epochs:
         step_once.compile(config.batch_size, sampler.windows)
     compiled = step_once.compiled
-    info: dict[str, Any] = {"window": _side(sampler.windows), "output": _side(sampler.outs),
+    info: dict[str, Any] = {"window": sampler.window, "output": sampler.out,
                             "train_images": len(train_pairs), "val_images": len(val_pairs)}
     info["normalization"] = training_normalization(sampler.norms, train_pairs)
     if ndim == 3:
@@ -491,7 +491,7 @@ def train(
     val_tile = tuple(max(s, o - o % s) for o, s in zip(
         (max(o, d) for o, d in zip(outs, DEFAULT_OUTPUT_3D)), g.step))
     log.info("training %s on %d tiles of %s px per step (%s%s): %s", config.model,
-             config.batch_size, _side(sampler.windows), config.precision,
+             config.batch_size, sampler.window, config.precision,
              ", compiled" if compiled else "", info)
     for epoch in range(state["epoch"], config.epochs):
         model.train()
@@ -531,8 +531,3 @@ def train(
         _save_state(out, optimizer, schedule, step_once.scaler, state)
         log.info("epoch %d: %s", epoch + 1, record)
     return {"history": state["history"], "best": state["best"], "compiled": compiled}
-
-
-def _side(values: Sequence[int]) -> int | list[int]:
-    """One side where all axes agree (2D messages and records stay as they were)."""
-    return values[0] if len(set(values)) == 1 else list(values)

@@ -114,8 +114,15 @@ def _locations(mask: np.ndarray) -> dict[int, np.ndarray]:
     return out
 
 
-def _shape_of(values: tuple[int, ...]) -> int | tuple[int, ...]:
-    return values[0] if len(set(values)) == 1 else values
+def one_side(values: Sequence[int]) -> int | tuple[int, ...]:
+    """One int where all axes agree (2D records and messages as before), else the tuple.
+
+    Examples
+    --------
+    >>> one_side((380, 380)), one_side((48, 156, 156))
+    (380, (48, 156, 156))
+    """
+    return values[0] if len(set(values)) == 1 else tuple(values)
 
 
 class PatchSampler:
@@ -163,9 +170,9 @@ class PatchSampler:
         self.elastic_p = (1.0 if g.ndim == 2 else 0.2) if elastic_p is None else float(elastic_p)
         self.locations = [_locations(p.mask) for p in pairs] if self.foreground > 0 else []
 
-    window = property(lambda self: _shape_of(self.windows))
-    halo = property(lambda self: _shape_of(self.halos))
-    out = property(lambda self: _shape_of(self.outs))
+    window = property(lambda self: one_side(self.windows))
+    halo = property(lambda self: one_side(self.halos))
+    out = property(lambda self: one_side(self.outs))
 
     def origin(self, k: int) -> tuple[int, ...]:
         """A random output origin in image ``k`` (on foreground with the chosen share)."""
