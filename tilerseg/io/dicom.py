@@ -48,7 +48,7 @@ import numpy as np
 
 from tilerseg.errors import InvalidImageError, TilersegError
 from tilerseg.io.formats import natural_key
-from tilerseg.io.raw import RawImage, needs, short_reason, to_micrometres, unreadable
+from tilerseg.io.raw import RawImage, expand_key, needs, short_reason, to_micrometres, unreadable
 
 __all__ = ["DICOM_EXTENSIONS", "DicomFrames", "dicom_files", "is_dicom_file", "read_dicom",
            "read_dicom_series"]
@@ -490,13 +490,7 @@ class DicomFrames:
         return array
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        key = key if isinstance(key, tuple) else (key,)
-        if any(k is Ellipsis for k in key):
-            at = next(i for i, k in enumerate(key) if k is Ellipsis)
-            key = key[:at] + (slice(None),) * (self.ndim - len(key) + 1) + key[at + 1:]
-        key = key + (slice(None),) * (self.ndim - len(key))
-        if len(key) > self.ndim:
-            raise IndexError(f"too many indices ({len(key)}) for {self.ndim} dimensions")
+        key = expand_key(key, self.ndim)
         if not self.stack:
             return np.array(self.frame(0)[key])
         planes, rest = key[0], key[1:]

@@ -75,7 +75,7 @@ from typing import Any
 import numpy as np
 
 from tilerseg.errors import InvalidImageError, OutputError, TilersegError
-from tilerseg.io.raw import RawImage, needs, short_reason, to_micrometres, unreadable
+from tilerseg.io.raw import RawImage, expand_key, needs, short_reason, to_micrometres, unreadable
 from tilerseg.io.source import ImageSpace
 
 __all__ = [
@@ -288,11 +288,7 @@ class ChannelStack:
         return f"ChannelStack({len(self.arrays)} x {self.arrays[0]!r})"
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        key = key if isinstance(key, tuple) else (key,)
-        if any(k is Ellipsis for k in key):
-            at = next(i for i, k in enumerate(key) if k is Ellipsis)
-            key = key[:at] + (slice(None),) * (self.ndim - len(key) + 1) + key[at + 1:]
-        key = key + (slice(None),) * (self.ndim - len(key))
+        key = expand_key(key, self.ndim)
         spatial, channel = key[:-1], key[-1]
         if not isinstance(channel, slice):
             return np.asarray(self.arrays[channel][spatial], dtype=self.dtype)

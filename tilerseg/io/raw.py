@@ -13,7 +13,7 @@ import numpy as np
 from tilerseg.errors import InvalidImageError
 from tilerseg.io.source import ImageSpace
 
-__all__ = ["RawImage", "guess_axes", "needs", "short_reason", "to_micrometres", "unreadable"]
+__all__ = ["RawImage", "expand_key", "guess_axes", "needs", "short_reason", "to_micrometres", "unreadable"]
 
 _UM_PER_UNIT = {
     "m": 1e6, "meter": 1e6, "metre": 1e6, "cm": 1e4, "centimeter": 1e4, "centimetre": 1e4,
@@ -49,6 +49,29 @@ class RawImage:
 def unreadable(label: str, reason: str) -> InvalidImageError:
     """The one-line error ``"<label> is not a readable image: <reason>"`` (to raise)."""
     return InvalidImageError(f"{label} is not a readable image: {reason}")
+
+
+def expand_key(key: Any, ndim: int) -> tuple[Any, ...]:
+    """An index of a lazy image as ``ndim`` integers and slices (``...`` expanded, missing
+    trailing axes whole), checked: what the format readers' lazy arrays take.
+
+    Examples
+    --------
+    >>> expand_key((..., 2), 3)
+    (slice(None, None, None), slice(None, None, None), 2)
+    """
+    key = key if isinstance(key, tuple) else (key,)
+    if any(k is Ellipsis for k in key):
+        at = next(i for i, k in enumerate(key) if k is Ellipsis)
+        key = key[:at] + (slice(None),) * (ndim - len(key) + 1) + key[at + 1:]
+    if len(key) > ndim:
+        raise IndexError(f"too many indices ({len(key)}) for {ndim} dimensions")
+    for k in key:
+        if not isinstance(k, (slice, int, np.integer)) or isinstance(k, bool):
+            raise TypeError(f"only integers, slices and ... can index an image, not {k!r}")
+    return tuple(int(k) if isinstance(k, np.integer) else k for k in key) + (slice(None),) * (
+        ndim - len(key)
+    )
 
 
 def needs(module: str, label: str, what: str, install: str) -> Any:

@@ -28,7 +28,7 @@ from tilerseg.errors import (
 )
 from tilerseg.io import dicom, nifti, remote, tiff, zarr_input
 from tilerseg.io.formats import FORMAT_BY_EXTENSION, SLICE_EXTENSIONS, is_zarr_dir
-from tilerseg.io.raw import RawImage, guess_axes, needs, short_reason, unreadable
+from tilerseg.io.raw import RawImage, expand_key, guess_axes, needs, short_reason, unreadable
 from tilerseg.io.source import AXES, ImageSource
 
 __all__ = ["LazyView", "RawImage", "open_image", "sample_for_statistics"]
@@ -88,7 +88,7 @@ class LazyView:
         return out if dtype is None else out.astype(dtype)
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        key = _expand_key(key, self.ndim)
+        key = expand_key(key, self.ndim)
         base_key: list[Any] = [None] * len(self.base.shape)
         for axis, index in self._fixed.items():
             base_key[axis] = index
@@ -99,21 +99,6 @@ class LazyView:
         wanted = [self._order[a] for a, k in enumerate(key) if isinstance(k, slice)]
         perm = [kept.index(b) for b in wanted]
         return out if perm == sorted(perm) else out.transpose(perm)
-
-
-def _expand_key(key: Any, ndim: int) -> tuple[Any, ...]:
-    key = key if isinstance(key, tuple) else (key,)
-    if any(k is Ellipsis for k in key):
-        at = next(i for i, k in enumerate(key) if k is Ellipsis)
-        key = key[:at] + (slice(None),) * (ndim - len(key) + 1) + key[at + 1:]
-    if len(key) > ndim:
-        raise IndexError(f"too many indices ({len(key)}) for {ndim} dimensions")
-    for k in key:
-        if not isinstance(k, (slice, int, np.integer)) or isinstance(k, bool):
-            raise TypeError(f"only integers, slices and ... can index an image, not {k!r}")
-    return tuple(int(k) if isinstance(k, np.integer) else k for k in key) + (slice(None),) * (
-        ndim - len(key)
-    )
 
 
 def _normalise(raw: RawImage, label: str) -> tuple[str, list[Any]]:
