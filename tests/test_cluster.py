@@ -20,7 +20,7 @@ from tilerseg.engine.workdir import WorkDir, work_path
 from tilerseg.errors import InvalidArgumentError
 from tilerseg.synthetic import membrane_image
 
-from .test_resume import assert_same_arrays, done_count
+from .test_resume import assert_same_arrays, done_count, hold_last_task
 
 pytest.importorskip("distributed")
 
@@ -177,14 +177,19 @@ def test_a_cluster_with_no_worker_left_stops_the_run(data, tmp_path):
                                      cluster.scheduler_address, "--no-nanny", "--nthreads",
                                      "1", "--no-dashboard"], stderr=subprocess.DEVNULL)
                    for _ in range(2)]
+        held, killed = [], []
         try:
             client.wait_for_workers(2, timeout=60)
-            killed = []
 
             def progress(done, total):
-                if not killed and done_count(out) >= 2:
+                # the first report comes before the workers' loops are sent: this process
+                # then holds the last task, so the run cannot finish before the kill
+                if not held:
+                    held.append(hold_last_task(out))
+                elif not killed and done_count(out) >= 2:
                     for w in workers:
                         w.kill()
+                        w.wait()  # reaped: a zombie would still look alive to the claims
                     killed.append(time.monotonic())
 
             with pytest.raises(ClusterError, match="no Dask worker has been alive for 3 s"):
@@ -195,6 +200,8 @@ def test_a_cluster_with_no_worker_left_stops_the_run(data, tmp_path):
             for w in workers:
                 w.kill()
                 w.wait()
+            for claim in held:
+                claim.release()
     assert work_path(out).is_dir() and 0 < done_count(out) < 64
     tilerseg.segment_to_zarr(path, data["one"], out, tile=64, resume=True)
     assert_same_arrays(out, tilerseg.segment_to_zarr(path, data["one"], tmp_path / "l.zarr",

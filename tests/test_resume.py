@@ -79,6 +79,24 @@ def done_count(out: Path) -> int:
         return 0
 
 
+def wait_for(condition, timeout: float, what: str, every: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every)
+
+
+def hold_last_task(out: Path, timeout: float = 120) -> FileLock:
+    """Claim the run's last task from this process, as a live shard elsewhere would."""
+    wait_for(lambda: (work_path(out) / "manifest.json").exists(), timeout, "the run to start")
+    work = WorkDir.open(work_path(out))
+    last = len(work.grid) - 1
+    claim = work.claim(last, {"shard": "held by the test"})
+    assert claim is not None, "the last task was claimed before the test could hold it"
+    return claim
+
+
 def kill_when(process: subprocess.Popen, out: Path, target: int, sig: int,
               rng: random.Random, again: float | None = None) -> bool:
     """Send ``sig`` once ``target`` tasks are recorded (plus a random pause), and once more

@@ -22,11 +22,10 @@ import zarr
 
 import tilerseg
 from tilerseg.engine.workdir import WorkDir, work_path
-from tilerseg.engine.locks import FileLock
 from tilerseg.synthetic import membrane_image
 
 from .slurm import Slurm, missing
-from .test_resume import assert_same_arrays
+from .test_resume import assert_same_arrays, done_count, hold_last_task, wait_for
 
 pytest.importorskip("dask_jobqueue")
 
@@ -80,31 +79,6 @@ def array_script(data: dict, out: Path, folder: Path) -> str:
     return ("#!/bin/bash\ntrap 'echo got SIGTERM' TERM\n"
             f"{run}\n"
             f"echo $? > {folder}/status-${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}\n")
-
-
-def wait_for(condition, timeout: float, what: str, every: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(every)
-
-
-def done_count(out: Path) -> int:
-    try:
-        return len(os.listdir(work_path(out) / "done"))
-    except FileNotFoundError:
-        return 0
-
-
-def hold_last_task(out: Path, timeout: float = 120) -> FileLock:
-    """Claim the run's last task from this process, as a live shard elsewhere would."""
-    wait_for(lambda: (work_path(out) / "manifest.json").exists(), timeout, "the run to start")
-    work = WorkDir.open(work_path(out))
-    last = len(work.grid) - 1
-    claim = work.claim(last, {"shard": "held by the test"})
-    assert claim is not None, "the last task was claimed before the test could hold it"
-    return claim
 
 
 def statuses(folder: Path, job: str) -> dict[str, int]:
