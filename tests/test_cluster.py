@@ -155,13 +155,21 @@ def test_a_killed_worker_costs_only_its_tasks(client, data, tmp_path):
     assert_same_arrays(local, out)
 
 
+def _bare_workers(address: str, n: int) -> list:
+    """``n`` worker processes of the scheduler at ``address`` with no nanny (a killed one
+    stays dead), one thread each."""
+    import subprocess
+    import sys
+
+    return [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
+                              "--no-nanny", "--nthreads", "1", "--no-dashboard"],
+                             stderr=subprocess.DEVNULL) for _ in range(n)]
+
+
 def test_a_cluster_with_no_worker_left_stops_the_run(data, tmp_path):
     """Every worker of a running scheduler dies mid-run (SIGKILL, no nanny to restart them):
     the run stops with a ClusterError after the worker timeout instead of waiting forever;
     the unfinished run is kept and a local --resume completes it, equal to a local run."""
-    import subprocess
-    import sys
-
     from distributed import Client, LocalCluster
 
     from tilerseg.engine.executors.dask import DaskExecutor
@@ -173,10 +181,7 @@ def test_a_cluster_with_no_worker_left_stops_the_run(data, tmp_path):
     out = tmp_path / "o.zarr"
     with LocalCluster(n_workers=0, processes=True, host="127.0.0.1",
                       dashboard_address=":0") as cluster, Client(cluster) as client:
-        workers = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker",
-                                     cluster.scheduler_address, "--no-nanny", "--nthreads",
-                                     "1", "--no-dashboard"], stderr=subprocess.DEVNULL)
-                   for _ in range(2)]
+        workers = _bare_workers(cluster.scheduler_address, 2)
         held, killed = [], []
         try:
             client.wait_for_workers(2, timeout=60)
@@ -206,6 +211,36 @@ def test_a_cluster_with_no_worker_left_stops_the_run(data, tmp_path):
     tilerseg.segment_to_zarr(path, data["one"], out, tile=64, resume=True)
     assert_same_arrays(out, tilerseg.segment_to_zarr(path, data["one"], tmp_path / "l.zarr",
                                                      tile=64))
+
+
+def test_an_instance_pass_with_no_worker_left_stops():
+    """The instance pass maps its chunks over the cluster (DaskExecutor.map): when every
+    worker dies meanwhile it stops with a ClusterError after the worker timeout instead of
+    waiting forever for them to come back."""
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    from tilerseg.engine.executors.dask import DaskExecutor
+    from tilerseg.errors import ClusterError
+
+    with LocalCluster(n_workers=0, processes=True, host="127.0.0.1",
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        workers = _bare_workers(cluster.scheduler_address, 2)
+        try:
+            client.wait_for_workers(2, timeout=60)
+            assert DaskExecutor(client).map(pow, [(2, 3), (3, 2)]) == [8, 9]
+            killer = threading.Timer(1.0, lambda: [w.kill() for w in workers])
+            killer.start()
+            start = time.monotonic()
+            with pytest.raises(ClusterError, match="no Dask worker has been alive for 2 s"):
+                DaskExecutor(client, worker_timeout=2).map(time.sleep, [(600,), (600,)])
+            assert time.monotonic() - start < 60
+            killer.join()
+        finally:
+            for w in workers:
+                w.kill()
+                w.wait()
 
 
 def _do_nothing(*args, **kwargs):

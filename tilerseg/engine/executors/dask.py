@@ -126,13 +126,26 @@ class DaskExecutor:
 
     def map(self, fn: Callable[..., Any], items: list) -> list:
         """``fn(*item)`` for each item: on the cluster's workers (retried like the tasks),
-        else on threads here."""
+        else on threads here. On a cluster it stops with a
+        :class:`~tilerseg.errors.ClusterError` when no worker has been alive for
+        ``worker_timeout`` seconds, as a run does."""
         if self.client is None:
             from ..instances import local_mapper
 
             return local_mapper(fn, items)
+        from distributed import wait
+
+        from .fleet import Watchdog
+
         futures = self.client.map(fn, *zip(*items), retries=self.retries, pure=False)
+        watchdog = Watchdog(self.client, self.worker_timeout, self.replacements)
         try:
+            while True:  # never wait forever: stop when no worker is left to compute them
+                try:
+                    wait(futures, timeout=POLL)
+                    break
+                except TimeoutError:
+                    watchdog.poll()
             return self.client.gather(futures)
         except Exception as err:  # noqa: BLE001 - named as a cluster failure
             raise _local_error(err, "the instance pass") from err
