@@ -27,10 +27,19 @@ of its ``image-label`` key. :func:`open_output` hides the difference.
 
 Every array has ``dimension_names`` equal to the axis names (``ome-zarr-models``
 requires it). Level ``k`` has scale ``pixel_size * 2**k`` on spatial axes; axes of
-unknown pixel size have scale ``1.0 * 2**k`` and no ``unit``. The mean-downsampled
-probability levels are not shifted by a translation (pixel centres of level ``k`` lie
-``(2**k - 1) / 2`` level-0 pixels further than the scale alone says); label levels,
-subsampled, have no such shift.
+unknown pixel size have scale ``1.0 * 2**k`` and no ``unit``. A probability level is the
+2x block mean of the level before (:func:`tilerseg.io.pyramid.downsample`), so its pixel
+``i`` is centred on the ``2**k`` level-0 pixels ``i * 2**k ...`` it averages: its
+``translation`` (after the scale) is ``pixel_size * (2**k - 1) / 2``. (Along an axis whose
+level-0 length ``2**k`` does not divide, the last pixel averages a partial block, whose
+centre lies up to that much nearer the start.)
+A label level (segmentation and instances) takes the first pixel of each block, level-0
+pixel ``i * 2**k``: no translation. Every label image is chunked as the probabilities
+(spatially): level 0 in output tiles, the eager levels in halved tiles, the rest in tiles.
+
+The probabilities' ``omero`` metadata names and colours the channels (one per class) and
+gives the window of the stored values and ``rdefs`` (``defaultT`` 0, ``defaultZ`` the
+middle plane of a z-stack, ``model`` ``"greyscale"`` for one channel, else ``"color"``).
 
 Probabilities are stored as ``uint8`` (``round(p * 255)``; ``attrs["tilerseg"]
 ["probability_scale"] = 1/255``), ``float16`` or ``float32``. ``attrs["tilerseg"]`` holds
@@ -126,7 +135,8 @@ class OutputSpec:
         Whether the output has an instance label image ``labels/instances`` (written by
         :mod:`tilerseg.engine.instances`; needs probabilities). Its level 0 is created
         there, once the number of objects gives its dtype; the writer builds its pyramid
-        (nearest) and metadata at :meth:`OutputWriter.commit`.
+        (nearest, each level chunked as the probabilities' level) and metadata at
+        :meth:`OutputWriter.commit`.
     pixel_size : dict of str to float
         Micrometres per spatial axis letter (``"Z"``, ``"Y"``, ``"X"``); may be partial.
     attributes : dict
@@ -421,10 +431,7 @@ class OutputWriter:
                       ) -> tuple[zarr.Array | None, zarr.Array | None]:
         """Create the arrays of one pyramid level (empty): (probabilities, labels)."""
         axes = self.spec.spatial_axes.lower()
-        nominal = self._chunks
-        if 0 < level <= self.eager:
-            nominal = tuple(c >> level for c in self._chunks)
-        chunks = level_chunks(nominal, shape)
+        chunks = self._level_chunks(level, shape)
         store = str(self.staging)
         probs = labels = None
         if self.spec.probabilities is not None:
@@ -480,8 +487,23 @@ class OutputWriter:
         self.probabilities, self.labels = self._open_level(0)
         self._eager_arrays = {k: self._open_level(k) for k in range(1, self.eager + 1)}
 
+    def _level_chunks(self, level: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Spatial chunk shape of pyramid level ``level`` (spatial ``shape``), the same for
+        the probabilities and every label image: the output tile, halved per level for the
+        eager levels (one tile is one chunk of them), clipped to the level."""
+        nominal = self._chunks
+        if 0 < level <= self.eager:
+            nominal = tuple(c >> level for c in self._chunks)
+        return level_chunks(nominal, shape)
+
     def _multiscale(self, name: str, channel: bool, levels: int, method: str) -> dict:
-        """One OME-NGFF 0.5 ``multiscales`` entry."""
+        """One OME-NGFF 0.5 ``multiscales`` entry.
+
+        Level ``k`` has scale ``pixel_size * 2**k``; a ``"mean"`` level also has the
+        translation ``pixel_size * (2**k - 1) / 2`` on every spatial axis, where the centre
+        of the ``2**k`` level-0 pixels it averages lies (a ``"nearest"`` level keeps the
+        first of them: no translation).
+        """
         axes: list[dict] = [{"name": "c", "type": "channel"}] if channel else []
         sizes = []
         for letter in self.spec.spatial_axes:
@@ -491,16 +513,22 @@ class OutputWriter:
                 axis["unit"] = "micrometer"
             axes.append(axis)
             sizes.append(1.0 if size is None else float(size))
-        datasets = [
-            {
-                "path": str(k),
-                "coordinateTransformations": [
-                    {"type": "scale", "scale": [1.0] * channel + [s * 2**k for s in sizes]}
-                ],
-            }
-            for k in range(levels)
-        ]
-        return {"name": name, "axes": axes, "datasets": datasets, "type": method}
+        datasets = []
+        for k in range(levels):
+            transforms = [{"type": "scale", "scale": [1.0] * channel + [s * 2**k for s in sizes]}]
+            if method == "mean" and k > 0:
+                transforms.append({"type": "translation",
+                                   "translation": [0.0] * channel + [s * (2**k - 1) / 2
+                                                                     for s in sizes]})
+            datasets.append({"path": str(k), "coordinateTransformations": transforms})
+        from tilerseg import __version__
+
+        how = ("mean of each 2x2 block (2x2x2 in 3D) of the level before; on an axis of odd "
+               "length the last block has only the pixels inside" if method == "mean" else
+               "the first pixel of each 2x2 block (2x2x2 in 3D) of the level before")
+        return {"name": name, "axes": axes, "datasets": datasets, "type": method,
+                "metadata": {"description": how, "method": "tilerseg.io.pyramid.downsample",
+                             "version": __version__}}
 
     def _omero(self) -> dict:
         """Display settings of the probability channels (OME-NGFF's transitional
@@ -518,7 +546,11 @@ class OutputWriter:
              "window": {"min": 0, "max": top, "start": 0, "end": top}}
             for k in range(int(self.spec.num_classes))
         ]
-        return {"channels": channels, "rdefs": {"model": "color"}}
+        # the time point and plane viewers show first (the middle plane of a z-stack); one
+        # channel is shown in grey, several in their colours
+        z = self._shape[0] // 2 if self.spec.spatial_axes == "ZYX" else 0
+        rdefs = {"defaultT": 0, "defaultZ": z, "model": "greyscale" if count == 1 else "color"}
+        return {"channels": channels, "rdefs": rdefs}
 
     def _image_label(self, source: bool) -> dict:
         """The ``image-label`` metadata (colours: 0 transparent, classes from a palette)."""
@@ -676,7 +708,7 @@ class OutputWriter:
                 before = root[f"labels/{INSTANCE_NAME}/{k - 1}"]
                 level = zarr.create_array(
                     str(self.staging), name=f"labels/{INSTANCE_NAME}/{k}", shape=shapes[k],
-                    chunks=level_chunks(self._chunks, shapes[k]), dtype=before.dtype,
+                    chunks=self._level_chunks(k, shapes[k]), dtype=before.dtype,
                     fill_value=0, dimension_names=before.metadata.dimension_names,
                     zarr_format=3, compressors=COMPRESSOR, overwrite=True)
                 downsample(before, level, "nearest", spatial_ndim=nd)
