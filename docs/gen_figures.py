@@ -9,7 +9,10 @@ writes into OUT_DIR (the Markdown pages refer to them as ``figures/NAME.png``):
 * ``plan.png``: the tile plan over a synthetic slide;
 * ``preview.png``: a real run of the bundled model on a synthetic membrane slide, the
   membrane probability over the slide;
-* ``instances.png``: the instance labels of the same run, a full-resolution crop.
+* ``instances.png``: the instance labels of the same run, a full-resolution crop;
+* ``napari.png``: the napari widget docked in the viewer after a run and a view preview
+  (:func:`napari_figure`; where napari, a Qt binding or a display is missing, a note
+  drawn in its place, and the same note printed).
 
 Needs Pillow (``pip install "tilerseg[plot]"``); runs on the CPU in a few seconds.
 """
@@ -69,7 +72,40 @@ def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
         logger.info("segmented the %s slide in %.1f s", SLIDE, time.perf_counter() - start)
         save(preview(out, size=1024, show="probabilities", class_index=0), "preview.png")
         save(preview(out, region=((0, 384), (0, 512)), show="instances"), "instances.png")
+    written.append(napari_figure(out_dir / "napari.png"))
     return written
+
+
+def napari_figure(path: pathlib.Path) -> pathlib.Path:
+    """Draw ``napari.png``: the widget docked in napari, in a child process with a display
+    (see :mod:`tilerseg.napari._screenshot`); where that cannot run here, print why and
+    draw the reason in its place.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The PNG file.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    from tilerseg.napari._screenshot import draw_screenshot, missing_requirement
+
+    why = missing_requirement()
+    if why is None:
+        start = time.perf_counter()
+        draw_screenshot(path)
+        logger.info("drew the napari screenshot in %.1f s", time.perf_counter() - start)
+        return path
+    print(f"napari.png: no screenshot of the napari widget here: {why}", file=sys.stderr)
+    from PIL import Image, ImageDraw
+
+    picture = Image.new("RGB", (900, 80), (38, 40, 45))
+    ImageDraw.Draw(picture).text((20, 30), f"No screenshot: {why}.", fill=(230, 230, 230))
+    picture.save(path)
+    return path
 
 
 if __name__ == "__main__":
