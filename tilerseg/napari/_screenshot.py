@@ -5,7 +5,7 @@
 opens a viewer with a synthetic slide, runs the bundled model on it from the widget (in
 its worker thread, as a user would), segments a view, and saves the window. napari's
 canvas draws with OpenGL, so the drawing runs in a child process with a display: a
-private Xvfb when one is installed (Debian's ``xvfb``), else the session's ``DISPLAY``.
+private Xvfb when one is installed (Debian's ``xvfb``), else the ``DISPLAY`` already set.
 :func:`draw_screenshot` starts that child and says why it drew nothing when it cannot.
 """
 
