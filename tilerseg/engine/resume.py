@@ -52,7 +52,7 @@ from .prepare import Prepared, check_model, is_lazy_input, model_normalize, prep
 from .tasks import RunContext, open_context
 from .workdir import WorkDir, remove_debris, remove_tree, work_path
 
-__all__ = ["Started", "start"]
+__all__ = ["Started", "class_names", "start"]
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +196,9 @@ def _manifest(p: Prepared, out: Path, identity: dict, digest: str, model_source:
         grid=grid)
 
 
-def _class_names(model: nn.Module, count: int) -> tuple[str, ...]:
-    """The model's class names (``metadata["classes"]``), one per output channel, or ()."""
+def class_names(model: nn.Module, count: int) -> tuple[str, ...]:
+    """The model's class names (``metadata["classes"]``), one per output channel, or ()
+    when it has none or not ``count`` of them (the output's channels are then unnamed)."""
     names = getattr(model, "metadata", None) or {}
     names = names.get("classes") if isinstance(names, dict) else None
     if not isinstance(names, (list, tuple)) or len(names) != count:
@@ -353,7 +354,7 @@ def start(image: Any, model: nn.Module, out: Path, options: RunOptions, *,
             labels=options.output in ("labels", "both"), pixel_size=dict(p.source.pixel_size),
             attributes=_attributes(p, model_source), pyramid=options.pyramid, eager_levels=2,
             instances=options.output == "instances",
-            class_names=_class_names(model, p.geometry.out_channels),
+            class_names=class_names(model, p.geometry.out_channels),
         )
         grid = TaskGrid.for_grid(p.plan.grid)
         manifest = _manifest(p, out, identity, digest, model_source, background, spec, grid)

@@ -85,6 +85,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "PROBABILITY_DTYPES",
+    "class_colors",
+    "label_colors",
     "OutputSpec",
     "OutputWriter",
     "decode_probabilities",
@@ -110,6 +112,36 @@ _PALETTE = [
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
     (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
 ]  # fmt: skip
+
+
+def class_colors(num_classes: int) -> list[str]:
+    """The ``RRGGBB`` colour of each class's probability channel (``omero``): white for
+    class 0 (background), then the colour its value has in the label image.
+
+    Examples
+    --------
+    >>> class_colors(3)[0]
+    'FFFFFF'
+    """
+    rgb = [(255, 255, 255)] + [_PALETTE[(k - 1) % len(_PALETTE)]
+                               for k in range(1, int(num_classes))]
+    return ["%02X%02X%02X" % tuple(c) for c in rgb]
+
+
+def label_colors(num_classes: int) -> list[dict[str, Any]]:
+    """The ``image-label`` colours of a label image of ``num_classes`` classes: value 0
+    transparent, value ``v`` the palette's ``v``-th colour (at least values 0 and 1, at
+    most 256 values).
+
+    Examples
+    --------
+    >>> label_colors(2)[0]
+    {'label-value': 0, 'rgba': [0, 0, 0, 0]}
+    """
+    values = max(int(num_classes), 2)
+    return [{"label-value": 0, "rgba": [0, 0, 0, 0]}] + [
+        {"label-value": v, "rgba": [*_PALETTE[(v - 1) % len(_PALETTE)], 255]}
+        for v in range(1, min(values, 256))]
 
 
 @dataclass
@@ -158,6 +190,7 @@ class OutputSpec:
 
     spatial_axes: str
     shape: tuple[int, ...]
+
     chunks: tuple[int, ...]
     num_classes: int
     probabilities: str | None
@@ -537,11 +570,11 @@ class OutputWriter:
         (white for class 0), the window of the stored values."""
         top = 255 if self.spec.probabilities == "uint8" else 1.0
         count = int(self.spec.num_classes)
-        colors = [(255, 255, 255)] + [_PALETTE[(k - 1) % len(_PALETTE)] for k in range(1, count)]
+        colors = class_colors(count)
         names = list(self.spec.class_names) if len(self.spec.class_names) == count else \
             [f"class {k}" for k in range(count)]
         channels = [
-            {"label": str(names[k]), "color": "%02X%02X%02X" % tuple(colors[k]),
+            {"label": str(names[k]), "color": colors[k],
              "active": True, "coefficient": 1.0, "family": "linear", "inverted": False,
              "window": {"min": 0, "max": top, "start": 0, "end": top}}
             for k in range(int(self.spec.num_classes))
@@ -554,12 +587,7 @@ class OutputWriter:
 
     def _image_label(self, source: bool) -> dict:
         """The ``image-label`` metadata (colours: 0 transparent, classes from a palette)."""
-        values = max(int(self.spec.num_classes), 2)
-        colors = [{"label-value": 0, "rgba": [0, 0, 0, 0]}] + [
-            {"label-value": v, "rgba": [*_PALETTE[(v - 1) % len(_PALETTE)], 255]}
-            for v in range(1, min(values, 256))
-        ]
-        meta: dict[str, Any] = {"version": "0.5", "colors": colors}
+        meta: dict[str, Any] = {"version": "0.5", "colors": label_colors(self.spec.num_classes)}
         if source:
             meta["source"] = {"image": "../../"}
         return meta

@@ -190,11 +190,6 @@ def label_colormap(colors: list[dict[str, Any]]) -> Any:
     return DirectLabelColormap(color_dict=mapping)
 
 
-def _hex(color: Sequence[int]) -> str:
-    """``RRGGBB`` of an RGB triple."""
-    return "".join(f"{int(c):02X}" for c in color[:3])
-
-
 def preview_layers(preview: Any, *, scale: Sequence[float], translate: Sequence[float],
                    units: Sequence[str] | None = None, prefix: str = "") -> list[LayerData]:
     """The layers of a :class:`~tilerseg.napari._view.ViewPreview`, named, coloured and
@@ -215,7 +210,7 @@ def preview_layers(preview: Any, *, scale: Sequence[float], translate: Sequence[
     -------
     list of LayerData
     """
-    from ..io.writers import _PALETTE
+    from ..io.writers import class_colors, label_colors
 
     scale = tuple(float(s) for s in scale)
     place = {"scale": scale, "translate": tuple(
@@ -227,19 +222,17 @@ def preview_layers(preview: Any, *, scale: Sequence[float], translate: Sequence[
     probs = preview.probabilities
     if probs is not None:
         top = 255 if probs.dtype == np.uint8 else 1.0
+        colors = class_colors(len(preview.class_names))
         for k, name in enumerate(preview.class_names):
-            color = (255, 255, 255) if k == 0 else _PALETTE[(k - 1) % len(_PALETTE)]
             full = f"{prefix}probabilities: {name}"
             layers.append((probs[k], {
-                "name": full, "colormap": class_colormap(_hex(color), full),
+                "name": full, "colormap": class_colormap(colors[k], full),
                 "contrast_limits": (0, top),
                 "blending": "translucent_no_depth" if k == 0 else "additive", **place},
                 "image"))
     if preview.labels is not None:
-        count = max(len(preview.class_names), 2)
-        colors = [{"label-value": 0, "rgba": [0, 0, 0, 0]}] + [
-            {"label-value": v, "rgba": [*_PALETTE[(v - 1) % len(_PALETTE)], 255]}
-            for v in range(1, min(count, 256))]
-        layers.append((preview.labels, {"name": f"{prefix}segmentation",
-                                        "colormap": label_colormap(colors), **place}, "labels"))
+        layers.append((preview.labels, {
+            "name": f"{prefix}segmentation",
+            "colormap": label_colormap(label_colors(len(preview.class_names))), **place},
+            "labels"))
     return layers

@@ -138,7 +138,7 @@ def segment_region(image: Any, model: nn.Module, region: tuple[slice, ...],
         Covering the whole tiles that ``region`` touches.
     """
     from ..engine.inference import segment
-    from ..engine.resume import _class_names
+    from ..engine.resume import class_names
     from ..io.writers import encode_probabilities
     from ..labels import LabelPolicy
 
@@ -155,6 +155,6 @@ def segment_region(image: Any, model: nn.Module, region: tuple[slice, ...],
                                        options.threshold)
         labels = policy(probs)
     count = probs.shape[0]
-    names = _class_names(model, count) or tuple(f"class {k}" for k in range(count))
+    names = class_names(model, count) or tuple(f"class {k}" for k in range(count))
     stored = None if options.output == "labels" else encode_probabilities(probs, options.dtype)
     return ViewPreview(tuple(s.start for s in bounds), stored, labels, names)
