@@ -254,3 +254,36 @@ def test_bf16_without_bf16_units_warns(tmp_path: Path, caplog: pytest.LogCapture
     assert [r.getMessage() for r in caplog.records] == [
         ("precision=bf16 on a CPU without bfloat16 units (AVX-512 bf16, AMX): computed by "
          "emulation, likely slower than fp32")]
+
+
+def test_init_starts_from_a_trained_models_weights(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """--init: a warm start. The first step starts from the given model's weights (with a
+    learning rate of 0 the trained model is that model), and a model of another layout is
+    refused in one line before any training."""
+    images, masks = _folders(tmp_path, count=2)
+    torch.manual_seed(7)
+    start = tilerseg.create_model(**SMALL)
+    tilerseg.save_model(start, tmp_path / "start.pt")
+    config = TrainConfig(model=SMALL, epochs=1, steps_per_epoch=2, batch_size=1, window=60,
+                         seed=0, lr=1e-30, init=str(tmp_path / "start.pt"))
+    train(load_pairs(images, masks), tmp_path / "run", config)
+    trained = tilerseg.load_model(tmp_path / "run" / "last.pt").state_dict()
+    assert all(torch.allclose(trained[k], v, rtol=0, atol=1e-20)
+               for k, v in start.state_dict().items())
+    torch.manual_seed(0)  # without --init: train()'s own initialisation, not start's
+    train(load_pairs(images, masks), tmp_path / "fresh", TrainConfig(**{**vars(config),
+                                                                        "init": None}))
+    fresh = tilerseg.load_model(tmp_path / "fresh" / "last.pt").state_dict()
+    assert not all(torch.allclose(fresh[k], v, rtol=0, atol=1e-20)
+                   for k, v in start.state_dict().items())
+
+    from tilerseg.cli import main
+
+    status = main(["train", "--images", str(images), "--masks", str(masks), "-o",
+                   str(tmp_path / "cli"), "--depth", "2", "--base-channels", "8", "--init",
+                   str(tmp_path / "start.pt"), "--window", "60", "--epochs", "1", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1
+    assert err[0].startswith(f"tilerseg: error: --init {tmp_path / 'start.pt'}: its model")
+    assert not (tmp_path / "cli" / "last.pt").exists()

@@ -677,6 +677,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         flips=not args.no_flips, grey=not args.no_grey, seed=args.seed,
         precision=args.precision, compile=args.compile, loss=args.loss,
         foreground=args.foreground, normalize=args.normalize, elastic_p=args.elastic_p,
+        init=args.init,
     )
 
     def progress(epoch: int, step: int, steps: int, loss: float) -> None:
@@ -994,6 +995,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--compile", action="store_true",
                     help="train through torch.compile (falls back to eager with a warning)")
     tr.add_argument("--resume", action="store_true", help="continue from --out/last.pt")
+    tr.add_argument("--init", default=None, metavar="MODEL",
+                    help="start from the weights of this model file (or bundled model's "
+                         "name) instead of a random initialisation: same architecture")
     tr.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     tr.set_defaults(func=_cmd_train)
 

@@ -99,6 +99,10 @@ class TrainConfig:
         Train through ``torch.compile(model, dynamic=False)`` (training windows have one
         shape); compiled before the first step, falling back to eager execution with a
         warning if compilation fails.
+    init : str or None
+        A model file (or a bundled model's name) whose weights start the training instead
+        of the random initialisation (a warm start, e.g. a longer schedule for a trained
+        model); its architecture and configuration must be ``model``'s.
     """
 
     model: dict[str, Any] = field(default_factory=lambda: {"name": "unet", "base_channels": 16})
@@ -123,6 +127,7 @@ class TrainConfig:
     foreground: float | None = None
     normalize: Any = "auto"
     elastic_p: float | None = None
+    init: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "steps_per_epoch", "batch_size"):
@@ -353,6 +358,31 @@ def _save_state(out: Path, optimizer: torch.optim.Optimizer, schedule: Any,
     (out / "state.json").write_text(json.dumps(state, indent=1))
 
 
+def _warm_start(model: nn.Module, init: str) -> None:
+    """Load the weights of the model file ``init`` into ``model`` (same architecture).
+
+    Raises
+    ------
+    InvalidModelError
+        ``init`` is another architecture or configuration.
+    """
+    start = load_model(init)
+
+    def layout(m: nn.Module) -> tuple[Any, ...]:
+        return (getattr(m, "registry_name", type(m).__name__),
+                *((k, tuple(v.shape)) for k, v in m.state_dict().items()))
+
+    if layout(start) != layout(model):
+        raise InvalidModelError(
+            f"--init {init}: its model ({getattr(start, 'registry_name', '?')} "
+            f"{getattr(start, 'config', {})}) is not the one trained here "
+            f"({getattr(model, 'registry_name', '?')} {getattr(model, 'config', {})}); give "
+            "the same --arch, --depth, --base-channels...")
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                           for k, v in start.state_dict().items()})
+    log.info("training starts from the weights of %s", init)
+
+
 def train(
     train_pairs: Sequence[Pair],
     out_dir: str | os.PathLike,
@@ -411,6 +441,8 @@ def train(
         state = json.loads((out / "state.json").read_text())
     else:
         model = create_model(**{"name": "unet", **config.model})
+        if config.init is not None:
+            _warm_start(model, config.init)
         state = {"epoch": 0, "history": [], "best": None, "config": dataclasses.asdict(config)}
     g = model_geometry(model)
     ndim = g.ndim
