@@ -12,7 +12,19 @@ import torch
 
 import tilerseg
 
-__all__ = ["one_shot_reference"]
+__all__ = ["one_shot_reference", "one_shot_tta_reference"]
+
+
+def _padded(image: np.ndarray, g: tilerseg.ModelGeometry) -> np.ndarray:
+    """``image`` (C, *spatial) mirror-padded by the halo, its far sides extended (also by
+    reflection) to an admissible size."""
+    pads = [(0, 0)]
+    for axis, n in enumerate(image.shape[1:]):
+        size = n + 2 * g.halo[axis]
+        while not g.is_admissible(size, axis):
+            size += 1
+        pads.append((g.halo[axis], size - n - g.halo[axis]))
+    return np.pad(image, pads, mode="reflect")
 
 
 def one_shot_reference(image: np.ndarray, model: torch.nn.Module,
@@ -32,13 +44,7 @@ def one_shot_reference(image: np.ndarray, model: torch.nn.Module,
     network of it, e.g. the int8 one, which then sees the whole padded image at once).
     """
     g = tilerseg.model_geometry(model) if geometry is None else geometry
-    pads = [(0, 0)]
-    for axis, n in enumerate(image.shape[1:]):
-        size = n + 2 * g.halo[axis]
-        while not g.is_admissible(size, axis):
-            size += 1
-        pads.append((g.halo[axis], size - n - g.halo[axis]))
-    padded = np.pad(image, pads, mode="reflect")
+    padded = _padded(image, g)
     model = model.cpu().eval()
     dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
     batch = torch.from_numpy(np.ascontiguousarray(padded))[None]
@@ -50,3 +56,38 @@ def one_shot_reference(image: np.ndarray, model: torch.nn.Module,
     logits = logits[(slice(None),) + crop]
     probs = torch.sigmoid(logits) if logits.shape[0] == 1 else torch.softmax(logits, dim=0)
     return probs.numpy()
+
+
+def one_shot_tta_reference(image: np.ndarray, model: torch.nn.Module, mode: str
+                           ) -> np.ndarray:
+    """Test-time augmentation on the whole padded image, independently of the engine.
+
+    Pad the image as :func:`one_shot_reference` does; for each view (``"dihedral"``: the
+    quarter turns ``k`` of the last two axes, each without and with a flip of the last
+    axis; ``"flips"``: every subset of the spatial axes flipped), transform the padded
+    image with numpy, run the model once, transform the probabilities back; average them
+    and crop to the image.
+    """
+    g = tilerseg.model_geometry(model)
+    nd = image.ndim - 1
+    padded = _padded(image, g)
+    spatial = tuple(range(1, nd + 1))
+    if mode == "dihedral" and nd == 2:
+        views = [(k, (2,) if flip else ()) for k in range(4) for flip in (False, True)]
+    else:  # every subset of the spatial axes flipped
+        views = [(0, tuple(a for a, bit in zip(spatial, bits) if bit))
+                 for bits in np.ndindex(*(2,) * nd)]
+    model = model.cpu().eval()
+    total = None
+    for k, flips in views:
+        x = np.flip(np.rot90(padded, k, axes=(-2, -1)), axis=flips)
+        with torch.no_grad():
+            logits = model(torch.from_numpy(np.ascontiguousarray(x))[None])[0].float()
+        probs = (torch.sigmoid(logits) if logits.shape[0] == 1 else
+                 torch.softmax(logits, dim=0)).numpy()
+        probs = np.rot90(np.flip(probs, axis=flips), -k, axes=(-2, -1))
+        total = probs if total is None else total + probs
+    total = total / len(views)
+    crop = tuple(slice(g.crop_offset(a), g.crop_offset(a) + n)
+                 for a, n in enumerate(image.shape[1:]))
+    return np.ascontiguousarray(total[(slice(None),) + crop])

@@ -76,6 +76,19 @@ def test_cluster_output_identical_to_local(client, data, tmp_path, case):
     assert all(w["runtime"]["engine"] == attrs["runtime"]["engine"] for w in profile["workers"])
 
 
+def test_tta_runs_on_the_cluster_workers(client, data, tmp_path):
+    """The TTA mode travels with the run: the workers write the TTA output (equal to this
+    process's), not the plain one."""
+    path = data["dir"] / "slide.tif"
+    out = tilerseg.segment_to_zarr(path, data["one"], tmp_path / "r.zarr", tile=64,
+                                   dtype="float32", tta="flips", executor=client)
+    got = zarr.open_group(out, mode="r")["0"][...]
+    pixels = tifffile.imread(path)
+    local = tilerseg.segment(pixels, data["one"], tile=64, device="cpu", tta="flips")
+    plain = tilerseg.segment(pixels, data["one"], tile=64, device="cpu")
+    assert np.abs(got - local).max() <= 1e-5 and np.abs(got - plain).max() > 1e-3
+
+
 def test_a_run_is_sent_as_small_plain_data(data, tmp_path):
     """What crosses to a worker: a few hundred bytes, no model, no open file."""
     out = tmp_path / "o.zarr"

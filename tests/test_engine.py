@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 
-import dask.array as da
 
 import numpy as np
 import pytest
@@ -263,19 +262,3 @@ def test_channel_selection_and_sixteen_bit_default(small_model: torch.nn.Module)
     np.testing.assert_array_equal(auto, fixed)
 
 
-def test_test_time_augmentation_is_exact(small_model: torch.nn.Module) -> None:
-    image = np.random.default_rng(8).random((1, 45, 61), dtype=np.float32)
-    expected = np.zeros((2, 45, 61), np.float32)
-    for k in range(4):
-        for flip in (False, True):
-            x = np.rot90(image, k, axes=(1, 2))
-            x = np.ascontiguousarray(x[..., ::-1] if flip else x)
-            y = one_shot_reference(x, small_model)
-            y = y[..., ::-1] if flip else y
-            expected += np.rot90(y, -k, axes=(1, 2)) / 8
-    tiled = tilerseg.segment(image, small_model, tile=16, device="cpu", normalize=False, tta=True)
-    assert np.abs(tiled - expected).max() <= TOLERANCE
-    plain = tilerseg.segment(image, small_model, tile=16, device="cpu", normalize=False)
-    assert np.abs(plain - expected).max() > 1e-3  # the averaging does something
-    with pytest.raises(InvalidArgumentError, match="tta=True needs an in-memory"):
-        tilerseg.segment(da.from_array(image[0]), small_model, device="cpu", tta=True)

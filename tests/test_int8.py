@@ -174,13 +174,11 @@ def test_missing_nncf_is_a_one_line_error(tmp_path: Path, image: np.ndarray,
     assert code == 2 and err.count("\n") == 1 and "pip install 'tilerseg[int8]'" in err
 
 
-def test_int8_is_refused_off_the_cpu_and_without_one_network_for_tta(model, image) -> None:
+def test_int8_is_refused_off_the_cpu_and_without_a_calibration_folder(model, image) -> None:
     from tilerseg.engine.compute import resolve_precision
 
     with pytest.raises(tilerseg.InvalidArgumentError, match="int8 runs on the CPU"):
         resolve_precision("int8", torch.device("cuda"))
-    with pytest.raises(tilerseg.InvalidArgumentError, match="needs calibration="):
-        tilerseg.segment(image, model, tta=True, precision="int8")
     with pytest.raises(tilerseg.InvalidArgumentError, match="must be a folder's path"):
         RunOptions(precision="int8", calibration=3)
 

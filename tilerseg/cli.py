@@ -144,7 +144,7 @@ def _run_options(args: argparse.Namespace) -> Any:
         background_value=args.background_value, pyramid=not args.no_pyramid,
         instances=args.instances, split_radius=args.split_radius,
         split_context=args.split_context, object_table=args.object_table,
-        workers=args.workers, threads=args.threads)
+        workers=args.workers, threads=args.threads, tta=args.tta)
 
 
 def _cluster(args: argparse.Namespace) -> Any:
@@ -697,6 +697,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_tta_flag(p: argparse.ArgumentParser) -> None:
+    """``--tta [dihedral|flips]`` (see :mod:`tilerseg.engine.tta`)."""
+    p.add_argument("--tta", nargs="?", const="dihedral", default=None,
+                   choices=("dihedral", "flips"),
+                   help="exact test-time augmentation: every window in the 8 flips and "
+                   "quarter turns of the plane (--tta; 8 flips in 3D), or the 4 flips "
+                   "(--tta flips), probabilities averaged; 8x (4x) the model's work")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="NAME|PATH",
                    help="model file (.pt), bioimage.io package (.zip, rdf.yaml or its folder), "
@@ -765,6 +774,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the model (torch backend: GPUs, or CPUs without "
                    "OpenVINO; kernels cached on disk; checked against eager first, falls "
                    "back to eager with a warning)")
+    add_tta_flag(p)
     p.add_argument("--skip-background", action="store_true",
                    help="fill tiles whose whole input window is flat background with the "
                    "model's output on background, without running the model")

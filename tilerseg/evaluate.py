@@ -364,7 +364,7 @@ def evaluate(
     foreground_class: int = 1,
     thresholds: Sequence[float] | np.ndarray = DEFAULT_THRESHOLDS,
     expand_distance: int = 32,
-    tta: bool = False,
+    tta: bool | str = False,
     labels: Any = None,
     num_classes: int | None = None,
     volume: bool | None = None,
@@ -404,7 +404,7 @@ def evaluate(
         Thresholds of the ISBI figures (see :func:`tilerseg.metrics.isbi_scores`).
     expand_distance : int
         How far predicted cells grow over the predicted membrane before the Rand error.
-    tta : bool
+    tta : bool or {"dihedral", "flips"}
         Test-time augmentation when segmenting (see :func:`tilerseg.segment`).
     labels : path, array or list of them, optional
         Predicted class maps (instead of a model or probabilities), in the forms of
@@ -1009,8 +1009,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="cell-interior class (default 1)")
     p.add_argument("--thresholds", default=None, metavar="T[,T...]",
                    help="foreground thresholds to try (default 0.05,0.10,...,0.95)")
-    p.add_argument("--tta", action="store_true",
-                   help="test-time augmentation: average the 8 flips/rotations (8x the work)")
+    from .cli import add_tta_flag
+
+    add_tta_flag(p)
     p.add_argument("--expand-distance", type=float, default=32, metavar="PX",
                    help="growth of predicted cells over the predicted membrane (default 32)")
     p.add_argument("--json", default=None, metavar="FILE|-",

@@ -26,6 +26,7 @@ from torch import nn
 from ..errors import (InvalidArgumentError, InvalidImageError, NumericalError,
                       RuntimeFallbackError)
 from ..geometry import Tile
+from .tta import View
 
 __all__ = ["PRECISIONS", "STRICT_RUNTIME", "Replica", "resolve_precision", "memory_format",
            "replicate", "strict_runtime"]
@@ -137,6 +138,10 @@ class Replica:
         For int8: returns the model's geometry and the
         :class:`~tilerseg.engine.int8.Calibration` to quantise it on (called once, when
         the network is first needed).
+    views : tuple of View, optional
+        Test-time augmentation: each batch goes through the model in every view
+        (:func:`tilerseg.engine.tta.views`), each output is put back and the tiles'
+        probabilities are averaged. Default: the batch as it is.
 
     Attributes
     ----------
@@ -160,9 +165,11 @@ class Replica:
         compile: bool = False,
         backend: str = "torch",
         calibration: Callable[[], tuple[Any, Any]] | None = None,
+        views: Sequence[View] | None = None,
     ) -> None:
         self.device, self.ndim, self.precision = device, ndim, precision
         self.calibration = calibration
+        self.views = tuple(views) if views else (View(ndim),)
         self.autocast_dtype = resolve_precision(precision, device)
         self.fmt = memory_format(ndim)
         self.model = model.to(device=device, memory_format=self.fmt)
@@ -399,15 +406,28 @@ class Replica:
             if self.device.type == "cuda":
                 with torch.cuda.device(self.device):
                     return self._submit_cuda(x, tiles)
-            x = x.to(self.device)
-            y = self._forward(x)
-            crops = [y[i][(slice(None),) + t.crop] for i, t in enumerate(tiles)]
-            results = [_activation(c).cpu() for c in crops]  # .cpu(): no-op on the CPU
-            finite = None
-            if self.autocast_dtype is not None:  # a NaN or infinite logit of what is
-                # written makes its sum so: cheaper than testing every logit
-                finite = torch.isfinite(torch.stack([c.float().sum() for c in crops]).sum())
+            crops, finite = self._tile_probabilities(x.to(self.device), tiles)
+            results = [c.cpu() for c in crops]  # .cpu(): no-op on the CPU
             return _Pending(tiles, results, finite=finite)
+
+    def _tile_probabilities(self, x: torch.Tensor, tiles: Sequence[Tile]
+                            ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The probabilities of each tile's crop of the device batch ``x`` (the mean over
+        :attr:`views`, each output put back before it is cropped) and, under autocast,
+        whether the logits of what is written are all finite (a NaN or infinite logit
+        makes their sum so: cheaper than testing every logit), else None."""
+        total: list[torch.Tensor] = []
+        sums = []
+        for view in self.views:
+            y = view.undo(self._forward(view.apply(x) if len(self.views) > 1 else x))
+            logits = [y[i][(slice(None),) + t.crop] for i, t in enumerate(tiles)]
+            if self.autocast_dtype is not None:
+                sums.append(torch.stack([c.float().sum() for c in logits]).sum())
+            crops = [_activation(c) for c in logits]
+            total = crops if not total else [a + b for a, b in zip(total, crops)]
+        if len(self.views) > 1:
+            total = [t / len(self.views) for t in total]
+        return total, (torch.isfinite(torch.stack(sums).sum()) if sums else None)
 
     def _forward(self, x: torch.Tensor, runtime: tuple[Any, int | None] | None = None,
                  autocast: bool = True) -> torch.Tensor:
@@ -454,17 +474,16 @@ class Replica:
         with torch.cuda.stream(self.compute_stream):
             self.compute_stream.wait_event(uploaded)
             x_dev.record_stream(self.compute_stream)  # allocated on the copy stream
-            y = self._forward(x_dev)
+            crops, all_finite = self._tile_probabilities(x_dev, tiles)
             results = []
-            for i, t in enumerate(tiles):
-                probs = _activation(y[i][(slice(None),) + t.crop])
+            for probs in crops:
                 host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
                 host.copy_(probs, non_blocking=True)
                 results.append(host)
             finite = None
             if self.autocast_dtype is not None:
                 finite = torch.empty((), dtype=torch.bool, pin_memory=True)
-                finite.copy_(torch.isfinite(y).all(), non_blocking=True)
+                finite.copy_(all_finite, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.compute_stream)
         return _Pending(tiles, results, done=done, finite=finite, keep=[x])
@@ -493,10 +512,11 @@ def replicate(
     precision: str = "fp32",
     compile: bool = False,
     backend: str = "torch",
+    views: Sequence[View] | None = None,
 ) -> list[Replica]:
     """One :class:`Replica` per device; the first uses ``model`` itself, others copies."""
     replicas = []
     for k, dev in enumerate(devices):
         m = model if k == 0 else copy.deepcopy(model)
-        replicas.append(Replica(m, dev, ndim, precision, compile, backend))
+        replicas.append(Replica(m, dev, ndim, precision, compile, backend, views=views))
     return replicas

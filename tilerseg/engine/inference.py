@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError
 from ..geometry import Tile
 from ..models.probe import eval_mode
 from ..normalize import NormalizeSpec
@@ -46,7 +45,7 @@ def segment(
     *,
     level: int = 0,
     channel: Sequence[int] | None = None,
-    tta: bool = False,
+    tta: bool | str = False,
     precision: str = "fp32",
     calibration: str | os.PathLike | None = None,
     backend: str = "auto",
@@ -102,10 +101,12 @@ def segment(
         Pyramid level to segment (lazy input).
     channel : sequence of int, optional
         Input channels to feed the model, in order; all by default.
-    tta : bool
-        Test-time augmentation (numpy input, 2D): average the probabilities of the 8
-        flips and 90-degree rotations of the whole image. Each is tiled exactly, so the
-        result equals one-shot inference with the same averaging. 8 times the work.
+    tta : bool or {"dihedral", "flips"}
+        Test-time augmentation: every window goes through the model in the 8 flips and
+        quarter turns of the plane (``True`` or ``"dihedral"``; 8 flips in 3D) or the 4
+        flips (``"flips"``), and the probabilities are averaged. It stays exact: the
+        result equals the same average of one-shot inference on the transformed padded
+        image (see :mod:`tilerseg.engine.tta`). 8 (or 4) times the model's work.
     precision : {"fp32", "bf16", "fp16", "int8"}
         Compute precision of the forward pass. ``"bf16"`` is several times faster on
         CPUs with bfloat16 units and on recent GPUs; it changes probabilities by a few
@@ -138,19 +139,9 @@ def segment(
     >>> bool(np.allclose(probs.sum(axis=0), 1))
     True
     """
-    if tta:
-        if is_lazy_input(image):
-            raise InvalidArgumentError("tta=True needs an in-memory numpy image")
-        if precision == "int8" and calibration is None:  # one network for the 8 views
-            raise InvalidArgumentError("tta=True with precision='int8' needs calibration= "
-                                       "(a folder): each view would be calibrated on itself")
-        return _dihedral_mean(lambda x: segment(
-            x, model, tile, batch_size, device, normalize, progress, channel=channel,
-            precision=precision, calibration=calibration, backend=backend,
-            compile=compile), np.asarray(image))
     options = run_options(tile=tile, batch_size=batch_size, device=device, normalize=normalize,
                           level=level, channel=channel, precision=precision,
-                          calibration=calibration, backend=backend, compile=compile)
+                          calibration=calibration, backend=backend, compile=compile, tta=tta)
     if is_lazy_input(image):
         p = prepare(image, model, options)
         return lazy_probabilities(p.runner, p.batch_size)
@@ -184,17 +175,3 @@ def _run(
         done += len(tiles)
         if progress is not None:
             progress(done, total)
-
-
-def _dihedral_mean(run: Callable[[np.ndarray], np.ndarray], image: np.ndarray) -> np.ndarray:
-    """Mean of ``run`` over the 8 flips/rotations of the last two axes, each undone."""
-    total = None
-    for k in range(4):
-        for flip in (False, True):
-            x = np.rot90(image, k, axes=(-2, -1))
-            x = x[..., ::-1] if flip else x
-            y = run(np.ascontiguousarray(x))
-            y = y[..., ::-1] if flip else y
-            y = np.rot90(y, -k, axes=(-2, -1))
-            total = y.copy() if total is None else total + y
-    return total / np.float32(8)

@@ -35,6 +35,7 @@ import numpy as np
 from ..errors import InvalidArgumentError
 from ..normalize import Normalization, NormalizeSpec
 from .backends import BACKENDS
+from .tta import tta_mode
 
 __all__ = ["OUTPUTS", "DTYPES", "PRECISIONS", "RunOptions", "run_options", "OUTPUT_OPTIONS",
            "RESOLVED_OPTIONS", "PLAIN_OUTPUT_OPTIONS", "RUNTIME_OPTIONS"]
@@ -48,7 +49,7 @@ PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 OUTPUT_OPTIONS = (
     "tile", "normalize", "output", "dtype", "threshold", "level", "channel", "precision",
     "calibration", "skip_background", "background_tolerance", "background_value", "pyramid",
-    "instances", "split_radius", "split_context", "object_table",
+    "instances", "split_radius", "split_context", "object_table", "tta",
 )
 """Options that decide the output's values; the others (device, batch size, workers,
 threads, compile, backend) only decide how fast it is computed. A run resumes only with the same
@@ -137,6 +138,9 @@ class RunOptions:
         Write a table of the objects beside the output.
     workers, threads : int or None
         CPU model workers and torch threads per worker.
+    tta : {"dihedral", "flips"} or None
+        Test-time augmentation of every window, exact (see :mod:`tilerseg.engine.tta`);
+        ``True`` is coerced to ``"dihedral"``, ``False`` to None.
     """
 
     tile: int | tuple[int, ...] | None = None
@@ -162,6 +166,7 @@ class RunOptions:
     object_table: str | None = None
     workers: int | None = None
     threads: int | None = None
+    tta: str | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -244,6 +249,7 @@ class RunOptions:
                         f"{self.output!r})")
         set_("workers", _positive_int("workers", self.workers))
         set_("threads", _positive_int("threads", self.threads))
+        set_("tta", tta_mode(self.tta))
 
     def replace(self, **changes: Any) -> RunOptions:
         """A copy with ``changes`` (validated)."""

@@ -33,6 +33,7 @@ from .device import (default_batch_size, default_tile, first_width, resolve_devi
                      resolve_devices)
 from .options import RunOptions, run_options
 from .runner import TileRunner
+from .tta import views
 from .view import ChannelFirstView, model_view
 
 __all__ = ["Prepared", "prepare", "plan", "is_lazy_input", "check_model", "statistics_sample",
@@ -356,7 +357,8 @@ def prepare(image: Any, model: nn.Module, options: RunOptions | None = None, *,
                                         backend, norm)
     runner = TileRunner(model, view, tile_plan, norm, dev, check_finite=view.dtype.kind == "f",
                         model_ndim=geometry.ndim, precision=options.precision,
-                        compile=options.compile, backend=backend, calibration=calibration)
+                        compile=options.compile, backend=backend, calibration=calibration,
+                        views=views(options.tta, geometry))
     return Prepared(source, view, run_geometry, geometry, tile_plan, norm, devices, options,
                     labels, runner)
 

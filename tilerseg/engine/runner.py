@@ -14,6 +14,7 @@ from ..errors import InvalidImageError
 from ..geometry import Tile, TilePlan
 from ..normalize import Normalization
 from .compute import Replica
+from .tta import View
 from .windows import read_window
 
 __all__ = ["TileRunner"]
@@ -56,6 +57,8 @@ class TileRunner:
     calibration : callable, optional
         For int8: the model's geometry and calibration (see
         :class:`~tilerseg.engine.compute.Replica`).
+    views : tuple of View, optional
+        Test-time augmentation (see :class:`~tilerseg.engine.compute.Replica`).
     """
 
     def __init__(
@@ -71,9 +74,10 @@ class TileRunner:
         compile: bool = False,
         backend: str = "torch",
         calibration: Callable[[], tuple[Any, Any]] | None = None,
+        views: Sequence[View] | None = None,
     ) -> None:
         self.model, self.image, self.plan, self.norm = model, image, tile_plan, norm
-        self.calibration = calibration
+        self.calibration, self.views = calibration, views
         self.device, self.check_finite, self.precision = device, check_finite, precision
         self.compile, self.backend = compile, backend
         self.model_ndim = model_ndim or tile_plan.geometry.ndim
@@ -102,7 +106,7 @@ class TileRunner:
             if self._replica is None:
                 self._replica = Replica(self.model, self.device, self.model_ndim,
                                         self.precision, self.compile, self.backend,
-                                        self.calibration)
+                                        self.calibration, views=self.views)
             return self._replica
 
     def window(self, tile: Tile, out: np.ndarray | None = None) -> np.ndarray:

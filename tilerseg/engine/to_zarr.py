@@ -150,6 +150,9 @@ def segment_to_zarr(
         workers, threads : int
             CPU model workers (default 2 where there are 2+ cores) and torch threads per
             worker (default cores / workers).
+        tta : bool or {"dihedral", "flips"}
+            Exact test-time augmentation of every window, as for :func:`tilerseg.segment`
+            (recorded with the run: a resume keeps it).
 
     Returns
     -------

@@ -76,7 +76,7 @@ def run_pipelined(works: Iterable[Work], *, cores: int | None = None,
     else:
         replicas = [runner.replica] + replicate(
             runner.model, p.devices[1:], runner.model_ndim, options.precision,
-            options.compile)
+            options.compile, views=runner.views)
     # I/O threads mostly wait on the queues; decoding and compressing release the GIL. Two
     # even for a worker process with one core's share: with one, its model waited for
     # input 0.9 s against 0.5 s in a 4096^2 run on 2 cores (two processes)
