@@ -30,6 +30,7 @@ Run from the repository root, with the virtualenv active::
 
     python benchmarks/bench_train.py                        # about 4 minutes on 2 cores
     python benchmarks/bench_train.py --steps 5 --repeats 3 --configs fp32 bf16
+    python benchmarks/bench_train.py --configs fp32 bf16 --base-channels 32  # wider
 
 The last line printed is one JSON object with every figure. Timings on a shared machine
 are noisy: compare the configurations of one run, not runs.
@@ -78,6 +79,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="ISBI 2012 folder with train/image and train/label (default: %(default)s)")
     p.add_argument("--model", default="isbi2012-unet",
                    help="model whose architecture and recipe to train (default: %(default)s)")
+    p.add_argument("--base-channels", type=int, default=None, metavar="N",
+                   help="train that architecture with N base channels instead (the cost of "
+                   "a wider network)")
     args = p.parse_args(argv)
     if min(args.steps, args.repeats) < 1 or args.warmup < 0:
         p.error("--steps and --repeats must be >= 1, --warmup >= 0")
@@ -155,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     pairs, data = training_pairs(args.data)
     arch, settings = recipe(args.model)
+    if args.base_channels is not None:
+        arch = {**arch, "base_channels": args.base_channels}
     env = {"python": platform.python_version(), "torch": torch.__version__,
            "tilerseg": tilerseg.__version__, "cores": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "bf16_native": cpu_features()["bf16"]}
