@@ -28,6 +28,8 @@ from bioimageio.spec.model import v0_5 as bio  # noqa: E402
 from tilerseg.bioimageio import export_bioimageio, is_package, load_bioimageio  # noqa: E402
 from tilerseg.bioimageio.export import validate_package  # noqa: E402
 from tilerseg.bioimageio.load import PackagedNetwork  # noqa: E402
+from tilerseg.bioimageio.sizes import block_sizes  # noqa: E402
+from tilerseg.geometry import ModelGeometry  # noqa: E402
 
 TOL = 1e-5
 
@@ -72,11 +74,14 @@ def test_exported_valid_unet_validates_and_declares_its_geometry(unet_package) -
     assert summary.status == "valid-format", summary.format()
     descr = load_description(str(path), perform_io_checks=False)
     g = tilerseg.models.model_geometry(model)
+    sizes = block_sizes(g)
     (inp,), (out,) = descr.inputs, descr.outputs
-    for a, axis in enumerate(inp.axes[2:]):  # valid convolutions: the network crops itself
-        assert (axis.size.min, axis.size.step) == (g.min_input[a], g.step[a])
-        assert out.axes[2 + a].size.offset == -g.shrink[a] == -2 * g.halo[a]
-        assert not hasattr(out.axes[2 + a], "halo")
+    for a, axis in enumerate(inp.axes[2:]):  # blocks, each output as large as its block
+        assert (axis.size.min, axis.size.step) == (sizes[a].min, g.step[a])
+        assert out.axes[2 + a].size.offset == 0
+        assert out.axes[2 + a].halo == sizes[a].halo >= g.halo[a]
+        assert (sizes[a].min - 2 * sizes[a].halo) % g.step[a] == 0 == 2 * sizes[a].halo % g.step[a]
+    assert inp.pad.mode == "reflect"  # blocks at the border are mirrored, as tilerseg does
     assert [str(p.id) for p in inp.preprocessing] == ["ensure_dtype", "scale_linear",
                                                       "ensure_dtype"]
     assert inp.preprocessing[1].kwargs.gain == pytest.approx(1 / 255)
@@ -86,15 +91,19 @@ def test_exported_valid_unet_validates_and_declares_its_geometry(unet_package) -
     assert [a.name for a in descr.authors] == ["A. Author"] and descr.license == "MIT"
     assert descr.weights.torchscript.parent == "pytorch_state_dict"
     names = zipfile.ZipFile(path).namelist()
-    assert {"cover.png", "README.md", "test_input.npy", "test_output.npy"} <= set(names)
+    assert {"cover.png", "README.md", "test_input.npy", "test_output.npy",
+            "tilerseg_network.py"} <= set(names)
     readme = zipfile.ZipFile(path).read("README.md").decode()
     assert "## Validation" in readme and "pixel_error" in readme
-    # the test output is the original model's probabilities for the test input
+    # the test input is an image mirror-padded by the halo, the test output's centre
+    # tilerseg's result for that image
     x = np.load(zipfile.ZipFile(path).open("test_input.npy"))
     y = np.load(zipfile.ZipFile(path).open("test_output.npy"))
-    with torch.no_grad():
-        expected = torch.softmax(model(torch.from_numpy(x / np.float32(255))), dim=1).numpy()
-    np.testing.assert_allclose(y, expected, atol=TOL)
+    assert x.shape[2:] == y.shape[2:]
+    centre = tuple(slice(s.halo, n - s.halo) for s, n in zip(sizes, x.shape[2:]))
+    image = x[0, 0][centre]
+    np.testing.assert_array_equal(x[0, 0], np.pad(image, sizes[0].halo, mode="reflect"))
+    np.testing.assert_allclose(y[0][(slice(None), *centre)], _segment(image, model), atol=TOL)
 
 
 @pytest.mark.parametrize("weights", [None, "torchscript"])
@@ -105,13 +114,72 @@ def test_import_reproduces_the_original_model_tiled(unet_package, weights) -> No
         assert type(loaded) is type(model) and loaded.config == model.config
         assert loaded.metadata["threshold"] == 0.4
     else:
-        assert isinstance(loaded, PackagedNetwork)
-        assert tilerseg.models.model_geometry(loaded) == tilerseg.models.model_geometry(model)
+        assert isinstance(loaded, PackagedNetwork)  # the blocks the package declares
+        g = tilerseg.models.model_geometry(model)
+        sizes = block_sizes(g)
+        assert tilerseg.models.model_geometry(loaded) == ModelGeometry(
+            2, 1, 2, g.step, tuple(s.min for s in sizes), (0, 0), tuple(s.halo for s in sizes))
     image = _image()
     expected = _segment(image, model, tile=32)  # 5 x 5 tiles
     got = _segment(image, loaded, tile=32)
     assert np.abs(got - expected).max() <= TOL
     assert np.abs(_segment(image, loaded, tile=64) - expected).max() <= TOL
+
+
+def test_a_package_of_the_plain_network_still_loads(unet_package, tmp_path: Path) -> None:
+    """Packages tilerseg wrote before it wrapped its networks for blocks: the network's own
+    state dict with ``create_model`` as the architecture, outputs cropped by the network."""
+    import yaml
+
+    model, path = unet_package
+    g = tilerseg.models.model_geometry(model)
+    folder = tmp_path / "old"
+    zipfile.ZipFile(path).extractall(folder)
+    rdf = yaml.safe_load((folder / "rdf.yaml").read_text())
+    torch.save(model.state_dict(), folder / "weights.pt")
+    rdf["weights"] = {"pytorch_state_dict": {
+        "source": "weights.pt", "pytorch_version": rdf["weights"]["torchscript"]["pytorch_version"],
+        "architecture": {"import_from": "tilerseg.models.registry", "callable": "create_model",
+                         "kwargs": {"name": "unet", **model.config}}}}
+    (inp,), (out,) = rdf["inputs"], rdf["outputs"]
+    del inp["pad"]
+    for a, (i, o) in enumerate(zip(inp["axes"][2:], out["axes"][2:])):
+        i["size"]["min"] = g.min_input[a]
+        o["size"]["offset"] = -g.shrink[a]
+        del o["halo"]
+    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf))
+    loaded = load_bioimageio(folder)
+    assert type(loaded) is type(model) and loaded.config == model.config
+    image = _image()
+    assert np.abs(_segment(image, loaded, tile=32) - _segment(image, model)).max() <= TOL
+
+
+class _MyUNet(tilerseg.UNet):
+    """An architecture registered outside tilerseg: no source a package can carry."""
+
+
+def test_a_model_registered_elsewhere_imports_its_architecture_from_tilerseg(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tilerseg.bioimageio.network import TiledNetwork
+    from tilerseg.models import registry
+
+    monkeypatch.setitem(registry._REGISTRY, "my-unet", lambda **config: _MyUNet(**config))
+    torch.manual_seed(8)
+    model = tilerseg.create_model("my-unet", depth=2, base_channels=2).eval()
+    path = export_bioimageio(model, tmp_path / "my.zip", normalize="auto")
+    assert validate_package(path) == "valid-format"
+    assert "tilerseg_network.py" not in zipfile.ZipFile(path).namelist()
+    entry = load_description(str(path), perform_io_checks=False).weights.pytorch_state_dict
+    arch = entry.architecture
+    assert (arch.import_from, str(arch.callable)) == ("tilerseg.bioimageio.network",
+                                                      "TiledNetwork")
+    network = TiledNetwork(**arch.kwargs)  # what bioimageio.core builds: the registered model
+    network.load_state_dict(torch.load(zipfile.ZipFile(path).open("weights.pt")))
+    assert type(network.network) is _MyUNet
+    loaded = load_bioimageio(path)
+    assert type(loaded) is _MyUNet and loaded.config == model.config
+    image = _image()
+    assert np.abs(_segment(image, loaded, tile=32) - _segment(image, model)).max() <= TOL
 
 
 def test_same_padded_network_declares_its_halo_to_crop(tmp_path: Path) -> None:
@@ -140,9 +208,10 @@ def test_3d_model_exports_with_three_parameterized_axes(tmp_path: Path) -> None:
     g = tilerseg.models.model_geometry(model)
     inp = load_description(str(path), perform_io_checks=False).inputs[0]
     assert [str(a.id) for a in inp.axes[2:]] == ["z", "y", "x"]
-    assert [(a.size.min, a.size.step) for a in inp.axes[2:]] == list(zip(g.min_input, g.step))
+    assert [(a.size.min, a.size.step) for a in inp.axes[2:]] == [(s.min, s.step)
+                                                                   for s in block_sizes(g)]
     loaded = load_bioimageio(path, weights="torchscript")
-    assert tilerseg.models.model_geometry(loaded) == g
+    assert tilerseg.models.model_geometry(loaded).halo == tuple(s.halo for s in block_sizes(g))
     volume = membrane_image((20, 30, 26), cell_size=10, seed=1)[0]
     expected = _segment(volume, model, tile=8)
     for weights in (None, "torchscript"):

@@ -1,11 +1,15 @@
 """Write a tilerseg model as a bioimage.io model package (spec 0.5): :func:`export_bioimageio`.
 
-The package holds the PyTorch state dict with the architecture (``create_model`` of
-``tilerseg.models.registry`` with the model's configuration) and TorchScript weights
-traced from it, the tensors' axes and sizes from the model's geometry (see
-:mod:`tilerseg.bioimageio.sizes`), tilerseg's normalisation as fixed preprocessing and
-its sigmoid/softmax as postprocessing (see :mod:`tilerseg.bioimageio.processing`), a test
-input and output, a cover image and a README.
+The package holds the network wrapped to map a block of the input to an output of the
+block's size with the context as the output's ``halo``
+(:class:`~tilerseg.bioimageio.network.TiledNetwork`), so that bioimageio.core can run it
+blockwise with tilerseg's exact result: its PyTorch state dict with the architecture as one
+self-contained source file, and TorchScript weights of the same wrapper; the tensors' axes
+and sizes from the model's geometry (see :func:`tilerseg.bioimageio.sizes.block_sizes`),
+mirror padding (``reflect``) for the input, tilerseg's normalisation as fixed
+preprocessing and its sigmoid/softmax as postprocessing (see
+:mod:`tilerseg.bioimageio.processing`), a test input and output, a cover image and a
+README.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import types
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +33,8 @@ from ..geometry import ModelGeometry
 from ..normalize import NormalizeSpec, resolve_normalization
 from .load import require_spec
 from .processing import _affine, exportable, input_dtype, preprocessing_steps
-from .sizes import AxisSizes, axis_sizes
+from .network import EMBEDDED, TiledNetwork, architecture_source
+from .sizes import AxisSizes, block_sizes
 
 __all__ = ["export_bioimageio", "validate_package", "CITATIONS"]
 
@@ -52,7 +58,13 @@ CITATIONS = {
 """The papers a package of each architecture cites (text, DOI)."""
 
 ARCHITECTURE = ("tilerseg.models.registry", "create_model")
-"""Where the state-dict weights' architecture is imported from (module, callable)."""
+"""Where the state-dict weights' architecture of packages written by tilerseg before it
+wrapped them (:data:`SOURCE`) was imported from (module, callable)."""
+
+SOURCE = ("tilerseg_network.py", "TiledNetwork")
+"""The state-dict weights' architecture: the package's source file and its callable (for a
+model registered outside tilerseg's own architectures, ``TiledNetwork`` is imported from
+``tilerseg.bioimageio.network`` instead)."""
 
 
 def _plain(value: Any) -> Any:
@@ -68,13 +80,14 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _test_input(geometry: ModelGeometry, sizes: list[AxisSizes], side: int | None,
+def _test_image(geometry: ModelGeometry, sizes: list[AxisSizes], side: int | None,
                 normalize: NormalizeSpec) -> np.ndarray:
-    """A synthetic membrane image ``(1, C, *spatial)`` at an admissible size."""
+    """The test input ``(1, C, *spatial)``: a synthetic membrane image of sides that are
+    multiples of the steps, mirror-padded by the halo (an admissible block; its output's
+    centre is tilerseg's result for the image)."""
     from ..synthetic import membrane_image
 
-    # the declared smallest size is admissible (it may be above the geometry's smallest)
-    shape = [geometry.admissible_input(max(side or 64, s.min), a) for a, s in enumerate(sizes)]
+    shape = [-(-max(side or 64, s.step) // s.step) * s.step for s in sizes]
     image, _ = membrane_image(tuple(shape), cell_size=max(8.0, min(shape) / 4), seed=0)
     fixed = _affine(normalize)
     if input_dtype(normalize) == "uint8":
@@ -85,11 +98,14 @@ def _test_input(geometry: ModelGeometry, sizes: list[AxisSizes], side: int | Non
             low, high = fixed
             scale = np.float32(low) + scale * np.float32(high - low)
         x = scale.astype(np.float32)
-    return np.ascontiguousarray(np.repeat(x[None, None], geometry.in_channels, axis=1))
+    x = np.repeat(x[None, None], geometry.in_channels, axis=1)
+    padded = np.pad(x, [(0, 0), (0, 0), *((s.halo, s.halo) for s in sizes)], mode="reflect")
+    return np.ascontiguousarray(padded)
 
 
 def _probabilities(model: nn.Module, x: np.ndarray, normalize: NormalizeSpec) -> np.ndarray:
-    """What tilerseg computes for the test input: normalised, logits, sigmoid/softmax."""
+    """What ``model`` (the wrapped network) gives for the test input: normalised, logits,
+    sigmoid/softmax."""
     spec = (0.0, 255.0) if input_dtype(normalize) == "uint8" else normalize
     norm = resolve_normalization(spec, x.dtype, lambda: x)
     with torch.no_grad():
@@ -98,32 +114,78 @@ def _probabilities(model: nn.Module, x: np.ndarray, normalize: NormalizeSpec) ->
     return y.numpy().astype(np.float32)
 
 
-def _torchscript(model: nn.Module, x: np.ndarray, sizes: list[AxisSizes], path: Path) -> None:
-    """Trace ``model`` and check the trace at a second, larger admissible size."""
-    example = torch.from_numpy(x.astype(np.float32))
+def _wrapped(model: nn.Module, geometry: ModelGeometry, sizes: list[AxisSizes],
+             network: nn.Module | None = None) -> tuple[TiledNetwork, dict[str, Any]]:
+    """``model`` (or ``network``, e.g. its trace) as the package's network, and the
+    keyword arguments that rebuild it."""
+    embedded = type(model).__name__
+    kwargs = _plain({
+        "architecture": embedded if EMBEDDED.get(embedded) is type(model) else
+        model.registry_name, "config": model.config,
+        "halo": [s.halo for s in sizes], "context": list(geometry.halo),
+        "crop": [geometry.crop_offset(a) for a in range(geometry.ndim)],
+        "step": list(geometry.step), "min_input": list(geometry.min_input)})
+    return TiledNetwork(**kwargs, network=network if network is not None else model), kwargs
+
+
+def _torchscript(model: nn.Module, geometry: ModelGeometry, sizes: list[AxisSizes],
+                 block: tuple[int, ...], path: Path) -> None:
+    """Trace the network, wrap the trace and script the wrapper; check the trace at a
+    second, larger admissible size and the scripted wrapper against the wrapped network
+    at two block sizes."""
+    def rand(shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.rand(1, geometry.in_channels, *shape,
+                          generator=torch.Generator().manual_seed(0))
+
+    def check(expected: torch.Tensor, got: torch.Tensor, what: str) -> None:
+        if expected.shape != got.shape or not torch.allclose(expected, got, atol=1e-5,
+                                                             rtol=0):
+            raise InvalidModelError(
+                f"the TorchScript {what} of {type(model).__name__} does not reproduce it at "
+                f"input {tuple(got.shape[2:])}; it cannot be exported")
+
+    window = tuple(geometry.admissible_input(n - 2 * (s.halo - h), a)
+                   for a, (n, s, h) in enumerate(zip(block, sizes, geometry.halo)))
+    wrapper, _ = _wrapped(model, geometry, sizes)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer and deprecation warnings
-        traced = torch.jit.trace(model, example, check_trace=False)
-        bigger = torch.rand(1, x.shape[1], *(n + s.step for n, s in zip(x.shape[2:], sizes)),
-                            generator=torch.Generator().manual_seed(0))
-        expected, got = model(bigger), traced(bigger)
-    if expected.shape != got.shape or not torch.allclose(expected, got, atol=1e-5, rtol=0):
-        raise InvalidModelError(
-            f"the TorchScript trace of {type(model).__name__} does not reproduce it at another "
-            "size; it cannot be exported")
-    with warnings.catch_warnings():  # TorchScript is what the spec's torchscript weights are
-        warnings.filterwarnings("ignore", r"`?torch\.jit\.\w+`? is deprecated")
-        torch.jit.save(traced, str(path))
+        traced = torch.jit.trace(model, rand(window), check_trace=False)
+        bigger = rand(tuple(n + s.step for n, s in zip(window, sizes)))
+        check(model(bigger), traced(bigger), "trace")
+        scripted = torch.jit.script(_wrapped(model, geometry, sizes, traced)[0])
+        for shape in (block, tuple(n + s.step for n, s in zip(block, sizes))):
+            check(wrapper(rand(shape)), scripted(rand(shape)), "wrapper")
+        torch.jit.save(scripted, str(path))
 
 
-def _cover(x: np.ndarray, y: np.ndarray, shrink: tuple[int, ...], foreground: int,
+def _check_source(model: nn.Module, source: Path, kwargs: dict[str, Any],
+                  x: torch.Tensor) -> None:
+    """The package's architecture file, run as it stands, rebuilds the wrapped network."""
+    module = types.ModuleType("tilerseg_package_network")
+    try:
+        exec(compile(source.read_text(), str(source), "exec"), module.__dict__)
+        rebuilt = getattr(module, SOURCE[1])(**kwargs).eval()
+        rebuilt.network.load_state_dict(model.state_dict(), strict=True)
+        with torch.no_grad():
+            same = torch.allclose(rebuilt(x), TiledNetwork(**kwargs, network=model)(x),
+                                  atol=1e-6, rtol=0)
+    except Exception as exc:  # noqa: BLE001 - any failure means the file cannot be shipped
+        raise InvalidModelError(f"the architecture source written for {type(model).__name__} "
+                                f"does not rebuild it ({exc})") from None
+    if not same:
+        raise InvalidModelError(f"the architecture source written for {type(model).__name__} "
+                                "does not reproduce it; it cannot be exported")
+
+
+def _cover(x: np.ndarray, y: np.ndarray, halo: tuple[int, ...], foreground: int,
            path: Path) -> None:
-    """Input (cropped to the output's region) and foreground probability side by side."""
+    """Input and foreground probability side by side (the output's centre, without the
+    halo, and the input there)."""
     import imageio.v3 as iio
 
-    crop = tuple(slice(k // 2, n - k // 2) for k, n in zip(shrink, x.shape[2:]))
+    crop = tuple(slice(h, n - h) for h, n in zip(halo, x.shape[2:]))
     image = x[0, 0][crop].astype(np.float64)
-    prob = y[0, min(foreground, y.shape[1] - 1)].astype(np.float64)
+    prob = y[0, min(foreground, y.shape[1] - 1)][crop].astype(np.float64)
     while image.ndim > 2:  # a volume: its middle plane
         image, prob = image[image.shape[0] // 2], prob[prob.shape[0] // 2]
     low, high = float(image.min()), float(image.max())
@@ -139,30 +201,38 @@ def _readme(name: str, description: str, architecture: str, config: dict,
     axes = ", ".join(s.id for s in sizes)
     lines = [
         f"# {name}", "", description, "",
-        "Exported by tilerseg. It is a fully convolutional network: it runs on images of any "
-        "admissible size and can be applied tile by tile with exactly the result of one pass "
-        "over the whole image.", "",
+        "Exported by tilerseg. It is a fully convolutional network: it runs on blocks of any "
+        "admissible size, and blocks that overlap by the halo give exactly the result of one "
+        "pass over the whole image.", "",
         "## Architecture", "",
-        f"`{architecture}` from tilerseg's model registry, configuration:", "",
+        f"`{architecture}` of tilerseg, configuration:", "",
         "```", *(f"{k}: {v}" for k, v in config.items()), "```", "",
-        "The state-dict weights rebuild it with "
-        f"`tilerseg.models.registry.create_model(name={architecture!r}, **config)`; the "
-        "TorchScript weights were traced from it and checked at a second size.", "",
+        f"The state-dict weights' architecture is `{SOURCE[1]}` in `{SOURCE[0]}` (in this "
+        "package; it needs only torch): the network wrapped to map a block of the input to "
+        "an output of the block's size whose outer halo is to be cropped. The TorchScript "
+        "weights are the same wrapper around a trace of the network, checked at a second "
+        "size.", "",
         "## Inputs and outputs", "",
         f"Input `input`: batch, {geometry.in_channels} channel(s), spatial axes {axes}. "
         f"Output `output`: batch, {geometry.out_channels} channel(s) "
-        f"({', '.join(classes)}), the same spatial axes.", "",
-        "| axis | admissible input sides | output side | halo to crop |",
+        f"({', '.join(classes)}), the same spatial axes and sizes.", "",
+        "| axis | admissible block sides | halo to crop | network context |",
         "|---|---|---|---|",
-        *(f"| {s.id} | {s.min} + n * {s.step} | input {s.offset:+d} | {s.halo} |" for s in sizes),
+        *(f"| {s.id} | {s.min} + n * {s.step} | {s.halo} | {h} |"
+          for s, h in zip(sizes, geometry.halo)),
         "",
         "## Tiling it exactly", "",
-        f"The network needs {', '.join(str(h) for h in geometry.halo)} px of context on each "
-        f"side of an output pixel (axes {axes}). To tile an image: mirror-pad it (numpy "
-        "`mode='reflect'`) by that context, cut windows of an admissible size whose origins "
-        f"in the padded image are multiples of {', '.join(str(s) for s in geometry.step)} "
-        "(the pooling grid), run the network on each, crop each output by the declared halo "
-        "and keep the centre. `tilerseg run IMAGE --model THIS.zip` does this.", "",
+        "Blocks of an admissible side `N` whose inner regions (`N` minus the halo on both "
+        "sides) start at multiples of the step "
+        f"({', '.join(str(s.step) for s in sizes)} px on axes {axes}), read with the halo "
+        "around them, mirror-padded (numpy `mode='reflect'`, as the input's `pad` declares) "
+        "beyond the image, give outputs whose inner regions are exactly the result of one "
+        "pass over the whole mirror-padded image. bioimageio.core's blockwise prediction "
+        "(`predict(..., blocksize_parameter=n)`) cuts such blocks from an image whose sides "
+        "are admissible block sides (so multiples of the step); it refuses other images. "
+        "The halo covers the network's context and puts every block's window on the "
+        "network's pooling grid; the halo of each output holds zero logits. "
+        "`tilerseg run IMAGE --model THIS.zip` tiles images of any size.", "",
         "## Normalisation and outputs", "",
     ]
     if input_dtype(normalize) == "uint8":
@@ -316,7 +386,7 @@ def export_bioimageio(
     normalize = exportable(normalize)
     with eval_mode(model):
         geometry = model_geometry(model)
-    sizes = axis_sizes(geometry)
+    sizes = block_sizes(geometry)
     classes = metadata.get("classes")
     if not (isinstance(classes, list) and len(classes) == geometry.out_channels):
         classes = [f"class{c}" for c in range(geometry.out_channels)]
@@ -349,16 +419,29 @@ def _write(model: nn.Module, out: Path, root_args: tuple) -> None:
      normalize, metadata, test_size, cover, tags) = root_args
     with tempfile.TemporaryDirectory(prefix="tilerseg-bioimageio-") as tmp:
         root = Path(tmp)
-        x = _test_input(geometry, sizes, test_size, normalize)
-        y = _probabilities(model, x, normalize)
+        x = _test_image(geometry, sizes, test_size, normalize)
+        wrapper, kwargs = _wrapped(model, geometry, sizes)
+        y = _probabilities(wrapper, x, normalize)
         np.save(root / "test_input.npy", x)
         np.save(root / "test_output.npy", y)
-        torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        torch.save({k: v.detach().cpu().contiguous() for k, v in wrapper.state_dict().items()},
                    root / "weights.pt")
-        _torchscript(model, x, sizes, root / "weights_torchscript.pt")
+        _torchscript(model, geometry, sizes, x.shape[2:], root / "weights_torchscript.pt")
+        if kwargs["architecture"] in EMBEDDED:
+            (root / SOURCE[0]).write_text(architecture_source())
+            _check_source(model, root / SOURCE[0], kwargs,
+                          torch.rand(1, geometry.in_channels, *x.shape[2:],
+                                     generator=torch.Generator().manual_seed(1)))
+            arch: Any = bio.ArchitectureFromFileDescr(
+                source=root / SOURCE[0], callable=bio.Identifier(SOURCE[1]), kwargs=kwargs)
+        else:  # registered outside tilerseg's architectures: it needs tilerseg and the model
+            arch = bio.ArchitectureFromLibraryDescr(
+                import_from=TiledNetwork.__module__, callable=bio.Identifier(SOURCE[1]),
+                kwargs=kwargs)
         if cover is None:
             cover_path = root / "cover.png"
-            _cover(x, y, geometry.shrink, int(metadata.get("foreground_class", 1)), cover_path)
+            _cover(x, y, tuple(s.halo for s in sizes), int(metadata.get("foreground_class", 1)),
+                   cover_path)
         else:
             cover_path = Path(cover)
             if not cover_path.is_file() or cover_path.suffix.lower() not in (".png", ".jpg",
@@ -383,6 +466,7 @@ def _write(model: nn.Module, out: Path, root_args: tuple) -> None:
             inputs = [bio.InputTensorDescr(
                 id=tensor, axes=in_axes, test_tensor=bio.FileDescr(source=root / "test_input.npy"),
                 data=bio.IntervalOrRatioDataDescr(type=dtype),
+                pad=bio.ReflectPadding(mode="reflect"),  # "mode" given: it is written out
                 preprocessing=preprocessing_steps(normalize),
                 description="image; " + ("8-bit" if dtype == "uint8" else "float32"))]
             post = (bio.SigmoidDescr() if geometry.out_channels == 1 else
@@ -395,14 +479,12 @@ def _write(model: nn.Module, out: Path, root_args: tuple) -> None:
             torch_version = bio.Version(torch.__version__.split("+")[0])
             weights = bio.WeightsDescr(
                 pytorch_state_dict=bio.PytorchStateDictWeightsDescr(
-                    source=root / "weights.pt",
-                    architecture=bio.ArchitectureFromLibraryDescr(
-                        import_from=ARCHITECTURE[0], callable=bio.Identifier(ARCHITECTURE[1]),
-                        kwargs=_plain({"name": architecture, **config})),
+                    source=root / "weights.pt", architecture=arch,
                     pytorch_version=torch_version),
                 torchscript=bio.TorchscriptWeightsDescr(
                     source=root / "weights_torchscript.pt", pytorch_version=torch_version,
-                    parent="pytorch_state_dict", comment="traced by tilerseg"))
+                    parent="pytorch_state_dict",
+                    comment="the wrapper scripted around a trace of the network"))
             descr = bio.ModelDescr(
                 name=name, description=description,
                 authors=[bio.Author(name=a) for a in (authors or ["tilerseg"])],

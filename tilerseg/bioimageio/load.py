@@ -2,7 +2,9 @@
 
 A package written by :func:`tilerseg.bioimageio.export_bioimageio` is rebuilt exactly:
 the architecture from tilerseg's registry with the package's configuration, its
-state-dict weights, its metadata and normalisation. Any other package runs through its
+state-dict weights (the network's part of the block wrapper's, or the network's own in
+packages written before the wrapper), its metadata and normalisation; its architecture
+source file is not run. Any other package runs through its
 TorchScript weights (or state-dict weights whose architecture is a ``torch.nn.Module``
 class of ``torch`` or ``tilerseg``: no other module a package names is ever imported),
 wrapped in a module that feeds it the axes it declares; its geometry comes
@@ -303,14 +305,28 @@ def _with_halo(sizes: list[AxisSizes], halo: int | Sequence[int] | None,
 # -- networks ---------------------------------------------------------------------------------
 
 
-def _tilerseg_export(descr: Any) -> bool:
-    """Whether tilerseg exported the package (its state dict names tilerseg's architecture)."""
-    from .export import ARCHITECTURE
+def _tilerseg_export(descr: Any) -> str | None:
+    """How tilerseg exported the package: ``"wrapped"`` (its state dict is the network
+    wrapped for blocks, :class:`~tilerseg.bioimageio.network.TiledNetwork`), ``"plain"``
+    (written before: the network's own state dict) or None (not by tilerseg)."""
+    from .export import ARCHITECTURE, SOURCE
+    from .network import TiledNetwork
 
     entry = descr.weights.pytorch_state_dict
     arch = getattr(entry, "architecture", None) if entry is not None else None
-    return (getattr(arch, "import_from", None), str(getattr(arch, "callable", ""))) \
-        == ARCHITECTURE
+    if arch is None:
+        return None
+    if (getattr(arch, "import_from", None), str(arch.callable)) == ARCHITECTURE:
+        return "plain"
+    source = getattr(arch, "source", None)
+    named = (str(source).replace("\\", "/").rsplit("/", 1)[-1] == SOURCE[0]
+             if source is not None
+             else getattr(arch, "import_from", None) == TiledNetwork.__module__)
+    recorded = _recorded(descr)
+    if (named and str(arch.callable) == SOURCE[1] and isinstance(recorded.get("architecture"), str)
+            and isinstance(recorded.get("config"), dict)):
+        return "wrapped"
+    return None
 
 
 def _tilerseg_model(descr: Any, label: str) -> nn.Module | None:
@@ -319,15 +335,21 @@ def _tilerseg_model(descr: Any, label: str) -> nn.Module | None:
     from ..models.probe import trust_geometry
     from ..models.registry import create_model, stored_config
 
-    if not _tilerseg_export(descr):
+    how = _tilerseg_export(descr)
+    if how is None:
         return None
     entry = descr.weights.pytorch_state_dict
-    arch = entry.architecture
-    kwargs = dict(arch.kwargs)
-    name = kwargs.pop("name", "unet")
+    if how == "plain":
+        kwargs = dict(entry.architecture.kwargs)
+        name = kwargs.pop("name", "unet")
+    else:
+        name, kwargs = _recorded(descr)["architecture"], dict(_recorded(descr)["config"])
     model = create_model(name, **stored_config(name, kwargs))
     try:
         state = torch.load(io.BytesIO(_read(entry)), map_location="cpu", weights_only=True)
+        if how == "wrapped":  # the wrapper's state: the network's, under "network."
+            state = {k[len("network."):]: v for k, v in state.items()
+                     if k.startswith("network.")}
         model.load_state_dict(state, strict=True)
     except Exception as exc:
         raise InvalidModelError(f"{label}: its state-dict weights do not load "

@@ -13,6 +13,13 @@ admissible input ``m``, shrink ``k`` (input minus output) and halo ``h``:
   U-Net crops its own context (``h = k / 2``): no ``halo``, offset ``-2h``. A
   same-padded network (``k = 0``) has ``halo = h``, its receptive-field radius.
 
+That is how a package of another network reads (:func:`axis_sizes`). tilerseg's own
+packages hold the network wrapped to map blocks to outputs of their size
+(:class:`tilerseg.bioimageio.network.TiledNetwork`), which bioimageio.core can tile: per
+axis ``ParameterizedSize(min=2 H + I0, step=s)``, ``SizeReference(input, a, offset=0)``
+and ``halo = H``, with ``2 H`` and ``I0`` multiples of ``s`` (:func:`block_halo`,
+:func:`block_sizes`).
+
 Back from a package: ``step = s``, ``min_input = M``, ``shrink = -offset`` and
 ``halo = -offset / 2 + halo``. Tiles are exact when their origins sit on the grid of
 ``step`` (the package's step is taken as the network's total downsampling factor) and the
@@ -21,12 +28,14 @@ halo covers the receptive field, as the package declares.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import InvalidModelError
 from ..geometry import ModelGeometry
 
-__all__ = ["AxisSizes", "axis_sizes", "geometry_from_sizes", "SPATIAL_IDS"]
+__all__ = ["AxisSizes", "axis_sizes", "block_halo", "block_sizes", "geometry_from_sizes",
+           "SPATIAL_IDS"]
 
 SPATIAL_IDS = {2: ("y", "x"), 3: ("z", "y", "x")}
 """bioimage.io axis ids of tilerseg's spatial axes (rows are ``y``), per dimensionality."""
@@ -96,6 +105,68 @@ def axis_sizes(geometry: ModelGeometry) -> list[AxisSizes]:
         # the smallest input whose output keeps one pixel after the halo is cropped
         out.append(AxisSizes(axis_id, geometry.window_for_tile(1, a), geometry.step[a],
                              -geometry.shrink[a], geometry.crop_offset(a)))
+    return out
+
+
+def block_halo(geometry: ModelGeometry, axis: int = 0) -> tuple[int, int]:
+    """The output halo ``H`` and smallest inner region ``I0`` of blocks of ``geometry`` on
+    ``axis`` (see :mod:`tilerseg.bioimageio.network`).
+
+    ``I0`` is the smallest multiple of the step ``s`` whose window (``I0 + 2 h`` rounded up
+    to an admissible side ``W``) the network runs on; ``H`` the smallest value with ``2 H``
+    a multiple of ``s`` that covers the context ``h`` before the inner region and the
+    ``W - I0 - h`` px after it (the same for every larger multiple of ``s``).
+
+    Examples
+    --------
+    >>> g = ModelGeometry(2, 1, 2, (16, 16), (188, 188), (184, 184), (92, 92))
+    >>> block_halo(g)  # the window of a 16 px region is 16 + 184 + 4 px
+    (96, 16)
+    >>> block_halo(ModelGeometry(2, 1, 2, (4, 4), (44, 44), (40, 40), (20, 20)))
+    (20, 4)
+    """
+    s, m, h = geometry.step[axis], geometry.min_input[axis], geometry.halo[axis]
+    inner = max(s, -(-(m - 2 * h) // s) * s)
+    far = geometry.admissible_input(inner + 2 * h, axis) - inner - h
+    unit = s // math.gcd(2, s)
+    return -(-max(h, far) // unit) * unit, inner
+
+
+def block_sizes(geometry: ModelGeometry) -> list[AxisSizes]:
+    """The bioimage.io sizes of each spatial axis of ``geometry`` wrapped to map blocks to
+    outputs of their size (what tilerseg's packages declare; see the module notes).
+
+    Parameters
+    ----------
+    geometry : ModelGeometry
+        The network's geometry (2D or 3D).
+
+    Returns
+    -------
+    list of AxisSizes
+        In tilerseg's axis order (``z``, ``y``, ``x``): ``min = 2 H + I0``, ``step = s``,
+        ``offset = 0``, ``halo = H`` (see :func:`block_halo`).
+
+    Raises
+    ------
+    InvalidModelError
+        A geometry of other than 2 or 3 spatial axes.
+
+    Examples
+    --------
+    The paper's valid U-Net (depth 4, context 92): a halo of 96, blocks of 208 + 16 n:
+
+    >>> g = ModelGeometry(2, 1, 2, (16, 16), (188, 188), (184, 184), (92, 92))
+    >>> block_sizes(g)[0]
+    AxisSizes(id='y', min=208, step=16, offset=0, halo=96)
+    """
+    if geometry.ndim not in SPATIAL_IDS:
+        raise InvalidModelError(
+            f"a bioimage.io package needs a 2D or 3D model, not {geometry.ndim}D")
+    out = []
+    for a, axis_id in enumerate(SPATIAL_IDS[geometry.ndim]):
+        halo, inner = block_halo(geometry, a)
+        out.append(AxisSizes(axis_id, 2 * halo + inner, geometry.step[a], 0, halo))
     return out
 
 
