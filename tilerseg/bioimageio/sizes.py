@@ -97,15 +97,24 @@ def axis_sizes(geometry: ModelGeometry) -> list[AxisSizes]:
     >>> axis_sizes(g)[1]
     AxisSizes(id='x', min=48, step=4, offset=0, halo=22)
     """
+    # the smallest input whose output keeps one pixel after the halo is cropped
+    return [AxisSizes(axis_id, geometry.window_for_tile(1, a), geometry.step[a],
+                      -geometry.shrink[a], geometry.crop_offset(a))
+            for a, axis_id in _spatial_ids(geometry)]
+
+
+def _spatial_ids(geometry: ModelGeometry) -> list[tuple[int, str]]:
+    """``(axis, bioimage.io axis id)`` of each spatial axis of ``geometry``.
+
+    Raises
+    ------
+    InvalidModelError
+        A geometry of other than 2 or 3 spatial axes.
+    """
     if geometry.ndim not in SPATIAL_IDS:
         raise InvalidModelError(
             f"a bioimage.io package needs a 2D or 3D model, not {geometry.ndim}D")
-    out = []
-    for a, axis_id in enumerate(SPATIAL_IDS[geometry.ndim]):
-        # the smallest input whose output keeps one pixel after the halo is cropped
-        out.append(AxisSizes(axis_id, geometry.window_for_tile(1, a), geometry.step[a],
-                             -geometry.shrink[a], geometry.crop_offset(a)))
-    return out
+    return list(enumerate(SPATIAL_IDS[geometry.ndim]))
 
 
 def block_halo(geometry: ModelGeometry, axis: int = 0) -> tuple[int, int]:
@@ -160,11 +169,8 @@ def block_sizes(geometry: ModelGeometry) -> list[AxisSizes]:
     >>> block_sizes(g)[0]
     AxisSizes(id='y', min=208, step=16, offset=0, halo=96)
     """
-    if geometry.ndim not in SPATIAL_IDS:
-        raise InvalidModelError(
-            f"a bioimage.io package needs a 2D or 3D model, not {geometry.ndim}D")
     out = []
-    for a, axis_id in enumerate(SPATIAL_IDS[geometry.ndim]):
+    for a, axis_id in _spatial_ids(geometry):
         halo, inner = block_halo(geometry, a)
         out.append(AxisSizes(axis_id, 2 * halo + inner, geometry.step[a], 0, halo))
     return out
