@@ -39,12 +39,13 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidArgumentError
 from ..geometry import ModelGeometry
+
+if TYPE_CHECKING:  # options import this module: commands that need no model never load torch
+    import torch
 
 __all__ = ["TTA_MODES", "View", "tta_mode", "views"]
 
@@ -88,17 +89,17 @@ class View:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """The view of ``x`` (``(B, C, ..., *spatial)``), contiguous."""
         if self.turns:
-            x = torch.rot90(x, self.turns, dims=(-2, -1))
+            x = x.rot90(self.turns, dims=(-2, -1))
         if self.flips:
-            x = torch.flip(x, dims=self._dims())
+            x = x.flip(dims=self._dims())
         return x.contiguous()
 
     def undo(self, y: torch.Tensor) -> torch.Tensor:
         """The model's output ``y`` of the view, put back in the original orientation."""
         if self.flips:
-            y = torch.flip(y, dims=self._dims())
+            y = y.flip(dims=self._dims())
         if self.turns:
-            y = torch.rot90(y, -self.turns, dims=(-2, -1))
+            y = y.rot90(-self.turns, dims=(-2, -1))
         return y
 
 
