@@ -287,3 +287,10 @@ def test_init_starts_from_a_trained_models_weights(tmp_path: Path,
     assert status == 2 and len(err) == 1
     assert err[0].startswith(f"tilerseg: error: --init {tmp_path / 'start.pt'}: its model")
     assert not (tmp_path / "cli" / "last.pt").exists()
+    same = tilerseg.create_model(**SMALL, padding="same")  # the same weight shapes
+    tilerseg.save_model(same, tmp_path / "same.pt")
+    with pytest.raises(tilerseg.InvalidModelError, match="is not the one trained here"):
+        train(load_pairs(images, masks), tmp_path / "same",
+              TrainConfig(**{**vars(config), "init": str(tmp_path / "same.pt")}))
+    with pytest.raises(InvalidArgumentError, match="--init .* --resume continues one"):
+        train(load_pairs(images, masks), tmp_path / "run", config, resume=True)

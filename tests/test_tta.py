@@ -129,6 +129,14 @@ def test_cli_tta(model, tmp_path):
                                 device="cpu", tta="flips")
     got = zarr.open_group(tmp_path / "cli.zarr", mode="r")["0"][...]
     assert np.abs(got - expected).max() <= 1e-6
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(shown):
+        assert main(["status", str(tmp_path / "cli.zarr")]) == 0
+    assert ", tta flips" in shown.getvalue()  # why a resume without --tta flips is refused
+    from tilerseg.evaluate import evaluate
+
+    with pytest.raises(InvalidArgumentError, match="applies when a model segments"):
+        evaluate(None, [slide], None, [str(tmp_path / "cli.zarr")], tta=True)
     err = io.StringIO()
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
         main(["run", slide, "--model", model_file, "--tta", "turns", "-q"])

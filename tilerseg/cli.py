@@ -432,7 +432,8 @@ def _status_report(state: dict) -> str:
         f"parameters  tile {r['tile']}, output {o['output']} ({o['dtype']}), threshold "
         f"{r['labels']['threshold']}, precision {o['precision']}, pyramid "
         f"{'yes' if o['pyramid'] else 'no'}, normalisation {r['normalization']['method']}"
-        f"{', background skipped' if o['skip_background'] else ''}",
+        f"{', background skipped' if o['skip_background'] else ''}"
+        f"{', tta ' + o['tta'] if o.get('tta') else ''}",
         f"created     {m['created']} by tilerseg {m['tilerseg']}",
     ]
     if not state["complete"]:

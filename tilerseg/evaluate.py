@@ -501,6 +501,9 @@ def evaluate(
         num_classes = _check_int(num_classes, "num_classes", 2)
     if volume is not None and not isinstance(volume, bool):
         raise InvalidArgumentError(f"volume {volume!r} must be True, False or None")
+    if tta and model is None:
+        raise InvalidArgumentError("--tta / tta= applies when a model segments the images, "
+                                   "not to given probabilities or labels")
 
     mask_items = _items(masks, "mask")
     if labels is not None:

@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 EXACT_VIEW_NOTE = (
     "Segment the view runs the model on the output tiles under the view, each with its "
     "halo, on the tile plan of Run: what it shows equals what Run writes there, pixel for "
-    "pixel (instance labels need the whole run).")
+    "pixel on this computer's CPU with the same runtime (instance labels need the whole "
+    "run).")
 """What the widget says about the view's exactness."""
 
 
@@ -213,10 +214,10 @@ class SegmentWidget(QWidget):
         layer = None if self.file_edit.text().strip() else self.selected_layer()
         try:
             request = self.request(layer)
+            placement = spatial_placement(layer) if layer is not None else None
         except TilersegError as err:
             self._fail(err)
             return
-        placement = spatial_placement(layer) if layer is not None else None
         prefix = f"{layer.name if layer is not None else Path(request.image).name}: "
 
         def work() -> tuple[RunOutcome, list[LayerData]]:

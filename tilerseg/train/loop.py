@@ -369,7 +369,11 @@ def _warm_start(model: nn.Module, init: str) -> None:
     start = load_model(init)
 
     def layout(m: nn.Module) -> tuple[Any, ...]:
-        return (getattr(m, "registry_name", type(m).__name__),
+        """Architecture, configuration (but dropout, which only training uses) and the
+        weights' names and shapes."""
+        config = {k: v for k, v in (getattr(m, "config", None) or {}).items()
+                  if k != "dropout"}
+        return (getattr(m, "registry_name", type(m).__name__), sorted(config.items()),
                 *((k, tuple(v.shape)) for k, v in m.state_dict().items()))
 
     if layout(start) != layout(model):
@@ -435,6 +439,10 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
+    if resume and config.init is not None:
+        raise InvalidArgumentError(
+            f"--init {config.init} starts a new run and --resume continues one in {out}; "
+            "give one")
     if resume:
         model = load_model(out / "last.pt")
         model.train()

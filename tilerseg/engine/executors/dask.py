@@ -21,6 +21,7 @@ recorded nor claimed a task for ``worker_timeout`` seconds (stuck), it stops wit
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -144,7 +145,7 @@ class DaskExecutor:
                 try:
                     wait(futures, timeout=POLL)
                     break
-                except TimeoutError:
+                except (TimeoutError, asyncio.TimeoutError):  # distinct before Python 3.11
                     watchdog.poll()
             return self.client.gather(futures)
         except Exception as err:  # noqa: BLE001 - named as a cluster failure
@@ -304,7 +305,7 @@ class DaskExecutor:
                 if loops:  # wake up as soon as a loop ends (the last one: the run is done)
                     try:
                         wait(list(loops.values()), timeout=POLL, return_when="FIRST_COMPLETED")
-                    except TimeoutError:
+                    except (TimeoutError, asyncio.TimeoutError):  # distinct before Python 3.11
                         pass
                 else:
                     time.sleep(POLL)
