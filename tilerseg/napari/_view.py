@@ -146,7 +146,7 @@ def segment_region(image: Any, model: nn.Module, region: tuple[slice, ...],
                    device=options.device, normalize=options.normalize, level=options.level,
                    channel=options.channel, precision=options.precision,
                    calibration=options.calibration, backend=options.backend,
-                   compile=options.compile)
+                   compile=options.compile, tta=options.tta)
     bounds = tile_bounds(lazy.chunks[1:], region)
     probs = np.asarray(lazy[(slice(None), *bounds)].compute())
     labels = None
